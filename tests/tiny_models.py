@@ -1,0 +1,37 @@
+"""Tiny randomly initialised models of every supported family, built from configs (no download)."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=128)
+TINY_CONFIGS = {
+    "llama": dict(COMMON, num_key_value_heads=2),
+    "mistral": dict(COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": dict(COMMON, num_key_value_heads=2),
+    "qwen3": dict(COMMON, num_key_value_heads=2, head_dim=8),
+    "gemma3_text": dict(COMMON, num_key_value_heads=2, head_dim=8, sliding_window=16, layer_types=None),
+    "phi3": dict(COMMON, num_key_value_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "phi": dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=48),
+}
+FAMILIES = tuple(TINY_CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, **TINY_CONFIGS[family])
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # Perturb norm weights and biases so that an adapter bug cannot hide behind ones/zeros.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)

@@ -1,0 +1,199 @@
+"""Materialise a trained conversion into a real MoE model; save and load it.
+
+On disk a converted model is a folder:
+  config.json        ToMoEConfig: the dense model's config + every layer's union and expert widths
+  model.safetensors  weights (union channels only) + routers + expert index lists
+  tokenizer files
+  tomoe.json         metadata: budget, settings, measured stats, sha256 of model.safetensors
+No pickles, no rewritten source files. `AutoModelForCausalLM.from_pretrained(folder)` works
+once `tomoe_core` is imported (the config and model classes are registered).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .families import adapter_for
+from .io import atomic_dir, atomic_write_json, sha256_file
+from .routing import MaskedMLP, MoEMLP
+
+FORMAT_VERSION = 1
+
+
+class ConvertedModelError(ValueError):
+    pass
+
+
+class ToMoEConfig(PretrainedConfig):
+    model_type = "tomoe"
+
+    def __init__(self, base_config: dict | None = None, num_experts: int = 8, moe_layers: list[dict] | None = None,
+                 budget: float | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+        self.base_config = base_config or {}
+        self.num_experts = num_experts
+        self.moe_layers = moe_layers or []  # per layer: union_size, expert_widths, gated, up_bias, down_bias
+        self.budget = budget
+        self.format_version = format_version
+        super().__init__(**kwargs)
+
+    def base(self) -> PretrainedConfig:
+        cfg = dict(self.base_config)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+class ToMoEForCausalLM(PreTrainedModel):
+    """A dense HF causal LM whose MLPs are `MoEMLP`s. Forward and generate delegate to it."""
+
+    config_class = ToMoEConfig
+    base_model_prefix = "tomoe"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: ToMoEConfig, model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if model is None:
+            model = AutoModelForCausalLM.from_config(config.base())
+            adapter = adapter_for(model)
+            layers = adapter.layers(model)
+            assert len(layers) == len(config.moe_layers), (len(layers), len(config.moe_layers))
+            for layer, spec in zip(layers, config.moe_layers):
+                w = adapter.mlp_weights(adapter.mlp(layer))
+                adapter.set_mlp(layer, MoEMLP(w.hidden_size, spec["union_size"], spec["expert_widths"], spec["gated"],
+                                              w.act, spec["up_bias"], spec["down_bias"]))
+        self.model = model.eval()
+
+    @property
+    def base_model_for_accounting(self):
+        return self.model
+
+    @property
+    def moe_mlps(self) -> list[MoEMLP]:
+        adapter = adapter_for(self.model)
+        return [adapter.mlp(layer) for layer in adapter.layers(self.model)]
+
+    def set_layout(self, layout: str) -> None:
+        for m in self.moe_mlps:
+            m.set_layout(layout)
+
+    def set_routing(self, override: int | str | None, generator: torch.Generator | None = None) -> None:
+        for m in self.moe_mlps:
+            m.routing_override = override
+            m.random_generator = generator
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value):  # PreTrainedModel.__init__ assigns one
+        pass
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        device = kwargs.get("device_map") if isinstance(kwargs.get("device_map"), str) else "cpu"
+        model, _tok, _meta = load_converted(pretrained_model_name_or_path, device=device or "cpu",
+                                            load_tokenizer=False)
+        return model
+
+    def save_pretrained(self, save_directory, **kwargs):
+        save_converted(self, save_directory, metadata=kwargs.get("metadata"))
+
+
+AutoConfig.register("tomoe", ToMoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(ToMoEConfig, ToMoEForCausalLM, exist_ok=True)
+
+
+def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) -> ToMoEForCausalLM:
+    """Build the MoE model from a MaskedModel and its deterministic expert masks (L x (E, I))."""
+    base = copy.deepcopy(masked.model)
+    adapter = adapter_for(base)
+    specs = []
+    for layer, m in zip(adapter.layers(base), masks):
+        masked_mlp = adapter.mlp(layer)
+        assert isinstance(masked_mlp, MaskedMLP)
+        w = adapter.mlp_weights(masked_mlp.dense_mlp)
+        moe = MoEMLP.from_masks(w, masked_mlp.router, m)
+        adapter.set_mlp(layer, moe)
+        specs.append({"union_size": moe.union_size, "expert_widths": moe.expert_widths, "gated": w.gated,
+                      "up_bias": w.up_bias is not None, "down_bias": w.down_bias is not None})
+    base_cfg = base.config.to_dict()
+    config = ToMoEConfig(base_config=base_cfg, num_experts=masks[0].shape[0], moe_layers=specs, budget=budget)
+    return ToMoEForCausalLM(config, model=base)
+
+
+def save_converted(model: ToMoEForCausalLM, folder: str | Path, tokenizer=None, metadata: dict | None = None) -> Path:
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        model.config.to_json_file(tmp / "config.json")
+        save_model(model, str(tmp / "model.safetensors"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = dict(metadata or {})
+        meta.update(format_version=FORMAT_VERSION, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    weights_sha256=sha256_file(tmp / "model.safetensors"))
+        atomic_write_json(tmp / "tomoe.json", meta)
+    return folder
+
+
+def read_metadata(folder: str | Path) -> dict:
+    path = Path(folder) / "tomoe.json"
+    if not path.exists():
+        raise ConvertedModelError(f"{folder} is not a converted ToMoE model (no tomoe.json); "
+                                  "create one with `python -m tomoe_core convert`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConvertedModelError(f"{path} is corrupt ({err}); re-run the conversion") from None
+
+
+def load_converted(folder: str | Path, device: str | torch.device = "cpu", layout: str = "shared",
+                   verify: bool = True, load_tokenizer: bool = True):
+    """Load a converted folder. Returns (model, tokenizer or None, metadata)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConvertedModelError(f"converted model folder {str(folder)!r} does not exist")
+    meta = read_metadata(folder)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConvertedModelError(f"{folder} has format version {meta.get('format_version')}, this tomoe_core "
+                                  f"reads version {FORMAT_VERSION}; re-run the conversion")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise ConvertedModelError(f"{weights} is missing; the conversion folder is incomplete")
+    if verify and sha256_file(weights) != meta.get("weights_sha256"):
+        raise ConvertedModelError(f"{weights} does not match the checksum in tomoe.json (truncated or modified); "
+                                  "re-run the conversion")
+    config = ToMoEConfig.from_json_file(str(folder / "config.json"))
+    model = ToMoEForCausalLM(config)
+    missing, unexpected = load_model(model, str(weights), strict=True)
+    assert not missing and not unexpected, (missing, unexpected)
+    model = model.to(device).eval()
+    if layout != "shared":
+        model.set_layout(layout)
+    tokenizer = None
+    if load_tokenizer:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, meta
+
+
+def conversion_digest(meta: dict) -> str:
+    return str(meta.get("weights_sha256", ""))[:16]

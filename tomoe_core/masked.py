@@ -1,0 +1,195 @@
+"""The trainable conversion: a frozen dense model whose MLPs are masked per expert.
+
+Legend: L = layers, E = experts, I = intermediate channels, N = tokens, D = hidden size.
+
+Mask logits of layer l: `hypernet()[l] + mask_base[l]`, both (E, I). `mask_base` is the
+paper's constant offset (+3: channels start on) or, with cluster initialisation, a prior
+from clusters of the layer's MLP inputs on calibration text (+s for the channels that
+matter most to the cluster's tokens, -s elsewhere), so routing carries information from
+step 0 and training refines it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from .budget import active_ratio, channel_cost
+from .families import adapter_for
+from .hypernet import HyperNetwork, straight_through_sigmoid
+from .routing import MaskedMLP, mlp_intermediate
+
+
+class MaskedModel(nn.Module):
+    def __init__(self, model: nn.Module, num_experts: int = 8, offset: float = 3.0, seed: int = 0):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be at least 1, got {num_experts}")
+        self.adapter = adapter_for(model)
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.num_experts = num_experts
+        torch.manual_seed(seed)  # router init
+        self.mlps = nn.ModuleList()
+        for idx, layer in enumerate(self.adapter.layers(model)):
+            dense = self.adapter.mlp(layer)
+            assert not isinstance(dense, MaskedMLP), "model already holds masked MLPs"
+            masked = MaskedMLP(dense, self.adapter.mlp_weights(dense), num_experts, idx)
+            masked.to(next(dense.parameters()).device)
+            self.adapter.set_mlp(layer, masked)
+            self.mlps.append(masked)
+        sizes = [m.weights.intermediate_size for m in self.mlps]
+        self.intermediate_sizes = sizes
+        self.channel_costs = [channel_cost(m.weights) for m in self.mlps]
+        device = next(model.parameters()).device
+        self.hypernet = HyperNetwork(sizes, num_experts, seed=seed).to(device)
+        for l, size in enumerate(sizes):
+            self.register_buffer(f"mask_base_{l}", torch.full((num_experts, size), float(offset), device=device))
+
+    # the accounting code looks for the HF model here
+    @property
+    def base_model_for_accounting(self) -> nn.Module:
+        return self.model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def mask_base(self, layer: int) -> torch.Tensor:
+        return getattr(self, f"mask_base_{layer}")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.hypernet.parameters()) + [p for m in self.mlps for p in m.router.parameters()]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything a conversion learns or initialises: hypernetwork, routers, mask bases."""
+        state = {f"hypernet.{k}": v for k, v in self.hypernet.state_dict().items()}
+        for l, m in enumerate(self.mlps):
+            state[f"router.{l}.weight"] = m.router.weight
+            state[f"router.{l}.bias"] = m.router.bias
+            state[f"mask_base.{l}"] = self.mask_base(l)
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        hyper = {k[len("hypernet."):]: v for k, v in state.items() if k.startswith("hypernet.")}
+        self.hypernet.load_state_dict(hyper)
+        with torch.no_grad():
+            for l, m in enumerate(self.mlps):
+                m.router.weight.copy_(state[f"router.{l}.weight"])
+                m.router.bias.copy_(state[f"router.{l}.bias"])
+                self.mask_base(l).copy_(state[f"mask_base.{l}"])
+
+    # -- masks ------------------------------------------------------------------------------
+    def mask_logits(self) -> list[torch.Tensor]:
+        return [z + self.mask_base(l) for l, z in enumerate(self.hypernet())]  # L x (E, I)
+
+    def relaxed_masks(self, tau: float, noise: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Straight-through masks (hard forward, sigmoid backward), optionally with logit noise."""
+        logits = self.mask_logits()
+        if noise is not None:
+            logits = [z + n for z, n in zip(logits, noise)]
+        return [straight_through_sigmoid(z, tau) for z in logits]
+
+    @torch.no_grad()
+    def deterministic_masks(self, shift: float = 0.0) -> list[torch.Tensor]:
+        """Inference masks: 1[logit + shift > 0], no noise."""
+        return [(z + shift > 0).float() for z in self.mask_logits()]
+
+    def ratio_of(self, masks: list[torch.Tensor]):
+        """Active MLP ratio implied by masks (widest expert per layer); differentiable."""
+        return active_ratio([m.sum(dim=1).max() for m in masks], self.channel_costs, self.intermediate_sizes)
+
+    @torch.no_grad()
+    def calibrate_shift(self, budget: float, iters: int = 60) -> float:
+        """Global logit shift whose deterministic masks hit `budget` (bisection; ratio is monotone)."""
+        logits = self.mask_logits()
+        lo, hi = -50.0, 50.0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            r = float(self.ratio_of([(z + mid > 0).float() for z in logits]))
+            if r > budget:
+                hi = mid
+            else:
+                lo = mid
+        return lo  # largest shift whose ratio stays at or below the budget
+
+    def set_masks(self, masks: list[torch.Tensor] | None, train_routing: bool = False) -> None:
+        for l, m in enumerate(self.mlps):
+            m.expert_masks = None if masks is None else masks[l]
+            m.train_routing = train_routing and masks is not None
+
+    def set_routing(self, override: int | str | None, generator: torch.Generator | None = None) -> None:
+        for m in self.mlps:
+            m.routing_override = override
+            m.random_generator = generator
+
+    @contextlib.contextmanager
+    def dense(self):
+        """Temporarily run the unmasked dense model (the distillation teacher)."""
+        saved = [(m.expert_masks, m.train_routing) for m in self.mlps]
+        try:
+            self.set_masks(None)
+            yield self.model
+        finally:
+            for m, (masks, train) in zip(self.mlps, saved):
+                m.expert_masks, m.train_routing = masks, train
+
+    # -- cluster initialisation -----------------------------------------------------------------
+    @torch.no_grad()
+    def cluster_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float = 3.0,
+                     seed: int = 0, progress=None) -> dict:
+        """Initialise routers and expert priors from k-means clusters of each layer's MLP inputs.
+
+        calibration_ids: (B, T) token ids. Router k scores nearest-centroid in standardised
+        input space; expert k's prior switches on the p * I channels with the largest mean
+        |activation| x ||down column|| over cluster k's tokens. Returns per-layer cluster sizes.
+        """
+        from sklearn.cluster import KMeans
+
+        inputs: list[list[torch.Tensor]] = [[] for _ in self.mlps]
+        handles = [m.register_forward_pre_hook(lambda mod, args, l=l: inputs[l].append(
+            args[0].reshape(-1, args[0].shape[-1]).float().cpu())) for l, m in enumerate(self.mlps)]
+        try:
+            with self.dense():
+                for row in calibration_ids:
+                    self.model(row.unsqueeze(0).to(next(self.model.parameters()).device))
+        finally:
+            for h in handles:
+                h.remove()
+        sizes = []
+        for l, m in enumerate(self.mlps):
+            x = torch.cat(inputs[l])  # (N, D)
+            mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+            z = (x - mu) / sigma
+            km = KMeans(n_clusters=self.num_experts, n_init=3, random_state=seed).fit(z.numpy())
+            centers = torch.from_numpy(km.cluster_centers_).float()  # (E, D)
+            labels = torch.from_numpy(km.labels_).long()
+            # nearest centroid: argmax_k z.c_k - |c_k|^2 / 2, expressed on raw x
+            w = centers / sigma
+            b = -(centers * (mu / sigma)).sum(1) - 0.5 * (centers ** 2).sum(1)
+            raw = z @ centers.T - 0.5 * (centers ** 2).sum(1)  # (N, E)
+            top2 = raw.topk(min(2, self.num_experts), dim=1).values
+            gap = (top2[:, 0] - top2[:, -1]).mean().clamp_min(1e-6) if self.num_experts > 1 else torch.tensor(1.0)
+            scale = 2.0 / float(gap)  # mean top-1 margin of 2 logits: Gumbel noise rarely overturns it
+            dev = m.router.weight.device
+            m.router.weight.copy_((w * scale).to(dev))
+            m.router.bias.copy_((b * scale).to(dev))
+            h = mlp_intermediate(m.weights, x.to(dev, m.weights.up.dtype)).abs().float()  # (N, I)
+            col_norm = m.weights.down.float().norm(dim=0)  # (I,)
+            width = max(1, int(math.floor(budget * m.weights.intermediate_size)))
+            base = torch.full_like(self.mask_base(l), -prior_scale)
+            for k in range(self.num_experts):
+                members = (labels == k).to(dev)
+                score = (h[members].mean(0) if members.any() else h.mean(0)) * col_norm
+                base[k, score.topk(width).indices] = prior_scale
+            self.mask_base(l).copy_(base)
+            sizes.append(torch.bincount(labels, minlength=self.num_experts).tolist())
+            if progress is not None:
+                progress(l + 1, len(self.mlps))
+        return {"cluster_sizes": sizes}

