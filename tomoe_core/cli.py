@@ -1,0 +1,169 @@
+"""Command line: python -m tomoe_core convert | evaluate | generate | account."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .train import ConversionConfig
+
+_DEFAULTS = ConversionConfig()
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="train a ToMoE conversion of a dense model and save it",
+                       description="Convert a dense causal LM to a ToMoE mixture-of-experts. The dense weights stay "
+                                   "frozen; a hypernetwork and per-layer routers are trained by distillation. "
+                                   "Rerunning the same command resumes from the last checkpoint.")
+    p.add_argument("--model", default=_DEFAULTS.model,
+                   help="built-in name (smollm2-135m), local HF checkpoint folder, .gguf file or hub id "
+                        "(default: %(default)s)")
+    p.add_argument("--budget", "-p", type=float, default=_DEFAULTS.budget,
+                   help="fraction of MLP parameters active per token, in (0, 1] (default: %(default)s)")
+    p.add_argument("--experts", "-e", type=int, default=_DEFAULTS.num_experts, help="experts per layer (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--tokens-per-step", type=int, default=_DEFAULTS.tokens_per_step,
+                   help="calibration tokens per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len, help="tokens per calibration window (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--lam", type=float, default=_DEFAULTS.lam, help="budget penalty weight (default: %(default)s)")
+    p.add_argument("--union-weight", type=float, default=_DEFAULTS.union_weight,
+                   help="weight of the union-coverage term (default: %(default)s)")
+    p.add_argument("--load-balance-weight", type=float, default=_DEFAULTS.load_balance_weight,
+                   help="weight of the load-balance term (default: %(default)s)")
+    p.add_argument("--init", choices=("cluster", "offset"), default=_DEFAULTS.init,
+                   help="cluster: routers and experts start from k-means clusters of each layer's MLP inputs; "
+                        "offset: the paper's init, all channels on (default: %(default)s)")
+    p.add_argument("--noise-anneal", type=float, default=_DEFAULTS.noise_anneal,
+                   help="mask noise decays to 0 over this fraction of the steps; 0 keeps it (default: %(default)s)")
+    p.add_argument("--distill", choices=("kl", "ce"), default=_DEFAULTS.distill,
+                   help="kl: forward KL to the dense model; ce: next-token cross-entropy (default: %(default)s)")
+    p.add_argument("--text", default=_DEFAULTS.text,
+                   help="calibration text: 'wiki' (default corpus), a .txt file, a folder, or hf:NAME")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
+                   help="steps between checkpoints (default: %(default)s)")
+    p.add_argument("--device", default=_DEFAULTS.device, help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="output folder (default: cache/conversions/MODEL-pBUDGET-eEXPERTS)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate the saved conversion afterwards")
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="perplexity, KL and agreement: dense vs conversion vs static baselines",
+                       description="Evaluate on held-out text: the dense model, a conversion with learned routing, "
+                                   "a random expert per token and the best single fixed expert, and static "
+                                   "structured-pruning baselines at the same MLP budget. Writes a JSON result.")
+    p.add_argument("conversion", nargs="?", type=Path, help="converted model folder (omit for baselines only)")
+    p.add_argument("--model", default=None, help="dense model (default: the one the conversion was made from)")
+    p.add_argument("--budget", type=float, default=None, help="baseline budget (default: the conversion's)")
+    p.add_argument("--text", default="wiki", help="evaluation text: 'wiki' held-out split, .txt file, folder, hf:NAME")
+    p.add_argument("--window", type=int, default=None, help="window length (default: min(2048, model context))")
+    p.add_argument("--max-windows", type=int, default=16, help="number of windows (default: %(default)s)")
+    p.add_argument("--baselines", default="magnitude,wanda-sp",
+                   help="comma-separated static baselines: magnitude, wanda-sp, flap, or none (default: %(default)s)")
+    p.add_argument("--no-routing-modes", action="store_true", help="skip the random and fixed-expert runs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", type=Path, default=None, help="JSON result path (default: cache/results/eval-NAME.json)")
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="greedy generation of dense and converted model side by side")
+    p.add_argument("conversion", type=Path, help="converted model folder")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--device", default="cpu")
+
+
+def _add_account(sub):
+    p = sub.add_parser("account", help="active parameters and FLOPs per token of a dense or converted model")
+    p.add_argument("model", help="converted folder, or a dense model name/path")
+    p.add_argument("--context", type=int, default=512, help="context length for attention FLOPs (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tomoe_core", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_evaluate(sub)
+    _add_generate(sub)
+    _add_account(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (ValueError, FileNotFoundError) as err:  # user errors: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args, argv) -> int:
+    from . import pipeline
+
+    if args.command == "convert":
+        cfg = ConversionConfig(budget=args.budget, num_experts=args.experts, steps=args.steps,
+                               tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
+                               union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
+                               init=args.init, noise_anneal=args.noise_anneal, distill=args.distill, text=args.text,
+                               seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                               model=args.model)
+        command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
+        out = pipeline.run_conversion(cfg, args.output, command=command)
+        print(out)
+        if args.evaluate and (out / "tomoe.json").exists():
+            _print_eval(pipeline.run_evaluation(out, device=args.device), out.name)
+        return 0
+    if args.command == "evaluate":
+        baselines = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
+        result = pipeline.run_evaluation(args.conversion, args.model, args.text, args.window, args.max_windows,
+                                         baselines, args.budget, not args.no_routing_modes, args.device)
+        name = args.conversion.name if args.conversion else f"baselines-p{result['budget']}"
+        _print_eval(result, name, args.output)
+        return 0
+    if args.command == "generate":
+        from .convert import load_converted, read_metadata
+        from .evaluate import compare_generation
+        from .models import load_dense
+
+        meta = read_metadata(args.conversion)
+        dense, tok = load_dense(meta["model"], device=args.device)
+        moe, _, _ = load_converted(args.conversion, device=args.device, load_tokenizer=False)
+        res = compare_generation(dense, moe, tok, args.prompt, args.max_new_tokens, args.device)
+        print(f"dense: {args.prompt}{res['dense_text']}")
+        print(f"tomoe: {args.prompt}{res['moe_text']}")
+        div = res["first_divergence"]
+        print("identical" if div is None else f"first divergence at generated token {div}")
+        return 0
+    if args.command == "account":
+        from .budget import account
+        from .convert import load_converted
+        from .models import load_dense
+
+        path = Path(args.model)
+        model = (load_converted(path, load_tokenizer=False)[0] if (path / "tomoe.json").exists()
+                 else load_dense(args.model)[0])
+        print(json.dumps(account(model, args.context).as_dict(), indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _print_eval(result: dict, name: str, output: Path | None = None) -> None:
+    from . import pipeline
+    from .io import atomic_write_json
+
+    if output:
+        atomic_write_json(output, result)
+        path = output
+    else:
+        path = pipeline.save_result(result, f"eval-{name}")
+    print(pipeline.format_quality_table(result))
+    for i, layer in enumerate(result.get("layers") or []):
+        widths = " ".join(f"{w:.2f}" for w in layer["expert_widths"])
+        print(f"layer {i:2d}: experts {widths} | union {layer['union']:.2f}")
+    print(f"result written to {path}")

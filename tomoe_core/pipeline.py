@@ -1,0 +1,169 @@
+"""High-level operations shared by the CLI and the studio: convert, evaluate."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .baselines import FoldedBias, activation_stats, channel_scores, static_masks
+from .budget import account
+from .convert import conversion_digest, load_converted, materialise, read_metadata, save_converted
+from .data import cache_dir, cached_stream, windows as make_windows
+from .evaluate import default_window, evaluate_variants, logits_fn
+from .io import atomic_write_json, file_lock, safe_name
+from .masked import MaskedModel
+from .models import load_dense
+from .train import ConversionConfig, finalize_masks, layer_stats, train_conversion
+
+
+def machine_info(device: str = "cpu") -> dict:
+    info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def conversions_dir() -> Path:
+    return cache_dir() / "conversions"
+
+
+def default_conversion_name(cfg: ConversionConfig) -> str:
+    return safe_name(f"{Path(cfg.model).name}-p{cfg.budget:g}-e{cfg.num_experts}")
+
+
+def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=None, show_tqdm=True,
+                   log=print, command: str | None = None) -> Path:
+    """Train a conversion (resuming if a checkpoint exists), materialise and save it. Returns the folder."""
+    output = Path(output) if output else conversions_dir() / default_conversion_name(cfg)
+    workdir = output.with_name(output.name + ".work")
+    t0 = time.time()
+    with file_lock(workdir):  # two processes converting into the same folder would corrupt it
+        model, tokenizer = load_dense(cfg.model, device=cfg.device, log=log)
+        tag = safe_name(Path(cfg.model).name)
+        stream = cached_stream(tokenizer, cfg.text, "calibration", None, tag)
+        masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed)
+        summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
+        if not summary["finished"]:
+            return workdir
+        masks, calib = finalize_masks(masked, cfg.budget)
+        moe = materialise(masked, masks, cfg.budget)
+        report = account(moe)
+        meta = {
+            "kind": "tomoe-conversion",
+            "model": cfg.model, "budget": cfg.budget, "num_experts": cfg.num_experts,
+            "settings": asdict(cfg), "command": command,
+            "tokens_seen": summary["tokens_seen"], "train_seconds": round(summary["train_seconds"], 1),
+            "wall_seconds": round(time.time() - t0, 1), "final_losses": summary["last"],
+            "mask_calibration": calib, "layers": layer_stats(masks), "accounting": report.as_dict(),
+            "machine": machine_info(cfg.device), "text": cfg.text,
+        }
+        save_converted(moe, output, tokenizer, meta)
+        log_src = workdir / "log.jsonl"
+        if log_src.exists():
+            (output / "training_log.jsonl").write_bytes(log_src.read_bytes())
+        log(f"[tomoe] saved {output}: MLP active ratio {report.mlp_active_ratio:.4f} "
+            f"(requested {cfg.budget}), whole model {report.active_ratio_vs_dense:.4f}, "
+            f"{summary['tokens_seen']} tokens in {summary['train_seconds'] / 60:.1f} min")
+    return output
+
+
+def run_evaluation(conversion: Path | None, model_name: str | None = None, text: str = "wiki",
+                   window: int | None = None, max_windows: int | None = 16, baselines=("magnitude", "wanda-sp"),
+                   budget: float | None = None, routing_modes=True, device="cpu", calibration_tokens: int = 16384,
+                   progress=None, log=print) -> dict:
+    """Dense vs conversion (learned / random / best fixed routing) vs static baselines, same windows."""
+    meta = read_metadata(conversion) if conversion else {}
+    model_name = model_name or meta.get("model") or "smollm2-135m"
+    budget = budget if budget is not None else meta.get("budget", 0.5)
+    dense, tokenizer = load_dense(model_name, device=device, log=log)
+    tag = safe_name(Path(model_name).name)
+    window = window or default_window(dense)
+    held = make_windows(cached_stream(tokenizer, text, "heldout", None, tag), window, max_windows)
+    masked = MaskedModel(dense, num_experts=1)
+    variants = {}
+    if conversion:
+        moe, _, _ = load_converted(conversion, device=device, load_tokenizer=False)
+        variants["tomoe"] = logits_fn(moe, lambda: moe.set_routing(None))
+        if routing_modes:
+            gen = torch.Generator()
+            variants["tomoe-random"] = logits_fn(moe, lambda: (gen.manual_seed(0), moe.set_routing("random", gen)))
+            best = _best_fixed_expert(moe, held[:2], device)
+            variants[f"tomoe-fixed-{best}"] = logits_fn(moe, lambda: moe.set_routing(best))
+    stats = None
+    if baselines:
+        calib_stream = cached_stream(tokenizer, text, "calibration", None, tag)
+        seq = 512
+        n = max(1, calibration_tokens // seq)
+        stats = activation_stats(masked, calib_stream[: n * seq].view(n, seq))
+    for method in baselines:
+        masks = static_masks(channel_scores(masked, method, stats), budget)
+        if method == "flap":
+            folded = FoldedBias(masked, masks, stats)
+            variants[method] = _with_context(masked, masks, folded)
+        else:
+            variants[method] = logits_fn(masked, lambda masks=masks: masked.set_masks(masks))
+    dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
+    t0 = time.time()
+    results = evaluate_variants(dense_fn, variants, held, device=device, progress=progress)
+    out = {
+        "kind": "quality", "model": model_name, "conversion": str(conversion) if conversion else None,
+        "conversion_digest": conversion_digest(meta) if meta else None, "budget": budget,
+        "text": f"{text} (held-out split)", "window": window, "windows": int(held.shape[0]),
+        "tokens": int(held.numel()), "machine": machine_info(device), "seconds": round(time.time() - t0, 1),
+        "results": {k: v.as_dict() for k, v in results.items()},
+    }
+    if meta:
+        out["layers"] = meta.get("layers")
+        out["accounting"] = meta.get("accounting")
+    return out
+
+
+def _with_context(masked, masks, ctx):
+    def run(ids):
+        masked.set_masks(masks)
+        with ctx:
+            return masked.model(input_ids=ids).logits
+    return run
+
+
+@torch.no_grad()
+def _best_fixed_expert(moe, windows: torch.Tensor, device) -> int:
+    """The single expert (same index in every layer) with the lowest NLL on a few windows."""
+    losses = []
+    for k in range(moe.config.num_experts):
+        moe.set_routing(k)
+        nll = 0.0
+        for row in windows:
+            ids = row.unsqueeze(0).to(device)
+            logits = moe(input_ids=ids).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        losses.append(nll)
+    moe.set_routing(None)
+    return int(torch.tensor(losses).argmin())
+
+
+def save_result(result: dict, name: str) -> Path:
+    path = cache_dir() / "results" / f"{safe_name(name)}.json"
+    atomic_write_json(path, result)
+    return path
+
+
+def format_quality_table(result: dict) -> str:
+    lines = [f"model {result['model']}, text {result['text']}, {result['windows']} windows x {result['window']} "
+             f"tokens, budget {result['budget']}, machine: {result['machine']['platform']} "
+             f"({result['machine']['cpu_count']} CPUs, {result['machine']['device']})",
+             f"{'variant':<16}{'perplexity':>12}{'KL':>10}{'top-1 agr':>11}"]
+    for name, r in result["results"].items():
+        lines.append(f"{name:<16}{r['perplexity']:>12.2f}{r['kl_to_dense']:>10.4f}{r['top1_agreement']:>11.4f}")
+    return "\n".join(lines)
