@@ -20,9 +20,11 @@ TINY_CONFIGS = {
 FAMILIES = tuple(TINY_CONFIGS)
 
 
-def tiny_model(family: str, seed: int = 0):
+def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None):
+    """vocab_size: pass the real tokenizer's size (49152 for SmolLM2) to run on real text."""
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(family, **TINY_CONFIGS[family])
+    overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
+    cfg = AutoConfig.for_model(family, **{**TINY_CONFIGS[family], **overrides})
     model = AutoModelForCausalLM.from_config(cfg).eval()
     # Perturb norm weights and biases so that an adapter bug cannot hide behind ones/zeros.
     with torch.no_grad():

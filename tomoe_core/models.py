@@ -108,3 +108,22 @@ def load_dense(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    """Only the tokenizer (fast: no weights are dequantised for built-in models)."""
+    from transformers import AutoTokenizer
+
+    if name_or_path in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name_or_path]
+        cached = cache_dir() / "models" / spec.name
+        if (cached / "tokenizer.json").exists():
+            tok = AutoTokenizer.from_pretrained(cached)
+        else:
+            gguf = _package_dir(spec.package) / spec.gguf_file
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
