@@ -197,3 +197,66 @@ def load_converted(folder: str | Path, device: str | torch.device = "cpu", layou
 
 def conversion_digest(meta: dict) -> str:
     return str(meta.get("weights_sha256", ""))[:16]
+
+
+# -- recipes: a conversion without the dense weights --------------------------------------------
+RECIPE_FILE = "recipe.safetensors"
+_RECIPE_KEYS = ("union_channels", "expert_channels", "expert_offsets", "router.weight", "router.bias")
+
+
+def recipe_state(model: ToMoEForCausalLM) -> dict[str, torch.Tensor]:
+    """What a conversion adds to the dense model: routers and channel index lists (about 1 MB)."""
+    state = {}
+    for l, m in enumerate(model.moe_mlps):
+        sd = m.state_dict()
+        for key in _RECIPE_KEYS:
+            state[f"layers.{l}.{key}"] = sd[key].detach().cpu().contiguous()
+    return state
+
+
+def save_recipe(model: ToMoEForCausalLM, folder: str | Path, metadata: dict) -> Path:
+    """Write a recipe folder (config.json, recipe.safetensors, tomoe.json): small enough for git."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        model.config.to_json_file(tmp / "config.json")
+        save_file(recipe_state(model), str(tmp / RECIPE_FILE))
+        meta = dict(metadata)
+        meta.update(format_version=FORMAT_VERSION, recipe_sha256=sha256_file(tmp / RECIPE_FILE))
+        meta.pop("weights_sha256", None)
+        atomic_write_json(tmp / "tomoe.json", meta)
+    return folder
+
+
+def materialise_from_recipe(folder: str | Path, dense) -> ToMoEForCausalLM:
+    """Rebuild a converted model from a recipe and the dense model it was made from (consumes `dense`)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    path = folder / RECIPE_FILE
+    if not path.exists() or sha256_file(path) != meta.get("recipe_sha256"):
+        raise ConvertedModelError(f"recipe {path} is missing or does not match its checksum in tomoe.json")
+    state = load_file(str(path))
+    config = ToMoEConfig.from_json_file(str(folder / "config.json"))
+    adapter = adapter_for(dense)
+    layers = adapter.layers(dense)
+    if len(layers) != len(config.moe_layers) or dense.config.model_type != config.base_config.get("model_type"):
+        raise ConvertedModelError(f"recipe {folder} was made for another model ({config.base_config.get('model_type')}, "
+                                  f"{len(config.moe_layers)} layers)")
+    for l, layer in enumerate(layers):
+        w = adapter.mlp_weights(adapter.mlp(layer))
+        union = state[f"layers.{l}.union_channels"].long()
+        masks = torch.zeros(config.num_experts, w.intermediate_size)
+        offsets = state[f"layers.{l}.expert_offsets"].tolist()
+        channels = state[f"layers.{l}.expert_channels"]
+        for k in range(config.num_experts):
+            masks[k, union[channels[offsets[k]:offsets[k + 1]]]] = 1.0
+        router = torch.nn.Linear(w.hidden_size, config.num_experts)
+        router.load_state_dict({"weight": state[f"layers.{l}.router.weight"], "bias": state[f"layers.{l}.router.bias"]})
+        moe = MoEMLP.from_masks(w, router, masks)
+        assert torch.equal(moe.union_channels.cpu(), union), f"layer {l}: union mismatch"
+        adapter.set_mlp(layer, moe)
+    config.base_config = dense.config.to_dict()
+    return ToMoEForCausalLM(config, model=dense.eval())

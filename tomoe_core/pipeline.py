@@ -12,7 +12,8 @@ import torch
 
 from .baselines import FoldedBias, activation_stats, channel_scores, static_masks
 from .budget import account
-from .convert import conversion_digest, load_converted, materialise, read_metadata, save_converted
+from .convert import (conversion_digest, load_converted, materialise, materialise_from_recipe, read_metadata,
+                      save_converted, save_recipe)
 from .data import cache_dir, cached_stream, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_write_json, file_lock, safe_name
@@ -167,3 +168,40 @@ def format_quality_table(result: dict) -> str:
     for name, r in result["results"].items():
         lines.append(f"{name:<16}{r['perplexity']:>12.2f}{r['kl_to_dense']:>10.4f}{r['top1_agreement']:>11.4f}")
     return "\n".join(lines)
+
+
+def shipped_dir() -> Path:
+    """Recipes committed to git so a fresh clone has a conversion to explore (cache/shipped/)."""
+    return Path(__file__).resolve().parent.parent / "cache" / "shipped"
+
+
+def ensure_shipped_conversions(log=print) -> list[Path]:
+    """Materialise every shipped recipe into cache/conversions/ if it is not there yet (seconds)."""
+    out = []
+    for recipe in sorted(p for p in shipped_dir().glob("*") if (p / "tomoe.json").exists()):
+        target = conversions_dir() / recipe.name
+        with file_lock(target):
+            if not (target / "tomoe.json").exists():
+                meta = read_metadata(recipe)
+                dense, tokenizer = load_dense(meta["model"], log=log)
+                moe = materialise_from_recipe(recipe, dense)
+                meta = {**meta, "rebuilt_from_recipe": str(recipe.relative_to(shipped_dir().parent.parent))}
+                meta.pop("recipe_sha256", None)
+                save_converted(moe, target, tokenizer, meta)
+                log_src = recipe / "training_log.jsonl"
+                if log_src.exists():
+                    (target / "training_log.jsonl").write_bytes(log_src.read_bytes())
+                log(f"[tomoe] materialised shipped conversion {recipe.name} into {target}")
+        out.append(target)
+    return out
+
+
+def ship_conversion(conversion: Path, name: str | None = None) -> Path:
+    """Copy a conversion's recipe (routers + index lists, no dense weights) into cache/shipped/."""
+    model, _tok, meta = load_converted(conversion, load_tokenizer=False)
+    target = shipped_dir() / (name or Path(conversion).name)
+    save_recipe(model, target, meta)
+    log_src = Path(conversion) / "training_log.jsonl"
+    if log_src.exists():
+        (target / "training_log.jsonl").write_bytes(log_src.read_bytes())
+    return target

@@ -118,7 +118,8 @@ class MoEMLP(RoutedMixin, nn.Module):
     """Materialised ToMoE layer: union weights, expert index lists into them, and the router.
 
     Persistent state (what is saved): `up`, `gate`, biases, `down` restricted to the U union
-    channels, `expert_channels` (sum W_k,) and `expert_offsets` (E+1,). Layouts are derived
+    channels, `union_channels` (U,) ids of those channels in the dense MLP, `expert_channels`
+    (sum W_k,) indices into the union and `expert_offsets` (E+1,). Layouts are derived
     from it at load time and are not saved:
       * "shared": experts gather their rows from the union weights on every call (leanest);
       * "packed": each expert's weights contiguous (fastest decode, about E * p of the MLP memory).
@@ -137,6 +138,7 @@ class MoEMLP(RoutedMixin, nn.Module):
         self.down = nn.Parameter(torch.empty(hidden_size, union_size), requires_grad=False)
         self.down_bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False) if has_down_bias else None
         self.router = nn.Linear(hidden_size, num_experts, bias=True)
+        self.register_buffer("union_channels", torch.zeros(union_size, dtype=torch.long))  # ids in the dense MLP
         self.register_buffer("expert_channels", torch.zeros(sum(expert_widths), dtype=torch.long))
         offsets = torch.tensor([0] + list(expert_widths)).cumsum(0)
         self.register_buffer("expert_offsets", offsets)
@@ -169,6 +171,7 @@ class MoEMLP(RoutedMixin, nn.Module):
             moe.router.load_state_dict(router.state_dict())
             moe.expert_channels = torch.cat(per_expert).to(dev) if per_expert else moe.expert_channels
             moe.expert_offsets = moe.expert_offsets.to(dev)
+            moe.union_channels = union.to(dev)
         moe.to(dev)
         return moe
 
