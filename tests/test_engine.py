@@ -1,0 +1,219 @@
+"""Engine tests on tiny randomly initialised models of every supported family."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from tiny_models import FAMILIES, VOCAB, tiny_ids, tiny_model
+from tomoe_core import (SUPPORTED_FAMILIES, ConversionConfig, MaskedModel, UnsupportedModelError, load_converted,
+                        materialise, save_converted, train_conversion)
+from tomoe_core.budget import account
+from tomoe_core.convert import materialise_from_recipe, save_recipe
+from tomoe_core.train import CheckpointError, finalize_masks
+
+
+def random_masks(mm: MaskedModel, p: float = 0.5, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(mm.num_experts, size, generator=g) < p).float() for size in mm.intermediate_sizes]
+
+
+def test_every_required_family_is_supported():
+    required = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "phi", "gpt2"}
+    assert required <= set(SUPPORTED_FAMILIES)
+    assert required <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_ones_masks_reproduce_dense_logits(family):
+    model, ids = tiny_model(family), tiny_ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    mm = MaskedModel(model, num_experts=4)
+    mm.set_masks([torch.ones(4, size) for size in mm.intermediate_sizes])
+    with torch.no_grad():
+        masked = mm(ids).logits
+    torch.testing.assert_close(masked, dense)
+    # masks off is the dense model itself
+    mm.set_masks(None)
+    with torch.no_grad():
+        torch.testing.assert_close(mm(ids).logits, dense)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_materialised_equals_masked_and_reload_is_identical(family, tmp_path):
+    ids = tiny_ids()
+    mm = MaskedModel(tiny_model(family), num_experts=4)
+    masks = random_masks(mm)
+    mm.set_masks(masks)
+    with torch.no_grad():
+        masked = mm(ids).logits
+    moe = materialise(mm, masks, budget=0.5)
+    for layout in ("shared", "packed"):
+        moe.set_layout(layout)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(input_ids=ids).logits, masked, rtol=1e-4, atol=1e-5)
+    moe.set_layout("shared")
+    save_converted(moe, tmp_path / "moe", metadata={"model": "tiny", "budget": 0.5})
+    reloaded, _, meta = load_converted(tmp_path / "moe", load_tokenizer=False)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    with torch.no_grad():
+        ref = moe(input_ids=ids).logits
+        assert torch.equal(reloaded(input_ids=ids).logits, ref)
+        assert torch.equal(auto(input_ids=ids).logits, ref)
+    assert meta["budget"] == 0.5 and len(meta["weights_sha256"]) == 64
+    assert not list(tmp_path.glob(".*tmp")), "temporary folders left behind"
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "gemma3_text"])
+def test_generation_with_kv_cache_matches_full_recompute(family):
+    mm = MaskedModel(tiny_model(family), num_experts=4)
+    masks = random_masks(mm, seed=1)
+    moe = materialise(mm, masks)
+    prompt = tiny_ids(batch=1, length=6, seed=3)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = moe.generate(input_ids=prompt, use_cache=True, **kwargs)
+        uncached = moe.generate(input_ids=prompt, use_cache=False, **kwargs)
+        mm.set_masks(masks)
+        masked = mm.model.generate(input_ids=prompt, use_cache=False, **kwargs)
+    assert cached.shape == (1, 14)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, masked)
+
+
+def test_routing_is_deterministic_and_observable():
+    mm = MaskedModel(tiny_model("llama"), num_experts=4)
+    moe = materialise(mm, random_masks(mm))
+    ids = tiny_ids()
+    seen = []
+    handle = moe.moe_mlps[0].routing_point.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            moe(input_ids=ids)
+            moe(input_ids=ids)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and seen[0].shape == (ids.numel(),)
+    assert torch.equal(seen[0], seen[1])
+    assert not moe.moe_mlps[0].routing_point.listening
+
+
+def test_random_and_fixed_routing_modes():
+    mm = MaskedModel(tiny_model("qwen2"), num_experts=4)
+    moe = materialise(mm, random_masks(mm))
+    ids = tiny_ids()
+    chosen = []
+    h = moe.moe_mlps[1].routing_point.register_forward_hook(lambda mod, args, out: chosen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            moe.set_routing(2)
+            moe(input_ids=ids)
+            moe.set_routing("random", torch.Generator().manual_seed(0))
+            moe(input_ids=ids)
+            moe.set_routing(None)
+    finally:
+        h.remove()
+    assert (chosen[0] == 2).all()
+    assert len(set(chosen[1].tolist())) > 1
+
+
+def _train(family, tmp_path, steps, stop_after=None, seed=0, workdir="run"):
+    torch.manual_seed(0)
+    mm = MaskedModel(tiny_model(family), num_experts=4, seed=seed)
+    stream = torch.randint(3, VOCAB, (3000,), generator=torch.Generator().manual_seed(1))
+    cfg = ConversionConfig(budget=0.5, num_experts=4, steps=steps, tokens_per_step=64, seq_len=32, init_tokens=256,
+                           checkpoint_every=2, seed=seed, model="tiny")
+    summary = train_conversion(mm, stream, cfg, tmp_path / workdir, show_tqdm=False, stop_after=stop_after,
+                               log=lambda *a: None)
+    return mm, summary
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    full, _ = _train("llama", tmp_path, steps=6, workdir="full")
+    _train("llama", tmp_path, steps=6, stop_after=3, workdir="resumed")  # checkpoint at step 3 (end of call)
+    resumed, summary = _train("llama", tmp_path, steps=6, workdir="resumed")
+    assert summary["finished"]
+    a, b = full.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))
+
+
+def test_training_updates_only_hypernetwork_and_routers(tmp_path):
+    mm = MaskedModel(tiny_model("phi"), num_experts=4)
+    before = {k: v.clone() for k, v in mm.model.state_dict().items()}
+    hyper_before = {k: v.clone() for k, v in mm.trainable_state().items()}
+    stream = torch.randint(3, VOCAB, (3000,), generator=torch.Generator().manual_seed(1))
+    cfg = ConversionConfig(budget=0.5, num_experts=4, steps=3, tokens_per_step=64, seq_len=32, init="offset",
+                           model="tiny")
+    train_conversion(mm, stream, cfg, tmp_path / "w", show_tqdm=False, log=lambda *a: None)
+    after = mm.model.state_dict()
+    for k, v in before.items():
+        if "router" not in k:
+            assert torch.equal(v, after[k]), f"frozen weight {k} changed"
+    changed = [k for k, v in mm.trainable_state().items() if not torch.equal(v, hyper_before[k])]
+    assert any(k.startswith("hypernet.") for k in changed) and any(k.startswith("router.") for k in changed)
+
+
+def test_checkpoint_with_other_settings_is_refused(tmp_path):
+    _train("llama", tmp_path, steps=4, stop_after=2)
+    mm = MaskedModel(tiny_model("llama"), num_experts=4)
+    stream = torch.randint(3, VOCAB, (3000,))
+    cfg = ConversionConfig(budget=0.3, num_experts=4, steps=4, tokens_per_step=64, seq_len=32, model="tiny")
+    with pytest.raises(CheckpointError, match="other settings"):
+        train_conversion(mm, stream, cfg, tmp_path / "run", show_tqdm=False, log=lambda *a: None)
+
+
+def test_corrupt_checkpoint_is_reported_by_name(tmp_path):
+    _train("llama", tmp_path, steps=4, stop_after=2)
+    target = tmp_path / "run" / "checkpoint" / "trainable.safetensors"
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="trainable.safetensors"):
+        _train("llama", tmp_path, steps=4)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.7])
+def test_saved_model_active_ratio_is_within_002_of_budget(budget):
+    mm = MaskedModel(tiny_model("llama"), num_experts=4)
+    masks, info = finalize_masks(mm, budget)
+    moe = materialise(mm, masks, budget)
+    report = account(moe)
+    assert abs(report.mlp_active_ratio - budget) <= 0.02
+    assert abs(info["ratio"] - report.mlp_active_ratio) < 1e-6
+    assert report.active_total < report.dense_total
+
+
+def test_accounting_of_dense_model():
+    model = tiny_model("gpt2")
+    report = account(model)
+    assert report.mlp_active_ratio == 1.0 and report.active_total == report.dense_total
+    assert report.mlp_dense == 2 * (2 * 32 * 48 + 48)  # 2 layers x (fc_in + fc_out + fc_in bias)
+    assert report.flops_per_token > 2 * report.active_total
+
+
+def test_recipe_rebuilds_the_same_model(tmp_path):
+    mm = MaskedModel(tiny_model("mistral"), num_experts=4)
+    moe = materialise(mm, random_masks(mm), 0.5)
+    save_recipe(moe, tmp_path / "recipe", {"model": "tiny"})
+    rebuilt = materialise_from_recipe(tmp_path / "recipe", tiny_model("mistral"))
+    ids = tiny_ids()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, moe(input_ids=ids).logits)
+    assert (tmp_path / "recipe" / "recipe.safetensors").stat().st_size < 20_000
+
+
+def test_unsupported_family_lists_supported_ones():
+    cfg = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)
+    with pytest.raises(UnsupportedModelError, match="supported families: .*gpt2.*llama"):
+        MaskedModel(_bert(cfg))
+
+
+def _bert(cfg):
+    from transformers import BertLMHeadModel
+    return BertLMHeadModel(cfg)
