@@ -1,4 +1,4 @@
-"""Command line: python -m tomoe_core convert | evaluate | generate | account."""
+"""Command line: python -m tomoe_core convert | evaluate | generate | account | trace."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_generate(sub)
     _add_account(sub)
+    from .trace_cli import add_trace_parser
+
+    add_trace_parser(sub)
     return parser
 
 
@@ -150,6 +153,10 @@ def _run(args, argv) -> int:
                  else load_dense(args.model)[0])
         print(json.dumps(account(model, args.context).as_dict(), indent=2))
         return 0
+    if args.command == "trace":
+        from .trace_cli import run_trace_command
+
+        return run_trace_command(args, argv)
     raise AssertionError(args.command)
 
 

@@ -1,0 +1,569 @@
+"""Routing capture (hooks -> records) and routing logs (records -> Parquet).
+
+`capture_routing(model)` attaches forward hooks to every MoE layer's `RoutingPoint` and
+records, per layer, the chosen expert and its router probability for every token the model
+sees. The tensors stay on the model's device; `RoutingRecords.stacked()` moves them to the
+host in one copy per batch. The hooks are always removed when the block exits.
+
+`trace_run(...)` runs a converted model over a text source and writes a routing log
+(DESIGN.md section 5):
+
+  cache/routing/run_id=<id>/
+    part-00000.parquet ...   one row per (token, layer): ROUTING_SCHEMA, zstd, row groups of 1 M rows
+    documents.parquet        doc_id, title, text, tokens: the traced text, for word alignment
+    run.json                 model, conversion digest, budget, text source, date, versions,
+                             row count, timing, size and sha256 of every file
+    annotation-pos.parquet   written later by `analysis.syntax.annotate_run` (doc_id, position,
+                             word_index, word, pos): joined by `tomoe_core.queries`
+
+The run folder is built under a temporary name and renamed into place, under a file lock,
+so a reader sees a complete run or none.
+
+Legend: L = MoE layers, B = sequences in a batch, T = tokens per sequence, N = B * T.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .data import DEFAULT_CORPUS, Document, TextSourceError, cache_dir, load_documents
+from .io import atomic_dir, atomic_write_json, file_lock, safe_name, sha256_file
+from .routing import RoutingPoint
+
+SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"tomoe.routing_schema_version"
+RUN_META_FILE = "run.json"
+DOCUMENTS_FILE = "documents.parquet"
+POS_ANNOTATION_FILE = "annotation-pos.parquet"
+PART_GLOB = "part-*.parquet"
+ROW_GROUP_ROWS = 1 << 20  # DuckDB parallelises over row groups; ~1 M rows keeps both cores busy
+PART_ROWS = 1 << 22  # rows buffered before a part file is written (bounds memory on long runs)
+
+
+class RoutingLogError(ValueError):
+    pass
+
+
+# -- capture ----------------------------------------------------------------------------------------
+def routing_points(model) -> list[RoutingPoint]:
+    """The routing points of a converted (`moe_mlps`) or training-time (`mlps`) model, in layer order."""
+    if hasattr(model, "moe_mlps"):
+        mlps = list(model.moe_mlps)
+    elif hasattr(model, "mlps"):
+        mlps = list(model.mlps)
+    else:
+        mlps = [m for m in model.modules() if hasattr(m, "routing_point")]
+    points = [m.routing_point for m in mlps if isinstance(getattr(m, "routing_point", None), RoutingPoint)]
+    if not points:
+        raise RoutingLogError(f"{type(model).__name__} has no routing points: pass a converted ToMoE model "
+                              "(load_converted) or a MaskedModel")
+    return points
+
+
+class RoutingRecords:
+    """What `capture_routing` saw: per layer, the (expert, prob) tensors of every forward call.
+
+    A forward over (B, T) ids is one call of N = B * T tokens in row-major order. Under
+    `generate` with a KV cache the first call sees the prompt and each later call only the B
+    new tokens; `per_sequence` joins the calls back along time.
+    """
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.experts: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # L x calls x (N_c,)
+        self.probs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            expert_index, router_prob = output
+            self.experts[layer].append(expert_index.detach())
+            self.probs[layer].append(router_prob.detach())
+        return hook
+
+    @property
+    def num_calls(self) -> int:
+        return len(self.experts[0]) if self.num_layers else 0
+
+    def clear(self) -> None:
+        for lists in (self.experts, self.probs):
+            for calls in lists:
+                calls.clear()
+
+    def _check(self) -> None:
+        counts = {len(c) for c in self.experts}
+        if self.num_calls == 0:
+            raise RoutingLogError("no routing was recorded: run the model inside `with capture_routing(model)`")
+        assert len(counts) == 1, f"layers saw different numbers of calls: {counts}"
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """All calls joined in call order: expert (L, N_total) int16, router_prob (L, N_total) float32.
+
+        One device -> host copy per array, however many layers and calls.
+        """
+        self._check()
+        experts = torch.stack([torch.cat(calls) for calls in self.experts]).to(torch.int16)  # (L, N)
+        probs = torch.stack([torch.cat(calls) for calls in self.probs]).float()  # (L, N)
+        return experts.cpu().numpy(), probs.cpu().numpy()
+
+    def per_sequence(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """For cached generation: expert and prob as (L, B, T_seen), calls joined along time.
+
+        T_seen counts the tokens that went through the model: the prompt and every generated
+        token but the last (generation stops before feeding it back).
+        """
+        self._check()
+        def join(calls):  # calls of (B * n_c,) -> (B, sum n_c)
+            return torch.cat([c.view(batch_size, -1) for c in calls], dim=1)
+        experts = torch.stack([join(c) for c in self.experts]).to(torch.int16)  # (L, B, T)
+        probs = torch.stack([join(c) for c in self.probs]).float()
+        return experts.cpu().numpy(), probs.cpu().numpy()
+
+
+@contextlib.contextmanager
+def capture_routing(model) -> Iterator[RoutingRecords]:
+    """Record expert choices and router probabilities of every MoE layer while the block runs.
+
+        with capture_routing(model) as records:
+            model(input_ids)
+        experts, probs = records.stacked()   # (L, B*T) each
+
+    Hooks are removed on exit, also when the block raises; outside the block the model pays
+    nothing (its routing points are not even called).
+    """
+    points = routing_points(model)
+    records = RoutingRecords(len(points))
+    handles = []
+    try:
+        for layer, point in enumerate(points):
+            handles.append(point.register_forward_hook(records._hook(layer)))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# -- small in-memory helpers for the app --------------------------------------------------------------
+def token_strings(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """Readable text of each token id (a leading space stays a space, not 'Ġ')."""
+    return [tokenizer.decode([int(t)]) for t in token_ids]
+
+
+@torch.inference_mode()
+def route_text(model, tokenizer, text: str, device: str | torch.device = "cpu"):
+    """Routing of one text, without writing anything. -> pandas DataFrame with one row per
+    (token, layer): position, token_id, token, char_start, char_end, layer, expert, router_prob."""
+    import pandas as pd
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids = enc["input_ids"]
+    if not ids:
+        raise TextSourceError("the text produced no tokens: type some text")
+    with capture_routing(model) as records:
+        model(input_ids=torch.tensor([ids], device=device))
+    experts, probs = records.stacked()  # (L, T)
+    num_layers, n = experts.shape
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(n, 2)
+    return pd.DataFrame({
+        "position": np.tile(np.arange(n, dtype=np.int32), num_layers),
+        "token_id": np.tile(np.asarray(ids, dtype=np.int32), num_layers),
+        "token": np.tile(np.asarray(token_strings(tokenizer, ids), dtype=object), num_layers),
+        "char_start": np.tile(offsets[:, 0], num_layers), "char_end": np.tile(offsets[:, 1], num_layers),
+        "layer": np.repeat(np.arange(num_layers, dtype=np.int16), n),
+        "expert": experts.ravel(), "router_prob": probs.ravel()})
+
+
+@torch.inference_mode()
+def generate_with_routing(model, tokenizer, prompt: str, max_new_tokens: int = 20,
+                          device: str | torch.device = "cpu"):
+    """Greedy generation with the KV cache, recording routing. -> (generated text, DataFrame).
+
+    The frame has one row per (token, layer) for every token that went through the model
+    (prompt + generated, except the last generated one), with `generated` marking new tokens.
+    """
+    import pandas as pd
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+    if ids.shape[1] == 0:
+        raise TextSourceError("the prompt is empty: type some text to continue")
+    with capture_routing(model) as records:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    experts, probs = records.per_sequence(1)  # (L, 1, T_seen)
+    num_layers, _, seen = experts.shape
+    all_ids = out[0].tolist()
+    seen_ids = all_ids[:seen]
+    prompt_len = ids.shape[1]
+    frame = pd.DataFrame({
+        "position": np.tile(np.arange(seen, dtype=np.int32), num_layers),
+        "token_id": np.tile(np.asarray(seen_ids, dtype=np.int32), num_layers),
+        "token": np.tile(np.asarray(token_strings(tokenizer, seen_ids), dtype=object), num_layers),
+        "generated": np.tile(np.arange(seen) >= prompt_len, num_layers),
+        "layer": np.repeat(np.arange(num_layers, dtype=np.int16), seen),
+        "expert": experts[:, 0].ravel(), "router_prob": probs[:, 0].ravel()})
+    return tokenizer.decode(all_ids[prompt_len:]), frame
+
+
+# -- the routing log --------------------------------------------------------------------------------
+def routing_schema():
+    import pyarrow as pa
+
+    fields = [
+        pa.field("run_id", pa.dictionary(pa.int32(), pa.string())),  # one value per run; also the folder name
+        pa.field("doc_id", pa.int32()),
+        pa.field("position", pa.int32()),  # token index within its document
+        pa.field("token_id", pa.int32()),
+        pa.field("token", pa.dictionary(pa.int32(), pa.string())),
+        pa.field("char_start", pa.int32()),  # the token's character span in the document text
+        pa.field("char_end", pa.int32()),
+        pa.field("layer", pa.int16()),
+        pa.field("expert", pa.int16()),
+        pa.field("router_prob", pa.float32()),
+    ]
+    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+def routing_root() -> Path:
+    return cache_dir() / "routing"
+
+
+def run_dir(run: str | Path) -> Path:
+    """The folder of a run given its id or its folder."""
+    path = Path(run)
+    if path.is_dir() and (path / RUN_META_FILE).exists():
+        return path
+    candidate = routing_root() / f"run_id={run}"
+    if candidate.is_dir():
+        return candidate
+    raise RoutingLogError(f"no routing run {str(run)!r} (looked for {path} and {candidate}); "
+                          "list runs with tomoe_core.trace.list_runs() or create one with `python -m tomoe_core trace`")
+
+
+def read_run_meta(run: str | Path) -> dict:
+    path = run_dir(run) / RUN_META_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RoutingLogError(f"{path} is unreadable ({err}); re-run the trace") from None
+
+
+def list_runs(root: str | Path | None = None) -> list[dict]:
+    """Metadata of every complete run under `root` (default cache/routing), newest first.
+
+    Each dict is the run's run.json plus `path`. Runs being written (temporary folders) are skipped.
+    """
+    root = Path(root) if root is not None else routing_root()
+    runs = []
+    for folder in sorted(root.glob("run_id=*")) if root.is_dir() else []:
+        meta_path = folder / RUN_META_FILE
+        if folder.is_dir() and meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError:
+                continue
+            runs.append({**meta, "path": str(folder)})
+    return sorted(runs, key=lambda m: m.get("created_at", ""), reverse=True)
+
+
+def verify_run(run: str | Path) -> None:
+    """Raise RoutingLogError when a file of the run is missing or differs from its recorded checksum."""
+    folder = run_dir(run)
+    for name, info in read_run_meta(folder)["files"].items():
+        path = folder / name
+        if not path.exists() or sha256_file(path) != info["sha256"]:
+            raise RoutingLogError(f"{path} is missing or modified since the trace; re-run the trace")
+
+
+@dataclass
+class _Window:
+    doc_id: int
+    start: int  # position of the first token within its document
+    ids: np.ndarray  # (T,) int32
+    offsets: np.ndarray  # (T, 2) int32 character spans
+
+
+def _tokenize(tokenizer, docs: Sequence[Document], max_tokens: int | None) -> tuple[list, list[int]]:
+    """-> per document (ids (n,), offsets (n, 2)), cut so that the total is at most max_tokens."""
+    encoded, total = [], 0
+    for doc in docs:
+        enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(-1, 2)
+        if max_tokens is not None:
+            ids, offsets = ids[: max_tokens - total], offsets[: max_tokens - total]
+        encoded.append((ids, offsets))
+        total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return encoded, [len(ids) for ids, _ in encoded]
+
+
+def _windows(encoded, seq_len: int) -> list[_Window]:
+    """Non-overlapping windows of at most seq_len tokens, never across documents."""
+    out = []
+    for doc_id, (ids, offsets) in enumerate(encoded):
+        for start in range(0, len(ids), seq_len):
+            out.append(_Window(doc_id, start, ids[start:start + seq_len], offsets[start:start + seq_len]))
+    return out
+
+
+def _batches(windows: list[_Window], batch_size: int) -> Iterator[list[_Window]]:
+    for i in range(0, len(windows), batch_size):
+        yield windows[i:i + batch_size]
+
+
+def _pad(batch: list[_Window], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Right padding (causal attention: pads after a token cannot change it). -> ids, attention mask, valid (B, T)."""
+    length = max(len(w.ids) for w in batch)
+    ids = np.full((len(batch), length), pad_id, dtype=np.int64)
+    valid = np.zeros((len(batch), length), dtype=bool)
+    for b, w in enumerate(batch):
+        ids[b, : len(w.ids)] = w.ids
+        valid[b, : len(w.ids)] = True
+    mask = torch.from_numpy(valid.astype(np.int64))
+    return torch.from_numpy(ids).to(device), mask.to(device), valid
+
+
+class _TokenDictionary:
+    """token_id -> index into a growing list of token strings (the Parquet dictionary)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.index = np.full(max(vocab_size, 1), -1, dtype=np.int32)
+        self.strings: list[str] = []
+
+    def encode(self, token_ids: np.ndarray) -> np.ndarray:
+        if token_ids.size and int(token_ids.max()) >= len(self.index):
+            self.index = np.concatenate([self.index, np.full(int(token_ids.max()) + 1 - len(self.index), -1, np.int32)])
+        new = np.unique(token_ids[self.index[token_ids] < 0])
+        if len(new):
+            self.index[new] = np.arange(len(self.strings), len(self.strings) + len(new), dtype=np.int32)
+            self.strings.extend(token_strings(self.tokenizer, new.tolist()))
+        return self.index[token_ids]
+
+
+class _PartWriter:
+    """Buffers row batches and writes them as part-NNNNN.parquet files of large row groups."""
+
+    def __init__(self, folder: Path, run_id: str, dictionary: _TokenDictionary):
+        self.folder, self.run_id, self.dictionary = folder, run_id, dictionary
+        self.buffer: list[dict] = []
+        self.buffered = 0
+        self.parts: list[tuple[str, int]] = []
+        self.rows = 0
+
+    def add(self, columns: dict[str, np.ndarray]) -> None:
+        self.buffer.append(columns)
+        self.buffered += len(columns["layer"])
+        if self.buffered >= PART_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.buffered:
+            return
+        cols = {k: np.concatenate([c[k] for c in self.buffer]) for k in self.buffer[0]}
+        n = len(cols["layer"])
+        schema = routing_schema()
+        arrays = {
+            "run_id": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.run_id])),
+            "token": pa.DictionaryArray.from_arrays(pa.array(cols.pop("token_index")),
+                                                    pa.array(self.dictionary.strings, pa.string())),
+            **{k: pa.array(v) for k, v in cols.items()},
+        }
+        table = pa.Table.from_arrays([arrays[f.name].cast(f.type) for f in schema], schema=schema)
+        name = f"part-{len(self.parts):05d}.parquet"
+        pq.write_table(table, self.folder / name, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+        self.parts.append((name, n))
+        self.rows += n
+        self.buffer, self.buffered = [], 0
+
+
+def _batch_rows(batch: list[_Window], valid: np.ndarray, experts: np.ndarray, probs: np.ndarray,
+                token_index: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows of one batch, layer-major: experts/probs (L, B*T) -> columns of L * n_valid rows."""
+    num_layers = experts.shape[0]
+    flat_valid = valid.ravel()  # (B*T,)
+    token_ids = np.concatenate([w.ids for w in batch])
+    offsets = np.concatenate([w.offsets for w in batch])
+    doc_ids = np.concatenate([np.full(len(w.ids), w.doc_id, np.int32) for w in batch])
+    positions = np.concatenate([np.arange(w.start, w.start + len(w.ids), dtype=np.int32) for w in batch])
+    n = len(token_ids)
+    return {
+        "doc_id": np.tile(doc_ids, num_layers), "position": np.tile(positions, num_layers),
+        "token_id": np.tile(token_ids, num_layers), "token_index": np.tile(token_index(token_ids), num_layers),
+        "char_start": np.tile(offsets[:, 0], num_layers), "char_end": np.tile(offsets[:, 1], num_layers),
+        "layer": np.repeat(np.arange(num_layers, dtype=np.int16), n),
+        "expert": experts[:, flat_valid].ravel(), "router_prob": probs[:, flat_valid].ravel(),
+    }
+
+
+@dataclass
+class TracePlan:
+    """A loaded model and the batches a trace will run: shared by trace_run and the overhead benchmark."""
+    model: object
+    tokenizer: object
+    meta: dict
+    docs: list[Document]
+    doc_tokens: list[int]
+    windows: list[_Window]
+    batch_size: int
+    device: str
+    num_layers: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_layers = len(routing_points(self.model))
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.doc_tokens)
+
+    def batches(self):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for batch in _batches(self.windows, self.batch_size):
+            ids, mask, valid = _pad(batch, pad, self.device)
+            yield batch, ids, mask, valid
+
+
+def plan_trace(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str = "heldout",
+               prompts: Sequence[str] | None = None, max_tokens: int | None = None, seq_len: int = 512,
+               batch_size: int = 4, device: str = "cpu", layout: str = "shared") -> TracePlan:
+    from .convert import load_converted
+
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    model, tokenizer, meta = load_converted(model_folder, device=device, layout=layout)
+    if prompts:
+        docs = [Document(i, f"prompt {i}", p) for i, p in enumerate(prompts) if p and p.strip()]
+        if not docs:
+            raise TextSourceError("all prompts are empty: pass some text")
+    else:
+        docs = load_documents(source, split)
+    encoded, doc_tokens = _tokenize(tokenizer, docs, max_tokens)
+    if sum(doc_tokens) == 0:
+        raise TextSourceError(f"text source {source!r} produced no tokens")
+    docs = docs[: len(encoded)]
+    return TracePlan(model, tokenizer, meta, docs, doc_tokens, _windows(encoded, seq_len), batch_size, device)
+
+
+def _library_versions() -> dict:
+    import duckdb  # noqa: F401  (recorded because queries read the log with it)
+    import pyarrow
+    import transformers
+
+    from .convert import FORMAT_VERSION
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__,
+            "numpy": np.__version__, "tomoe_format": FORMAT_VERSION, "routing_schema": SCHEMA_VERSION}
+
+
+def _write_documents(folder: Path, docs: Sequence[Document], doc_tokens: Sequence[int]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"doc_id": pa.array([d.doc_id for d in docs], pa.int32()),
+                      "title": pa.array([d.title for d in docs], pa.string()),
+                      "text": pa.array([d.text for d in docs], pa.string()),
+                      "tokens": pa.array(list(doc_tokens), pa.int32())})
+    pq.write_table(table, folder / DOCUMENTS_FILE, compression="zstd")
+
+
+def default_run_id(model_folder: str | Path, source: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return safe_name(f"{Path(model_folder).name}-{Path(source).name}-{stamp}")
+
+
+@torch.inference_mode()
+def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Trace every batch of `plan` into `folder`. -> counts and timing (forward, record, write seconds)."""
+    dictionary = _TokenDictionary(plan.tokenizer, len(plan.tokenizer))
+    writer = _PartWriter(folder, run_id, dictionary)
+    done, forward_s, record_s = 0, 0.0, 0.0
+    with capture_routing(plan.model) as records:
+        for batch, ids, mask, valid in plan.batches():
+            t0 = time.perf_counter()
+            records.clear()
+            plan.model(input_ids=ids, attention_mask=mask)
+            experts, probs = records.stacked()  # (L, B*T): the one host copy of this batch
+            t1 = time.perf_counter()
+            writer.add(_batch_rows(batch, valid, experts, probs, dictionary.encode))
+            t2 = time.perf_counter()
+            forward_s, record_s = forward_s + t1 - t0, record_s + t2 - t1
+            done += int(valid.sum())
+            if progress is not None:
+                progress(done, plan.tokens)
+    t3 = time.perf_counter()
+    writer.flush()
+    write_s = time.perf_counter() - t3
+    return {"rows": writer.rows, "tokens": done, "parts": writer.parts, "forward_s": forward_s,
+            "record_s": record_s, "write_s": write_s}
+
+
+def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str = "heldout",
+              prompts: Sequence[str] | None = None, max_tokens: int | None = None, seq_len: int = 512,
+              batch_size: int = 4, device: str = "cpu", layout: str = "shared", run_id: str | None = None,
+              root: str | Path | None = None, overwrite: bool = False,
+              progress: Callable[[int, int], None] | None = None, command: str | None = None) -> Path:
+    """Run a converted model over a text source and write its routing log. -> the run folder.
+
+    source: "wiki" (the default corpus, `split` "heldout" or "calibration"), a .txt file or a
+    folder of .txt files; `prompts` (a list of texts) replaces the source when given. Each
+    document is cut into non-overlapping windows of `seq_len` tokens (a window's first tokens
+    see no earlier context), `batch_size` windows per forward. `progress(tokens_done, total)`
+    is called after every batch.
+    """
+    t_start = time.perf_counter()
+    source_name = "prompts" if prompts else str(source)
+    run_id = safe_name(run_id) if run_id else default_run_id(model_folder, source_name)
+    root = Path(root) if root is not None else routing_root()
+    final = root / f"run_id={run_id}"
+    with file_lock(final):
+        if final.exists() and not overwrite:
+            raise RoutingLogError(f"routing run {run_id!r} exists at {final}; choose another run id or overwrite it")
+        plan = plan_trace(model_folder, source, split, prompts, max_tokens, seq_len, batch_size, device, layout)
+        t_loaded = time.perf_counter()
+        with atomic_dir(final) as tmp:
+            stats = run_plan(plan, tmp, run_id, progress)
+            _write_documents(tmp, plan.docs, plan.doc_tokens)
+            wall = time.perf_counter() - t_loaded
+            files = {}
+            for path in sorted(tmp.iterdir()):
+                files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            for name, rows in stats["parts"]:
+                files[name]["rows"] = rows
+            part_bytes = sum(files[name]["bytes"] for name, _ in stats["parts"])
+            from .convert import conversion_digest
+            from .pipeline import machine_info
+
+            meta = {
+                "schema_version": SCHEMA_VERSION, "run_id": run_id,
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "model": plan.meta.get("model"), "conversion": str(Path(model_folder).resolve()),
+                "conversion_digest": conversion_digest(plan.meta), "budget": plan.meta.get("budget"),
+                "num_experts": int(plan.meta.get("num_experts") or plan.model.config.num_experts),
+                "num_layers": plan.num_layers, "layout": layout,
+                "text": {"source": source_name, "split": None if prompts else split,
+                         "documents": len(plan.docs), "max_tokens": max_tokens},
+                "seq_len": seq_len, "batch_size": batch_size, "rows": stats["rows"], "tokens": stats["tokens"],
+                "bytes_per_row": round(part_bytes / max(stats["rows"], 1), 3),
+                "timing": {"trace_s": round(wall, 3), "load_s": round(t_loaded - t_start, 3),
+                           "forward_s": round(stats["forward_s"], 3), "record_s": round(stats["record_s"], 3),
+                           "write_s": round(stats["write_s"], 3),
+                           "tokens_per_s": round(stats["tokens"] / max(wall, 1e-9), 1),
+                           "rows_per_s": round(stats["rows"] / max(wall, 1e-9), 1)},
+                "files": files, "versions": _library_versions(), "machine": machine_info(device),
+                "command": command,
+            }
+            atomic_write_json(tmp / RUN_META_FILE, meta)
+    return final

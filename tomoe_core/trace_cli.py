@@ -1,0 +1,66 @@
+"""`python -m tomoe_core trace CONVERSION ...`: write a routing log of a converted model."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_trace_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace", help="record every token's expert per layer over a text and write it as Parquet",
+        description="Run a converted ToMoE model over held-out text (or a file, a folder, or prompts) and write a "
+                    "routing log: one row per (token, layer) with the chosen expert and its router probability, "
+                    "under cache/routing/run_id=ID/ with the run's metadata beside it. Query it with "
+                    "tomoe_core.queries (DuckDB); tag it with `python -m analysis.routing_report RUN`.")
+    p.add_argument("conversion", type=Path, help="converted model folder (made by `python -m tomoe_core convert`)")
+    p.add_argument("--text", default="wiki",
+                   help="'wiki' (the default corpus), a .txt file (blank-line-separated documents) or a folder "
+                        "of .txt files (default: %(default)s)")
+    p.add_argument("--split", default="heldout", choices=("heldout", "calibration"),
+                   help="part of the default corpus to trace (default: %(default)s)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
+                   help="trace these texts instead of --text, one document each")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="stop after this many tokens, cutting the last document (default: all)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per window; documents are cut into non-overlapping windows (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--layout", choices=("shared", "packed"), default="shared",
+                   help="MoE weight layout; routing is the same in both (default: %(default)s)")
+    p.add_argument("--run-id", default=None,
+                   help="name of the run folder (default: CONVERSION-SOURCE-UTCTIME)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same --run-id")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_trace_command(args, argv: list[str] | None = None) -> int:
+    from .trace import read_run_meta, trace_run
+
+    progress = None
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="tok", desc="trace", file=sys.stderr)
+
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+    command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv) if argv else None
+    try:
+        path = trace_run(args.conversion, source=args.text, split=args.split, prompts=args.prompts,
+                         max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                         device=args.device, layout=args.layout, run_id=args.run_id, overwrite=args.overwrite,
+                         progress=progress, command=command)
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = read_run_meta(path)
+    timing = meta["timing"]
+    print(f"{path}\n{meta['tokens']} tokens x {meta['num_layers']} layers = {meta['rows']} rows in "
+          f"{timing['trace_s']:.1f} s ({timing['rows_per_s']:.0f} rows/s, {meta['bytes_per_row']:.2f} bytes/row; "
+          f"forward {timing['forward_s']:.1f} s, write {timing['write_s']:.1f} s)")
+    return 0
