@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from .families import adapter_for
 from .io import atomic_dir, atomic_write_json, sha256_file
-from .routing import MaskedMLP, MoEMLP
+from .routing import LAYOUT_PREFERENCE, LAYOUTS, MaskedMLP, MoEMLP
 
 FORMAT_VERSION = 1
 
@@ -76,9 +76,37 @@ class ToMoEForCausalLM(PreTrainedModel):
         adapter = adapter_for(self.model)
         return [adapter.mlp(layer) for layer in adapter.layers(self.model)]
 
-    def set_layout(self, layout: str) -> None:
+    def set_layout(self, layout: str = "auto", memory_limit_bytes: int | None = None) -> str:
+        """Choose how the experts' weights are laid out in memory; returns the layout chosen.
+
+        `layout` is a layout ("shared", "packed", "core+extras"; see `MoEMLP`) or a use:
+        "decode" (= "auto": token-by-token generation), "prefill" (long prompts, scoring text)
+        or "memory" (no copies). A use picks the fastest layout for it whose extra memory fits
+        `memory_limit_bytes` (default: half of the memory now available on the model's device).
+        """
+        if layout in LAYOUT_PREFERENCE:
+            limit = available_memory_bytes(self.device) // 2 if memory_limit_bytes is None else memory_limit_bytes
+            mlps = self.moe_mlps
+            for candidate in LAYOUT_PREFERENCE[layout]:
+                if sum(m.layout_extra_bytes(candidate) for m in mlps) <= limit or candidate == "shared":
+                    layout = candidate
+                    break
+        elif layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose a layout ({', '.join(LAYOUTS)}) "
+                             f"or a use ({', '.join(LAYOUT_PREFERENCE)})")
         for m in self.moe_mlps:
             m.set_layout(layout)
+        return layout
+
+    @property
+    def layout(self) -> str:
+        return self.moe_mlps[0].layout
+
+    def layout_bytes(self) -> dict:
+        """Resident bytes of the MoE MLPs: union weights (saved) and the current layout's copies."""
+        mlps = self.moe_mlps
+        extra = sum(m.layout_extra_bytes() for m in mlps)
+        return {"layout": self.layout, "mlp_bytes": sum(m.weight_bytes() for m in mlps) - extra, "layout_extra_bytes": extra}
 
     def set_routing(self, override: int | str | None, generator: torch.Generator | None = None) -> None:
         for m in self.moe_mlps:
@@ -163,9 +191,27 @@ def read_metadata(folder: str | Path) -> dict:
         raise ConvertedModelError(f"{path} is corrupt ({err}); re-run the conversion") from None
 
 
-def load_converted(folder: str | Path, device: str | torch.device = "cpu", layout: str = "shared",
-                   verify: bool = True, load_tokenizer: bool = True):
-    """Load a converted folder. Returns (model, tokenizer or None, metadata)."""
+def available_memory_bytes(device: str | torch.device = "cpu") -> int:
+    """Free memory of a device now: CUDA free memory, or the host's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"]
+    except (OSError, KeyError, ValueError):  # not Linux: physical pages available
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def load_converted(folder: str | Path, device: str | torch.device = "cpu", layout: str = "auto",
+                   verify: bool = True, load_tokenizer: bool = True, memory_limit_bytes: int | None = None):
+    """Load a converted folder. Returns (model, tokenizer or None, metadata).
+
+    layout: a layout or a use, as in `ToMoEForCausalLM.set_layout`; "auto" (the default) is the
+    fastest for decoding that fits in half the device's available memory (or memory_limit_bytes).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ConvertedModelError(f"converted model folder {str(folder)!r} does not exist")
@@ -184,8 +230,7 @@ def load_converted(folder: str | Path, device: str | torch.device = "cpu", layou
     missing, unexpected = load_model(model, str(weights), strict=True)
     assert not missing and not unexpected, (missing, unexpected)
     model = model.to(device).eval()
-    if layout != "shared":
-        model.set_layout(layout)
+    model.set_layout(layout, memory_limit_bytes)
     tokenizer = None
     if load_tokenizer:
         from transformers import AutoTokenizer

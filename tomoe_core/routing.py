@@ -5,6 +5,8 @@ by a materialised layer, E = experts, W_k = width of expert k.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,15 +116,51 @@ def _channels(flat: torch.Tensor, offsets: torch.Tensor, k: int) -> torch.Tensor
     return flat[offsets[k]:offsets[k + 1]]
 
 
+# Layouts of a materialised layer, fastest first per use (measured on CPU with SmolLM2 shapes,
+# see benchmarks/speed.py): packed experts win batch-1 decode, core + extras wins long prefill.
+LAYOUTS = ("shared", "packed", "core+extras")
+LAYOUT_PREFERENCE = {
+    "decode": ("packed", "core+extras", "shared"),
+    "prefill": ("core+extras", "packed", "shared"),
+    "memory": ("shared",),
+}
+LAYOUT_PREFERENCE["auto"] = LAYOUT_PREFERENCE["decode"]
+# Below this many tokens the shared layout runs the whole union and masks it: gathering an
+# expert's rows costs more than the matmul over the extra channels (about 1.8x dense at batch 1).
+SHARED_GATHER_MIN_TOKENS = 32
+
+
+def _rebuild_layout(module: "MoEMLP", incompatible_keys) -> None:
+    module.set_layout(module.layout)
+
+
+class ExpertBlock(NamedTuple):
+    """Weights of a group of intermediate channels; W = channels in the group."""
+
+    gate: torch.Tensor | None  # (W, D); None for a plain MLP
+    up: torch.Tensor  # (W, D)
+    up_bias: torch.Tensor | None  # (W,)
+    down: torch.Tensor  # (D, W)
+
+
 class MoEMLP(RoutedMixin, nn.Module):
     """Materialised ToMoE layer: union weights, expert index lists into them, and the router.
 
     Persistent state (what is saved): `up`, `gate`, biases, `down` restricted to the U union
     channels, `union_channels` (U,) ids of those channels in the dense MLP, `expert_channels`
-    (sum W_k,) indices into the union and `expert_offsets` (E+1,). Layouts are derived
-    from it at load time and are not saved:
-      * "shared": experts gather their rows from the union weights on every call (leanest);
-      * "packed": each expert's weights contiguous (fastest decode, about E * p of the MLP memory).
+    (sum W_k,) indices into the union and `expert_offsets` (E+1,). `from_masks` orders the
+    union core first: the C channels every expert uses, then the rest.
+
+    Layouts are derived from that state at load time and are never saved (`set_layout`):
+      * "shared": one copy of the union weights. Few tokens: the whole union is computed and
+        masked per token (gathering rows costs more than the extra channels); many tokens:
+        each expert gathers its rows once per call. Leanest, about dense speed.
+      * "packed": each expert's weights contiguous; a token reads exactly its expert. Fastest
+        batch-1 decode; extra memory sum_k W_k channels (about E * p of the MLP).
+      * "core+extras": the core (a view of the union's first C rows) runs for every token in
+        one matmul, then each expert's own extra channels, contiguous. Fastest prefill; extra
+        memory sum_k (W_k - C) channels.
+    All layouts compute the same function (tests compare them with the masked model).
     """
 
     def __init__(self, hidden_size: int, union_size: int, expert_widths: list[int], gated: bool,
@@ -144,17 +182,24 @@ class MoEMLP(RoutedMixin, nn.Module):
         self.register_buffer("expert_offsets", offsets)
         self.routing_point = RoutingPoint()
         self.layout = "shared"
-        self._packed: list[tuple] | None = None
+        self._core: ExpertBlock | None = None  # core+extras: the channels all experts share
+        self._blocks: list[ExpertBlock] | None = None  # packed: whole experts; core+extras: extras
+        self._union_masks: torch.Tensor | None = None  # shared: (E, U) 0/1 in the weights' dtype
+        # loading weights invalidates the derived ones: rebuild them
+        self.register_load_state_dict_post_hook(_rebuild_layout)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def from_masks(cls, weights: MLPWeights, router: nn.Linear, expert_masks: torch.Tensor) -> "MoEMLP":
         """Keep the union of the experts' channels of one layer.  expert_masks: (E, I) in {0, 1}."""
+        if weights.gate_bias is not None:
+            raise ValueError("MoEMLP does not support a gate projection with a bias (e.g. LLaMA mlp_bias=True)")
         masks = expert_masks.bool().cpu()
-        union = masks.any(dim=0).nonzero().squeeze(-1)  # (U,) channel ids into the dense MLP
+        core, union = masks.all(dim=0), masks.any(dim=0)  # (I,)
+        union = torch.cat([core.nonzero(), (union & ~core).nonzero()]).squeeze(-1)  # (U,) core first
         position = torch.full((masks.shape[1],), -1, dtype=torch.long)
         position[union] = torch.arange(len(union))
-        per_expert = [position[m.nonzero().squeeze(-1)] for m in masks]
+        per_expert = [position[m.nonzero().squeeze(-1)].sort().values for m in masks]
         moe = cls(weights.hidden_size, len(union), [len(c) for c in per_expert], weights.gated, weights.act,
                   has_up_bias=weights.up_bias is not None, has_down_bias=weights.down_bias is not None)
         with torch.no_grad():
@@ -183,49 +228,143 @@ class MoEMLP(RoutedMixin, nn.Module):
     def union_size(self) -> int:
         return self.up.shape[0]
 
-    def set_layout(self, layout: str) -> None:
-        if layout not in ("shared", "packed"):
-            raise ValueError(f"unknown MoE layout {layout!r}; choose 'shared' or 'packed'")
-        self.layout = layout
-        self._packed = [self._expert_weights(k) for k in range(self.num_experts)] if layout == "packed" else None
+    def channels_of(self, k: int) -> torch.Tensor:
+        """Union positions of expert k's channels.  (W_k,)"""
+        return _channels(self.expert_channels, self.expert_offsets, k)
 
-    def _apply(self, fn, *args, **kwargs):  # keep derived packed weights on the module's device/dtype
+    def core_size(self) -> int:
+        """Channels used by every expert (they sit first in a union ordered by `from_masks`)."""
+        share = torch.bincount(self.expert_channels, minlength=self.union_size)  # (U,)
+        return int((share == self.num_experts).sum())
+
+    # -- layouts ----------------------------------------------------------------------------
+    def set_layout(self, layout: str) -> None:
+        """Derive the weights a layout runs on (see the class docstring); frees the previous layout's."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown MoE layout {layout!r}; choose one of {', '.join(LAYOUTS)} "
+                             f"(or a use: {', '.join(LAYOUT_PREFERENCE)} on the whole model)")
+        self.layout = layout
+        self._core = self._blocks = self._union_masks = None
+        with torch.no_grad():
+            if layout == "shared":
+                masks = torch.zeros(self.num_experts, self.union_size, dtype=self.up.dtype, device=self.up.device)
+                for k in range(self.num_experts):
+                    masks[k, self.channels_of(k)] = 1
+                self._union_masks = masks
+            elif layout == "packed":
+                self._blocks = [self._gather_block(self.channels_of(k)) for k in range(self.num_experts)]
+            else:
+                core = self._order_core_first()
+                self._core = self._union_block(slice(0, core)) if core else None
+                self._blocks = [self._gather_block(ch[ch >= core]) for ch in map(self.channels_of, range(self.num_experts))]
+
+    def layout_extra_bytes(self, layout: str | None = None) -> int:
+        """Bytes a layout adds to the union weights (estimated for `layout`, measured for the current one)."""
+        if layout is None or layout == self.layout:
+            derived = [t for b in (self._blocks or []) for t in b if t is not None]
+            derived += [self._union_masks] if self._union_masks is not None else []
+            own = {p.untyped_storage().data_ptr() for p in self.parameters()}
+            seen, total = set(), 0
+            for t in derived:
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in own and ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+            return total
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown MoE layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        per_channel = self.up.element_size() * ((3 if self.gate is not None else 2) * self.up.shape[1]
+                                                + int(self.up_bias is not None))
+        if layout == "shared":
+            return self.num_experts * self.union_size * self.up.element_size()
+        widths = sum(self.expert_widths)
+        if layout == "core+extras":
+            widths -= self.num_experts * self.core_size()
+        return widths * per_channel
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of this layer: union weights, router, index lists and the layout's copies."""
+        own = sum(t.untyped_storage().nbytes() for t in {p.untyped_storage().data_ptr(): p for p in
+                                                         [*self.parameters(), *self.buffers()]}.values())
+        return own + self.layout_extra_bytes()
+
+    def _union_block(self, rows: slice) -> ExpertBlock:  # views, no copy
+        return ExpertBlock(self.gate[rows] if self.gate is not None else None, self.up[rows],
+                           self.up_bias[rows] if self.up_bias is not None else None, self.down[:, rows])
+
+    def _gather_block(self, ch: torch.Tensor) -> ExpertBlock:  # contiguous copies of union positions ch
+        return ExpertBlock(self.gate.index_select(0, ch) if self.gate is not None else None,
+                           self.up.index_select(0, ch),
+                           self.up_bias.index_select(0, ch) if self.up_bias is not None else None,
+                           self.down.index_select(1, ch))
+
+    def _order_core_first(self) -> int:
+        """Permute the union so the core is its prefix (a no-op for unions made by `from_masks`). -> C"""
+        share = torch.bincount(self.expert_channels, minlength=self.union_size)  # (U,)
+        is_core = share == self.num_experts
+        core = int(is_core.sum())
+        if bool(is_core[:core].all()):
+            return core
+        perm = torch.cat([is_core.nonzero(), (~is_core).nonzero()]).squeeze(-1)  # new position -> old
+        new_position = torch.empty_like(perm)
+        new_position[perm] = torch.arange(len(perm), device=perm.device)
+        self.up.data = self.up.data[perm]
+        if self.gate is not None:
+            self.gate.data = self.gate.data[perm]
+        if self.up_bias is not None:
+            self.up_bias.data = self.up_bias.data[perm]
+        self.down.data = self.down.data[:, perm].contiguous()
+        self.union_channels = self.union_channels[perm]
+        remapped = new_position[self.expert_channels]
+        self.expert_channels = torch.cat([remapped[self.expert_offsets[k]:self.expert_offsets[k + 1]].sort().values
+                                          for k in range(self.num_experts)])
+        return core
+
+    def _apply(self, fn, *args, **kwargs):  # derived layout weights follow the module's device/dtype
         out = super()._apply(fn, *args, **kwargs)
-        if self._packed is not None:
-            self.set_layout("packed")
+        if getattr(self, "layout", None) is not None:
+            self.set_layout(self.layout)
         return out
 
     # -- forward ----------------------------------------------------------------------------
-    def _expert_weights(self, k: int) -> tuple:
-        ch = _channels(self.expert_channels, self.expert_offsets, k)
-        gate = self.gate.index_select(0, ch) if self.gate is not None else None
-        up_bias = self.up_bias.index_select(0, ch) if self.up_bias is not None else None
-        return (self.up.index_select(0, ch), gate, up_bias, self.down.index_select(1, ch).contiguous())
+    def _block_forward(self, block: ExpertBlock, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D), no bias
+        h = F.linear(x, block.up, block.up_bias)  # (n, W)
+        h = self.act(h) if block.gate is None else self.act(F.linear(x, block.gate)) * h
+        return F.linear(h, block.down)
 
-    def _expert_forward(self, k: int, x: torch.Tensor) -> torch.Tensor:  # (n, D) -> (n, D), no bias
-        up, gate, up_bias, down = self._packed[k] if self._packed is not None else self._expert_weights(k)
-        h = F.linear(x, up, up_bias)
-        h = self.act(h) if gate is None else self.act(F.linear(x, gate)) * h
-        return F.linear(h, down)
+    def _masked_union_forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # shared, few tokens
+        h = F.linear(x, self.up, self.up_bias)  # (n, U)
+        h = self.act(h) if self.gate is None else self.act(F.linear(x, self.gate)) * h
+        return F.linear(h * self._union_masks[idx], self.down)
+
+    def _expert_block(self, k: int) -> ExpertBlock:
+        return self._blocks[k] if self._blocks is not None else self._gather_block(self.channels_of(k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat_x = x.reshape(-1, shape[-1])  # (N, D)
         logits = self.router(flat_x)  # (N, E)
-        idx = self.choose_experts(logits)
+        idx = self.choose_experts(logits)  # (N,)
         self.report_routing(logits, idx)
-        if flat_x.shape[0] == 1:  # batch-1 decode: one expert, no sort
-            out = self._expert_forward(int(idx[0]), flat_x)
+        n = flat_x.shape[0]
+        if self._union_masks is not None and n < SHARED_GATHER_MIN_TOKENS:
+            out = self._masked_union_forward(flat_x, idx)
         else:
-            counts = torch.bincount(idx, minlength=self.num_experts).tolist()  # one host sync per layer
-            order = torch.argsort(idx, stable=True)
-            grouped = flat_x.index_select(0, order)
-            pieces, start = [], 0
-            for k, count in enumerate(counts):
-                if count:
-                    pieces.append(self._expert_forward(k, grouped[start:start + count]))
-                    start += count
-            out = torch.empty_like(flat_x).index_copy_(0, order, torch.cat(pieces))
+            out = self._block_forward(self._core, flat_x) if self._core is not None else None  # (N, D)
+            if n == 1:  # batch-1 decode: one expert, no sort
+                y = self._block_forward(self._expert_block(int(idx[0])), flat_x)
+                out = y if out is None else out.add_(y)
+            else:  # tokens sorted by expert, one matmul group per used expert
+                counts = torch.bincount(idx, minlength=self.num_experts).tolist()  # one host sync per layer
+                order = torch.argsort(idx, stable=True)  # (N,)
+                grouped = flat_x.index_select(0, order)
+                pieces, start = [], 0
+                for k, count in enumerate(counts):
+                    if count:
+                        pieces.append(self._block_forward(self._expert_block(k), grouped[start:start + count]))
+                        start += count
+                y = torch.cat(pieces)  # (N, D) in sorted order
+                out = torch.empty_like(flat_x).index_copy_(0, order, y) if out is None else out.index_add_(0, order, y)
         if self.down_bias is not None:
             out = out + self.down_bias
         return out.view(shape)

@@ -1,0 +1,201 @@
+"""Every MoE layout computes the masked model's function, on every family, on every code path.
+
+Paths of `MoEMLP.forward`: batch-1 decode, few tokens (shared: whole union masked), many
+tokens (sorted by expert, one matmul per used expert), core + extras on top of each.
+"""
+import pytest
+import torch
+
+from tomoe_core import MaskedModel, load_converted, materialise, save_converted
+from tomoe_core.routing import LAYOUTS, SHARED_GATHER_MIN_TOKENS, MoEMLP
+from tiny_models import FAMILIES, VOCAB, tiny_ids, tiny_model
+
+E = 4
+
+
+def expert_masks(model: MaskedModel, seed: int = 0) -> list[torch.Tensor]:
+    """Random (E, I) masks with a core every expert shares, an expert that is only the core,
+    an expert with every channel, and channels no expert uses."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for size in model.intermediate_sizes:
+        m = (torch.rand(E, size, generator=g) < 0.5).float()
+        m[:, : size // 4] = 1  # core
+        m[1, size // 4:] = 0  # expert 1 is the core alone
+        m[2] = 1  # expert 2 has everything
+        m[:, -3:] = 0  # never used: deleted by materialisation
+        m[2, -3:] = 0
+        masks.append(m)
+    return masks
+
+
+def build(family: str):
+    masked = MaskedModel(tiny_model(family), num_experts=E)
+    torch.manual_seed(1)
+    with torch.no_grad():  # routers that spread tokens over all experts
+        for m in masked.mlps:
+            m.router.weight.normal_(0, 3.0)
+    masks = expert_masks(masked)
+    moe = materialise(masked, masks, budget=0.5)
+    masked.set_masks(masks)
+    return masked, moe
+
+
+def many_tokens_ids() -> torch.Tensor:
+    ids = tiny_ids(batch=2, length=SHARED_GATHER_MIN_TOKENS)  # 64 tokens: the grouped path in every layout
+    assert ids.numel() >= SHARED_GATHER_MIN_TOKENS
+    return ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layout_matches_masked_model(family):
+    masked, moe = build(family)
+    inputs = {"many": many_tokens_ids(), "few": tiny_ids(batch=1, length=5), "one": tiny_ids(batch=1, length=1)}
+    with torch.no_grad():
+        reference = {k: masked.model(input_ids=ids).logits for k, ids in inputs.items()}
+        for layout in LAYOUTS:
+            assert moe.set_layout(layout) == layout
+            for k, ids in inputs.items():
+                torch.testing.assert_close(moe(input_ids=ids).logits, reference[k], msg=f"{layout}, {k} tokens")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layouts_match_during_cached_decode(family):
+    masked, moe = build(family)
+    prompt = tiny_ids(batch=1, length=6)
+    with torch.no_grad():
+        ref = masked.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                    do_sample=False, pad_token_id=0)
+        for layout in LAYOUTS:
+            moe.set_layout(layout)
+            out = moe.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                               do_sample=False, pad_token_id=0)
+            assert out.tolist() == ref.tolist(), layout
+
+
+def test_every_expert_used_and_routing_hooks_see_the_same_choice():
+    masked, moe = build("llama")
+    ids = many_tokens_ids()
+    seen = {}
+    for layout in LAYOUTS:
+        moe.set_layout(layout)
+        point = moe.moe_mlps[0].routing_point
+        handle = point.register_forward_hook(lambda mod, args, out, layout=layout: seen.__setitem__(layout, out[0]))
+        try:
+            with torch.no_grad():
+                moe(input_ids=ids)
+        finally:
+            handle.remove()
+    assert torch.bincount(seen["shared"], minlength=E).min() > 0  # the test covers every expert
+    for layout in LAYOUTS:
+        assert torch.equal(seen[layout], seen["shared"])
+
+
+@pytest.mark.parametrize("override", [2, "random"])
+def test_routing_override_matches_masked_model(override):
+    masked, moe = build("qwen2")
+    ids = many_tokens_ids()
+    with torch.no_grad():
+        for layout in LAYOUTS:
+            moe.set_layout(layout)
+            masked.set_routing(override, torch.Generator().manual_seed(5))
+            ref = masked.model(input_ids=ids).logits
+            moe.set_routing(override, torch.Generator().manual_seed(5))
+            torch.testing.assert_close(moe(input_ids=ids).logits, ref, msg=layout)
+
+
+def test_union_is_core_first_and_maps_to_dense_channels():
+    masked, moe = build("llama")
+    masks = expert_masks(masked)
+    for mlp, m in zip(moe.moe_mlps, masks):
+        core = int(m.bool().all(0).sum())
+        assert mlp.core_size() == core
+        assert bool(m[:, mlp.union_channels[:core]].bool().all())
+        for k in range(E):  # expert k's union positions name exactly its dense channels
+            dense = set(mlp.union_channels[mlp.channels_of(k)].tolist())
+            assert dense == set(m[k].nonzero().squeeze(-1).tolist())
+
+
+def test_core_extras_reorders_an_unordered_union():
+    """Conversions saved before the core-first order still get a zero-copy core."""
+    masked, moe = build("llama")
+    ids = many_tokens_ids()
+    mlp = moe.moe_mlps[0]
+    with torch.no_grad():
+        ref = moe(input_ids=ids).logits
+        perm = torch.randperm(mlp.union_size, generator=torch.Generator().manual_seed(0))
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(len(perm))
+        mlp.up.data, mlp.gate.data, mlp.down.data = mlp.up.data[perm], mlp.gate.data[perm], mlp.down.data[:, perm]
+        mlp.union_channels = mlp.union_channels[perm]
+        mlp.expert_channels = inverse[mlp.expert_channels]
+        moe.set_layout("shared")
+        torch.testing.assert_close(moe(input_ids=ids).logits, ref)
+        moe.set_layout("core+extras")
+        assert sorted(mlp.union_channels[: mlp.core_size()].tolist()) == masked.mlps[0].expert_masks.bool().all(0).nonzero().squeeze(-1).tolist()
+        torch.testing.assert_close(moe(input_ids=ids).logits, ref)
+        assert mlp._core.up.untyped_storage().data_ptr() == mlp.up.untyped_storage().data_ptr()  # a view
+
+
+def test_layout_memory_estimates_match_what_is_built():
+    _, moe = build("llama")
+    for layout in LAYOUTS:
+        estimates = [m.layout_extra_bytes(layout) for m in moe.moe_mlps]
+        moe.set_layout(layout)
+        assert [m.layout_extra_bytes() for m in moe.moe_mlps] == estimates, layout
+        assert moe.layout_bytes()["layout_extra_bytes"] == sum(estimates)
+    assert moe.layout_bytes()["mlp_bytes"] > 0
+
+
+def test_uses_pick_the_fastest_layout_that_fits():
+    _, moe = build("llama")
+    packed = sum(m.layout_extra_bytes("packed") for m in moe.moe_mlps)
+    core = sum(m.layout_extra_bytes("core+extras") for m in moe.moe_mlps)
+    assert core < packed
+    assert moe.set_layout("decode", memory_limit_bytes=packed) == "packed"
+    assert moe.set_layout("auto", memory_limit_bytes=packed - 1) == "core+extras"
+    assert moe.set_layout("prefill", memory_limit_bytes=packed) == "core+extras"
+    assert moe.set_layout("prefill", memory_limit_bytes=0) == "shared"
+    assert moe.set_layout("memory") == "shared"
+    assert moe.layout == "shared"
+    with pytest.raises(ValueError, match="unknown layout"):
+        moe.set_layout("fast")
+
+
+def test_save_load_with_layout_reproduces(tmp_path):
+    masked, moe = build("phi3")
+    ids = many_tokens_ids()
+    moe.set_layout("core+extras")  # permutes nothing (from_masks is core-first) but builds copies
+    save_converted(moe, tmp_path / "conv")
+    with torch.no_grad():
+        ref = masked.model(input_ids=ids).logits
+        for layout in (*LAYOUTS, "decode", "prefill"):
+            loaded, _, _ = load_converted(tmp_path / "conv", layout=layout, load_tokenizer=False)
+            torch.testing.assert_close(loaded(input_ids=ids).logits, ref, msg=layout)
+
+
+def test_load_state_dict_refreshes_derived_weights():
+    _, moe = build("llama")
+    ids = many_tokens_ids()
+    moe.set_layout("packed")
+    with torch.no_grad():
+        for mlp in moe.moe_mlps:
+            state = mlp.state_dict()
+            state["up"] = state["up"] * 2
+            mlp.load_state_dict(state)  # the packed copies must follow
+        packed = moe(input_ids=ids).logits
+        moe.set_layout("shared")
+        torch.testing.assert_close(packed, moe(input_ids=ids).logits)
+
+
+def test_bfloat16_layouts_follow_dtype():
+    masked, moe = build("llama")
+    ids = many_tokens_ids()
+    moe.set_layout("packed")
+    moe = moe.to(torch.bfloat16)
+    mlp = moe.moe_mlps[0]
+    assert mlp._blocks[0].up.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = masked.model.float()(input_ids=ids).logits
+        out = moe(input_ids=ids).logits.float()
+    assert (out - ref).abs().mean() < 0.05 * ref.abs().mean()
