@@ -1,0 +1,143 @@
+"""Plotly figures of routing logs. Plain functions: DataFrames in, `go.Figure` out (no Streamlit).
+
+Inputs come from `tomoe_core.queries` and `analysis.experts`:
+  load_heatmap(expert_load(run))                         layer x expert share of tokens
+  lift_heatmap(expert_pos(run), layer=None)              (layer, expert) x POS lift
+  nmi_figure(nmi_per_layer(token_labels(run)))           NMI per layer against its permutation bands
+  expert_map(cluster_experts(expert_pos(run)).experts)   PCA map of expert POS profiles by cluster
+  token_strip(document_tokens(run, doc_id), layer)       a document's tokens coloured by expert
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from .syntax import UPOS
+
+EXPERT_COLORS = qualitative.Plotly + qualitative.D3  # 20 distinct colours; experts beyond wrap around
+
+
+def load_heatmap(load: pd.DataFrame, title: str = "Share of tokens per expert") -> go.Figure:
+    """Layer x expert heatmap. load: columns layer, expert, share (and tokens) — `queries.expert_load`."""
+    wide = load.pivot_table(index="layer", columns="expert", values="share", fill_value=0.0).sort_index()
+    tokens = load.pivot_table(index="layer", columns="expert", values="tokens", fill_value=0).reindex_like(wide) \
+        if "tokens" in load else wide * 0
+    fig = go.Figure(go.Heatmap(
+        z=wide.to_numpy(), x=[str(c) for c in wide.columns], y=[str(i) for i in wide.index],
+        colorscale="Viridis", zmin=0, colorbar=dict(title="share", tickformat=".0%"),
+        customdata=tokens.to_numpy(),
+        hovertemplate="layer %{y}, expert %{x}<br>%{z:.1%} of tokens (%{customdata:,})<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="expert", yaxis_title="layer", yaxis_autorange="reversed")
+    return fig
+
+
+def lift_heatmap(counts: pd.DataFrame, layer: int | None = None, min_tokens: int = 0,
+                 title: str | None = None) -> go.Figure:
+    """Expert x POS lift (P(pos | expert) / P(pos | layer)), log2 colour scale centred on 1x.
+
+    counts: columns layer, expert, pos, tokens — `queries.expert_pos`. layer: one layer
+    (rows = experts) or None (rows = every layer:expert).
+    """
+    from .experts import lift_table
+
+    wide = lift_table(counts, layer, min_tokens)
+    rows = [f"E{e}" if layer is not None else f"L{l}:E{e}" for l, e in wide.index]
+    values = wide.to_numpy(dtype=float)
+    with np.errstate(divide="ignore"):
+        log_lift = np.log2(np.where(values > 0, values, np.nan))
+    fig = go.Figure(go.Heatmap(
+        z=np.clip(log_lift, -3, 3), x=list(wide.columns), y=rows, zmid=0, zmin=-3, zmax=3, colorscale="RdBu_r",
+        customdata=values, colorbar=dict(title="lift", tickvals=[-3, -2, -1, 0, 1, 2, 3],
+                                          ticktext=["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"]),
+        hovertemplate="%{y} %{x}: lift %{customdata:.2f}x<extra></extra>"))
+    fig.update_layout(title=title or ("Expert x POS lift" + (f", layer {layer}" if layer is not None else "")),
+                      xaxis_title="universal POS", yaxis_title="expert", yaxis_autorange="reversed",
+                      height=max(350, 18 * len(rows) + 150))
+    return fig
+
+
+def nmi_figure(nmi: pd.DataFrame, title: str = "Expert-POS mutual information per layer") -> go.Figure:
+    """Observed NMI per layer over the shuffled baseline's 5-95 % band (and the within-token
+    baseline's mean when present). nmi: `analysis.experts.nmi_per_layer` output."""
+    layers = nmi["layer"].tolist()
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=layers + layers[::-1], y=nmi["perm_p95"].tolist() + nmi["perm_p05"].tolist()[::-1],
+                             fill="toself", fillcolor="rgba(150,150,150,0.35)", line=dict(width=0),
+                             name="shuffled experts, 5-95 %", hoverinfo="skip"))
+    if "lexical_mean" in nmi:
+        fig.add_trace(go.Scatter(x=layers, y=nmi["lexical_mean"], mode="lines", line=dict(dash="dot", color="#888"),
+                                 name="shuffled within token (lexical only)"))
+    fig.add_trace(go.Scatter(
+        x=layers, y=nmi["nmi"], mode="lines+markers", name="observed", line=dict(color="#d62728"),
+        customdata=np.stack([nmi["p_value"], nmi["tokens"]], axis=1),
+        hovertemplate="layer %{x}: NMI %{y:.4f}<br>p = %{customdata[0]:.4f}, %{customdata[1]:,} tokens<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI(expert; POS)", yaxis_rangemode="tozero")
+    return fig
+
+
+def expert_map(experts: pd.DataFrame, title: str = "Experts by POS profile (PCA of log lift)") -> go.Figure:
+    """2-D map of expert profiles. experts: columns layer, expert, cluster_name, pc1, pc2, tokens
+    — `analysis.experts.cluster_experts(...).experts`."""
+    fig = go.Figure()
+    for i, (name, group) in enumerate(experts.groupby("cluster_name", sort=True)):
+        size = 6 + 14 * np.sqrt(group["tokens"] / max(experts["tokens"].max(), 1))
+        fig.add_trace(go.Scatter(
+            x=group["pc1"], y=group["pc2"], mode="markers", name=str(name),
+            marker=dict(size=size, color=EXPERT_COLORS[i % len(EXPERT_COLORS)], line=dict(width=0.5, color="white")),
+            customdata=np.stack([group["layer"], group["expert"], group["tokens"]], axis=1),
+            hovertemplate="layer %{customdata[0]}, expert %{customdata[1]}<br>%{customdata[2]:,} tokens"
+                          f"<br>{name}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="PC 1", yaxis_title="PC 2", legend_title="cluster")
+    return fig
+
+
+def token_strip(tokens: pd.DataFrame, layer: int, per_line: int = 16, max_tokens: int = 256,
+                num_experts: int | None = None, title: str | None = None) -> go.Figure:
+    """A document's tokens in reading order, each cell coloured by its expert at `layer`.
+
+    tokens: columns position, token, layer, expert (router_prob, pos optional) —
+    `queries.document_tokens(run, doc_id)` or `tomoe_core.trace.route_text(...)`.
+    """
+    rows = tokens[tokens["layer"] == layer].sort_values("position").head(max_tokens)
+    if rows.empty:
+        raise ValueError(f"no tokens at layer {layer}: choose a layer the run traced")
+    e = num_experts or int(tokens["expert"].max()) + 1
+    n = len(rows)
+    lines = -(-n // per_line)
+    grid = np.full((lines, per_line), np.nan)
+    text = np.full((lines, per_line), "", dtype=object)
+    hover = np.full((lines, per_line), "", dtype=object)
+    for i, r in enumerate(rows.itertuples(index=False)):
+        y, x = divmod(i, per_line)
+        grid[y, x] = r.expert
+        shown = str(r.token).replace("\n", "↵")
+        text[y, x] = shown
+        extra = f", p={r.router_prob:.2f}" if hasattr(r, "router_prob") else ""
+        extra += f", {r.pos}" if hasattr(r, "pos") and isinstance(r.pos, str) else ""
+        hover[y, x] = f"{shown!r} -> expert {r.expert}{extra}"
+    palette = [EXPERT_COLORS[k % len(EXPERT_COLORS)] for k in range(e)]
+    scale = []
+    for k, colour in enumerate(palette):  # discrete bands, one per expert
+        scale += [(k / e, colour), ((k + 1) / e, colour)]
+    fig = go.Figure(go.Heatmap(
+        z=grid, text=text, texttemplate="%{text}", textfont=dict(size=11), customdata=hover,
+        hovertemplate="%{customdata}<extra></extra>", colorscale=scale, zmin=-0.5, zmax=e - 0.5, xgap=2, ygap=2,
+        colorbar=dict(title="expert", tickvals=list(range(e)), ticktext=[str(k) for k in range(e)])))
+    fig.update_layout(title=title or f"Tokens coloured by expert, layer {layer}", height=60 + 32 * lines + 60,
+                      xaxis=dict(visible=False), yaxis=dict(visible=False, autorange="reversed"))
+    return fig
+
+
+def silhouette_figure(scores: dict[int, float], chosen: int | None = None) -> go.Figure:
+    """Silhouette score per k (the clustering's model selection), the chosen k marked."""
+    ks = sorted(scores)
+    fig = go.Figure(go.Scatter(x=ks, y=[scores[k] for k in ks], mode="lines+markers", name="silhouette"))
+    if chosen is not None:
+        fig.add_vline(x=chosen, line_dash="dash", annotation_text=f"k = {chosen}")
+    fig.update_layout(title="Choosing k by silhouette", xaxis_title="k", yaxis_title="silhouette score")
+    return fig
+
+
+__all__ = ["load_heatmap", "lift_heatmap", "nmi_figure", "expert_map", "token_strip", "silhouette_figure", "UPOS"]

