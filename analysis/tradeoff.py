@@ -1,0 +1,377 @@
+"""Quality against cost: the cost model behind the budget explorer, KPIs at any budget, the Pareto figure.
+
+Everything here is derived from files (conversion metadata, quality and speed results), not
+from loaded networks, so the landing page renders without touching torch.
+
+Cost model. A conversion's accounting (`tomoe_core.budget.ParamReport`, stored in tomoe.json)
+splits the parameters multiplied per token into attention, MLP, lm_head and other. Only the MLP
+scales with the budget p:  active(p) = attention + p * mlp_dense + lm_head + other,  and
+FLOPs(p) = 2 * (attention + p * mlp_dense + lm_head) + attention-score FLOPs at the stated context.
+
+Bandwidth-bound decode estimate (batch 1). Decoding one token reads every active weight once,
+so tokens/s <= memory bandwidth / (active parameters * bytes per parameter). KV-cache reads,
+kernel launch overheads and compute limits are ignored: a ceiling, labelled as an estimate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+
+# -- cost model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Parameter split of one model (from a ParamReport dict); evaluates any budget p."""
+    model: str
+    attention: int
+    mlp_dense: int
+    lm_head: int
+    other: int  # norms, MLP output biases, routers
+    embeddings: int
+    score_flops: int  # attention QK^T and AV FLOPs per token at `context`
+    context: int
+
+    @classmethod
+    def from_accounting(cls, model: str, acc: dict) -> "CostModel":
+        matmul = acc["attention"] + acc["mlp_active"] + acc["lm_head"]
+        return cls(model=model, attention=int(acc["attention"]), mlp_dense=int(acc["mlp_dense"]),
+                   lm_head=int(acc["lm_head"]), other=int(acc["other"]), embeddings=int(acc["embeddings"]),
+                   score_flops=int(acc["flops_per_token"] - 2 * matmul), context=int(acc.get("context", 512)))
+
+    def active_params(self, budget: float) -> float:
+        return self.attention + budget * self.mlp_dense + self.lm_head + self.other
+
+    def flops_per_token(self, budget: float) -> float:
+        return 2 * (self.attention + budget * self.mlp_dense + self.lm_head) + self.score_flops
+
+    @property
+    def dense_params(self) -> float:
+        return self.active_params(1.0)
+
+    def at_budget(self, budget: float) -> dict:
+        active = self.active_params(budget)
+        return {"budget": budget, "active_params": active, "dense_params": self.dense_params,
+                "active_ratio": active / self.dense_params, "mlp_active": budget * self.mlp_dense,
+                "flops_per_token": self.flops_per_token(budget), "dense_flops": self.flops_per_token(1.0),
+                "context": self.context}
+
+
+# -- hardware and cost ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    bandwidth_gb_s: float  # peak memory bandwidth, vendor data sheet
+    price_per_hour: float  # a typical on-demand cloud price in USD; the user edits it
+
+
+HARDWARE = (
+    Hardware("NVIDIA H100 SXM 80GB", 3350, 2.50),
+    Hardware("NVIDIA H200 141GB", 4800, 3.50),
+    Hardware("NVIDIA A100 SXM 80GB", 2039, 1.50),
+    Hardware("NVIDIA L4 24GB", 300, 0.70),
+    Hardware("NVIDIA T4 16GB", 320, 0.35),
+    Hardware("Apple M2 Max", 400, 0.0),
+    Hardware("Server CPU, 8-channel DDR5", 300, 1.00),
+)
+BYTES_PER_PARAM = {"bf16 / fp16": 2.0, "fp32": 4.0, "int8": 1.0, "4-bit": 0.5625}  # q4: 4.5 bits with scales
+
+
+def bandwidth_bound_tokens_per_s(active_params: float, bytes_per_param: float, bandwidth_gb_s: float) -> float:
+    """Batch-1 decode ceiling: every active weight is read once per token."""
+    return bandwidth_gb_s * 1e9 / (active_params * bytes_per_param)
+
+
+def weights_memory_mb(cost: CostModel, bytes_per_param: float) -> float:
+    """Weights held in memory by the shared layout: every union channel once (ToMoE keeps nearly all
+    channels, so about the dense size); lm_head counted apart only when it is not tied to the embeddings."""
+    tied = cost.lm_head == cost.embeddings
+    stored = cost.embeddings + cost.attention + cost.mlp_dense + cost.other + (0 if tied else cost.lm_head)
+    return stored * bytes_per_param / 2**20
+
+
+def cost_per_million_tokens(tokens_per_s: float, price_per_hour: float) -> float:
+    if not tokens_per_s or tokens_per_s <= 0:
+        return math.nan
+    return price_per_hour / (tokens_per_s * 3600) * 1e6
+
+
+# -- quality points from result files ------------------------------------------------------------
+
+POINT_COLUMNS = ["eval_set", "model", "variant", "kind", "method", "budget", "perplexity", "kl_to_dense",
+                 "top1_agreement", "active_params", "source", "conversion"]
+ABLATION_PREFIXES = ("tomoe-random", "tomoe-fixed")
+
+
+def variant_kind(variant: str) -> str:
+    if variant == "dense":
+        return "dense"
+    if variant.startswith(ABLATION_PREFIXES):
+        return "ablation"
+    if variant.startswith("tomoe"):
+        return "tomoe"
+    return "baseline"
+
+
+def eval_set_label(result: dict) -> str:
+    windows, window = result.get("windows"), result.get("window")
+    return f"{result.get('model', '?')} · {result.get('text', '?')} · {windows} x {window} tokens"
+
+
+def cost_models(conversions, results: dict[str, dict]) -> dict[str, CostModel]:
+    """One cost model per dense model name, from conversion metadata or result accounting."""
+    out: dict[str, CostModel] = {}
+    sources = [(c.model, c.accounting) for c in conversions]
+    sources += [(r.get("model"), r.get("accounting")) for r in results.values()]
+    for model, acc in sources:
+        if model and acc and model not in out:
+            try:
+                out[str(model)] = CostModel.from_accounting(str(model), acc)
+            except (KeyError, TypeError):
+                continue
+    return out
+
+
+def quality_points(results: dict[str, dict], costs: dict[str, CostModel]) -> pd.DataFrame:
+    """One row per (result file, variant) of every quality result (`kind: quality`)."""
+    rows = []
+    for source, res in results.items():
+        if res.get("kind") != "quality" or not isinstance(res.get("results"), dict):
+            continue
+        model = str(res.get("model", "?"))
+        cost = costs.get(model)
+        budget = res.get("budget")
+        label = eval_set_label(res)
+        conversion = res.get("conversion")
+        conv_name = conversion.rstrip("/").rsplit("/", 1)[-1] if conversion else None
+        for variant, r in res["results"].items():
+            kind = variant_kind(variant)
+            b = 1.0 if kind == "dense" else r.get("budget", budget)
+            active = None
+            if kind == "tomoe" and res.get("accounting"):
+                active = res["accounting"].get("active_total")
+            if active is None and cost is not None and b is not None:
+                active = cost.active_params(float(b))
+            rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
+                         "method": "ToMoE" if kind == "tomoe" else variant, "budget": b,
+                         "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
+                         "top1_agreement": r.get("top1_agreement"), "active_params": active,
+                         "source": source, "conversion": conv_name if kind in ("tomoe", "ablation") else None})
+    df = pd.DataFrame(rows, columns=POINT_COLUMNS)
+    if not df.empty:
+        # one dense row per evaluation set (every result file re-measures it on the same windows)
+        dense = df["kind"] == "dense"
+        df = pd.concat([df[dense].drop_duplicates("eval_set"), df[~dense]], ignore_index=True)
+    return df
+
+
+def eval_sets(points: pd.DataFrame) -> list[str]:
+    """Evaluation sets, the one with the most ToMoE and baseline points first."""
+    if points.empty:
+        return []
+    counts = points[points["kind"] != "dense"].groupby("eval_set").size()
+    return sorted(points["eval_set"].unique(), key=lambda s: -int(counts.get(s, 0)))
+
+
+@dataclass
+class QualityAtBudget:
+    perplexity: float | None
+    kl_to_dense: float | None
+    top1_agreement: float | None
+    dense_perplexity: float | None
+    label: str  # where the numbers come from: measured, interpolated, nearest
+    exact: bool
+    best_baseline: dict | None  # {"method", "perplexity", "budget"} at the nearest baseline budget
+
+
+def _interpolate(lo: pd.Series, hi: pd.Series, budget: float, key: str, log: bool = False) -> float:
+    t = (budget - lo["budget"]) / (hi["budget"] - lo["budget"])
+    a, b = float(lo[key]), float(hi[key])
+    if log:
+        return math.exp((1 - t) * math.log(a) + t * math.log(b))
+    return (1 - t) * a + t * b
+
+
+def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: float = 0.011) -> QualityAtBudget:
+    """ToMoE quality at `budget` in one evaluation set: measured, interpolated between measured
+    budgets (log-perplexity linear in p), or the nearest measurement, and the label saying which."""
+    pts = points[points["eval_set"] == eval_set]
+    dense = pts[pts["kind"] == "dense"]
+    dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else None
+    tomoe = (pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
+             .sort_values("perplexity").drop_duplicates("budget").sort_values("budget"))
+    best = _best_baseline(pts, budget, tol)
+    if tomoe.empty:
+        return QualityAtBudget(None, None, None, dense_ppl, "no ToMoE measurement in this evaluation set", False, best)
+    dist = (tomoe["budget"] - budget).abs()
+    near = tomoe.loc[dist.idxmin()]
+    if dist.min() <= tol:
+        return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
+                               dense_ppl, f"measured: {near['conversion'] or near['variant']} (p = {near['budget']:g})",
+                               True, best)
+    below, above = tomoe[tomoe["budget"] < budget], tomoe[tomoe["budget"] > budget]
+    if not below.empty and not above.empty:
+        lo, hi = below.iloc[-1], above.iloc[0]
+        return QualityAtBudget(_interpolate(lo, hi, budget, "perplexity", log=True),
+                               _interpolate(lo, hi, budget, "kl_to_dense"),
+                               _interpolate(lo, hi, budget, "top1_agreement"), dense_ppl,
+                               f"interpolated between measured p = {lo['budget']:g} and p = {hi['budget']:g}",
+                               False, best)
+    return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
+                           dense_ppl, f"not measured at p = {budget:g}: nearest conversion is p = {near['budget']:g}",
+                           False, best)
+
+
+def _best_baseline(pts: pd.DataFrame, budget: float, tol: float) -> dict | None:
+    base = pts[(pts["kind"] == "baseline")].dropna(subset=["budget", "perplexity"])
+    if base.empty:
+        return None
+    near_budget = base.loc[(base["budget"] - budget).abs().idxmin(), "budget"]
+    if abs(near_budget - budget) > tol:
+        return None
+    row = base[base["budget"] == near_budget].sort_values("perplexity").iloc[0]
+    return {"method": row["variant"], "perplexity": float(row["perplexity"]), "budget": float(row["budget"])}
+
+
+# -- speed results -------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    tokens_per_s: float | None
+    peak_memory_mb: float | None
+    label: str  # machine, layout, budget the numbers were measured at
+
+
+SPEED_COLUMNS = ["machine", "layout", "budget", "decode_tokens_per_s", "prefill_tokens_per_s", "peak_memory_mb",
+                 "source"]
+
+
+def speed_rows(results: dict[str, dict]) -> pd.DataFrame:
+    """Measured speed rows from speed-benchmark result files (`kind: speed`)."""
+    rows = []
+    for source, res in results.items():
+        if res.get("kind") != "speed":
+            continue
+        machine = _machine_label(res.get("machine") or {})
+        for r in res.get("rows") or []:
+            rows.append({"machine": machine, "layout": r.get("layout"), "budget": r.get("budget"),
+                         "decode_tokens_per_s": r.get("decode_tokens_per_s"),
+                         "prefill_tokens_per_s": r.get("prefill_tokens_per_s"),
+                         "peak_memory_mb": r.get("peak_memory_mb"), "source": source})
+    return pd.DataFrame(rows, columns=SPEED_COLUMNS)
+
+
+def _machine_label(machine: dict) -> str:
+    if machine.get("gpu"):
+        return str(machine["gpu"])
+    cpus = machine.get("cpu_count")
+    threads = machine.get("torch_threads")
+    return f"CPU, {cpus} cores, {threads} torch threads" if cpus else str(machine.get("platform", "unknown machine"))
+
+
+def measured_speed(speed_rows: pd.DataFrame, budget: float, tol: float = 0.011) -> Measured | None:
+    """The fastest measured layout at `budget` (rows: budget, layout, decode_tokens_per_s,
+    peak_memory_mb, machine). None when nothing was measured within `tol` of it."""
+    if speed_rows is None or speed_rows.empty:
+        return None
+    rows = speed_rows.dropna(subset=["budget", "decode_tokens_per_s"])
+    rows = rows[(rows["budget"] - budget).abs() <= tol]
+    if rows.empty:
+        return None
+    best = rows.sort_values("decode_tokens_per_s", ascending=False).iloc[0]
+    mem = best.get("peak_memory_mb")
+    return Measured(float(best["decode_tokens_per_s"]), None if pd.isna(mem) else float(mem),
+                    f"measured on {best.get('machine', 'unknown machine')}, layout {best.get('layout', '?')}, "
+                    f"batch-1 decode at p = {best['budget']:g}")
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+KIND_STYLE = {
+    "dense": dict(color="#1f2937", symbol="star", size=16),
+    "tomoe": dict(color="#4338ca", symbol="circle", size=12),
+    "ablation": dict(color="#a5b4fc", symbol="circle-open", size=10),
+}
+BASELINE_COLORS = ["#d97706", "#059669", "#dc2626", "#0891b2", "#9333ea", "#65a30d"]
+BASELINE_SYMBOLS = ["square", "diamond", "triangle-up", "cross", "x", "pentagon"]
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """Points not dominated (fewer or equal active params and lower perplexity), by active params."""
+    pts = points.dropna(subset=["active_params", "perplexity"]).sort_values(["active_params", "perplexity"])
+    front, best = [], math.inf
+    for idx, row in pts.iterrows():
+        if row["perplexity"] < best:
+            front.append(idx)
+            best = row["perplexity"]
+    return pts.loc[front]
+
+
+def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: float | None = None,
+                  cost: CostModel | None = None) -> go.Figure:
+    """Held-out perplexity (log) against active parameters per token: dense, every ToMoE conversion,
+    its routing ablations and every static pruning baseline, with the Pareto front and the slider's budget."""
+    pts = points if eval_set is None else points[points["eval_set"] == eval_set]
+    pts = pts.dropna(subset=["active_params", "perplexity"])
+    fig = go.Figure()
+
+    def hover(df: pd.DataFrame) -> list[str]:
+        return [f"<b>{r.variant}</b>{' · ' + r.conversion if isinstance(r.conversion, str) else ''}<br>"
+                f"budget p = {r.budget:g}<br>active params {r.active_params / 1e6:.1f} M<br>"
+                f"perplexity {r.perplexity:.2f}<br>KL to dense {r.kl_to_dense:.3f}<br>"
+                f"top-1 agreement {r.top1_agreement:.1%}<br><i>{r.source}</i>" for r in df.itertuples()]
+
+    groups = [("Dense", pts[pts["kind"] == "dense"], KIND_STYLE["dense"], True),
+              ("ToMoE", pts[pts["kind"] == "tomoe"].sort_values("active_params"), KIND_STYLE["tomoe"], True),
+              ("ToMoE, random or fixed routing (ablation)", pts[pts["kind"] == "ablation"], KIND_STYLE["ablation"],
+               "legendonly")]
+    baselines = sorted(pts.loc[pts["kind"] == "baseline", "variant"].unique())
+    for i, method in enumerate(baselines):
+        style = dict(color=BASELINE_COLORS[i % len(BASELINE_COLORS)], symbol=BASELINE_SYMBOLS[i % 6], size=11)
+        groups.append((f"static pruning: {method}", pts[pts["variant"] == method].sort_values("active_params"),
+                       style, True))
+    for name, df, style, visible in groups:
+        if df.empty:
+            continue
+        lines = name == "ToMoE" or name.startswith("static") and len(df) > 1
+        fig.add_trace(go.Scatter(
+            x=df["active_params"] / 1e6, y=df["perplexity"], name=name, visible=visible,
+            mode="lines+markers" if lines and len(df) > 1 else "markers",
+            marker=dict(color=style["color"], symbol=style["symbol"], size=style["size"],
+                        line=dict(width=1, color="white")),
+            line=dict(color=style["color"], width=2 if name == "ToMoE" else 1, dash=None if name == "ToMoE" else "dot"),
+            hovertext=hover(df), hoverinfo="text"))
+    front = pareto_front(pts[pts["kind"] != "ablation"])
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=front["active_params"] / 1e6, y=front["perplexity"], name="Pareto front",
+                                 mode="lines", line=dict(color="rgba(67,56,202,0.25)", width=10), hoverinfo="skip"))
+    if budget is not None and cost is not None:
+        x = cost.active_params(budget) / 1e6
+        fig.add_vline(x=x, line=dict(color="#4338ca", dash="dash", width=1.5),
+                      annotation_text=f"p = {budget:.2f}", annotation_position="top")
+    fig.update_layout(
+        xaxis_title="active parameters per token (millions)", yaxis_title="held-out perplexity (log scale)",
+        yaxis_type="log", height=440, margin=dict(l=10, r=10, t=40, b=10), hovermode="closest",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), template="plotly_white")
+    if pts.empty:
+        fig.add_annotation(text="no quality results yet: run `python -m tomoe_core evaluate CONVERSION`",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    return fig
+
+
+def format_params(n: float) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.4g} M"
+
+
+def format_flops(n: float) -> str:
+    return f"{n / 1e9:.4g} GFLOP" if n >= 1e8 else f"{n / 1e6:.4g} MFLOP"
+
+
+def format_usd(x: float) -> str:
+    return "—" if x is None or math.isnan(x) else (f"${x:,.2f}" if x >= 10 else f"${x:.3g}")

@@ -1,0 +1,105 @@
+"""Compare: dense and converted model generate side by side; divergence and experts token by token."""
+import streamlit as st
+
+from analysis import compare_view
+from app import ui
+
+st.title("Compare")
+st.caption("Greedy generation with the same settings from the dense model and a ToMoE conversion. Tokens that "
+           "differ are underlined in red; the converted model's tokens are coloured by the expert that processed "
+           "them in the layer you pick. Hover a token for its expert, router probability and KL to dense.")
+
+cat = ui.read_catalog()
+ui.show_problems(cat.problems)
+if not cat.conversions:
+    st.info("No conversion to compare yet: start one on the **Runs** page or with `python -m tomoe_core convert`.",
+            icon="ℹ️")
+    st.stop()
+
+by_name = {c.name: c for c in cat.conversions}
+ui.keep("conversion", cat.conversions[0].name)
+if st.session_state["conversion"] not in by_name:
+    st.session_state["conversion"] = cat.conversions[0].name
+st.selectbox("Conversion", list(by_name), key="conversion",
+             format_func=lambda n: f"{n}  (p = {by_name[n].budget}, {by_name[n].meta.get('num_experts')} experts"
+                                   f"{'' if by_name[n].materialised else ', rebuilt on first use'})")
+conv = by_name[st.session_state["conversion"]]
+
+ui.keep("prompt", "The history of the Roman Empire begins")
+ui.keep("max_new_tokens", 30)
+with st.form("generate"):
+    st.text_area("Prompt", key="prompt", height=90)
+    st.slider("New tokens", min_value=1, max_value=100, key="max_new_tokens")
+    submitted = st.form_submit_button("Generate side by side", type="primary")
+
+
+def generate(conv) -> dict | None:
+    from tomoe_core.evaluate import PromptError, compare_generation
+
+    with st.status("Generating...", expanded=True) as status:
+        try:
+            if not conv.materialised:
+                st.write("Rebuilding the shipped conversion from the dense model (first use only; the dense model's "
+                         "first load dequantises it, about 30 s)...")
+                ui.materialise_shipped(log=lambda msg: st.write(msg))
+                conv = {c.name: c for c in ui.read_catalog().conversions}.get(conv.name, conv)
+                if not conv.materialised:
+                    raise FileNotFoundError(f"the shipped conversion {conv.name} was not materialised")
+            st.write(f"Loading the dense model `{conv.model}`...")
+            dense, tokenizer = ui.dense_model(conv.model)
+            st.write(f"Loading the converted model `{conv.name}`...")
+            moe, _tok, _meta = ui.converted_model(str(conv.path), str(conv.meta.get("weights_sha256")))
+            st.write(f"Generating {st.session_state['max_new_tokens']} tokens greedily with both models...")
+            prompt = st.session_state["prompt"]
+            result = compare_generation(dense, moe, tokenizer, prompt, int(st.session_state["max_new_tokens"]))
+            st.write("Recording the converted model's routing of its tokens...")
+            experts, probs = compare_view.generated_routing(moe, tokenizer, prompt, result["moe_ids"])
+        except PromptError as err:
+            status.update(label="Check the prompt", state="error")
+            st.error(f"Prompt: {err}")
+            return None
+        except ui.user_error_types() as err:
+            status.update(label="Could not generate", state="error")
+            st.error(f"Could not run {conv.name}: {err}")
+            return None
+        status.update(label="Generated", state="complete", expanded=False)
+    return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": conv.name,
+            "prompt": prompt}
+
+
+if submitted:
+    st.session_state["compare_result"] = generate(conv)
+
+result = st.session_state.get("compare_result")
+if not result:
+    st.stop()
+if result["conversion"] != conv.name:
+    st.caption(f"Showing the last result, from `{result['conversion']}`: press Generate to run `{conv.name}`.")
+
+num_layers = len(result["experts"])
+ui.keep("compare_layer", num_layers // 2)
+if st.session_state["compare_layer"] >= num_layers:
+    st.session_state["compare_layer"] = num_layers // 2
+st.slider("Colour the converted model's tokens by the expert chosen in layer", 0, num_layers - 1,
+          key="compare_layer")
+layer = int(st.session_state["compare_layer"])
+experts, probs = result["experts"][layer], result["probs"][layer]
+div = result["first_divergence"]
+differs = compare_view.diverging_positions(result["dense_ids"], result["moe_ids"])
+kl = result["moe_token_kl"]
+
+m = st.columns(3)
+m[0].metric("First divergence", "none" if div is None else f"token {div}", border=True)
+m[1].metric("Tokens that differ", f"{len(differs)} / {max(len(result['dense_ids']), len(result['moe_ids']))}",
+            border=True)
+m[2].metric("Mean KL to dense", f"{sum(kl) / max(len(kl), 1):.3f} nats", border=True)
+
+left, right = st.columns(2, gap="large")
+with left:
+    st.markdown("**Dense**")
+    st.html(compare_view.tokens_html(result["dense_tokens"], differs, div))
+with right:
+    st.markdown(f"**ToMoE** · `{result['conversion']}`")
+    st.html(compare_view.tokens_html(result["moe_tokens"], differs, div, experts, probs, kl, layer))
+    st.html(compare_view.legend_html(experts))
+st.plotly_chart(compare_view.kl_figure(result["moe_tokens"], kl, experts, div), key="kl_chart")

@@ -1,0 +1,203 @@
+"""Runs: conversions and routing logs in cache/, background conversions and traces with live progress."""
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from analysis import catalog
+from app import ui
+
+st.title("Runs")
+st.caption("Conversions and routing logs under `cache/`, and background jobs. A job runs as its own process: it "
+           "keeps going when you reload the page or close the tab, and Cancel stops it.")
+
+from tomoe_core import jobs  # noqa: E402  (after the title: the first import of the engine takes seconds)
+from tomoe_core.io import safe_name  # noqa: E402
+
+cat = ui.read_catalog()
+ui.show_problems(cat.problems)
+
+
+# -- background jobs ------------------------------------------------------------------------------
+def _job_row(job) -> None:
+    state = jobs.status(job)
+    done, total, last = jobs.progress(job)
+    icon = {"running": ":material/progress_activity:", "finished": ":material/check_circle:",
+            "failed": ":material/error:", "cancelled": ":material/cancel:", "lost": ":material/help:"}[state]
+    with st.container(border=True):
+        head, buttons = st.columns([5, 1])
+        head.markdown(f"{icon} **{job.label}** · {job.kind} · {state} · started {job.started_at}")
+        if state == "running":
+            if buttons.button("Cancel", key=f"cancel-{job.id}"):
+                jobs.cancel(job)
+                st.rerun(scope="app")
+        elif buttons.button("Remove", key=f"forget-{job.id}", help="remove from this list; the output stays"):
+            jobs.forget(job)
+            st.rerun(scope="app")
+        if total:
+            frac = min(1.0, (done or 0) / total)
+            text = f"{done or 0} / {total} {'steps' if job.kind == 'convert' else 'tokens'}"
+            if last:
+                text += (f" · loss {last.get('loss', float('nan')):.3f} · active ratio {last.get('ratio', 0):.3f}"
+                         f" · union {last.get('union', 0):.3f} · {last.get('elapsed_s', 0) / 60:.1f} min")
+            st.progress(frac, text=text)
+        elif state == "running":
+            st.progress(0.0, text="starting (loading the model)...")
+        if state == "failed":
+            st.error(f"The job failed (exit status {jobs.exit_code(job)}); the end of its output is below.")
+        if state == "lost":
+            st.warning("The process ended without an exit status (killed from outside, or the machine restarted). "
+                       "A conversion can be resumed by starting it again with the same settings.")
+        with st.expander("output", expanded=state == "failed"):
+            st.code(jobs.log_tail(job, 3000)[-3000:] or "(no output yet)", language=None)
+
+
+all_jobs = jobs.list_jobs()
+running = [j for j in all_jobs if jobs.status(j) == "running"]
+
+
+@st.fragment(run_every=2 if running else None)
+def job_panel():
+    current = jobs.list_jobs()
+    now_running = {j.id for j in current if jobs.status(j) == "running"}
+    if {j.id for j in running} - now_running:  # a job just ended: refresh the lists below
+        st.rerun(scope="app")
+    if not current:
+        st.caption("No background jobs.")
+    for job in current:
+        _job_row(job)
+
+
+st.subheader("Background jobs")
+job_panel()
+
+# -- start a conversion ---------------------------------------------------------------------------
+st.subheader("Start a conversion")
+with st.form("convert"):
+    c1, c2, c3, c4 = st.columns(4)
+    model = c1.text_input("Dense model", value="smollm2-135m",
+                          help="built-in name, local Hugging Face checkpoint folder, or .gguf file")
+    budget = c2.number_input("Budget p", min_value=0.05, max_value=1.0, value=0.5, step=0.05)
+    experts = c3.number_input("Experts per layer", min_value=2, max_value=64, value=8, step=1)
+    steps = c4.number_input("Steps", min_value=1, max_value=100000, value=100, step=10,
+                            help="about 3 s per step for SmolLM2-135M on 2 CPU cores")
+    with st.expander("More settings"):
+        text = st.text_input("Calibration text", value="wiki", help="'wiki', a .txt file or a folder of .txt files")
+        name = st.text_input("Output name", value="", help="default: MODEL-pBUDGET-eEXPERTS; an existing "
+                                                            "unfinished run of the same name resumes")
+        extra = st.text_input("Extra convert options", value="", help="e.g. --tokens-per-step 1024 --seq-len 256")
+    start = st.form_submit_button("Start conversion", type="primary")
+
+if start:
+    name = safe_name(name or f"{Path(model).name}-p{budget:g}-e{int(experts)}")
+    output = catalog.cache_root() / "conversions" / name
+    clash = [j for j in running if j.output == str(output)]
+    if not model.strip():
+        st.error("Dense model: type a built-in name (smollm2-135m), a checkpoint folder or a .gguf file.")
+    elif clash:
+        st.error(f"A conversion into `{name}` is already running: cancel it or choose another output name.")
+    elif (output / "tomoe.json").exists():
+        st.error(f"`{name}` is already a finished conversion: choose another output name.")
+    else:
+        argv = jobs.python_argv("-m", "tomoe_core", "convert", "--model", model.strip(), "--budget", f"{budget:g}",
+                                "--experts", str(int(experts)), "--steps", str(int(steps)), "--text", text,
+                                "--output", str(output), *extra.split())
+        job = jobs.start_job("convert", argv, label=name, output=output,
+                             progress_log=output.with_name(name + ".work") / "log.jsonl", total=int(steps))
+        st.toast(f"Started conversion {name}")
+        time.sleep(0.2)
+        st.rerun()
+
+# -- conversions ----------------------------------------------------------------------------------
+st.subheader("Conversions")
+if not cat.conversions:
+    st.caption("No conversions yet.")
+else:
+    table = pd.DataFrame([c.summary() for c in cat.conversions])
+    st.dataframe(table, hide_index=True, column_config={
+        "budget": st.column_config.NumberColumn(format="%.2f"),
+        "MLP active ratio": st.column_config.NumberColumn(format="%.3f"),
+        "active ratio vs dense": st.column_config.NumberColumn(format="%.3f")})
+    names = [c.name for c in cat.conversions]
+    ui.keep("runs_conversion", names[0])
+    if st.session_state["runs_conversion"] not in names:
+        st.session_state["runs_conversion"] = names[0]
+    picked = {c.name: c for c in cat.conversions}[st.selectbox("Details of", names, key="runs_conversion")]
+    left, right = st.columns(2)
+    with left:
+        log = catalog.read_jsonl_tail(picked.path / "training_log.jsonl", 1 << 20)
+        if log:
+            frame = pd.DataFrame(log).set_index("step")
+            cols = [c for c in ("loss", "distill", "load_balance") if c in frame]
+            st.markdown("**Training log**")
+            st.line_chart(frame[cols], height=220)
+        else:
+            st.caption("No training log beside this conversion.")
+        if picked.meta.get("command"):
+            st.code(picked.meta["command"], language="bash")
+    with right:
+        with st.expander("tomoe.json", expanded=False):
+            st.json({k: v for k, v in picked.meta.items() if k != "layers"}, expanded=1)
+
+# -- routing logs ---------------------------------------------------------------------------------
+st.subheader("Routing logs")
+from tomoe_core import trace  # noqa: E402
+
+runs = trace.list_runs()
+if not runs:
+    st.caption("No routing logs yet: start a trace below.")
+else:
+    st.dataframe(pd.DataFrame([{
+        "run": r.get("run_id"), "model": r.get("model"), "budget": r.get("budget"),
+        "conversion": Path(str(r.get("conversion", ""))).name, "text": (r.get("text") or {}).get("source"),
+        "tokens": r.get("tokens"), "rows": r.get("rows"), "bytes/row": r.get("bytes_per_row"),
+        "created": r.get("created_at")} for r in runs]), hide_index=True)
+    run_ids = [r["run_id"] for r in runs]
+    ui.keep("runs_log", run_ids[0])
+    if st.session_state["runs_log"] not in run_ids:
+        st.session_state["runs_log"] = run_ids[0]
+    col, button = st.columns([3, 1], vertical_alignment="bottom")
+    chosen = col.selectbox("Routing log", run_ids, key="runs_log")
+    folder = Path(next(r["path"] for r in runs if r["run_id"] == chosen))
+
+    def zipped(folder=folder) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # Parquet is compressed already
+            for path in sorted(folder.iterdir()):
+                zf.write(path, f"{folder.name}/{path.name}")
+        return buf.getvalue()
+
+    size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+    button.download_button(f"Download ({size_mb:.1f} MB zip)", zipped, file_name=f"{chosen}.zip",
+                           mime="application/zip", on_click="ignore")
+
+with st.form("trace"):
+    st.markdown("**Start a trace**: record every token's expert in every layer over a text")
+    ready = [c.name for c in cat.conversions if c.materialised]
+    t1, t2, t3 = st.columns([2, 2, 1])
+    conv_name = t1.selectbox("Conversion", ready or ["(no materialised conversion)"])
+    source = t2.selectbox("Text", ["wiki held-out split", "my prompts below", "a .txt file or folder"])
+    max_tokens = t3.number_input("Max tokens", min_value=16, max_value=10_000_000, value=20_000, step=1000)
+    prompts = st.text_area("Prompts (one per line) or file path", value="")
+    go = st.form_submit_button("Start trace")
+
+if go:
+    if not ready:
+        st.error("No materialised conversion: open Compare once (it rebuilds the shipped one) or convert one.")
+    elif source != "wiki held-out split" and not prompts.strip():
+        st.error("Type prompts (one per line) or a file path for the chosen text.")
+    else:
+        conv_path = {c.name: c.path for c in cat.conversions}[conv_name]
+        argv = jobs.python_argv("-m", "tomoe_core", "trace", str(conv_path), "--max-tokens", str(int(max_tokens)))
+        if source == "my prompts below":
+            argv += ["--prompts", *[p for p in prompts.splitlines() if p.strip()]]
+        elif source.startswith("a .txt"):
+            argv += ["--text", prompts.strip()]
+        job = jobs.start_job("trace", argv, label=f"trace {conv_name}", total=int(max_tokens))
+        st.toast(f"Started trace of {conv_name}")
+        time.sleep(0.2)
+        st.rerun()

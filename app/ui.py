@@ -1,0 +1,85 @@
+"""Streamlit glue shared by the pages: cached reads, cached models, persistent choices, messages.
+
+Only Streamlit-specific code lives here; the logic is in `analysis/` and `tomoe_core/`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from analysis import catalog
+
+
+# -- choices that survive page switches ----------------------------------------------------------
+def keep(key: str, default):
+    """Make a widget key persist across pages: Streamlit drops the state of widgets that a run does
+    not render, but not a value assigned by the script itself."""
+    if key in st.session_state:
+        st.session_state[key] = st.session_state[key]
+    else:
+        st.session_state[key] = default
+    return st.session_state[key]
+
+
+# -- files (cached, invalidated when the files change) --------------------------------------------
+def _signature(*folders: Path) -> tuple:
+    sig = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*/tomoe.json")) + sorted(folder.glob("*.json")):
+            with contextlib.suppress(OSError):
+                st_ = path.stat()
+                sig.append((str(path), st_.st_mtime_ns, st_.st_size))
+    return tuple(sig)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _catalog(signature: tuple, cache_root: str) -> catalog.Catalog:
+    return catalog.read_catalog()
+
+
+def read_catalog() -> catalog.Catalog:
+    root = catalog.cache_root()
+    sig = _signature(root / "conversions", catalog.shipped_root(), root / "results")
+    return _catalog(sig, str(root))
+
+
+def show_problems(problems) -> None:
+    if problems:
+        with st.expander(f":warning: {len(problems)} file(s) could not be used", expanded=False):
+            for p in problems:
+                st.warning(f"`{p.path}` {p.message}")
+
+
+# -- models (loaded once per process) -----------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=2)
+def dense_model(name: str):
+    from tomoe_core.models import load_dense
+    return load_dense(name, log=lambda *a: None)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def converted_model(path: str, digest: str):
+    """`digest` (weights sha256 from tomoe.json) makes a rebuilt conversion load afresh."""
+    from tomoe_core.convert import load_converted
+    model, tokenizer, meta = load_converted(path, load_tokenizer=True)
+    return model, tokenizer, meta
+
+
+def materialise_shipped(log) -> list[Path]:
+    """Rebuild shipped recipes into cache/conversions (seconds, once the dense model is cached)."""
+    from tomoe_core.pipeline import ensure_shipped_conversions
+    return ensure_shipped_conversions(log=log)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause (bad input, missing or corrupt files): shown as messages."""
+    return (ValueError, FileNotFoundError, OSError, KeyError)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,82 @@
+"""A small cache/ for the studio tests: a tiny dense model, a tiny conversion, a routing log,
+quality and speed results, and one corrupt result file (the pages must report it, not crash).
+
+`python tests/studio_fixture.py DIR` builds it for a manual `TOMOE_CACHE=DIR streamlit run app/main.py`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+CONVERSION = "tiny-llama-p0.5-e4"
+
+
+def _quality(budget: float, tomoe_ppl: float, conversion: Path, accounting: dict) -> dict:
+    def r(name, ppl, kl, agree):
+        return {"name": name, "perplexity": ppl, "kl_to_dense": kl, "top1_agreement": agree, "tokens": 1022,
+                "windows": 2, "window": 512, "seconds": 1.0}
+    return {"kind": "quality", "model": "tiny-dense", "conversion": str(conversion), "budget": budget,
+            "text": "wiki (held-out split)", "window": 512, "windows": 2, "tokens": 1024,
+            "machine": {"platform": "test", "cpu_count": 2, "torch_threads": 2, "device": "cpu"},
+            "results": {"dense": r("dense", 26.6, 0.0, 1.0), "tomoe": r("tomoe", tomoe_ppl, 0.9 - budget, budget),
+                        "tomoe-random": r("tomoe-random", tomoe_ppl * 4, 2.5, 0.2),
+                        "magnitude": r("magnitude", tomoe_ppl * 50, 6.0, 0.05),
+                        "wanda-sp": r("wanda-sp", tomoe_ppl * 1.3, 1.2, 0.4)},
+            "accounting": accounting}
+
+
+def _tiny_dense(vocab_size: int):
+    """A tiny LLaMA whose MLP is a real share of its parameters (as in real models), so the budget
+    slider visibly moves its costs despite the 49 k-token embedding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=1024,
+                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def build(cache: Path, with_routing: bool = True) -> Path:
+    from tomoe_core import MaskedModel, materialise, save_converted
+    from tomoe_core.budget import account
+    from tomoe_core.io import atomic_write_json
+    from tomoe_core.models import load_tokenizer
+
+    cache = Path(cache)
+    tokenizer = load_tokenizer()
+    dense = _tiny_dense(len(tokenizer))
+    dense_dir = cache / "models" / "tiny-dense"
+    dense.save_pretrained(dense_dir)
+    tokenizer.save_pretrained(dense_dir)
+    mm = MaskedModel(_tiny_dense(len(tokenizer)), num_experts=4)
+    g = torch.Generator().manual_seed(0)
+    masks = [(torch.rand(4, size, generator=g) < 0.5).float() for size in mm.intermediate_sizes]
+    moe = materialise(mm, masks, 0.5)
+    acc = account(moe).as_dict()
+    folder = cache / "conversions" / CONVERSION
+    meta = {"kind": "tomoe-conversion", "model": str(dense_dir), "budget": 0.5, "num_experts": 4,
+            "settings": {"steps": 2, "budget": 0.5, "num_experts": 4}, "tokens_seen": 1024, "train_seconds": 3.0,
+            "layers": [{"expert_widths": (m.sum(1) / m.shape[1]).tolist(), "union": 1.0} for m in masks],
+            "accounting": acc, "command": "tests/studio_fixture.py"}
+    save_converted(moe, folder, tokenizer, meta)
+    results = cache / "results"
+    atomic_write_json(results / "eval-tiny-p0.5.json", _quality(0.5, 40.0, folder, acc))
+    atomic_write_json(results / "eval-tiny-p0.7.json", _quality(0.7, 30.0, folder, None))
+    (results / "eval-corrupt.json").write_text('{"kind": "quality", "results": {')  # a half-written file
+    if with_routing:
+        from tomoe_core.trace import trace_run
+        trace_run(folder, prompts=["The cat sat on the mat. It was a sunny day in Paris.",
+                                   "Rome was founded on seven hills; its history spans centuries."],
+                  seq_len=64, batch_size=2, run_id="tiny-prompts", root=cache / "routing")
+    return folder
+
+
+if __name__ == "__main__":
+    print(build(Path(sys.argv[1])))

@@ -1,0 +1,269 @@
+"""Studio tests with Streamlit's AppTest: every page renders without exceptions, its widgets exist,
+the budget slider moves the KPIs; plus the analysis functions behind the pages and the job runner.
+
+All pages run against a small cache/ (tests/studio_fixture.py) selected with TOMOE_CACHE.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app" / "main.py")
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import studio_fixture  # noqa: E402
+from analysis import catalog, tradeoff  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def studio_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("studio-cache")
+    studio_fixture.build(cache)
+    return cache
+
+
+@pytest.fixture
+def cache_env(studio_cache, monkeypatch, tmp_path):
+    """The fixture cache, and no shipped recipes (the repository's would pull in the real model)."""
+    import tomoe_core.pipeline
+
+    monkeypatch.setenv("TOMOE_CACHE", str(studio_cache))
+    empty = tmp_path / "shipped"
+    empty.mkdir()
+    monkeypatch.setattr(catalog, "shipped_root", lambda: empty)
+    monkeypatch.setattr(tomoe_core.pipeline, "shipped_dir", lambda: empty)
+    return studio_cache
+
+
+def run_page(page: str | None = None, timeout: float = 120) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=timeout).run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+# -- settings --------------------------------------------------------------------------------------
+def test_root_streamlit_config_is_the_one_in_force():
+    link = ROOT / ".streamlit" / "config.toml"
+    assert link.resolve() == (ROOT / "streamlit_config.toml").resolve()
+    out = subprocess.run([sys.executable, "-m", "streamlit", "config", "show"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert 'primaryColor = "#4338ca"' in out
+    assert "gatherUsageStats = false" in out
+
+
+# -- pages -----------------------------------------------------------------------------------------
+def test_budget_explorer_slider_moves_every_cost_kpi(cache_env):
+    at = run_page()
+    assert at.title.values[0] == "Budget explorer"
+    slider = at.slider(key="budget")
+    assert slider.value == 0.5  # opens at the conversion's budget
+    assert at.selectbox(key="hardware") and at.number_input(key=f"price::{at.selectbox(key='hardware').value}")
+    before = metrics(at)
+    assert before["Perplexity (held-out)"] == "40.00"
+    assert len(at.get("plotly_chart")) == 1
+    slider.set_value(0.7).run()
+    assert not at.exception
+    after = metrics(at)
+    for label in ("Active parameters / token", "FLOPs / token", "Decode tokens/s (estimate)",
+                  "Cost / 1M tokens (estimate)"):
+        assert before[label] != after[label], label
+    assert after["Perplexity (held-out)"] == "30.00"  # the p = 0.7 result
+    slider.set_value(0.6).run()
+    assert "interpolated" in " ".join(at.caption.values)
+    assert 30.0 < float(metrics(at)["Perplexity (held-out)"]) < 40.0
+
+
+def test_budget_explorer_price_changes_cost(cache_env):
+    at = run_page()
+    key = f"price::{at.selectbox(key='hardware').value}"
+    before = metrics(at)["Cost / 1M tokens (estimate)"]
+    at.number_input(key=key).set_value(10.0).run()
+    assert metrics(at)["Cost / 1M tokens (estimate)"] != before
+
+
+def test_corrupt_result_file_is_reported_not_raised(cache_env):
+    at = run_page()
+    assert any("could not be used" in e.label for e in at.expander)
+    assert any("eval-corrupt.json" in w.value for w in at.warning)
+
+
+def test_empty_cache_tells_the_user_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(catalog, "shipped_root", lambda: tmp_path / "none")
+    for page in (None, "compare", "experts", "runs"):
+        at = run_page(page)
+        if page in (None, "compare", "experts"):
+            assert at.info, page
+
+
+def test_compare_generates_side_by_side_and_colours_by_expert(cache_env):
+    at = run_page("compare")
+    assert at.selectbox(key="conversion").value == studio_fixture.CONVERSION
+    assert at.text_area(key="prompt") and at.slider(key="max_new_tokens")
+    at.slider(key="max_new_tokens").set_value(8)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    shown = metrics(at)
+    assert set(shown) >= {"First divergence", "Tokens that differ", "Mean KL to dense"}
+    html = [h.proto.body for h in at.get("html")]
+    assert any("expert" in h and "KL to dense" in h for h in html)
+    at.slider(key="compare_layer").set_value(0).run()
+    assert not at.exception and "(layer 0)" in "".join(h.proto.body for h in at.get("html"))
+
+
+def test_compare_empty_prompt_is_a_message(cache_env):
+    at = run_page("compare")
+    at.text_area(key="prompt").input("   ")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("prompt is empty" in e.value for e in at.error)
+
+
+def test_runs_page_lists_conversions_logs_and_runs_a_cancellable_job(cache_env):
+    from tomoe_core import jobs
+
+    at = run_page("runs")
+    assert {"Background jobs", "Start a conversion", "Conversions", "Routing logs"} <= set(at.subheader.values)
+    assert at.get("download_button")
+    assert studio_fixture.CONVERSION in at.get("dataframe")[0].value["name"].tolist()
+    model_box = [t for t in at.text_input if t.label == "Dense model"][0]
+    model_box.input(str(cache_env / "models" / "tiny-dense"))
+    [n for n in at.number_input if n.label == "Steps"][0].set_value(3)
+    [t for t in at.text_input if t.label == "Output name"][0].input("app-test-conversion")
+    [b for b in at.button if b.label == "Start conversion"][0].click().run()
+    assert not at.exception and not at.error
+    job = next(j for j in jobs.list_jobs() if j.label == "app-test-conversion")
+    try:
+        assert jobs.status(job) == "running"
+        assert any("app-test-conversion" in m.value for m in at.markdown)
+        cancel = [b for b in at.button if b.label == "Cancel"]
+        cancel[0].click().run()
+        assert not at.exception
+        for _ in range(50):
+            if jobs.status(jobs.get_job(job.id)) != "running":
+                break
+            time.sleep(0.1)
+        assert jobs.status(jobs.get_job(job.id)) == "cancelled"
+    finally:
+        jobs.cancel(job)
+        jobs.forget(jobs.get_job(job.id))
+
+
+def test_every_page_renders(cache_env):
+    for page in (None, "compare", "experts", "runs"):
+        at = run_page(page)
+        assert at.title, page
+
+
+# -- analysis behind the pages --------------------------------------------------------------------
+ACC = {"embeddings": 1000, "lm_head": 1000, "attention": 300, "mlp_dense": 800, "mlp_active": 400,
+       "mlp_active_mean": 400, "other": 20, "mlp_active_ratio": 0.5, "active_total": 1720, "dense_total": 2120,
+       "active_ratio_vs_dense": 1720 / 2120, "flops_per_token": 2 * 1700 + 64, "context": 512}
+
+
+def test_cost_model_reproduces_the_conversion_accounting():
+    cost = tradeoff.CostModel.from_accounting("m", ACC)
+    assert cost.active_params(0.5) == ACC["active_total"]
+    assert cost.dense_params == ACC["dense_total"]
+    assert cost.flops_per_token(0.5) == ACC["flops_per_token"]
+    assert cost.flops_per_token(1.0) - cost.flops_per_token(0.5) == 2 * 400
+
+
+def test_bandwidth_bound_estimate_and_cost():
+    tps = tradeoff.bandwidth_bound_tokens_per_s(1e9, 2, 2000)  # 2 GB read per token at 2 TB/s
+    assert tps == pytest.approx(1000)
+    assert tradeoff.cost_per_million_tokens(1000, 3.6) == pytest.approx(1.0)
+
+
+def _points(budgets_ppl):
+    rows = [{"eval_set": "s", "kind": "dense", "variant": "dense", "budget": 1.0, "perplexity": 10.0,
+             "kl_to_dense": 0.0, "top1_agreement": 1.0, "conversion": None}]
+    rows += [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe", "budget": b, "perplexity": p,
+              "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": f"c{b}"} for b, p in budgets_ppl]
+    return pd.DataFrame(rows)
+
+
+def test_quality_at_budget_measured_interpolated_nearest():
+    pts = _points([(0.4, 40.0), (0.6, 10.0 * 4 ** 0.0 + 10.0)])
+    assert tradeoff.quality_at_budget(pts, "s", 0.4).exact
+    mid = tradeoff.quality_at_budget(pts, "s", 0.5)
+    assert not mid.exact and "interpolated" in mid.label
+    assert mid.perplexity == pytest.approx((40.0 * 20.0) ** 0.5)  # log-linear midpoint
+    far = tradeoff.quality_at_budget(pts, "s", 0.9)
+    assert "nearest" in far.label and far.perplexity == 20.0
+
+
+def test_pareto_front_drops_dominated_points():
+    df = pd.DataFrame({"active_params": [1, 2, 3, 4], "perplexity": [50, 20, 30, 10]})
+    assert tradeoff.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]
+
+
+def test_pareto_figure_has_dense_tomoe_and_baselines(studio_cache, monkeypatch):
+    monkeypatch.setenv("TOMOE_CACHE", str(studio_cache))
+    cat = catalog.read_catalog()
+    costs = tradeoff.cost_models(cat.conversions, cat.results)
+    points = tradeoff.quality_points(cat.results, costs)
+    fig = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, costs["tiny-dense"] if
+                                 "tiny-dense" in costs else next(iter(costs.values())))
+    names = {t.name for t in fig.data}
+    assert {"Dense", "ToMoE", "static pruning: magnitude", "static pruning: wanda-sp"} <= names
+
+
+def test_catalog_cache_root_matches_the_engine(monkeypatch, tmp_path):
+    from tomoe_core.data import cache_dir
+    from tomoe_core.pipeline import shipped_dir
+
+    assert catalog.cache_root() == cache_dir() and catalog.shipped_root() == shipped_dir()
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
+    assert catalog.cache_root() == cache_dir() == tmp_path
+
+
+def test_catalog_reports_broken_conversions(tmp_path):
+    (tmp_path / "conversions" / "half").mkdir(parents=True)
+    (tmp_path / "conversions" / "half" / "tomoe.json").write_text("{not json")
+    (tmp_path / "conversions" / "nometa").mkdir()
+    (tmp_path / "conversions" / "nometa" / "x").write_text("")
+    convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "none")
+    assert convs == [] and {Path(p.path).name for p in problems} == {"tomoe.json", "nometa"}
+
+
+def test_job_runner_progress_exit_status_and_cancel(monkeypatch, tmp_path):
+    from tomoe_core import jobs
+
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
+    log = tmp_path / "log.jsonl"
+    script = ("import json, time\n"
+              f"for i in range(1, 200):\n    open({str(log)!r}, 'a').write(json.dumps({{'step': i}}) + '\\n')\n"
+              "    time.sleep(0.05)\n")
+    job = jobs.start_job("convert", jobs.python_argv("-c", script), "t", progress_log=log, total=199)
+    for _ in range(100):
+        if (jobs.progress(job)[0] or 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert jobs.status(job) == "running" and jobs.progress(job)[0] >= 2
+    jobs.cancel(job)
+    time.sleep(0.3)
+    assert jobs.status(jobs.get_job(job.id)) == "cancelled"
+    failing = jobs.start_job("trace", jobs.python_argv("-c", "print('3/10'); raise SystemExit(3)"), "f")
+    for _ in range(100):
+        if jobs.status(failing) != "running":
+            break
+        time.sleep(0.05)
+    assert jobs.status(failing) == "failed" and jobs.exit_code(failing) == 3
+    assert jobs.progress(failing)[:2] == (3, 10)
+    assert [j.id for j in jobs.list_jobs()] == [failing.id, job.id]
