@@ -15,6 +15,7 @@ and every random draw is seeded by (seed, step).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from .hypernet import logistic_noise, straight_through_sigmoid
@@ -51,6 +53,7 @@ class ConversionConfig:
     init_tokens: int = 8192  # calibration tokens for cluster init
     noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
     distill: str = "kl"  # "kl" (forward KL to dense) or "ce" (next-token cross-entropy)
+    micro_batches: int = 1  # the step's batch in this many shards of data and noise; processes split them
     seed: int = 0
     checkpoint_every: int = 50
     device: str = "cpu"
@@ -65,7 +68,10 @@ class ConversionConfig:
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
             raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
         if self.init not in ("cluster", "offset") or self.distill not in ("kl", "ce"):
-            raise ValueError(f"init must be 'cluster' or 'offset' and distill 'kl' or 'ce'")
+            raise ValueError("init must be 'cluster' or 'offset' and distill 'kl' or 'ce'")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches ({self.micro_batches}) must divide the batch of "
+                             f"{self.batch_size} windows (tokens_per_step // seq_len)")
 
     @property
     def batch_size(self) -> int:
@@ -76,11 +82,20 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2 ** 63)
 
 
-def sample_batch(stream: torch.Tensor, cfg: ConversionConfig, step: int) -> torch.Tensor:
-    """Random calibration windows for one step, a pure function of (seed, step). -> (B, T)"""
-    g = torch.Generator().manual_seed(_step_seed(cfg.seed, step))
-    starts = torch.randint(0, stream.numel() - cfg.seq_len, (cfg.batch_size,), generator=g)
-    return torch.stack([stream[s:s + cfg.seq_len] for s in starts.tolist()])
+def sample_batch(stream: torch.Tensor, cfg: ConversionConfig, step: int, micro: int = 0) -> torch.Tensor:
+    """Calibration windows of one micro-batch: a pure function of (seed, step, micro). -> (B / M, T)
+
+    The stream is cut into `micro_batches` contiguous shards and micro-batch m reads shard m,
+    so the processes of a distributed run read disjoint parts of the text.
+    """
+    shard_len = stream.numel() // cfg.micro_batches
+    if shard_len <= cfg.seq_len:
+        raise ValueError(f"calibration text of {stream.numel()} tokens is too short for {cfg.micro_batches} "
+                         f"shards of windows of {cfg.seq_len} tokens")
+    shard = stream[micro * shard_len:(micro + 1) * shard_len]
+    g = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 7_777_777 * micro)
+    starts = torch.randint(0, shard.numel() - cfg.seq_len, (cfg.batch_size // cfg.micro_batches,), generator=g)
+    return torch.stack([shard[s:s + cfg.seq_len] for s in starts.tolist()])
 
 
 def noise_scale(cfg: ConversionConfig, step: int) -> float:
@@ -90,11 +105,11 @@ def noise_scale(cfg: ConversionConfig, step: int) -> float:
 
 
 def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionConfig, step: int,
-                      autocast_dtype=None) -> dict[str, torch.Tensor]:
-    """All loss terms of one step. ids: (B, T) on the model's device."""
+                      autocast_dtype=None, micro: int = 0) -> dict[str, torch.Tensor]:
+    """All loss terms of one micro-batch. ids: (B, T) on the model's device."""
     device = ids.device
-    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 1)
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _null()
+    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 1 + 7_777_777 * micro)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with torch.no_grad(), amp, masked.dense():
         teacher = masked.model(ids).logits.float()  # (B, T, V)
     scale = noise_scale(cfg, step)
@@ -117,8 +132,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     else:
         distill = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     ratio = masked.ratio_of(det_masks)
-    budget = cfg.lam * torch.log(torch.maximum(ratio, torch.tensor(cfg.budget)) /
-                                 torch.minimum(ratio, torch.tensor(cfg.budget))).abs()
+    budget = cfg.lam * torch.log(ratio / cfg.budget).abs()  # = lam * log(max(r, p) / min(r, p))
     union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in det_masks]).mean()
     union_loss = cfg.union_weight * -torch.log(union.clamp_min(1e-6))
     lb_terms = []
@@ -134,12 +148,21 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
             "noise": torch.tensor(scale)}
 
 
-class _null:
-    def __enter__(self):
-        return self
+class ConversionObjective(nn.Module):
+    """The loss of one micro-batch as a module, so DistributedDataParallel can wrap it."""
 
-    def __exit__(self, *exc):
-        return False
+    def __init__(self, masked: MaskedModel, cfg: ConversionConfig, autocast_dtype=None):
+        super().__init__()
+        self.masked, self.cfg, self.autocast_dtype = masked, cfg, autocast_dtype
+
+    def forward(self, ids: torch.Tensor, step: int, micro: int) -> dict[str, torch.Tensor]:
+        return conversion_losses(self.masked, ids, self.cfg, step, self.autocast_dtype, micro)
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -193,20 +216,21 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
     from tqdm.auto import tqdm
 
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    rank, world = dist_info()
+    if cfg.micro_batches % world:
+        raise ValueError(f"{world} processes cannot share {cfg.micro_batches} micro-batches: set --micro-batches "
+                         f"to a multiple of {world}")
+    if rank == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
     device = torch.device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     opt = torch.optim.AdamW(masked.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = workdir / "checkpoint"
     start, elapsed, init_info = 0, 0.0, {}
+    _barrier(world)
     if (ckpt / "state.json").exists():
         meta = load_checkpoint(ckpt, masked, opt)
-        saved_cfg = {k: v for k, v in meta["config"].items() if k not in ("steps", "checkpoint_every", "device")}
-        now_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "device")}
-        if saved_cfg != now_cfg:
-            diff = {k: (saved_cfg.get(k), now_cfg.get(k)) for k in now_cfg if saved_cfg.get(k) != now_cfg.get(k)}
-            raise CheckpointError(f"checkpoint in {ckpt} was made with other settings {diff}; "
-                                  "use the same settings or another output folder")
+        _check_same_settings(meta["config"], cfg, ckpt)
         start, elapsed, init_info = meta["step"], meta.get("elapsed_s", 0.0), meta.get("init", {})
         log(f"[tomoe] resuming from step {start}/{cfg.steps}")
     elif cfg.init == "cluster":
@@ -218,36 +242,75 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
         elapsed += init_info["seconds"]
         log(f"[tomoe] cluster init of {len(masked.mlps)} layers from {n * cfg.seq_len} tokens "
             f"in {init_info['seconds']:.0f} s")
+    objective = ConversionObjective(masked, cfg, autocast_dtype)
+    if world > 1:  # replicas of hypernetwork + routers; DDP broadcasts rank 0's state (incl. mask bases) here
+        objective = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
+    my_micro = list(range(rank, cfg.micro_batches, world))
     log_path = workdir / "log.jsonl"
-    _truncate_log(log_path, start)
-    bar = tqdm(total=cfg.steps, initial=start, desc="convert", disable=not show_tqdm, dynamic_ncols=True)
+    if rank == 0:
+        _truncate_log(log_path, start)
+    bar = tqdm(total=cfg.steps, initial=start, desc="convert", disable=not show_tqdm or rank != 0,
+               dynamic_ncols=True)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     t_start = time.time()
     record = {}
+    log_file = open(log_path, "a") if rank == 0 else None
     try:
-        with open(log_path, "a") as log_file:
-            for step in range(start, end):
-                ids = sample_batch(stream, cfg, step).to(device)
-                terms = conversion_losses(masked, ids, cfg, step, autocast_dtype)
-                opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                opt.step()
-                record = {"step": step + 1, **{k: round(float(v.detach()), 5) for k, v in terms.items()},
-                          "elapsed_s": round(elapsed + time.time() - t_start, 2)}
+        for step in range(start, end):
+            opt.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            for i, micro in enumerate(my_micro):
+                ids = sample_batch(stream, cfg, step, micro).to(device)
+                last = i == len(my_micro) - 1
+                sync = contextlib.nullcontext() if world == 1 or last else objective.no_sync()
+                with sync:
+                    terms = objective(ids, step, micro)
+                    # DDP averages over processes; each process sums its share of micro-batches
+                    (terms["loss"] * world / cfg.micro_batches).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / len(my_micro)
+            opt.step()
+            record = {"step": step + 1, **{k: round(v, 5) for k, v in sums.items()},
+                      "elapsed_s": round(elapsed + time.time() - t_start, 2)}
+            if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                bar.update(1)
-                bar.set_postfix(kl=f"{record['distill']:.3f}", r=f"{record['ratio']:.3f}",
-                                u=f"{record['union']:.2f}", lb=f"{record['load_balance']:.3f}")
-                if progress is not None:
-                    progress(step + 1, cfg.steps, record)
-                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            bar.update(1)
+            bar.set_postfix(kl=f"{record['distill']:.3f}", r=f"{record['ratio']:.3f}",
+                            u=f"{record['union']:.2f}", lb=f"{record['load_balance']:.3f}")
+            if progress is not None and rank == 0:
+                progress(step + 1, cfg.steps, record)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+                if rank == 0:
                     save_checkpoint(ckpt, masked, opt, step + 1, cfg,
-                                    {"elapsed_s": elapsed + time.time() - t_start, "init": init_info})
+                                    {"elapsed_s": elapsed + time.time() - t_start, "init": init_info,
+                                     "world_size": world})
+                _barrier(world)
     finally:
         bar.close()
+        if log_file is not None:
+            log_file.close()
     return {"steps_done": end, "finished": end == cfg.steps, "tokens_seen": end * cfg.tokens_per_step,
-            "train_seconds": elapsed + time.time() - t_start, "last": record, "init": init_info}
+            "train_seconds": elapsed + time.time() - t_start, "last": record, "init": init_info,
+            "world_size": world}
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+_RESUMABLE = ("steps", "checkpoint_every", "device")  # settings a resumed run may change
+
+
+def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None:
+    defaults = asdict(ConversionConfig())
+    now = asdict(cfg)
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
+            if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
+    if diff:
+        raise CheckpointError(f"checkpoint in {ckpt} was made with other settings {diff}; "
+                              "use the same settings or another output folder")
 
 
 def _truncate_log(path: Path, step: int) -> None:
