@@ -43,6 +43,9 @@ def _add_convert(sub):
     p.add_argument("--text", default=_DEFAULTS.text,
                    help="calibration text: 'wiki' (default corpus), a .txt file, a folder, or hf:NAME")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--micro-batches", type=int, default=_DEFAULTS.micro_batches,
+                   help="split each step's batch into this many shards of data and noise; under torchrun the "
+                        "processes share them, so use a multiple of the process count (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
                    help="steps between checkpoints (default: %(default)s)")
     p.add_argument("--device", default=_DEFAULTS.device, help="cpu or cuda[:N] (default: %(default)s)")
@@ -114,10 +117,14 @@ def _run(args, argv) -> int:
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
                                init=args.init, noise_anneal=args.noise_anneal, distill=args.distill, text=args.text,
-                               seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device,
+                               seed=args.seed, micro_batches=args.micro_batches,
+                               checkpoint_every=args.checkpoint_every, device=args.device,
                                model=args.model)
         command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
         out = pipeline.run_conversion(cfg, args.output, command=command)
+        from .train import dist_info
+        if dist_info()[0] != 0:
+            return 0
         print(out)
         if args.evaluate and (out / "tomoe.json").exists():
             _print_eval(pipeline.run_evaluation(out, device=args.device), out.name)

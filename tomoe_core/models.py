@@ -50,7 +50,7 @@ def _load_gguf(path: Path, dtype):
     return model, tokenizer
 
 
-def _load_builtin(spec: BuiltinModel, dtype, log=print):
+def _load_builtin(spec: BuiltinModel, dtype, log=print, device_map=None):
     target = cache_dir() / "models" / spec.name
     with file_lock(target):
         if not (target / "config.json").exists():
@@ -65,13 +65,14 @@ def _load_builtin(spec: BuiltinModel, dtype, log=print):
                 tokenizer.save_pretrained(tmp)
                 (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "builtin": spec.name}))
             log(f"[tomoe] cached {spec.name} at {target} ({time.time() - t0:.0f} s)")
-    return _load_folder(target, dtype)
+    return _load_folder(target, dtype, device_map=device_map)
 
 
-def _load_folder(path: Path, dtype, trust_remote_code: bool = False):
+def _load_folder(path: Path, dtype, trust_remote_code: bool = False, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
@@ -81,9 +82,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def load_dense(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, log=print):
-    """Return (model, tokenizer) in eval mode for a built-in name, a folder, a GGUF file or a hub id."""
+    """Return (model, tokenizer) in eval mode for a built-in name, a folder, a GGUF file or a hub id.
+
+    device="auto" spreads a large model over the available GPUs (accelerate's device_map="auto").
+    """
+    device_map = "auto" if str(device) == "auto" else None
     if name_or_path in BUILTIN_MODELS:
-        model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype, log)
+        model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype, log, device_map)
     else:
         path = Path(name_or_path).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -94,10 +99,10 @@ def load_dense(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
                 raise ModelLoadError(f"{path} is a folder without config.json: not a Hugging Face checkpoint")
             if json.loads(cfg.read_text()).get("model_type") == "tomoe":
                 raise ModelLoadError(f"{path} is a converted ToMoE model, not a dense one: use load_converted()")
-            model, tokenizer = _load_folder(path, dtype, trust_remote_code)
+            model, tokenizer = _load_folder(path, dtype, trust_remote_code, device_map)
         elif _HUB_ID.match(name_or_path) and not path.exists():
             try:
-                model, tokenizer = _load_folder(name_or_path, dtype, trust_remote_code)
+                model, tokenizer = _load_folder(name_or_path, dtype, trust_remote_code, device_map)
             except OSError as err:
                 raise ModelLoadError(f"could not load hub model {name_or_path!r} ({err}). Without internet, "
                                      "pass a local checkpoint folder or a .gguf file instead") from None
@@ -107,7 +112,9 @@ def load_dense(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "
                 "a local Hugging Face checkpoint folder, a .gguf file, or a hub id like 'org/name'")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tokenizer
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):

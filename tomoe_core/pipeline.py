@@ -1,6 +1,7 @@
 """High-level operations shared by the CLI and the studio: convert, evaluate."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -43,27 +44,51 @@ def default_conversion_name(cfg: ConversionConfig) -> str:
     return safe_name(f"{Path(cfg.model).name}-p{cfg.budget:g}-e{cfg.num_experts}")
 
 
+def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(cfg.device)
+    return dist.get_rank(), world
+
+
 def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=None, show_tqdm=True,
                    log=print, command: str | None = None) -> Path:
-    """Train a conversion (resuming if a checkpoint exists), materialise and save it. Returns the folder."""
+    """Train a conversion (resuming if a checkpoint exists), materialise and save it. Returns the folder.
+
+    Under `torchrun --nproc_per_node N` every process trains a DDP replica on its own shard of the
+    calibration text; rank 0 writes checkpoints, the log and the converted model.
+    """
     output = Path(output) if output else conversions_dir() / default_conversion_name(cfg)
     workdir = output.with_name(output.name + ".work")
     t0 = time.time()
-    with file_lock(workdir):  # two processes converting into the same folder would corrupt it
+    rank, world = _init_distributed(cfg)
+    if rank != 0:
+        log = lambda *a, **k: None  # noqa: E731
+    # two runs converting into the same folder would corrupt it: rank 0 holds the lock
+    lock = file_lock(workdir) if rank == 0 else contextlib.nullcontext()
+    with lock:
         model, tokenizer = load_dense(cfg.model, device=cfg.device, log=log)
         tag = safe_name(Path(cfg.model).name)
         stream = cached_stream(tokenizer, cfg.text, "calibration", None, tag)
         masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed)
         summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
-        if not summary["finished"]:
-            return workdir
+        if not summary["finished"] or rank != 0:
+            return workdir if not summary["finished"] else output
         masks, calib = finalize_masks(masked, cfg.budget)
         moe = materialise(masked, masks, cfg.budget)
         report = account(moe)
         meta = {
             "kind": "tomoe-conversion",
             "model": cfg.model, "budget": cfg.budget, "num_experts": cfg.num_experts,
-            "settings": asdict(cfg), "command": command,
+            "settings": asdict(cfg), "command": command, "world_size": world,
             "tokens_seen": summary["tokens_seen"], "train_seconds": round(summary["train_seconds"], 1),
             "wall_seconds": round(time.time() - t0, 1), "final_losses": summary["last"],
             "mask_calibration": calib, "layers": layer_stats(masks), "accounting": report.as_dict(),
