@@ -15,6 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 CONVERSION = "tiny-llama-p0.5-e4"
+_SENTENCES = [
+    "The old bridge crossed the river near the small town, and farmers used it every morning.",
+    "In 1848, several European cities saw large protests against their governments.",
+    "She quickly wrote three letters to her brother, who lived far away in the mountains.",
+    "Water boils at 100 degrees Celsius at sea level, but at lower temperatures on high peaks.",
+    "Why did the committee reject the proposal after such a long and careful debate?",
+    "Many birds migrate south in autumn; they return when the days grow longer.",
+    "The library opened a new wing with 20,000 books, two reading rooms and a quiet garden.",
+    "He was not sure whether the train would arrive on time, so he called a taxi instead.",
+]
+PROMPTS = [" ".join(_SENTENCES[i:] + _SENTENCES[:i]) for i in range(len(_SENTENCES))]  # about 1.4 k tokens
 
 
 def _quality(budget: float, tomoe_ppl: float, conversion: Path, accounting: dict) -> dict:
@@ -72,9 +83,7 @@ def build(cache: Path, with_routing: bool = True) -> Path:
     (results / "eval-corrupt.json").write_text('{"kind": "quality", "results": {')  # a half-written file
     if with_routing:
         from tomoe_core.trace import trace_run
-        trace_run(folder, prompts=["The cat sat on the mat. It was a sunny day in Paris.",
-                                   "Rome was founded on seven hills; its history spans centuries."],
-                  seq_len=64, batch_size=2, run_id="tiny-prompts", root=cache / "routing")
+        trace_run(folder, prompts=PROMPTS, seq_len=128, batch_size=4, run_id="tiny-prompts", root=cache / "routing")
     return folder
 
 

@@ -164,6 +164,39 @@ def test_runs_page_lists_conversions_logs_and_runs_a_cancellable_job(cache_env):
         jobs.forget(jobs.get_job(job.id))
 
 
+def test_experts_page_tags_then_shows_roles_and_drills_down(cache_env):
+    at = run_page("experts")
+    assert at.selectbox(key="experts_run").value == "tiny-prompts"
+    assert {"Expert load", "Experts by part of speech", "Top tokens of an expert",
+            "A document, token by token"} <= set(at.subheader.values)
+    if at.button and at.button[0].label.startswith("Tag the text"):
+        at.button[0].click().run()
+        assert not at.exception and not at.error
+    charts = {c.proto.id: c for c in at.get("plotly_chart")}
+    assert len(charts) == 5  # load, lift, NMI, clustering map, token strip
+    assert "layers have an NMI above" in " ".join(at.caption.values)
+    before = at.dataframe[-1].value
+    at.number_input(key="drill_expert").set_value(1).run()
+    assert not at.exception
+    assert not at.dataframe[-1].value.equals(before)
+    at.selectbox(key="strip_doc").set_value(3).run()
+    assert not at.exception
+
+
+def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
+    import shutil
+
+    import tomoe_core.trace as trace
+
+    root = tmp_path / "routing"
+    shutil.copytree(cache_env / "routing" / "run_id=tiny-prompts", root / "run_id=broken")
+    part = next((root / "run_id=broken").glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])  # truncated
+    monkeypatch.setattr(trace, "routing_root", lambda: root)
+    at = run_page("experts")
+    assert at.error and "cannot be read" in at.error[0].value
+
+
 def test_every_page_renders(cache_env):
     for page in (None, "compare", "experts", "runs"):
         at = run_page(page)

@@ -1,2 +1,191 @@
+"""Experts: what the experts of a routing log do: load, part-of-speech lift, NMI against its
+permutation band, the clustering map (click an expert for its top tokens), a document's token strip."""
+import json
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
-st.title("experts")
+
+from app import ui
+
+st.title("Experts")
+st.caption("Pick a routing log (made on the **Runs** page or with `python -m tomoe_core trace`). Click an expert on "
+           "the clustering map, or pick one below, to see its most frequent tokens.")
+
+from analysis import routing_figures as figures  # noqa: E402
+from tomoe_core import queries, trace  # noqa: E402
+
+runs = trace.list_runs()
+if not runs:
+    st.info("No routing log yet. Start a trace on the **Runs** page, or run "
+            "`python -m tomoe_core trace cache/conversions/NAME`.", icon="ℹ️")
+    st.page_link("pages/runs.py", label="Open Runs", icon=":material/play_circle:")
+    st.stop()
+
+by_id = {r["run_id"]: r for r in runs}
+ui.keep("experts_run", runs[0]["run_id"])
+if st.session_state["experts_run"] not in by_id:
+    st.session_state["experts_run"] = runs[0]["run_id"]
+st.selectbox("Routing log", list(by_id), key="experts_run",
+             format_func=lambda r: f"{r}  ({by_id[r].get('tokens', '?'):,} tokens, p = {by_id[r].get('budget')})"
+             if isinstance(by_id[r].get("tokens"), int) else r)
+meta = by_id[st.session_state["experts_run"]]
+folder = Path(meta["path"])
+num_layers = int(meta.get("num_layers") or 1)
+num_experts = int(meta.get("num_experts") or 1)
+text = meta.get("text") or {}
+st.caption(f"Model `{meta.get('model')}` · conversion `{Path(str(meta.get('conversion', ''))).name}` "
+           f"(digest {meta.get('conversion_digest')}) · budget {meta.get('budget')} · {num_experts} experts x "
+           f"{num_layers} layers · text: {text.get('source')} {text.get('split') or ''} · {meta.get('created_at')}")
+
+
+def _stamps(folder: Path) -> tuple:
+    """Names and modification times of the run's files: a new annotation or a re-run changes it."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()))
+    except OSError:
+        return ()
+
+
+run_key = (str(folder), _stamps(folder))
+
+
+@st.cache_data(show_spinner="Querying the routing log...", max_entries=16)
+def cached(name: str, key: tuple, **kwargs) -> pd.DataFrame:
+    """A `tomoe_core.queries` function of the run, cached until the run's files change."""
+    return getattr(queries, name)(key[0], **kwargs)
+
+
+@st.cache_data(show_spinner="NMI against its permutation baseline (cached afterwards)...", max_entries=4)
+def cached_nmi(key: tuple, permutations: int) -> pd.DataFrame:
+    from analysis.experts import nmi_per_layer
+    return nmi_per_layer(cached("token_labels", key), permutations=permutations)
+
+
+@st.cache_data(show_spinner="Clustering experts by POS profile...", max_entries=4)
+def cached_clusters(key: tuple, min_tokens: int):
+    from analysis.experts import cluster_experts
+    c = cluster_experts(cached("expert_pos", key), min_tokens=min_tokens)
+    return c.experts, c.summary(), c.k, c.silhouette
+
+
+def stored_report(folder: Path) -> dict | None:
+    """The `python -m analysis.routing_report` result beside the run, if it was made."""
+    path = folder / "syntax-report.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+try:
+    trace.verify_run(folder) if st.session_state.get("verified") != run_key else None
+    st.session_state["verified"] = run_key
+    load = cached("expert_load", run_key)
+except (trace.RoutingLogError, OSError, ValueError) as err:
+    st.error(f"This routing log cannot be read: {err}")
+    st.stop()
+except Exception as err:  # DuckDB raises its own types on a corrupt Parquet file
+    st.error(f"This routing log cannot be read ({err.__class__.__name__}: {err}); re-run the trace.")
+    st.stop()
+
+ui.keep("experts_layer", min(num_layers // 2, num_layers - 1))
+if num_layers > 1:
+    st.slider("Layer (lift heatmap, top tokens, token strip)", 0, num_layers - 1, key="experts_layer")
+layer = int(st.session_state["experts_layer"])
+
+# -- load ---------------------------------------------------------------------------------------------
+st.subheader("Expert load")
+st.plotly_chart(figures.load_heatmap(load), key="load_heatmap", on_select="rerun", selection_mode="points")
+
+# -- syntactic roles ------------------------------------------------------------------------------------
+st.subheader("Experts by part of speech")
+annotated = queries.has_annotation(folder)
+if not annotated:
+    st.info("This log has no part-of-speech tags yet. Tagging runs spaCy over the traced text once and stores "
+            "the tags beside the log.", icon="ℹ️")
+    if st.button("Tag the text (spaCy)", type="primary"):
+        from analysis.syntax import annotate_run
+
+        bar = st.progress(0.0, text="loading the tagger...")
+        try:
+            annotate_run(folder, progress=lambda done, total: bar.progress(done / total,
+                                                                           text=f"tagged {done} / {total} documents"))
+        except (OSError, ValueError, ImportError) as err:
+            st.error(f"Tagging failed: {err}")
+        else:
+            st.rerun()
+else:
+    counts = cached("expert_pos", run_key)
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.plotly_chart(figures.lift_heatmap(counts, layer=layer), key="lift_heatmap")
+    with right:
+        report = stored_report(folder)
+        if report and report.get("nmi"):
+            nmi = pd.DataFrame(report["nmi"])
+            st.caption(f"NMI from `syntax-report.json` ({report.get('permutations')} permutations).")
+        else:
+            ui.keep("permutations", 50)
+            st.number_input("Permutations for the baseline", 10, 1000, step=10, key="permutations")
+            nmi = cached_nmi(run_key, int(st.session_state["permutations"]))
+        st.plotly_chart(figures.nmi_figure(nmi), key="nmi")
+        above = int((nmi["p_value"] < 0.01).sum())
+        st.caption(f"{above} of {len(nmi)} layers have an NMI above every shuffled baseline at p < 0.01; "
+                   f"median NMI {nmi['nmi'].median():.4f} against a shuffled median of {nmi['perm_mean'].median():.4f}.")
+
+    st.markdown("**Clustering map**: every expert of every layer by its POS profile; click one for its top tokens")
+    ui.keep("min_tokens", 50)
+    try:
+        experts_df, summary, k, silhouette = cached_clusters(run_key, int(st.session_state["min_tokens"]))
+    except ValueError as err:
+        st.info(f"Not enough tokens to cluster: {err}", icon="ℹ️")
+        experts_df = None
+    if experts_df is not None:
+        event = st.plotly_chart(figures.expert_map(experts_df), key="expert_map", on_select="rerun",
+                                selection_mode="points")
+        groups = [g for _, g in experts_df.groupby("cluster_name", sort=True)]  # the figure's trace order
+        for point in (event.selection.points if event else []):
+            custom = point.get("customdata")
+            if custom is not None and len(custom) >= 2:
+                st.session_state["drill_layer"], st.session_state["drill_expert"] = int(custom[0]), int(custom[1])
+            elif point.get("curve_number") is not None and point.get("curve_number") < len(groups):
+                row = groups[point["curve_number"]].iloc[point["point_index"]]
+                st.session_state["drill_layer"], st.session_state["drill_expert"] = int(row.layer), int(row.expert)
+        st.caption(f"k = {k} clusters chosen by silhouette ({', '.join(f'{kk}: {v:.2f}' for kk, v in silhouette.items())}).")
+        st.dataframe(summary, hide_index=True)
+
+# -- drill-down: top tokens of one expert ------------------------------------------------------------
+st.subheader("Top tokens of an expert")
+for point in (st.session_state.get("load_heatmap") or {}).get("selection", {}).get("points", []):
+    if "x" in point and "y" in point:  # a heatmap cell: x = expert, y = layer
+        st.session_state["drill_layer"], st.session_state["drill_expert"] = int(point["y"]), int(point["x"])
+ui.keep("drill_layer", layer)
+ui.keep("drill_expert", 0)
+c1, c2 = st.columns(2)
+c1.number_input("Layer", 0, num_layers - 1, key="drill_layer")
+c2.number_input("Expert", 0, num_experts - 1, key="drill_expert")
+top = cached("top_tokens", run_key, layer=int(st.session_state["drill_layer"]),
+             expert=int(st.session_state["drill_expert"]), limit=25)
+if top.empty:
+    st.caption("This expert received no tokens in this log.")
+else:
+    st.dataframe(top.drop(columns=["expert"]), hide_index=True, column_config={
+        "share_of_expert": st.column_config.ProgressColumn("share of the expert's tokens", format="%.1f%%",
+                                                           min_value=0, max_value=1),
+        "share_of_token": st.column_config.NumberColumn("share of this token's uses", format="%.2f")})
+
+# -- token strip -----------------------------------------------------------------------------------------
+st.subheader("A document, token by token")
+docs = cached("documents", run_key)
+if docs.empty:
+    st.caption("The log has no documents.")
+else:
+    ui.keep("strip_doc", int(docs["doc_id"].iloc[0]))
+    titles = dict(zip(docs["doc_id"].astype(int), docs["title"].astype(str)))
+    st.selectbox("Document", list(titles), key="strip_doc", format_func=lambda d: f"{d}: {titles[d]}")
+    tokens = cached("document_tokens", run_key, doc_id=int(st.session_state["strip_doc"]), layer=layer)
+    try:
+        st.plotly_chart(figures.token_strip(tokens, layer, num_experts=num_experts), key="token_strip")
+    except ValueError as err:
+        st.info(str(err), icon="ℹ️")
