@@ -1,6 +1,6 @@
 """Experts by syntactic role for one routing run: `python -m analysis.routing_report RUN`.
 
-Tags the run's text with spaCy (once; kept as annotation-pos.parquet beside the log), then
+Tags the run's text with spaCy (once; `word` and `pos` columns are added to the log), then
 prints and saves: NMI(expert; POS) per layer against both permutation baselines, the k
 chosen by silhouette with every score, and the expert clusters named by their dominant
 roles. The JSON result goes to <run folder>/syntax-report.json (or --output).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import datetime as _dt
-import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -118,56 +117,39 @@ def annotate_tokens(text: str, token_spans, nlp=None) -> tuple[np.ndarray, list[
 
 def annotate_run(run, nlp=None, tagger: str = DEFAULT_TAGGER, overwrite: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write annotation-pos.parquet beside a routing run: one row per traced token with
-    doc_id, position, word_index, word, pos (word columns null for tokens without a word).
-    Returns its path; an existing annotation is kept unless `overwrite`."""
+    """Tag a routing run's text and add `word` and `pos` columns to its log (null for tokens
+    without a word). Returns the run folder; an annotated run is left as it is unless `overwrite`."""
     import duckdb
-    import pyarrow as pa
     import pyarrow.parquet as pq
+    import spacy
 
-    from tomoe_core.io import atomic_write_bytes, atomic_write_json, file_lock
-    from tomoe_core.trace import DOCUMENTS_FILE, PART_GLOB, POS_ANNOTATION_FILE, run_dir
+    from tomoe_core.trace import DOCUMENTS_FILE, PART_GLOB, add_token_columns, has_columns, run_dir
 
     folder = run_dir(run)
-    path = folder / POS_ANNOTATION_FILE
-    with file_lock(path):
-        if path.exists() and not overwrite:
-            return path
-        nlp = nlp or load_tagger(tagger)
-        docs = pq.read_table(folder / DOCUMENTS_FILE, columns=["doc_id", "text"]).to_pydict()
-        texts = dict(zip(docs["doc_id"], docs["text"]))
-        spans = duckdb.connect().execute(
-            f"SELECT doc_id, position, char_start, char_end FROM read_parquet('{folder / PART_GLOB}') "
-            "WHERE layer = 0 ORDER BY doc_id, position").fetchnumpy()
-        doc_ids = spans["doc_id"]
-        bounds = np.flatnonzero(np.diff(doc_ids)) + 1
-        starts, ends = np.r_[0, bounds], np.r_[bounds, len(doc_ids)]
-        word_index = np.full(len(doc_ids), -1, dtype=np.int32)
-        word_text = np.full(len(doc_ids), None, dtype=object)
-        pos = np.full(len(doc_ids), None, dtype=object)
-        for n, (a, b) in enumerate(zip(starts, ends)):
-            doc_id = int(doc_ids[a])
-            token_spans = np.stack([spans["char_start"][a:b], spans["char_end"][a:b]], axis=1)
-            idx, words = annotate_tokens(texts[doc_id], token_spans, nlp)
-            word_index[a:b] = idx
-            hit = np.flatnonzero(idx >= 0)
-            word_text[a + hit] = [words[i].text for i in idx[hit]]
-            pos[a + hit] = [words[i].pos for i in idx[hit]]
-            if progress is not None:
-                progress(n + 1, len(starts))
-        table = pa.table({
-            "doc_id": pa.array(doc_ids, pa.int32()), "position": pa.array(spans["position"], pa.int32()),
-            "word_index": pa.array(np.where(word_index >= 0, word_index, 0), pa.int32(), mask=word_index < 0),
-            "word": pa.array(word_text, pa.string()).dictionary_encode(),
-            "pos": pa.array(pos, pa.string()).dictionary_encode()})
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        atomic_write_bytes(path, buf.getvalue())
-        import spacy
-
-        atomic_write_json(path.with_suffix(".json"), {
-            "tagger": tagger, "tagger_version": nlp.meta.get("version"), "spacy": spacy.__version__,
+    if has_columns(folder) and not overwrite:
+        return folder
+    nlp = nlp or load_tagger(tagger)
+    docs = pq.read_table(folder / DOCUMENTS_FILE, columns=["doc_id", "text"]).to_pydict()
+    texts = dict(zip(docs["doc_id"], docs["text"]))
+    glob = str(folder / PART_GLOB).replace("'", "''")
+    spans = duckdb.connect().execute(
+        f"SELECT doc_id, position, char_start, char_end FROM read_parquet('{glob}') "
+        "WHERE layer = 0 ORDER BY doc_id, position").fetchnumpy()
+    doc_ids = np.asarray(spans["doc_id"])
+    bounds = np.flatnonzero(np.diff(doc_ids)) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, len(doc_ids)]
+    word_text = np.full(len(doc_ids), None, dtype=object)
+    pos = np.full(len(doc_ids), None, dtype=object)
+    for n, (a, b) in enumerate(zip(starts, ends)):
+        token_spans = np.stack([spans["char_start"][a:b], spans["char_end"][a:b]], axis=1)
+        idx, words = annotate_tokens(texts[int(doc_ids[a])], token_spans, nlp)
+        hit = np.flatnonzero(idx >= 0)
+        word_text[a + hit] = [words[i].text for i in idx[hit]]
+        pos[a + hit] = [words[i].pos for i in idx[hit]]
+        if progress is not None:
+            progress(n + 1, len(starts))
+    info = {"tagger": tagger, "tagger_version": nlp.meta.get("version"), "spacy": spacy.__version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "tokens": int(len(doc_ids)), "tokens_with_word": int((word_index >= 0).sum()),
-            "rule": "a token takes the word it shares the most characters with; none if it shares none"})
-    return path
+            "tokens": int(len(doc_ids)), "tokens_with_word": int(sum(p is not None for p in pos)),
+            "rule": "a token takes the word it shares the most characters with; none if it shares none"}
+    return add_token_columns(folder, doc_ids, np.asarray(spans["position"]), {"word": word_text, "pos": pos}, info)

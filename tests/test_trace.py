@@ -237,4 +237,30 @@ def test_expert_pos_query_joins_annotation(annotated_run):
     assert {"word", "pos"} <= set(doc.columns)
     cat = doc[doc.token == " cat"].iloc[0]
     assert cat.word == "cat" and cat.pos == "NOUN"
-    assert json.loads((annotated_run / "annotation-pos.json").read_text())["tokens"] == read_run_meta(annotated_run)["tokens"]
+    meta = read_run_meta(annotated_run)
+    assert meta["annotations"]["pos"]["tokens"] == meta["tokens"] and meta["annotations"]["pos"]["tagger"]
+    verify_run(annotated_run)  # checksums were refreshed
+    assert pq.read_schema(next(annotated_run.glob(PART_GLOB))).field("pos").type.value_type == "string"
+
+
+def test_synthetic_log_and_query_timing(routing_cache):
+    from tomoe_core.trace_bench import time_expert_pos, write_synthetic_log
+
+    path = write_synthetic_log(rows=30 * 500, run_id="synthetic-small")
+    meta = read_run_meta(path)
+    assert meta["rows"] == 30 * 500 and meta["annotations"]["pos"]["tagger"] == "synthetic"
+    verify_run(path)
+    timing = time_expert_pos(path, repeats=2)
+    assert timing["result_rows"] > 0 and timing["median_s"] >= 0
+    assert queries.expert_pos(path).tokens.sum() == 30 * 500
+
+
+def test_overhead_benchmark_runs_the_same_batches(converted, tmp_path, capsys):
+    from tomoe_core.trace_bench import main
+
+    text = tmp_path / "bench.txt"
+    text.write_text("\n\n".join(TEXTS))
+    assert main(["overhead", str(converted), "--text", str(text), "--seq-len", "8", "--batch-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == out["tokens"] * out["layers"] and out["bytes_per_row"] > 0
+    assert out["untraced_s"] > 0 and out["traced_s"] > 0 and "overhead_pct" in out

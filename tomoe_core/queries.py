@@ -1,10 +1,9 @@
 """DuckDB queries straight on a run's Parquet files. Every function returns a pandas DataFrame.
 
 `run` is a run id (folder cache/routing/run_id=<id>) or a run folder. The routing rows live in
-the run's part-*.parquet files; part-of-speech annotation, when `analysis.syntax.annotate_run`
-has written it, lives in annotation-pos.parquet beside them, one row per token
-(doc_id, position, word_index, word, pos), and is joined on (doc_id, position). Keeping it
-apart leaves the routing log immutable: re-tagging with another tagger rewrites one small file.
+the run's part-*.parquet files. The part-of-speech columns `word` and `pos` are in the same
+rows once `analysis.syntax.annotate_run` has added them (see `tomoe_core.trace`): the
+expert x POS table is then one GROUP BY, with no join.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from .trace import PART_GLOB, POS_ANNOTATION_FILE, RoutingLogError, read_run_meta, run_dir
+from .trace import PART_GLOB, RoutingLogError, has_columns, read_run_meta, run_dir
 
 
 def _quote(path: Path | str) -> str:
@@ -27,16 +26,14 @@ def routing_source(run) -> str:
     return f"read_parquet({_quote(folder / PART_GLOB)})"
 
 
-def annotation_source(run) -> str:
-    path = run_dir(run) / POS_ANNOTATION_FILE
-    if not path.exists():
-        raise RoutingLogError(f"run {Path(run).name} has no part-of-speech annotation; "
-                              "add it with `python -m analysis.routing_report RUN` or analysis.syntax.annotate_run")
-    return f"read_parquet({_quote(path)})"
-
-
 def has_annotation(run) -> bool:
-    return (run_dir(run) / POS_ANNOTATION_FILE).exists()
+    return has_columns(run, ("word", "pos"))
+
+
+def _require_annotation(run) -> None:
+    if not has_annotation(run):
+        raise RoutingLogError(f"run {Path(str(run)).name} has no part-of-speech annotation; add it with "
+                              "`python -m analysis.routing_report RUN` or analysis.syntax.annotate_run")
 
 
 def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -111,11 +108,8 @@ def document_tokens(run, doc_id: int, layer: int | None = None, con=None) -> pd.
     cols = ("r.doc_id, r.position, r.token_id, r.token::VARCHAR AS token, r.char_start, r.char_end, r.layer, "
             "r.expert, r.router_prob")
     if has_annotation(run):
-        sql = (f"SELECT {cols}, a.word::VARCHAR AS word, a.pos::VARCHAR AS pos FROM {routing_source(run)} r "
-               f"LEFT JOIN {annotation_source(run)} a USING (doc_id, position) WHERE {where} "
-               "ORDER BY r.layer, r.position")
-    else:
-        sql = f"SELECT {cols} FROM {routing_source(run)} r WHERE {where} ORDER BY r.layer, r.position"
+        cols += ", r.word::VARCHAR AS word, r.pos::VARCHAR AS pos"
+    sql = f"SELECT {cols} FROM {routing_source(run)} r WHERE {where} ORDER BY r.layer, r.position"
     return (con or duckdb.connect()).execute(sql, params).df()
 
 
@@ -150,18 +144,18 @@ def expert_pos(run, con=None) -> pd.DataFrame:
 
     Tokens without a word (whitespace, special tokens) are left out.
     """
+    _require_annotation(run)
     return _query(f"""
-        SELECT r.layer, r.expert, a.pos::VARCHAR AS pos, count(*) AS tokens
-        FROM {routing_source(run)} r JOIN {annotation_source(run)} a USING (doc_id, position)
-        WHERE a.pos IS NOT NULL
-        GROUP BY r.layer, r.expert, a.pos ORDER BY r.layer, r.expert, pos""", con=con)
+        SELECT layer, expert, pos::VARCHAR AS pos, count(*) AS tokens
+        FROM {routing_source(run)} WHERE pos IS NOT NULL
+        GROUP BY layer, expert, pos ORDER BY layer, expert, pos""", con=con)
 
 
 def token_labels(run, con=None) -> pd.DataFrame:
     """One row per annotated (token, layer): layer, doc_id, position, token_id, expert, pos,
     ordered by layer then token (every layer lists the same tokens in the same order).
     The input of the permutation tests in analysis.experts."""
+    _require_annotation(run)
     return _query(f"""
-        SELECT r.layer, r.doc_id, r.position, r.token_id, r.expert, a.pos::VARCHAR AS pos
-        FROM {routing_source(run)} r JOIN {annotation_source(run)} a USING (doc_id, position)
-        WHERE a.pos IS NOT NULL ORDER BY r.layer, r.doc_id, r.position""", con=con)
+        SELECT layer, doc_id, position, token_id, expert, pos::VARCHAR AS pos
+        FROM {routing_source(run)} WHERE pos IS NOT NULL ORDER BY layer, doc_id, position""", con=con)
