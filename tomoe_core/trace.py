@@ -532,14 +532,15 @@ def plan_trace(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: st
 
 
 def _library_versions() -> dict:
-    import duckdb  # noqa: F401  (recorded because queries read the log with it)
+    import duckdb  # recorded because tomoe_core.queries reads the log with it
     import pyarrow
     import transformers
 
     from .convert import FORMAT_VERSION
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "pyarrow": pyarrow.__version__,
-            "numpy": np.__version__, "tomoe_format": FORMAT_VERSION, "routing_schema": SCHEMA_VERSION}
+            "duckdb": duckdb.__version__, "numpy": np.__version__, "tomoe_format": FORMAT_VERSION,
+            "routing_schema": SCHEMA_VERSION}
 
 
 def _write_documents(folder: Path, docs: Sequence[Document], doc_tokens: Sequence[int]) -> None:
