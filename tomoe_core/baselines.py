@@ -4,18 +4,31 @@ Each keeps the same fraction p of every layer's MLP channels (one static mask pe
 run through `MaskedModel` with one expert), chosen by a channel score:
   * magnitude: L2 norm of the channel's weights (gate row, up row, down column);
   * wanda-sp:  ||down column|| x RMS of the channel's activation over calibration text;
-  * flap:      FLAP-style fluctuation: ||down column||^2 x variance of the activation; the
-               removed channels' mean contribution is folded into a per-layer output bias
-               so the layer's expected output is kept.
+  * flap:      FLAP (An et al., AAAI 2024) with uniform per-layer width: fluctuation score
+               ||down column||^2 x variance of the channel's activation over calibration
+               text; the removed channels' mean contribution W_down[:, removed] @ mean(h_removed)
+               is folded into the layer's output bias so its expected output is kept.
+An external reference, run on a pruned copy of the dense model rather than through masks:
+  * torch-pruning: the `torch-pruning` package (DepGraph), group-magnitude (L2) importance,
+               MLP channels only (attention, the down projection and the embeddings are
+               ignored layers, so only gate/up rows and the matching down columns go), the same
+               fraction p kept in every layer. Gated and plain MLPs (not fused gate_up).
+No baseline is fine-tuned after pruning.
 """
 from __future__ import annotations
 
+import copy
+from typing import Callable
+
 import torch
+from torch import nn
 
 from .masked import MaskedModel
 from .routing import mlp_intermediate
 
-METHODS = ("magnitude", "wanda-sp", "flap")
+METHODS = ("magnitude", "wanda-sp", "flap")  # static masks through MaskedModel
+EXTERNAL_METHODS = ("torch-pruning",)  # a pruned copy of the dense model
+ALL_METHODS = METHODS + EXTERNAL_METHODS
 
 
 @torch.no_grad()
@@ -95,3 +108,86 @@ class FoldedBias:
             h.remove()
         self.handles = []
         return False
+
+
+# -- torch-pruning (external reference) ----------------------------------------------------------------
+def dense_copy(masked: MaskedModel) -> nn.Module:
+    """A deep copy of the dense model without the masked wrappers."""
+    model = copy.deepcopy(masked.model)
+    for layer in masked.adapter.layers(model):
+        masked.adapter.set_mlp(layer, masked.adapter.mlp(layer).dense_mlp)
+    return model
+
+
+def torch_pruning_copy(masked: MaskedModel, budget: float, example_ids: torch.Tensor) -> tuple[nn.Module, float]:
+    """Prune MLP channels of a dense copy with `torch-pruning`, keeping fraction `budget` per layer.
+
+    Returns (pruned model, its active MLP ratio). example_ids: (1, T) ids for tracing.
+    """
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise ValueError("the torch-pruning baseline needs the package: pip install torch-pruning==1.6.1") from None
+    adapter = masked.adapter
+    if adapter.mlp_kind not in ("gated", "plain"):
+        raise ValueError(f"the torch-pruning baseline supports separate gate/up projections; "
+                         f"{adapter.model_type} has a {adapter.mlp_kind} MLP")
+    model = dense_copy(masked)
+    layers = adapter.layers(model)
+    before = [getattr(adapter.mlp(layer), adapter.proj[-1]).weight.shape[1] for layer in layers]
+    ignored = [model.get_input_embeddings(), model.get_output_embeddings()]
+    for layer in layers:
+        ignored += [adapter.attention(layer), getattr(adapter.mlp(layer), adapter.proj[-1])]
+    model.requires_grad_(True)  # tracing follows autograd
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # norm weights are 'unwrapped parameters'; hidden size is never pruned
+            pruner = tp.pruner.MetaPruner(model, example_inputs={"input_ids": example_ids.to(next(model.parameters()).device)},
+                                          importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                          pruning_ratio=1.0 - budget, ignored_layers=ignored, global_pruning=False,
+                                          output_transform=lambda out: out.logits.sum())
+            for group in pruner.step(interactive=True):
+                group.prune()
+    finally:
+        model.requires_grad_(False)
+    after = [getattr(adapter.mlp(layer), adapter.proj[-1]).weight.shape[1] for layer in layers]
+    hidden = model.get_input_embeddings().weight.shape[1]
+    assert hidden == masked.model.get_input_embeddings().weight.shape[1], "torch-pruning changed the hidden size"
+    return model.eval(), sum(after) / sum(before)
+
+
+# -- every baseline as ids -> logits ---------------------------------------------------------------------
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def baseline_variants(masked: MaskedModel, methods, budget: float, stats: list[dict] | None,
+                      example_ids: torch.Tensor | None = None) -> dict[str, tuple[LogitsFn, float]]:
+    """name -> (ids -> logits, active MLP ratio) for each baseline at `budget`.
+
+    Static methods share `masked` (they set its masks on every call); torch-pruning gets its
+    own pruned copy. `stats` from `activation_stats` (needed by wanda-sp and flap).
+    """
+    out = {}
+    for method in methods:
+        if method in EXTERNAL_METHODS:
+            pruned, ratio = torch_pruning_copy(masked, budget, example_ids)
+            out[method] = (lambda ids, pruned=pruned: pruned(input_ids=ids).logits), ratio
+            continue
+        if method not in METHODS:
+            raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(ALL_METHODS)}")
+        if method in ("wanda-sp", "flap") and stats is None:
+            raise ValueError(f"baseline {method} needs calibration activation statistics")
+        masks = static_masks(channel_scores(masked, method, stats), budget)
+        ratio = float(masked.ratio_of(masks))
+        folded = FoldedBias(masked, masks, stats) if method == "flap" else None
+
+        def run(ids, masks=masks, folded=folded):
+            masked.set_masks(masks)
+            if folded is None:
+                return masked.model(input_ids=ids).logits
+            with folded:
+                return masked.model(input_ids=ids).logits
+        out[method] = run, ratio
+    return out

@@ -66,7 +66,7 @@ def _add_evaluate(sub):
     p.add_argument("--window", type=int, default=None, help="window length (default: min(2048, model context))")
     p.add_argument("--max-windows", type=int, default=16, help="number of windows (default: %(default)s)")
     p.add_argument("--baselines", default="magnitude,wanda-sp",
-                   help="comma-separated static baselines: magnitude, wanda-sp, flap, or none (default: %(default)s)")
+                   help="comma-separated baselines: magnitude, wanda-sp, flap, torch-pruning, or none (default: %(default)s)")
     p.add_argument("--no-routing-modes", action="store_true", help="skip the random and fixed-expert runs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, default=None, help="JSON result path (default: cache/results/eval-NAME.json)")

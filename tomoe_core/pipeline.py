@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .baselines import FoldedBias, activation_stats, channel_scores, static_masks
+from .baselines import activation_stats, baseline_variants
 from .budget import account
 from .convert import (conversion_digest, load_converted, materialise, materialise_from_recipe, read_metadata,
                       save_converted, save_recipe)
@@ -132,13 +132,8 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
         seq = 512
         n = max(1, calibration_tokens // seq)
         stats = activation_stats(masked, calib_stream[: n * seq].view(n, seq))
-    for method in baselines:
-        masks = static_masks(channel_scores(masked, method, stats), budget)
-        if method == "flap":
-            folded = FoldedBias(masked, masks, stats)
-            variants[method] = _with_context(masked, masks, folded)
-        else:
-            variants[method] = logits_fn(masked, lambda masks=masks: masked.set_masks(masks))
+    for method, (fn, _ratio) in baseline_variants(masked, baselines, budget, stats, held[:1, :64]).items():
+        variants[method] = fn
     dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
     t0 = time.time()
     results = evaluate_variants(dense_fn, variants, held, device=device, progress=progress)
@@ -153,14 +148,6 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
         out["layers"] = meta.get("layers")
         out["accounting"] = meta.get("accounting")
     return out
-
-
-def _with_context(masked, masks, ctx):
-    def run(ids):
-        masked.set_masks(masks)
-        with ctx:
-            return masked.model(input_ids=ids).logits
-    return run
 
 
 @torch.no_grad()
