@@ -89,7 +89,9 @@ def nmi_per_layer(labels: pd.DataFrame, permutations: int = 200, within_token: b
 
     labels: columns layer, expert, pos (and token_id for the within-token baseline).
     Returns per layer: tokens, nmi, perm_mean, perm_p05, perm_p95, perm_max, p_value, z
-    (observed minus permuted mean, in permuted standard deviations), and with within_token
+    (observed minus permuted mean, in permuted standard deviations), pos_accuracy (POS
+    guessed as the majority tag of the token's expert) against majority_accuracy (always the
+    layer's most common tag): an effect size in plain terms; and with within_token
     lexical_mean, lexical_p95, lexical_p_value.
     """
     rng = np.random.default_rng(seed)
@@ -100,13 +102,16 @@ def nmi_per_layer(labels: pd.DataFrame, permutations: int = 200, within_token: b
         pos = pos_codes[idx].astype(np.int64)
         num_experts, num_pos = int(experts.max()) + 1, len(pos_names)
         observed = float(normalized_mutual_info_score(pos, experts))
+        table = np.bincount(experts * num_pos + pos, minlength=num_experts * num_pos).reshape(num_experts, num_pos)
         perm = np.array([_nmi_codes(rng.permutation(experts), pos, num_experts, num_pos)
                          for _ in range(permutations)])
         row = {"layer": int(layer), "tokens": len(idx), "nmi": observed,
                "perm_mean": float(perm.mean()), "perm_p05": float(np.quantile(perm, 0.05)),
                "perm_p95": float(np.quantile(perm, 0.95)), "perm_max": float(perm.max()),
                "p_value": (1 + int((perm >= observed).sum())) / (1 + permutations),
-               "z": float((observed - perm.mean()) / perm.std()) if perm.std() > 0 else float("inf")}
+               "z": float((observed - perm.mean()) / perm.std()) if perm.std() > 0 else float("inf"),
+               "pos_accuracy": float(table.max(1).sum() / len(idx)),
+               "majority_accuracy": float(table.sum(0).max() / len(idx))}
         if within_token and "token_id" in labels:
             tokens = labels["token_id"].to_numpy()[idx]
             order = np.argsort(tokens, kind="stable")

@@ -53,7 +53,7 @@ def format_report(report: dict) -> str:
     lines = [f"run {report['run']} | model {report['model']} (conversion {report['conversion_digest']}, "
              f"p = {report['budget']}) | {report['tokens_with_pos']} tokens with a POS tag | "
              f"{report['permutations']} permutations per baseline"]
-    cols = ["layer", "nmi", "perm_mean", "perm_p95", "p_value", "z"]
+    cols = ["layer", "nmi", "perm_mean", "perm_p95", "p_value", "z", "pos_accuracy", "majority_accuracy"]
     cols += [c for c in ("lexical_mean", "lexical_p95", "lexical_p_value") if c in nmi]
     lines.append(nmi[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     sig = int((nmi.p_value <= 0.01).sum())

@@ -51,6 +51,8 @@ def test_permutation_baseline_tells_structure_from_noise():
     assert (structured.p_value == 0.01).all() and (structured.nmi > structured.perm_p95 * 10).all()
     assert noise.p_value > 0.01 and noise.perm_p05 <= noise.nmi * 1.5
     assert noise.nmi < 0.01
+    assert (structured.pos_accuracy > structured.majority_accuracy + 0.2).all()
+    assert noise.pos_accuracy < noise.majority_accuracy + 0.02
     # the expert depends on POS only through the token (each token has one POS): the
     # within-token shuffle keeps that, so nothing is left beyond it
     assert (structured.lexical_p_value > 0.05).all()
