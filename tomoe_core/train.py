@@ -222,6 +222,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
                          f"to a multiple of {world}")
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(workdir)
     device = torch.device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     opt = torch.optim.AdamW(masked.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -293,6 +294,14 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
     return {"steps_done": end, "finished": end == cfg.steps, "tokens_seen": end * cfg.tokens_per_step,
             "train_seconds": elapsed + time.time() - t_start, "last": record, "init": init_info,
             "world_size": world}
+
+
+def _remove_stale_temporaries(workdir: Path) -> None:
+    """Half-written checkpoint folders of a killed run (never read: they were never renamed)."""
+    import shutil
+
+    for tmp in workdir.glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def _barrier(world: int) -> None:
