@@ -560,43 +560,60 @@ def default_run_id(model_folder: str | Path, source: str) -> str:
 
 
 @torch.inference_mode()
-def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Trace every batch of `plan` into `folder`. -> counts and timing (forward, record, write seconds)."""
+def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int, int], None] | None = None,
+             compare_untraced: bool = False) -> dict:
+    """Trace every batch of `plan` into `folder`. -> counts and seconds spent.
+
+    compare_untraced: also run every batch without hooks, right before or after the traced
+    run of the same batch (alternating), so that background load hits both sides alike.
+    The traced side is forward with hooks + host copy (`forward_s`), building rows
+    (`record_s`) and writing Parquet (`write_s`).
+    """
     dictionary = _TokenDictionary(plan.tokenizer, len(plan.tokenizer))
     writer = _PartWriter(folder, run_id, dictionary)
-    done, forward_s, record_s = 0, 0.0, 0.0
-    with capture_routing(plan.model) as records:
-        for batch, ids, mask, valid in plan.batches():
+    sync = torch.cuda.synchronize if str(plan.device).startswith("cuda") else (lambda: None)
+    done, forward_s, record_s, untraced_s = 0, 0.0, 0.0, 0.0
+    for i, (batch, ids, mask, valid) in enumerate(plan.batches()):
+        sides = ((False, True) if i % 2 == 0 else (True, False)) if compare_untraced else (True,)
+        for traced in sides:
+            sync()
             t0 = time.perf_counter()
-            records.clear()
-            plan.model(input_ids=ids, attention_mask=mask)
+            if not traced:
+                plan.model(input_ids=ids, attention_mask=mask)
+                sync()
+                untraced_s += time.perf_counter() - t0
+                continue
+            with capture_routing(plan.model) as records:
+                plan.model(input_ids=ids, attention_mask=mask)
             experts, probs = records.stacked()  # (L, B*T): the one host copy of this batch
             t1 = time.perf_counter()
             writer.add(_batch_rows(batch, valid, experts, probs, dictionary.encode))
-            t2 = time.perf_counter()
-            forward_s, record_s = forward_s + t1 - t0, record_s + t2 - t1
-            done += int(valid.sum())
-            if progress is not None:
-                progress(done, plan.tokens)
+            forward_s, record_s = forward_s + t1 - t0, record_s + time.perf_counter() - t1
+        done += int(valid.sum())
+        if progress is not None:
+            progress(done, plan.tokens)
     t3 = time.perf_counter()
     writer.flush()
     write_s = time.perf_counter() - t3
     return {"rows": writer.rows, "tokens": done, "parts": writer.parts, "forward_s": forward_s,
-            "record_s": record_s, "write_s": write_s}
+            "record_s": record_s, "write_s": write_s, "traced_s": forward_s + record_s + write_s,
+            "untraced_s": untraced_s if compare_untraced else None}
 
 
 def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str = "heldout",
               prompts: Sequence[str] | None = None, max_tokens: int | None = None, seq_len: int = 512,
               batch_size: int = 4, device: str = "cpu", layout: str = "shared", run_id: str | None = None,
               root: str | Path | None = None, overwrite: bool = False,
-              progress: Callable[[int, int], None] | None = None, command: str | None = None) -> Path:
+              progress: Callable[[int, int], None] | None = None, command: str | None = None,
+              compare_untraced: bool = False) -> Path:
     """Run a converted model over a text source and write its routing log. -> the run folder.
 
     source: "wiki" (the default corpus, `split` "heldout" or "calibration"), a .txt file or a
     folder of .txt files; `prompts` (a list of texts) replaces the source when given. Each
     document is cut into non-overlapping windows of `seq_len` tokens (a window's first tokens
     see no earlier context), `batch_size` windows per forward. `progress(tokens_done, total)`
-    is called after every batch.
+    is called after every batch. `compare_untraced` runs every batch a second time without
+    hooks, side by side, and records the tracing overhead in run.json (timing.overhead_pct).
     """
     t_start = time.perf_counter()
     source_name = "prompts" if prompts else str(source)
@@ -609,7 +626,7 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
         plan = plan_trace(model_folder, source, split, prompts, max_tokens, seq_len, batch_size, device, layout)
         t_loaded = time.perf_counter()
         with atomic_dir(final) as tmp:
-            stats = run_plan(plan, tmp, run_id, progress)
+            stats = run_plan(plan, tmp, run_id, progress, compare_untraced)
             _write_documents(tmp, plan.docs, plan.doc_tokens)
             wall = time.perf_counter() - t_loaded
             files = _file_table(tmp)
@@ -618,6 +635,16 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
             part_bytes = sum(files[name]["bytes"] for name, _ in stats["parts"])
             from .convert import conversion_digest
             from .pipeline import machine_info
+
+            traced_s = stats["traced_s"]
+            timing = {"wall_s": round(wall, 3), "load_s": round(t_loaded - t_start, 3), "traced_s": round(traced_s, 3),
+                      "forward_s": round(stats["forward_s"], 3), "record_s": round(stats["record_s"], 3),
+                      "write_s": round(stats["write_s"], 3),
+                      "tokens_per_s": round(stats["tokens"] / max(traced_s, 1e-9), 1),
+                      "rows_per_s": round(stats["rows"] / max(traced_s, 1e-9), 1)}
+            if stats["untraced_s"] is not None:
+                timing.update(untraced_s=round(stats["untraced_s"], 3),
+                              overhead_pct=round(100 * (traced_s / max(stats["untraced_s"], 1e-9) - 1), 2))
 
             meta = {
                 "schema_version": SCHEMA_VERSION, "run_id": run_id,
@@ -630,11 +657,7 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
                          "documents": len(plan.docs), "max_tokens": max_tokens},
                 "seq_len": seq_len, "batch_size": batch_size, "rows": stats["rows"], "tokens": stats["tokens"],
                 "bytes_per_row": round(part_bytes / max(stats["rows"], 1), 3),
-                "timing": {"trace_s": round(wall, 3), "load_s": round(t_loaded - t_start, 3),
-                           "forward_s": round(stats["forward_s"], 3), "record_s": round(stats["record_s"], 3),
-                           "write_s": round(stats["write_s"], 3),
-                           "tokens_per_s": round(stats["tokens"] / max(wall, 1e-9), 1),
-                           "rows_per_s": round(stats["rows"] / max(wall, 1e-9), 1)},
+                "timing": timing,
                 "files": files, "versions": _library_versions(), "machine": machine_info(device),
                 "command": command,
             }

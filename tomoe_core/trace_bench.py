@@ -1,10 +1,10 @@
 """Measurements of routing logs: `python -m tomoe_core.trace_bench overhead|synthetic|query`.
 
   overhead CONVERSION [--max-tokens 100000]
-      The same batches of held-out text run with and without routing capture, side by side
-      (alternating which goes first per batch, so background load hits both alike). The traced
-      side includes recording, building the rows and writing the Parquet log. Prints tokens,
-      rows/s, bytes/row and the overhead %.
+      `trace_run(compare_untraced=True)`: every batch of held-out text runs with and without
+      routing capture, side by side (alternating which goes first, so background load hits
+      both alike). The traced side includes recording, building the rows and writing the
+      Parquet log. Prints tokens, rows/s, bytes/row and the overhead %.
   synthetic [--rows 10000000]
       Writes a synthetic routing log of that many rows (30 layers, 8 experts, Zipf-distributed
       tokens, experts mildly dependent on POS) plus its POS annotation, in the real format.
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SYNTHETIC_POS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
                  "SCONJ", "VERB")
@@ -37,53 +36,22 @@ def _machine(device: str = "cpu") -> dict:
     return machine_info(device)
 
 
-@torch.inference_mode()
 def measure_overhead(conversion: str | Path, source: str = "wiki", max_tokens: int | None = 100_000,
-                     seq_len: int = 512, batch_size: int = 4, device: str = "cpu", layout: str = "shared") -> dict:
-    """Traced vs untraced forward passes over the same batches. -> figures (seconds, rows/s, bytes/row, overhead)."""
-    from .io import atomic_dir
-    from .trace import _batch_rows, _PartWriter, _TokenDictionary, capture_routing, plan_trace
+                     seq_len: int = 512, batch_size: int = 4, device: str = "cpu", layout: str = "shared",
+                     keep_run_id: str | None = None) -> dict:
+    """A trace with every batch also run untraced, side by side. -> figures (seconds, rows/s, bytes/row,
+    overhead %). The log goes to a temporary folder unless `keep_run_id` names a run to keep."""
+    from .trace import read_run_meta, trace_run
 
-    t0 = time.perf_counter()
-    plan = plan_trace(conversion, source, "heldout", None, max_tokens, seq_len, batch_size, device, layout)
-    load_s = time.perf_counter() - t0
-    model = plan.model
-    untraced_s = traced_s = 0.0
-    with tempfile.TemporaryDirectory() as tmp, atomic_dir(Path(tmp) / "run_id=overhead") as folder:
-        dictionary = _TokenDictionary(plan.tokenizer, len(plan.tokenizer))
-        writer = _PartWriter(folder, "overhead", dictionary)
-        sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-        for i, (batch, ids, mask, valid) in enumerate(plan.batches()):
-            for traced in ((False, True) if i % 2 == 0 else (True, False)):
-                sync()
-                start = time.perf_counter()
-                if traced:
-                    with capture_routing(model) as records:
-                        model(input_ids=ids, attention_mask=mask)
-                    experts, probs = records.stacked()
-                    writer.add(_batch_rows(batch, valid, experts, probs, dictionary.encode))
-                else:
-                    model(input_ids=ids, attention_mask=mask)
-                    sync()
-                elapsed = time.perf_counter() - start
-                if traced:
-                    traced_s += elapsed
-                else:
-                    untraced_s += elapsed
-        start = time.perf_counter()
-        writer.flush()
-        traced_s += time.perf_counter() - start
-        part_bytes = sum((folder / name).stat().st_size for name, _ in writer.parts)
-        rows = writer.rows
-    return {
-        "conversion": str(conversion), "text": source, "tokens": plan.tokens, "layers": plan.num_layers, "rows": rows,
-        "seq_len": seq_len, "batch_size": batch_size, "device": device, "layout": layout,
-        "load_s": round(load_s, 2), "untraced_s": round(untraced_s, 2), "traced_s": round(traced_s, 2),
-        "overhead_pct": round(100 * (traced_s / untraced_s - 1), 2),
-        "rows_per_s": round(rows / traced_s, 1), "tokens_per_s_traced": round(plan.tokens / traced_s, 1),
-        "tokens_per_s_untraced": round(plan.tokens / untraced_s, 1),
-        "bytes_per_row": round(part_bytes / rows, 3), "parquet_bytes": part_bytes, "machine": _machine(device),
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = trace_run(conversion, source, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                         device=device, layout=layout, run_id=keep_run_id or "overhead",
+                         root=None if keep_run_id else tmp, overwrite=bool(keep_run_id), compare_untraced=True)
+        meta = read_run_meta(path)
+    return {"conversion": str(conversion), "run": str(path) if keep_run_id else None, "text": meta["text"],
+            "tokens": meta["tokens"], "layers": meta["num_layers"], "rows": meta["rows"],
+            "seq_len": seq_len, "batch_size": batch_size, "device": device, "layout": layout,
+            "bytes_per_row": meta["bytes_per_row"], **meta["timing"], "machine": meta["machine"]}
 
 
 def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int = 8, run_id: str = "synthetic-10m",
@@ -172,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--layout", choices=("shared", "packed"), default="shared", help="MoE layout (default: %(default)s)")
+    p.add_argument("--keep-run-id", default=None, help="keep the traced log as this run (default: a temporary folder)")
     p = sub.add_parser("synthetic", help="write a synthetic routing log with POS annotation")
     p.add_argument("--rows", type=int, default=10_000_000, help="rows of the log (default: %(default)s)")
     p.add_argument("--run-id", default="synthetic-10m", help="run folder name (default: %(default)s)")
@@ -182,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "overhead":
             out = measure_overhead(args.conversion, args.text, args.max_tokens, args.seq_len, args.batch_size,
-                                   args.device, args.layout)
+                                   args.device, args.layout, args.keep_run_id)
         elif args.command == "synthetic":
             start = time.perf_counter()
             path = write_synthetic_log(args.rows, run_id=args.run_id)

@@ -32,6 +32,8 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("--run-id", default=None,
                    help="name of the run folder (default: CONVERSION-SOURCE-UTCTIME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same --run-id")
+    p.add_argument("--compare-untraced", action="store_true",
+                   help="also run every batch without hooks, side by side, and report the tracing overhead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -54,13 +56,15 @@ def run_trace_command(args, argv: list[str] | None = None) -> int:
         path = trace_run(args.conversion, source=args.text, split=args.split, prompts=args.prompts,
                          max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                          device=args.device, layout=args.layout, run_id=args.run_id, overwrite=args.overwrite,
-                         progress=progress, command=command)
+                         progress=progress, command=command, compare_untraced=args.compare_untraced)
     finally:
         if bar is not None:
             bar.close()
     meta = read_run_meta(path)
     timing = meta["timing"]
-    print(f"{path}\n{meta['tokens']} tokens x {meta['num_layers']} layers = {meta['rows']} rows in "
-          f"{timing['trace_s']:.1f} s ({timing['rows_per_s']:.0f} rows/s, {meta['bytes_per_row']:.2f} bytes/row; "
-          f"forward {timing['forward_s']:.1f} s, write {timing['write_s']:.1f} s)")
+    print(f"{path}\n{meta['tokens']} tokens x {meta['num_layers']} layers = {meta['rows']} rows traced in "
+          f"{timing['traced_s']:.1f} s ({timing['rows_per_s']:.0f} rows/s, {meta['bytes_per_row']:.2f} bytes/row; "
+          f"forward {timing['forward_s']:.1f} s, rows {timing['record_s']:.1f} s, write {timing['write_s']:.1f} s)")
+    if "overhead_pct" in timing:
+        print(f"same batches without hooks: {timing['untraced_s']:.1f} s; tracing overhead {timing['overhead_pct']:+.1f} %")
     return 0
