@@ -21,8 +21,10 @@ def cache_root() -> Path:
 
 
 def shipped_root() -> Path:
-    """Recipes committed to git (`tomoe_core.pipeline.shipped_dir`): always under the repository."""
-    return REPO_ROOT / "cache" / "shipped"
+    """Recipes committed to git (`tomoe_core.pipeline.shipped_dir`). TOMOE_STUDIO_SHIPPED points the
+    studio's listing elsewhere (the browser test uses an empty folder so the real model stays out)."""
+    root = os.environ.get("TOMOE_STUDIO_SHIPPED")
+    return Path(root) if root else REPO_ROOT / "cache" / "shipped"
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,7 @@ import html
 
 import plotly.graph_objects as go
 
-# 20 distinguishable colours (plotly's Dark24 without the near-black ones), light enough for text on top
-EXPERT_COLORS = ["#FD3216", "#00FE35", "#6A76FC", "#FED4C4", "#FE00CE", "#0DF9FF", "#F6F926", "#FF9616",
-                 "#479B55", "#EEA6FB", "#DC587D", "#D626FF", "#6E899C", "#00B5F7", "#B68E00", "#C9FBE5",
-                 "#FF0092", "#22FFA7", "#E3EE9E", "#86CE00"]
+from .routing_figures import EXPERT_COLORS  # one palette for experts across the studio
 
 
 def expert_color(expert: int, alpha: float = 0.35) -> str:
@@ -34,7 +31,7 @@ def diverging_positions(dense_ids: list[int], moe_ids: list[int]) -> set[int]:
 
 def tokens_html(tokens: list[str], differs: set[int], first_divergence: int | None,
                 experts: list[int] | None = None, probs: list[float] | None = None,
-                kl: list[float] | None = None, layer: int | None = None) -> str:
+                kl: list[float] | None = None, layer: int | None = None, prompt: str = "") -> str:
     """One continuation as HTML spans. Experts colour the background; tokens that differ from the other
     model's token at the same position are underlined in red; the first divergence gets a marker.
     Hovering a token shows its expert, router probability and KL to dense."""
@@ -57,6 +54,8 @@ def tokens_html(tokens: list[str], differs: set[int], first_divergence: int | No
         spans.append(f'{marker}<span class="tok" style="{";".join(style)}" '
                      f'title="{html.escape(" · ".join(title))}">{_visible(tok)}</span>')
     body = "".join(spans) or "<i>(no tokens)</i>"
+    if prompt:
+        body = f'<span style="color:#6b7280" title="prompt">{_visible(prompt)}</span>' + body
     return f'<div style="font-family:ui-monospace,monospace;font-size:0.92rem;line-height:1.9">{body}</div>'
 
 

@@ -358,11 +358,24 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
     fig.update_layout(
         xaxis_title="active parameters per token (millions)", yaxis_title="held-out perplexity (log scale)",
         yaxis_type="log", height=440, margin=dict(l=10, r=10, t=40, b=10), hovermode="closest",
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), template="plotly_white")
+        legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), template="plotly_white")
+    fig.update_yaxes(**log_ticks(pts["perplexity"]))
     if pts.empty:
         fig.add_annotation(text="no quality results yet: run `python -m tomoe_core evaluate CONVERSION`",
                            showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig
+
+
+def log_ticks(values: pd.Series) -> dict:
+    """1-2-5 ticks with plain labels for a log axis (plotly's own minor labels read '2', '5')."""
+    vals = pd.to_numeric(values, errors="coerce").dropna()
+    vals = vals[vals > 0]
+    if vals.empty:
+        return {}
+    lo, hi = math.floor(math.log10(vals.min())), math.ceil(math.log10(vals.max()))
+    ticks = [m * 10 ** e for e in range(lo, hi + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if vals.min() / 2.5 <= t <= vals.max() * 2.5]
+    return {"tickvals": ticks, "ticktext": [f"{t:,.0f}" if t >= 1 else f"{t:g}" for t in ticks]}
 
 
 def format_params(n: float) -> str:
@@ -370,7 +383,7 @@ def format_params(n: float) -> str:
 
 
 def format_flops(n: float) -> str:
-    return f"{n / 1e9:.4g} GFLOP" if n >= 1e8 else f"{n / 1e6:.4g} MFLOP"
+    return f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.4g} M"
 
 
 def format_usd(x: float) -> str:

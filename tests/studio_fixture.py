@@ -28,11 +28,11 @@ _SENTENCES = [
 PROMPTS = [" ".join(_SENTENCES[i:] + _SENTENCES[:i]) for i in range(len(_SENTENCES))]  # about 1.4 k tokens
 
 
-def _quality(budget: float, tomoe_ppl: float, conversion: Path, accounting: dict) -> dict:
+def _quality(budget: float, tomoe_ppl: float, conversion: Path, accounting: dict, model: str) -> dict:
     def r(name, ppl, kl, agree):
         return {"name": name, "perplexity": ppl, "kl_to_dense": kl, "top1_agreement": agree, "tokens": 1022,
                 "windows": 2, "window": 512, "seconds": 1.0}
-    return {"kind": "quality", "model": "tiny-dense", "conversion": str(conversion), "budget": budget,
+    return {"kind": "quality", "model": model, "conversion": str(conversion), "budget": budget,
             "text": "wiki (held-out split)", "window": 512, "windows": 2, "tokens": 1024,
             "machine": {"platform": "test", "cpu_count": 2, "torch_threads": 2, "device": "cpu"},
             "results": {"dense": r("dense", 26.6, 0.0, 1.0), "tomoe": r("tomoe", tomoe_ppl, 0.9 - budget, budget),
@@ -78,8 +78,8 @@ def build(cache: Path, with_routing: bool = True) -> Path:
             "accounting": acc, "command": "tests/studio_fixture.py"}
     save_converted(moe, folder, tokenizer, meta)
     results = cache / "results"
-    atomic_write_json(results / "eval-tiny-p0.5.json", _quality(0.5, 40.0, folder, acc))
-    atomic_write_json(results / "eval-tiny-p0.7.json", _quality(0.7, 30.0, folder, None))
+    atomic_write_json(results / "eval-tiny-p0.5.json", _quality(0.5, 40.0, folder, acc, str(dense_dir)))
+    atomic_write_json(results / "eval-tiny-p0.7.json", _quality(0.7, 30.0, folder, None, str(dense_dir)))
     (results / "eval-corrupt.json").write_text('{"kind": "quality", "results": {')  # a half-written file
     if with_routing:
         from tomoe_core.trace import trace_run

@@ -1,5 +1,6 @@
 """Budget explorer (landing page): slide the active-parameter budget, see cost against quality."""
 import math
+from pathlib import Path
 
 import streamlit as st
 
@@ -36,7 +37,7 @@ ui.keep("precision", next(iter(tradeoff.BYTES_PER_PARAM)))
 controls, cards = st.columns([1, 3], gap="large")
 with controls:
     if len(models) > 1:
-        st.selectbox("Dense model", models, key="model")
+        st.selectbox("Dense model", models, key="model", format_func=lambda m: Path(m).name)
     cost = costs[st.session_state["model"]]
     st.slider("Active MLP budget p", min_value=0.1, max_value=1.0, step=0.05, key="budget",
               help="Fraction of the MLP parameters each token uses (the conversion's budget). Attention, "
@@ -89,32 +90,35 @@ if sets and st.session_state["eval_set"] not in sets:
 quality = tradeoff.quality_at_budget(points, st.session_state["eval_set"], budget) if sets else None
 
 with cards:
-    estimate = "" if hw is None else " (estimate)"
+    estimate = "" if hw is None else " (est.)"
     row1 = st.columns(4)
-    row1[0].metric("Active parameters / token", tradeoff.format_params(kpi["active_params"]),
-                   f"{kpi['active_ratio']:.1%} of dense", delta_color="off", border=True,
-                   help=f"attention + p x MLP + lm_head + norms/routers; dense: "
+    row1[0].metric("Active params", tradeoff.format_params(kpi["active_params"]),
+                   f"{kpi['active_ratio']:.1%} of dense", delta_color="off", delta_arrow="off", border=True,
+                   help=f"parameters multiplied per token: attention + p x MLP + lm_head + norms/routers; dense: "
                         f"{tradeoff.format_params(kpi['dense_params'])} (embedding lookups excluded)")
     row1[1].metric("FLOPs / token", tradeoff.format_flops(kpi["flops_per_token"]),
                    f"{kpi['flops_per_token'] / kpi['dense_flops'] - 1:+.1%} vs dense", delta_color="inverse",
                    border=True, help=f"2 x active multiply-adds + attention scores at a {kpi['context']}-token context")
-    row1[2].metric(f"Decode tokens/s{estimate}", "—" if not tps else f"{tps:,.0f}",
+    row1[2].metric(f"Tokens/s{estimate}", "—" if not tps else f"{tps:,.0f}",
                    None if not (tps and dense_tps) else f"{tps / dense_tps:.2f}x dense", border=True, help=speed_label)
-    row1[3].metric(f"Cost / 1M tokens{estimate}", tradeoff.format_usd(usd),
+    row1[3].metric(f"$ / 1M tokens{estimate}", tradeoff.format_usd(usd),
                    None if math.isnan(usd) or math.isnan(dense_usd) else f"{usd / dense_usd - 1:+.0%} vs dense",
                    delta_color="inverse", border=True,
                    help=f"GPU-hour price / tokens per hour; {speed_label}")
     row2 = st.columns(4)
-    row2[0].metric(f"Peak memory{estimate}", "—" if not memory_mb else f"{memory_mb:,.0f} MB", border=True,
+    row2[0].metric(f"Memory{estimate}", "—" if not memory_mb else f"{memory_mb:,.0f} MB", border=True,
                    help=memory_label)
     if quality and quality.perplexity is not None:
         q_help = f"{quality.label}; evaluation set: {st.session_state['eval_set']}"
         ppl_delta = (f"{quality.perplexity / quality.dense_perplexity - 1:+.0%} vs dense "
                      f"{quality.dense_perplexity:.1f}" if quality.dense_perplexity else None)
-        row2[1].metric("Perplexity (held-out)", f"{quality.perplexity:.2f}", ppl_delta, delta_color="inverse",
-                       border=True, help=q_help)
-        row2[2].metric("KL to dense (nats/token)", f"{quality.kl_to_dense:.3f}", border=True, help=q_help)
-        row2[3].metric("Top-1 agreement with dense", f"{quality.top1_agreement:.1%}", border=True, help=q_help)
+        suffix = " (nearest)" if "nearest" in quality.label else ""
+        row2[1].metric(f"Perplexity{suffix}", f"{quality.perplexity:.2f}", ppl_delta, delta_color="inverse",
+                       border=True, help=f"held-out perplexity; {q_help}")
+        row2[2].metric(f"KL to dense{suffix}", f"{quality.kl_to_dense:.3f}", border=True,
+                       help=f"KL(dense || ToMoE) of the next-token distribution, nats per token; {q_help}")
+        row2[3].metric(f"Top-1 agreement{suffix}", f"{quality.top1_agreement:.1%}", border=True,
+                       help=f"share of positions where ToMoE's most likely next token is the dense model's; {q_help}")
         source = quality.label
         if quality.best_baseline:
             b = quality.best_baseline
@@ -123,7 +127,7 @@ with cards:
                        f"{b['perplexity']:.2f}; ToMoE is {verdict}")
         st.caption(f"Quality: {source}.")
     else:
-        for col, label in zip(row2[1:], ("Perplexity (held-out)", "KL to dense", "Top-1 agreement")):
+        for col, label in zip(row2[1:], ("Perplexity", "KL to dense", "Top-1 agreement")):
             col.metric(label, "—", border=True, help="no quality result yet")
         st.caption("Quality: no evaluation yet. Run `python -m tomoe_core evaluate cache/conversions/NAME`.")
     st.caption(f"Speed and cost: {speed_label}.")

@@ -97,9 +97,10 @@ m[2].metric("Mean KL to dense", f"{sum(kl) / max(len(kl), 1):.3f} nats", border=
 left, right = st.columns(2, gap="large")
 with left:
     st.markdown("**Dense**")
-    st.html(compare_view.tokens_html(result["dense_tokens"], differs, div))
+    st.html(compare_view.tokens_html(result["dense_tokens"], differs, div, prompt=result["prompt"]))
 with right:
     st.markdown(f"**ToMoE** · `{result['conversion']}`")
-    st.html(compare_view.tokens_html(result["moe_tokens"], differs, div, experts, probs, kl, layer))
+    st.html(compare_view.tokens_html(result["moe_tokens"], differs, div, experts, probs, kl, layer,
+                                     prompt=result["prompt"]))
     st.html(compare_view.legend_html(experts))
 st.plotly_chart(compare_view.kl_figure(result["moe_tokens"], kl, experts, div), key="kl_chart")

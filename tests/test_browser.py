@@ -1,0 +1,187 @@
+"""The studio in a real browser: `streamlit run app/main.py --server.headless true` on a free port,
+driven by Playwright with Debian's Chromium. Moves the budget slider and waits for the KPI to change,
+opens every page, fails on any exception shown on a page, checks that the theme of the root
+streamlit_config.toml is in force, and saves screenshots under test-artifacts/.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PRIMARY_RGB = "rgb(67, 56, 202)"  # theme.primaryColor "#4338ca" in streamlit_config.toml
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason=f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    """A running studio on the fixture cache; yields its base URL."""
+    import studio_fixture
+
+    cache = tmp_path_factory.mktemp("browser-cache")
+    studio_fixture.build(cache)
+    shipped = tmp_path_factory.mktemp("no-shipped")
+    port = free_port()
+    env = {**os.environ, "TOMOE_CACHE": str(cache), "TOMOE_STUDIO_SHIPPED": str(shipped),
+           "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp_path_factory.mktemp("streamlit-log") / "streamlit.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"streamlit exited: {log.read()[-3000:]}")
+        else:
+            pytest.fail("streamlit did not become healthy within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.seek(0)
+        print(log.read()[-3000:])
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def wait_idle(page, timeout: float = 120) -> None:
+    """Wait until the script run has finished (Streamlit's status widget disappears)."""
+    end = time.time() + timeout
+    quiet_since = None
+    while time.time() < end:
+        if page.locator('[data-testid="stStatusWidget"]').count() == 0:
+            quiet_since = quiet_since or time.time()
+            if time.time() - quiet_since > 0.6:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.1)
+    raise AssertionError("the page kept running")
+
+
+def assert_no_exception(page, where: str) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, f"exception shown on {where}"
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    for bad in ("Traceback (most recent call last)", "This app has encountered an error", "Error running app"):
+        assert bad not in text, f"{bad!r} on {where}"
+
+
+def kpi(page, label: str) -> str:
+    card = page.locator('[data-testid="stMetric"]', has_text=label).first
+    return card.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def shot(page, name: str) -> None:
+    """Screenshot once every widget has replaced its loading skeleton."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stSkeleton\"], .stSkeleton')",
+                           timeout=30_000)
+    for frame in ("stDataFrame", "stPlotlyChart"):
+        for i in range(page.locator(f'[data-testid="{frame}"]').count()):
+            page.locator(f'[data-testid="{frame}"]').nth(i).scroll_into_view_if_needed()
+    page.locator('[data-testid="stMain"]').evaluate("e => e.scrollTo(0, 0)")
+    time.sleep(1.0)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_budget_slider_moves_kpis_and_every_page_renders(studio, browser):
+    page = browser.new_page(viewport={"width": 1500, "height": 2000})
+    page.goto(studio + "/")
+    page.wait_for_selector('[data-testid="stMetricValue"]', timeout=120_000)
+    wait_idle(page)
+    assert_no_exception(page, "Budget explorer")
+    assert page.get_by_role("heading", name="Budget explorer").count() == 1
+    shot(page, "01-budget-explorer")
+
+    # the theme of streamlit_config.toml is in force: the slider thumb has its primary colour
+    thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
+    colour = thumb.evaluate("e => getComputedStyle(e.parentElement.parentElement).backgroundColor")
+    assert colour == PRIMARY_RGB, colour
+
+    before = {label: kpi(page, label) for label in ("Active params", "FLOPs / token", "$ / 1M tokens")}
+    thumb.focus()
+    t0 = time.perf_counter()
+    for _ in range(4):  # 0.50 -> 0.70
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function(
+        """([label, old]) => [...document.querySelectorAll('[data-testid="stMetric"]')]
+             .some(m => m.innerText.includes(label) && !m.innerText.includes(old))""",
+        arg=["Active params", before["Active params"]], timeout=30_000)
+    elapsed = time.perf_counter() - t0
+    wait_idle(page)
+    after = {label: kpi(page, label) for label in before}
+    assert all(after[k] != before[k] for k in before), (before, after)
+    print(f"slider -> KPI update: {elapsed:.2f} s")
+    assert_no_exception(page, "Budget explorer after the slider")
+    shot(page, "02-budget-explorer-p0.70")
+
+    page.goto(studio + "/compare")
+    page.get_by_role("button", name="Generate side by side").wait_for(timeout=120_000)
+    wait_idle(page)
+    assert_no_exception(page, "Compare")
+    page.get_by_role("button", name="Generate side by side").click()
+    page.locator('[data-testid="stMetric"]', has_text="First divergence").wait_for(timeout=180_000)
+    wait_idle(page)
+    assert_no_exception(page, "Compare after generating")
+    assert page.locator("span.tok").count() > 0
+    shot(page, "03-compare")
+
+    page.goto(studio + "/experts")
+    page.get_by_role("heading", name="Expert load").wait_for(timeout=120_000)
+    wait_idle(page)
+    tag = page.get_by_role("button", name="Tag the text (spaCy)")
+    if tag.count():
+        tag.click()
+        page.get_by_role("heading", name="Top tokens of an expert").wait_for(timeout=180_000)
+        page.locator('[data-testid="stPlotlyChart"]').nth(4).wait_for(timeout=180_000)
+        wait_idle(page)
+    assert_no_exception(page, "Experts")
+    assert page.locator('[data-testid="stPlotlyChart"]').count() == 5
+    shot(page, "04-experts")
+
+    page.goto(studio + "/runs")
+    page.get_by_role("heading", name="Routing logs").wait_for(timeout=120_000)
+    wait_idle(page)
+    assert_no_exception(page, "Runs")
+    assert page.get_by_role("button", name="Start conversion").count() == 1
+    shot(page, "05-runs")
+    page.close()
