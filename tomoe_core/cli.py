@@ -80,6 +80,16 @@ def _add_generate(sub):
     p.add_argument("--device", default="cpu")
 
 
+def _add_rebudget(sub):
+    p = sub.add_parser("rebudget", help="materialise a conversion at another budget by moving the mask threshold",
+                       description="No retraining: the trained hypernetwork's mask logits are re-thresholded so the "
+                                   "widest experts meet the new budget. Labelled 'threshold-moved' in tomoe.json; "
+                                   "a conversion trained at that budget is expected to be better.")
+    p.add_argument("conversion", type=Path, help="converted model folder that has hypernet.safetensors")
+    p.add_argument("--budget", "-p", type=float, required=True, help="new fraction of MLP parameters active per token")
+    p.add_argument("--output", type=Path, default=None, help="output folder (default: beside the conversion)")
+
+
 def _add_account(sub):
     p = sub.add_parser("account", help="active parameters and FLOPs per token of a dense or converted model")
     p.add_argument("model", help="converted folder, or a dense model name/path")
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_evaluate(sub)
     _add_generate(sub)
+    _add_rebudget(sub)
     _add_account(sub)
     from .trace_cli import add_trace_parser
 
@@ -149,6 +160,9 @@ def _run(args, argv) -> int:
         print(f"tomoe: {args.prompt}{res['moe_text']}")
         div = res["first_divergence"]
         print("identical" if div is None else f"first divergence at generated token {div}")
+        return 0
+    if args.command == "rebudget":
+        print(pipeline.rebudget(args.conversion, args.budget, args.output))
         return 0
     if args.command == "account":
         from .budget import account

@@ -17,7 +17,7 @@ from .convert import (conversion_digest, load_converted, materialise, materialis
                       save_converted, save_recipe)
 from .data import cache_dir, cached_stream, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
-from .io import atomic_write_json, file_lock, safe_name
+from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
 from .masked import MaskedModel
 from .models import load_dense
 from .train import ConversionConfig, finalize_masks, layer_stats, train_conversion
@@ -98,9 +98,57 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         log_src = workdir / "log.jsonl"
         if log_src.exists():
             (output / "training_log.jsonl").write_bytes(log_src.read_bytes())
+        _keep_hypernet(workdir, output)
         log(f"[tomoe] saved {output}: MLP active ratio {report.mlp_active_ratio:.4f} "
             f"(requested {cfg.budget}), whole model {report.active_ratio_vs_dense:.4f}, "
             f"{summary['tokens_seen']} tokens in {summary['train_seconds'] / 60:.1f} min")
+    return output
+
+
+HYPERNET_FILE = "hypernet.safetensors"
+
+
+def _keep_hypernet(workdir: Path, output: Path) -> None:
+    """Keep the trained hypernetwork + routers beside the model: other budgets re-threshold it."""
+    src = workdir / "checkpoint" / "trainable.safetensors"
+    if src.exists():
+        atomic_write_bytes(output / HYPERNET_FILE, src.read_bytes())
+
+
+def rebudget(conversion: Path, budget: float, output: Path | None = None, log=print) -> Path:
+    """Materialise a trained conversion at another budget by moving the mask threshold (no retraining).
+
+    The result is labelled `"budget_source": "threshold-moved"` in its tomoe.json: its experts were
+    trained for the original budget, so expect it to be worse than a conversion trained at `budget`.
+    """
+    from safetensors.torch import load_file
+
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    conversion = Path(conversion)
+    meta = read_metadata(conversion)
+    state_path = conversion / HYPERNET_FILE
+    if not state_path.exists():
+        state_path = conversion.with_name(conversion.name + ".work") / "checkpoint" / "trainable.safetensors"
+    if not state_path.exists():
+        raise FileNotFoundError(f"{conversion} has no {HYPERNET_FILE} (shipped recipes keep only the final experts); "
+                                "re-run its convert command to get one")
+    settings = meta["settings"]
+    t0 = time.time()
+    dense, tokenizer = load_dense(meta["model"], log=log)
+    masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"])
+    masked.load_trainable_state(load_file(str(state_path)))
+    masks, calib = finalize_masks(masked, budget)
+    moe = materialise(masked, masks, budget)
+    report = account(moe)
+    output = Path(output) if output else conversions_dir() / safe_name(f"{conversion.name}-at-p{budget:g}")
+    new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
+                "budget": budget, "budget_source": "threshold-moved", "trained_budget": meta["budget"],
+                "derived_from": str(conversion), "mask_calibration": calib, "layers": layer_stats(masks),
+                "accounting": report.as_dict(), "materialise_seconds": round(time.time() - t0, 2)}
+    save_converted(moe, output, tokenizer, new_meta)
+    log(f"[tomoe] {output}: threshold moved from p={meta['budget']} to p={budget} "
+        f"(MLP active ratio {report.mlp_active_ratio:.4f}) in {time.time() - t0:.1f} s")
     return output
 
 
@@ -129,9 +177,8 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
     stats = None
     if baselines:
         calib_stream = cached_stream(tokenizer, text, "calibration", None, tag)
-        seq = 512
-        n = max(1, calibration_tokens // seq)
-        stats = activation_stats(masked, calib_stream[: n * seq].view(n, seq))
+        seq = min(512, window)
+        stats = activation_stats(masked, make_windows(calib_stream, seq, max(1, calibration_tokens // seq)))
     for method, (fn, _ratio) in baseline_variants(masked, baselines, budget, stats, held[:1, :64]).items():
         variants[method] = fn
     dense_fn = logits_fn(masked, lambda: masked.set_masks(None))

@@ -1,0 +1,50 @@
+"""End to end on a tiny model saved as a local checkpoint: convert -> evaluate -> rebudget."""
+import json
+
+import pytest
+
+from tiny_models import tiny_model
+from tomoe_core import load_converted
+from tomoe_core.budget import account
+from tomoe_core.models import load_tokenizer
+from tomoe_core.pipeline import rebudget, run_conversion, run_evaluation
+from tomoe_core.train import ConversionConfig
+
+WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
+         "argued about history and music in small cafes during long winter evenings").split()
+
+
+@pytest.fixture()
+def tiny_setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))
+    dense = tmp_path / "dense"
+    tiny_model("llama", vocab_size=49152).save_pretrained(dense)
+    load_tokenizer().save_pretrained(dense)
+    text = tmp_path / "text.txt"
+    paragraphs = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(120)) + "." for i in range(40)]
+    text.write_text("\n\n".join(paragraphs))
+    return dense, text, tmp_path
+
+
+def test_convert_evaluate_rebudget(tiny_setup):
+    dense, text, tmp = tiny_setup
+    cfg = ConversionConfig(model=str(dense), text=str(text), steps=3, tokens_per_step=128, seq_len=64,
+                           init_tokens=512, budget=0.5, num_experts=4, checkpoint_every=2)
+    out = run_conversion(cfg, tmp / "conv", show_tqdm=False, log=lambda *a: None, command="test")
+    for name in ("tomoe.json", "model.safetensors", "hypernet.safetensors", "training_log.jsonl", "config.json"):
+        assert (out / name).exists(), name
+    meta = json.loads((out / "tomoe.json").read_text())
+    assert meta["tokens_seen"] == 3 * 128 and meta["command"] == "test"
+    assert abs(meta["accounting"]["mlp_active_ratio"] - 0.5) <= 0.02
+
+    result = run_evaluation(out, text=str(text), window=64, max_windows=2, baselines=("magnitude", "wanda-sp"),
+                            log=lambda *a: None)
+    names = set(result["results"])
+    assert {"dense", "tomoe", "tomoe-random", "magnitude", "wanda-sp"} <= names
+    assert any(n.startswith("tomoe-fixed-") for n in names)
+    assert result["window"] == 64 and result["windows"] == 2 and result["machine"]["cpu_count"]
+
+    lower = rebudget(out, 0.3, log=lambda *a: None)
+    model, _tok, lower_meta = load_converted(lower)
+    assert lower_meta["budget_source"] == "threshold-moved" and lower_meta["trained_budget"] == 0.5
+    assert abs(account(model).mlp_active_ratio - 0.3) <= 0.02
