@@ -142,7 +142,7 @@ def torch_pruning_copy(masked: MaskedModel, budget: float, example_ids: torch.Te
     try:
         import warnings
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")  # norm weights are 'unwrapped parameters'; hidden size is never pruned
             pruner = tp.pruner.MetaPruner(model, example_inputs={"input_ids": example_ids.to(next(model.parameters()).device)},
                                           importance=tp.importance.GroupMagnitudeImportance(p=2),

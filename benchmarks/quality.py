@@ -1,0 +1,252 @@
+"""Quality benchmark: dense, every ToMoE conversion and every baseline at budgets 0.3..0.9, same held-out text.
+
+    python -m benchmarks.quality                        # SmolLM2-135M, 8 windows x 512 tokens, 0.3..0.9
+    python -m benchmarks.quality --windows 16 --budgets 0.5 --methods flap,torch-pruning
+
+Every variant at a budget is evaluated on the same non-overlapping held-out windows (the wiki
+split no conversion or baseline calibrates on) against the dense model's logits of that window:
+perplexity, KL(dense || variant) per token and top-1 agreement with dense. Baselines (see
+`tomoe_core.baselines`): magnitude, wanda-sp, flap (static masks, calibrated on the wiki
+calibration split) and torch-pruning (external reference). None is fine-tuned. Conversions:
+every folder under cache/conversions made from the same model, at its own budget (which is
+added to the budget list), with learned routing and, as an ablation, a random expert per token.
+The JSON is rewritten after every budget, so a partial run leaves valid partial results.
+
+Output: cache/results/quality_benchmark.json and quality_benchmark.html (plotly, self-contained).
+JSON schema (schema_version 1):
+  kind            "quality-benchmark"
+  schema_version  1
+  model, text     dense model name; evaluation text ("wiki (held-out split)")
+  window, windows tokens per window, number of windows; tokens: predicted tokens per variant
+  machine         tomoe_core.pipeline.machine_info(); seconds: wall time; command: how it was run
+  settings        {budgets, methods, calibration_text, calibration_tokens, complete: bool}
+  dense           {perplexity, kl_to_dense (0), top1_agreement (1)}
+  rows            one per (budget, variant):
+                  {budget: nominal p, method: "tomoe" | "tomoe-random-routing" | "magnitude" | "wanda-sp"
+                   | "flap" | "torch-pruning", kind: "tomoe" | "ablation" | "baseline" | "external-baseline",
+                   label: display name, conversion: folder name or null, conversion_digest: str or null,
+                   active_mlp_ratio: measured (ToMoE: widest expert per layer; baselines: kept fraction),
+                   perplexity, kl_to_dense, top1_agreement, seconds}
+  comparison      one per (budget, conversion): {budget, conversion, tomoe_perplexity, best_baseline,
+                   best_baseline_perplexity, perplexity_ratio (best baseline / ToMoE, > 1: ToMoE wins),
+                   tomoe_kl, best_baseline_kl, tomoe_wins, per_method: {method: baseline ppl / ToMoE ppl}}
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from tomoe_core.baselines import ALL_METHODS, EXTERNAL_METHODS, activation_stats, baseline_variants
+from tomoe_core.budget import account
+from tomoe_core.convert import conversion_digest, load_converted, read_metadata
+from tomoe_core.data import cache_dir, cached_stream, windows as make_windows
+from tomoe_core.evaluate import evaluate_variants, logits_fn
+from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
+from tomoe_core.masked import MaskedModel
+from tomoe_core.models import load_dense
+from tomoe_core.pipeline import conversions_dir, machine_info
+
+DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SCHEMA_VERSION = 1
+
+
+def find_conversions(model_name: str, root: Path | None = None) -> list[Path]:
+    root = root or conversions_dir()
+    found = []
+    for folder in sorted(root.glob("*")) if root.exists() else []:
+        if (folder / "tomoe.json").exists() and read_metadata(folder).get("model") == model_name:
+            found.append(folder)
+    return found
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """At each budget, every learned-routing conversion against the best baseline (by perplexity)."""
+    out = []
+    for row in (r for r in rows if r["kind"] == "tomoe"):
+        base = [r for r in rows if r["budget"] == row["budget"] and r["kind"] in ("baseline", "external-baseline")]
+        if not base:
+            continue
+        best = min(base, key=lambda r: r["perplexity"])
+        out.append({"budget": row["budget"], "conversion": row["conversion"], "tomoe_perplexity": row["perplexity"],
+                    "best_baseline": best["method"], "best_baseline_perplexity": best["perplexity"],
+                    "perplexity_ratio": best["perplexity"] / row["perplexity"], "tomoe_kl": row["kl_to_dense"],
+                    "best_baseline_kl": min(r["kl_to_dense"] for r in base),
+                    "tomoe_wins": row["perplexity"] < best["perplexity"],
+                    "per_method": {r["method"]: r["perplexity"] / row["perplexity"] for r in base}})
+    return out
+
+
+@torch.no_grad()
+def run(args, log=print) -> dict:
+    t_start = time.time()
+    dense, tokenizer = load_dense(args.model, device=args.device, log=log)
+    tag = safe_name(Path(args.model).name)
+    held = make_windows(cached_stream(tokenizer, "wiki", "heldout", None, tag), args.window, args.windows)
+    masked = MaskedModel(dense, num_experts=1)
+    methods = [m for m in args.methods if m]
+    conversions = [] if args.no_conversions else find_conversions(args.model)
+    conv_budgets = {}
+    for folder in conversions:
+        conv_budgets.setdefault(round(float(read_metadata(folder)["budget"]), 4), []).append(folder)
+    budgets = sorted({round(b, 4) for b in args.budgets} | set(conv_budgets))
+    stats = None
+    if any(m not in EXTERNAL_METHODS for m in methods):
+        n = max(1, args.calibration_tokens // 512)
+        calib = cached_stream(tokenizer, "wiki", "calibration", None, tag)[: n * 512].view(n, 512)
+        log(f"[quality] activation statistics on {n * 512} calibration tokens")
+        stats = activation_stats(masked, calib.to(args.device))
+    result = {
+        "kind": "quality-benchmark", "schema_version": SCHEMA_VERSION, "model": args.model,
+        "text": "wiki (held-out split)", "window": args.window, "windows": int(held.shape[0]),
+        "tokens": int(held.shape[0] * (held.shape[1] - 1)), "machine": machine_info(args.device),
+        "command": "python -m benchmarks.quality " + " ".join(shlex.quote(a) for a in args.argv),
+        "settings": {"budgets": budgets, "methods": methods, "calibration_text": "wiki (calibration split)",
+                     "calibration_tokens": args.calibration_tokens, "complete": False},
+        "dense": None, "rows": [], "comparison": [], "seconds": None,
+    }
+    for budget in budgets:
+        t0 = time.time()
+        variants, info = {}, {}
+        for folder in conv_budgets.get(budget, []):
+            moe, _, meta = load_converted(folder, device=args.device, layout="prefill", load_tokenizer=False)
+            ratio = account(moe).mlp_active_ratio
+            common = {"conversion": folder.name, "conversion_digest": conversion_digest(meta), "active_mlp_ratio": ratio}
+            variants[f"tomoe:{folder.name}"] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
+            info[f"tomoe:{folder.name}"] = {"method": "tomoe", "kind": "tomoe", "label": f"ToMoE ({folder.name})", **common}
+            gen = torch.Generator()
+            variants[f"random:{folder.name}"] = logits_fn(
+                moe, lambda moe=moe, gen=gen: (gen.manual_seed(0), moe.set_routing("random", gen)))
+            info[f"random:{folder.name}"] = {"method": "tomoe-random-routing", "kind": "ablation",
+                                             "label": f"ToMoE, random expert per token ({folder.name})", **common}
+        for method, (fn, ratio) in baseline_variants(masked, methods, budget, stats, held[:1, :64]).items():
+            variants[method] = fn
+            info[method] = {"method": method, "kind": "external-baseline" if method in EXTERNAL_METHODS else "baseline",
+                            "label": method, "conversion": None, "conversion_digest": None, "active_mlp_ratio": ratio}
+        dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
+        res = evaluate_variants(dense_fn, variants, held, device=args.device)
+        masked.set_masks(None)
+        if result["dense"] is None:
+            d = res["dense"]
+            result["dense"] = {"perplexity": d.perplexity, "kl_to_dense": d.kl_to_dense, "top1_agreement": d.top1_agreement}
+        for name, r in res.items():
+            if name == "dense":
+                continue
+            result["rows"].append({"budget": budget, **info[name], "perplexity": r.perplexity,
+                                   "kl_to_dense": r.kl_to_dense, "top1_agreement": r.top1_agreement,
+                                   "seconds": round(r.seconds, 2)})
+        result["comparison"] = compare(result["rows"])
+        result["seconds"] = round(time.time() - t_start, 1)
+        save(result, args.output)
+        log(f"[quality] budget {budget}: {len(variants)} variants in {time.time() - t0:.0f} s")
+        del variants
+    result["settings"]["complete"] = True
+    save(result, args.output)
+    return result
+
+
+def save(result: dict, output: Path) -> None:
+    atomic_write_json(output, result)
+    atomic_write_bytes(output.with_suffix(".html"),
+                       quality_figure(result).to_html(include_plotlyjs=True, full_html=True).encode("utf-8"))
+
+
+# -- presentation ----------------------------------------------------------------------------------------
+METHOD_STYLE = {
+    "tomoe": dict(color="#4338ca", symbol="circle", size=13),
+    "tomoe-random-routing": dict(color="#a5b4fc", symbol="circle-open", size=11),
+    "magnitude": dict(color="#d97706", symbol="square", size=8),
+    "wanda-sp": dict(color="#059669", symbol="diamond", size=8),
+    "flap": dict(color="#dc2626", symbol="triangle-up", size=9),
+    "torch-pruning": dict(color="#6b7280", symbol="x", size=8),
+}
+
+
+def quality_figure(result: dict) -> go.Figure:
+    """Perplexity (log) and KL to dense against the active MLP ratio: one line per method."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Perplexity (log scale)", "KL(dense || variant) per token"))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    for method in methods:
+        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["active_mlp_ratio"])
+        style = METHOD_STYLE.get(method, dict(color="#111827", symbol="circle", size=8))
+        mode = "markers" if method.startswith("tomoe") else "lines+markers"
+        label = {"tomoe": "ToMoE (learned routing)", "tomoe-random-routing": "ToMoE, random routing (ablation)",
+                 "torch-pruning": "torch-pruning (external, group magnitude)"}.get(method, method)
+        hover = [f"{r['label']}<br>budget {r['budget']:g}, active MLP {r['active_mlp_ratio']:.3f}<br>"
+                 f"ppl {r['perplexity']:.2f}, KL {r['kl_to_dense']:.3f}, top-1 agr {r['top1_agreement']:.3f}"
+                 for r in rows]
+        for col, key in ((1, "perplexity"), (2, "kl_to_dense")):
+            fig.add_trace(go.Scatter(x=[r["active_mlp_ratio"] for r in rows], y=[r[key] for r in rows], mode=mode,
+                                     name=label, legendgroup=method, showlegend=col == 1, hovertext=hover,
+                                     hoverinfo="text", marker=dict(color=style["color"], symbol=style["symbol"],
+                                                                   size=style["size"]),
+                                     line=dict(color=style["color"])), row=1, col=col)
+    if result.get("dense"):
+        fig.add_hline(y=result["dense"]["perplexity"], line_dash="dash", line_color="#1f2937",
+                      annotation_text=f"dense {result['dense']['perplexity']:.2f}", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title_text="active MLP parameters per token (fraction of dense)")
+    fig.update_layout(title=f"{result['model']}: quality at equal active MLP budget "
+                            f"({result['text']}, {result['windows']} x {result['window']} tokens)",
+                      template="plotly_white", height=520, legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def format_table(result: dict) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    lines = [f"model {result['model']}, text {result['text']}, {result['windows']} windows x {result['window']} "
+             f"tokens, machine {result['machine']['platform']} ({result['machine']['cpu_count']} CPUs)",
+             f"dense perplexity {result['dense']['perplexity']:.2f}",
+             "perplexity (KL to dense) [active MLP ratio]",
+             f"{'budget':>6}  " + "".join(f"{m[:24]:>26}" for m in methods)]
+    for budget in result["settings"]["budgets"]:
+        cells = []
+        for m in methods:
+            rs = [r for r in result["rows"] if r["budget"] == budget and r["method"] == m]
+            cells.append(" / ".join(f"{r['perplexity']:.1f} ({r['kl_to_dense']:.2f}) [{r['active_mlp_ratio']:.2f}]"
+                                    for r in rs) or "-")
+        lines.append(f"{budget:>6g}  " + "".join(f"{c:>26}" for c in cells))
+    for c in result["comparison"]:
+        verdict = "ToMoE wins" if c["tomoe_wins"] else "ToMoE loses"
+        lines.append(f"p={c['budget']:g} {c['conversion']}: {verdict}: ToMoE ppl {c['tomoe_perplexity']:.2f} vs best "
+                     f"baseline {c['best_baseline']} {c['best_baseline_perplexity']:.2f} "
+                     f"(x{c['perplexity_ratio']:.2f}); KL {c['tomoe_kl']:.3f} vs {c['best_baseline_kl']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help="comma-separated baselines (default: %(default)s); 'none' for conversions only")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows (default: %(default)s)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--no-conversions", action="store_true", help="baselines only")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", type=Path, default=cache_dir() / "results" / "quality_benchmark.json")
+    args = p.parse_args(argv)
+    args.argv = argv
+    args.methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    if any(not 0 < b <= 1 for b in args.budgets):
+        p.error("budgets are fractions in (0, 1]")
+    result = run(args)
+    print(format_table(result))
+    print(f"result written to {args.output} and {args.output.with_suffix('.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

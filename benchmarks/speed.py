@@ -1,0 +1,433 @@
+"""Speed benchmark: the dense model against every MoE layout at several budgets, side by side.
+
+    python -m benchmarks.speed                       # CPU, SmolLM2-135M, budgets 0.3 0.5 0.7, 1 thread
+    python -m benchmarks.speed --threads 2 --budgets 0.5
+    python -m benchmarks.gpu_speed                   # CUDA, bf16, batch 1 and 16 (prepared for a GPU box)
+    python -m benchmarks.speed --dry-run             # tiny random model: exercises the code in seconds
+
+In one process, every repeat runs every variant in turn (so drifting load hits all alike);
+the tables report medians over repeats and ratios to dense:
+  * MLP decode:  the MLPs alone, every layer on its own captured input, one token per sequence
+                 (batch B), ms per decode step summed over layers;
+  * MLP prefill: the same on a T-token prompt;
+  * decode:      end-to-end greedy decode with a KV cache, new tokens/s (prompt excluded);
+  * prefill:     one forward over a T-token prompt, tokens/s;
+  * memory:      resident MLP weight bytes (union weights + the layout's copies), relative to
+                 the dense MLP; and the peak memory of a fresh process that loads only that
+                 variant and runs the prefill and the decode (CPU: peak RSS after loading, via
+                 /proc/self/clear_refs, so it includes the Python/torch runtime; CUDA: max allocated).
+Variants: per budget one conversion. The trained conversion from cache/conversions is used
+where its budget matches ("trained"); other budgets get "untrained" masks (cluster init,
+thresholded to the budget, no training): right for speed, meaningless for quality.
+Greedy tokens of every layout are checked equal to the shared layout of the same conversion.
+
+Writes cache/results/speed_benchmark[-cuda].json:
+  {kind: "speed", machine, contention: {loadavg, other_jobs}, model, dtype, device, settings,
+   rows: [{name, batch, budget (1.0 for dense), source, layout (null for dense), core_fraction,
+           union_fraction (of the dense intermediate size, mean over layers), mlp_bytes,
+           mlp_bytes_vs_dense, mlp_decode_ms, mlp_decode_vs_dense, mlp_prefill_ms,
+           mlp_prefill_vs_dense, decode_tokens_per_s, decode_speedup, prefill_tokens_per_s,
+           prefill_speedup (prefill fields: batch 1 only, else null), peak_memory_mb,
+           peak_memory_kind, same_tokens_as_shared, repeats: raw timings}]}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tomoe_core.convert import load_converted, materialise, read_metadata, save_converted
+from tomoe_core.data import cache_dir, cached_stream
+from tomoe_core.families import adapter_for
+from tomoe_core.io import atomic_write_json, safe_name
+from tomoe_core.masked import MaskedModel
+from tomoe_core.pipeline import conversions_dir, machine_info
+from tomoe_core.routing import LAYOUTS, MoEMLP
+
+
+# -- building the variants ---------------------------------------------------------------------------
+def untrained_conversion(dense, budget: float, num_experts: int, calibration_ids: torch.Tensor):
+    """A MoE with cluster-initialised routers and masks thresholded to `budget`, no training."""
+    masked = MaskedModel(copy.deepcopy(dense), num_experts)
+    masked.cluster_init(calibration_ids, budget)
+    masks = masked.deterministic_masks(masked.calibrate_shift(budget))
+    return materialise(masked, masks, budget)
+
+
+def cached_untrained_conversion(model_name: str, dense, budget: float, num_experts: int,
+                                calibration_ids: torch.Tensor, log=print) -> Path:
+    """Saved under cache/speed/ (never cache/conversions: the quality benchmark must not take it for a conversion)."""
+    folder = cache_dir() / "speed" / safe_name(f"untrained-{Path(model_name).name}-p{budget:g}-e{num_experts}")
+    if not (folder / "tomoe.json").exists():
+        log(f"[speed] building untrained masks at p={budget:g} (cluster init, no training) -> {folder}")
+        save_converted(untrained_conversion(dense, budget, num_experts, calibration_ids), folder,
+                       metadata={"kind": "untrained-speed-masks", "model": model_name, "budget": budget,
+                                 "num_experts": num_experts, "note": "for speed only; quality is meaningless"})
+    return folder
+
+
+def trained_conversions(model_name: str) -> dict[float, Path]:
+    """Saved conversions of this model, by budget (the newest folder wins a tie)."""
+    found = {}
+    root = conversions_dir()
+    for folder in sorted(root.glob("*"), key=lambda p: p.stat().st_mtime) if root.exists() else []:
+        if (folder / "tomoe.json").exists():
+            meta = read_metadata(folder)
+            if meta.get("model") == model_name and meta.get("budget") is not None:
+                found[round(float(meta["budget"]), 4)] = folder
+    return found
+
+
+def mlp_bytes(mlps) -> int:
+    total = 0
+    for m in mlps:
+        if isinstance(m, MoEMLP):
+            total += m.weight_bytes() - m.router.weight.nbytes - m.router.bias.nbytes
+        else:
+            total += sum(p.nbytes for p in m.parameters())
+    return total
+
+
+def layer_mlps(model) -> list:
+    base = getattr(model, "model", model) if hasattr(model, "moe_mlps") else model
+    adapter = adapter_for(base)
+    return [adapter.mlp(layer) for layer in adapter.layers(base)]
+
+
+# -- measurements -------------------------------------------------------------------------------------
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def capture_mlp_inputs(dense, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's MLP input on `ids`.  -> L x (B, T, D)"""
+    inputs = []
+    handles = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
+               for m in layer_mlps(dense)]
+    try:
+        dense(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def time_mlps(mlps, steps: list[list[torch.Tensor]], device) -> float:
+    """Seconds per step; steps[s][l] is layer l's input at step s."""
+    for l, m in enumerate(mlps):  # warm-up
+        m(steps[0][l])
+    _sync(device)
+    t0 = time.perf_counter()
+    for step in steps:
+        for m, x in zip(mlps, step):
+            m(x)
+    _sync(device)
+    return (time.perf_counter() - t0) / len(steps)
+
+
+def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, device) -> tuple[float, list]:
+    """Greedy decode with a KV cache. -> (new tokens per second, the tokens)"""
+    out = model(input_ids=prompt, use_cache=True)
+    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    tokens = [token]
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return (new_tokens - 1) * prompt.shape[0] / seconds, torch.cat(tokens, 1).tolist()
+
+
+def time_prefill(model, ids: torch.Tensor, device) -> float:
+    model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    _sync(device)
+    return ids.numel() / (time.perf_counter() - t0)
+
+
+def contention() -> dict:
+    """Load average and other heavy Python jobs while the benchmark ran (figures are only as clean as this)."""
+    try:
+        ps = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
+                            timeout=5).stdout.splitlines()[1:]
+    except (OSError, subprocess.SubprocessError):
+        ps = []
+    me = os.getpid()
+    jobs = [line.strip()[:120] for line in ps if "python" in line and int(line.split()[0]) != me
+            and float(line.split()[1]) > 20]
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "other_jobs": jobs}
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+def tiny_dense(vocab: int = 512):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_variants(args, dense, calibration_ids, log) -> list[dict]:
+    trained = {} if args.dry_run else trained_conversions(args.model)
+    variants = [{"name": "dense", "budget": 1.0, "source": "dense", "layout": None, "model": dense, "folder": None}]
+    for budget in args.budgets:
+        key = round(budget, 4)
+        folder = None
+        if key in trained and not args.untrained_only:
+            log(f"[speed] budget {budget}: trained conversion {trained[key]}")
+            folder, source = trained[key], f"trained ({trained[key].name})"
+            moe, _, _ = load_converted(folder, device=args.device, layout="shared", load_tokenizer=False)
+        elif args.dry_run:
+            moe, source = untrained_conversion(dense, budget, args.experts, calibration_ids), "untrained masks"
+        else:
+            folder = cached_untrained_conversion(args.model, dense, budget, args.experts, calibration_ids, log)
+            moe, _, _ = load_converted(folder, device=args.device, layout="shared", load_tokenizer=False)
+            source = "untrained masks"
+        moe = moe.to(device=args.device, dtype=args.torch_dtype).eval()
+        for layout in LAYOUTS:
+            variants.append({"name": f"p={budget:g} {layout}", "budget": budget, "source": source, "layout": layout,
+                             "model": moe, "folder": folder})
+    return variants
+
+
+# -- peak memory, one fresh process per variant ---------------------------------------------------------
+def _vm_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def memory_probe(spec: dict) -> dict:
+    """Load one variant in this (fresh) process, reset the peak RSS, run prefill + decode, report peaks.
+
+    The reset (Linux /proc/self/clear_refs) keeps loading transients (a converted model is built
+    from a full dense skeleton) out of the figure; without it the peak includes them.
+    """
+    device = torch.device(spec["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    if spec["folder"]:
+        model, _, _ = load_converted(spec["folder"], device=device, layout=spec["layout"], load_tokenizer=False)
+        model = model.to(dtype=dtype)
+    else:
+        from tomoe_core.models import load_dense
+
+        model, _ = load_dense(spec["model"], device=device, dtype=dtype, log=lambda *a: None)
+    import gc
+
+    gc.collect()
+    reset = True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        reset = False
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _vm_kib("VmRSS")
+    ids = torch.randint(3, 1000, (spec["batch"], spec["prefill_tokens"]), device=device)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        greedy_decode(model, ids[:, : spec["prompt_tokens"]], spec["new_tokens"], device)
+    out = {"peak_rss_bytes": (_vm_kib("VmHWM") or 0) * 1024, "rss_before_bytes": (rss_before or 0) * 1024,
+           "peak_reset_after_load": reset}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def run_memory_probe(v: dict, args, batch: int) -> dict | None:
+    spec = {"folder": str(v["folder"]) if v["folder"] else None, "model": args.model, "layout": v["layout"] or "shared",
+            "device": args.device, "dtype": args.dtype, "threads": args.threads or 1, "batch": batch,
+            "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--memory-probe", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"[speed] memory probe of {v['name']} failed: {proc.stderr[-500:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])
+
+
+@torch.no_grad()
+def run(args, log=print) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    if args.dry_run:
+        dense = tiny_dense().to(device=device, dtype=args.torch_dtype)
+        calibration = torch.randint(3, 512, (2, 64))
+        text = torch.randint(3, 512, (args.prompt_tokens * args.batch_sizes[-1] * 4,))
+        model_name = "tiny random llama (dry run)"
+    else:
+        from tomoe_core.models import load_dense
+
+        dense, tokenizer = load_dense(args.model, device=device, dtype=args.torch_dtype, log=log)
+        tag = safe_name(Path(args.model).name)
+        calibration = cached_stream(tokenizer, "wiki", "calibration", None, tag)[: 4 * 512].view(4, 512).to(device)
+        text = cached_stream(tokenizer, "wiki", "heldout", None, tag)
+        model_name = args.model
+    variants = build_variants(args, dense, calibration, log)
+    dense_mlp_bytes = mlp_bytes(layer_mlps(dense))
+    rows = []
+    for batch in args.batch_sizes:
+        prompt = text[: batch * args.prompt_tokens].view(batch, args.prompt_tokens).to(device)
+        long_prompt = text[: args.prefill_tokens].view(1, -1).to(device)
+        inputs = capture_mlp_inputs(dense, text[: batch * args.mlp_steps].view(batch, args.mlp_steps).to(device))
+        decode_steps = [[x[:, s:s + 1] for x in inputs] for s in range(args.mlp_steps)]  # steps x L x (B, 1, D)
+        prefill_steps = [capture_mlp_inputs(dense, long_prompt)]
+        results = {v["name"]: {"mlp_decode": [], "mlp_prefill": [], "decode": [], "prefill": [], "tokens": None}
+                   for v in variants}
+        for r in range(args.repeats):
+            for v in variants:
+                model = v["model"]
+                if v["layout"] is not None:
+                    model.set_layout(v["layout"])
+                res = results[v["name"]]
+                mlps = layer_mlps(model)
+                res["mlp_decode"].append(time_mlps(mlps, decode_steps, device))
+                if batch == 1:
+                    res["mlp_prefill"].append(time_mlps(mlps, prefill_steps, device))
+                    res["prefill"].append(time_prefill(model, long_prompt, device))
+                speed, tokens = greedy_decode(model, prompt, args.new_tokens, device)
+                res["decode"].append(speed)
+                res["tokens"] = tokens
+            log(f"[speed] batch {batch}: repeat {r + 1}/{args.repeats} done")
+        med = {name: {k: statistics.median(x) if x else None for k, x in res.items()
+                      if k in ("mlp_decode", "mlp_prefill", "decode", "prefill")} for name, res in results.items()}
+        for v in variants:
+            name, model = v["name"], v["model"]
+            if v["layout"] is not None:
+                model.set_layout(v["layout"])
+            m = med[name]
+            d = med["dense"]
+            moe_mlps = [x for x in layer_mlps(model) if isinstance(x, MoEMLP)]
+            inter = [adapter_for(dense).mlp_weights(x).intermediate_size for x in layer_mlps(dense)]
+            shared_tokens = results.get(f"p={v['budget']:g} shared", {}).get("tokens")
+            bytes_now = mlp_bytes(layer_mlps(model))
+            probe = None if args.dry_run or args.no_memory else run_memory_probe(v, args, batch)
+            peak = (probe or {}).get("peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes")
+            rows.append({
+                "name": name, "batch": batch, "budget": v["budget"], "source": v["source"], "layout": v["layout"],
+                "core_fraction": (statistics.mean(x.core_size() / i for x, i in zip(moe_mlps, inter))
+                                  if moe_mlps else None),
+                "union_fraction": statistics.mean(x.union_size / i for x, i in zip(moe_mlps, inter)) if moe_mlps else None,
+                "mlp_bytes": bytes_now, "mlp_bytes_vs_dense": bytes_now / dense_mlp_bytes,
+                "mlp_decode_ms": m["mlp_decode"] * 1e3, "mlp_decode_vs_dense": m["mlp_decode"] / d["mlp_decode"],
+                "mlp_prefill_ms": m["mlp_prefill"] * 1e3 if m["mlp_prefill"] else None,
+                "mlp_prefill_vs_dense": m["mlp_prefill"] / d["mlp_prefill"] if m["mlp_prefill"] else None,
+                "decode_tokens_per_s": m["decode"], "decode_speedup": m["decode"] / d["decode"],
+                "prefill_tokens_per_s": m["prefill"], "prefill_speedup": m["prefill"] / d["prefill"] if m["prefill"] else None,
+                "peak_memory_mb": peak / 2**20 if peak else None,
+                "peak_memory_kind": None if not peak else ("CUDA max allocated, fresh process" if device.type == "cuda"
+                                                          else "peak RSS of a fresh process during prefill + decode"),
+                "same_tokens_as_shared": None if v["layout"] is None else results[name]["tokens"] == shared_tokens,
+                "repeats": {k: results[name][k] for k in ("mlp_decode", "mlp_prefill", "decode", "prefill")},
+            })
+    return {
+        "kind": "speed", "machine": machine_info(str(device)), "contention": contention(), "model": model_name,
+        "dtype": str(args.torch_dtype).replace("torch.", ""), "device": str(device),
+        "settings": {"threads": args.threads if device.type == "cpu" else None, "repeats": args.repeats,
+                     "batch_sizes": args.batch_sizes, "prompt_tokens": args.prompt_tokens,
+                     "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
+                     "mlp_decode_steps": args.mlp_steps, "experts": args.experts, "budgets": args.budgets,
+                     "dry_run": args.dry_run},
+        "rows": rows,
+    }
+
+
+def format_table(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"model {result['model']} | {result['device']} {result['dtype']} | threads {s['threads']} | "
+             f"{s['repeats']} repeats (medians) | decode: {s['prompt_tokens']}-token prompt + {s['new_tokens']} new | "
+             f"prefill: {s['prefill_tokens']} tokens",
+             f"machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs"
+             + (f", {result['machine']['gpu']}" if "gpu" in result["machine"] else ""),
+             f"contention: loadavg {result['contention']['loadavg']}, other jobs: "
+             f"{result['contention']['other_jobs'] or 'none'}"]
+    for batch in s["batch_sizes"]:
+        lines.append(f"\nbatch {batch}")
+        lines.append(f"{'variant':<22}{'source':<18}{'core/union':>11}{'MLP dec ms':>11}{'x dense':>8}"
+                     f"{'MLP pre ms':>11}{'x dense':>8}{'dec tok/s':>10}{'speedup':>8}{'pre tok/s':>10}{'speedup':>8}"
+                     f"{'MLP MB':>8}{'x dense':>8}{'peak MB':>9}{'same':>6}")
+        for r in (r for r in result["rows"] if r["batch"] == batch):
+            cu = f"{r['core_fraction']:.2f}/{r['union_fraction']:.2f}" if r["core_fraction"] is not None else "-"
+            fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+            lines.append(
+                f"{r['name']:<22}{r['source'][:17]:<18}{cu:>11}{r['mlp_decode_ms']:>11.2f}{r['mlp_decode_vs_dense']:>8.3f}"
+                f"{fmt(r['mlp_prefill_ms'], '.1f'):>11}{fmt(r['mlp_prefill_vs_dense'], '.3f'):>8}"
+                f"{r['decode_tokens_per_s']:>10.1f}{r['decode_speedup']:>8.3f}{fmt(r['prefill_tokens_per_s'], '.0f'):>10}"
+                f"{fmt(r['prefill_speedup'], '.3f'):>8}{r['mlp_bytes'] / 2**20:>8.0f}{r['mlp_bytes_vs_dense']:>8.2f}"
+                f"{fmt(r['peak_memory_mb'], '.0f'):>9}"
+                f"{'' if r['same_tokens_as_shared'] is None else ('yes' if r['same_tokens_as_shared'] else 'NO'):>6}")
+    return "\n".join(lines)
+
+
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--experts", type=int, default=8, help="experts per layer of untrained conversions")
+    p.add_argument("--untrained-only", action="store_true", help="ignore trained conversions in cache/conversions")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="decode batch sizes (default: 1)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--mlp-steps", type=int, default=16, help="decode steps of the MLP-only timing")
+    p.add_argument("--dry-run", action="store_true", help="tiny random model, a few seconds: checks the code runs")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one fresh process each)")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: JSON spec of one variant
+    p.add_argument("--output", type=Path, default=None)
+    return p
+
+
+def main(argv=None, description: str = __doc__, defaults: dict | None = None) -> int:
+    parser = build_parser(description)
+    if defaults:
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return 0
+    args.torch_dtype = getattr(torch, args.dtype)
+    if args.dry_run:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            args.device = "cpu"
+        args.repeats, args.new_tokens, args.prefill_tokens, args.mlp_steps = 2, 6, 64, 4
+        args.prompt_tokens = 8
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU (install a CUDA build of torch, or use --dry-run)")
+    result = run(args)
+    print(format_table(result))
+    suffix = "" if args.device == "cpu" else f"-{safe_name(args.device)}"
+    path = args.output or cache_dir() / "results" / f"speed_benchmark{suffix}{'-dry-run' if args.dry_run else ''}.json"
+    atomic_write_json(path, result)
+    print(f"result written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The benchmark commands run (dry mode, tiny model) and their outputs keep the documented schema."""
+import json
+
+import plotly.graph_objects as go
+
+from benchmarks import gpu_speed, quality, speed
+from tomoe_core.routing import LAYOUTS
+
+
+def test_speed_dry_run_measures_dense_and_every_layout(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert speed.main(["--dry-run", "--budgets", "0.5", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "speed" and result["settings"]["dry_run"]
+    rows = result["rows"]
+    assert [r["layout"] for r in rows] == [None, *LAYOUTS]
+    dense = rows[0]
+    assert dense["decode_speedup"] == 1.0 and dense["mlp_decode_vs_dense"] == 1.0
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["mlp_bytes"] > 0
+    for r in rows[1:]:
+        assert r["same_tokens_as_shared"] is True  # float32: every layout decodes the same tokens
+    assert rows[2]["mlp_bytes"] > rows[1]["mlp_bytes"]  # packed copies cost memory
+    assert "MLP dec ms" in capsys.readouterr().out
+
+
+def test_gpu_script_dry_run_runs_on_cpu_in_bf16(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert gpu_speed.main(["--dry-run", "--budgets", "0.5", "--output", str(out)], defaults=gpu_speed.GPU_DEFAULTS) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and result["settings"]["batch_sizes"] == [1, 16]
+    assert {r["batch"] for r in result["rows"]} == {1, 16}
+
+
+def fake_quality_result() -> dict:
+    rows = []
+    for budget in (0.3, 0.5):
+        for method, kind, ppl in (("tomoe", "tomoe", 40 / budget), ("magnitude", "baseline", 900 / budget),
+                                  ("flap", "baseline", 60 / budget), ("torch-pruning", "external-baseline", 901 / budget)):
+            rows.append({"budget": budget, "method": method, "kind": kind, "label": method,
+                         "conversion": "conv" if kind == "tomoe" else None, "conversion_digest": None,
+                         "active_mlp_ratio": budget, "perplexity": ppl, "kl_to_dense": ppl / 100,
+                         "top1_agreement": 0.5, "seconds": 1.0})
+    rows[0]["perplexity"] = 500.0  # ToMoE loses at 0.3 in this made-up table
+    return {"kind": "quality-benchmark", "schema_version": 1, "model": "m", "text": "t", "window": 8, "windows": 2,
+            "tokens": 14, "machine": {"platform": "p", "cpu_count": 2}, "settings": {"budgets": [0.3, 0.5]},
+            "dense": {"perplexity": 20.0, "kl_to_dense": 0.0, "top1_agreement": 1.0}, "rows": rows}
+
+
+def test_quality_comparison_names_the_best_baseline_and_the_winner():
+    result = fake_quality_result()
+    result["comparison"] = quality.compare(result["rows"])
+    by_budget = {c["budget"]: c for c in result["comparison"]}
+    assert by_budget[0.5]["best_baseline"] == "flap" and by_budget[0.5]["tomoe_wins"]
+    assert by_budget[0.5]["perplexity_ratio"] == 60 / 40
+    assert not by_budget[0.3]["tomoe_wins"]
+    assert set(by_budget[0.3]["per_method"]) == {"magnitude", "flap", "torch-pruning"}
+    table = quality.format_table(result)
+    assert "ToMoE wins" in table and "ToMoE loses" in table
+
+
+def test_quality_figure_has_a_trace_per_method_and_panel():
+    fig = quality.quality_figure(fake_quality_result())
+    assert isinstance(fig, go.Figure)
+    names = [t.name for t in fig.data]
+    assert len(fig.data) == 8  # 4 methods x (perplexity, KL)
+    assert "ToMoE (learned routing)" in names and "torch-pruning (external, group magnitude)" in names
