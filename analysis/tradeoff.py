@@ -138,36 +138,66 @@ def cost_models(conversions, results: dict[str, dict]) -> dict[str, CostModel]:
 
 
 def quality_points(results: dict[str, dict], costs: dict[str, CostModel]) -> pd.DataFrame:
-    """One row per (result file, variant) of every quality result (`kind: quality`)."""
+    """One row per (result file, variant) of every quality result: `python -m tomoe_core evaluate`
+    files (`kind: quality`) and the quality benchmark (`kind: quality-benchmark`, every budget)."""
     rows = []
     for source, res in results.items():
-        if res.get("kind") != "quality" or not isinstance(res.get("results"), dict):
-            continue
-        model = str(res.get("model", "?"))
-        cost = costs.get(model)
-        budget = res.get("budget")
-        label = eval_set_label(res)
-        conversion = res.get("conversion")
-        conv_name = conversion.rstrip("/").rsplit("/", 1)[-1] if conversion else None
-        for variant, r in res["results"].items():
-            kind = variant_kind(variant)
-            b = 1.0 if kind == "dense" else r.get("budget", budget)
-            active = None
-            if kind == "tomoe" and res.get("accounting"):
-                active = res["accounting"].get("active_total")
-            if active is None and cost is not None and b is not None:
-                active = cost.active_params(float(b))
-            rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
-                         "method": "ToMoE" if kind == "tomoe" else variant, "budget": b,
-                         "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
-                         "top1_agreement": r.get("top1_agreement"), "active_params": active,
-                         "source": source, "conversion": conv_name if kind in ("tomoe", "ablation") else None})
+        if res.get("kind") == "quality" and isinstance(res.get("results"), dict):
+            rows += _evaluate_rows(source, res, costs.get(str(res.get("model", "?"))))
+        elif res.get("kind") == "quality-benchmark" and isinstance(res.get("rows"), list):
+            rows += _benchmark_rows(source, res, costs.get(str(res.get("model", "?"))))
     df = pd.DataFrame(rows, columns=POINT_COLUMNS)
     if not df.empty:
         # one dense row per evaluation set (every result file re-measures it on the same windows)
         dense = df["kind"] == "dense"
         df = pd.concat([df[dense].drop_duplicates("eval_set"), df[~dense]], ignore_index=True)
     return df
+
+
+def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]:
+    model, budget, label = str(res.get("model", "?")), res.get("budget"), eval_set_label(res)
+    conversion = res.get("conversion")
+    conv_name = conversion.rstrip("/").rsplit("/", 1)[-1] if conversion else None
+    rows = []
+    for variant, r in res["results"].items():
+        kind = variant_kind(variant)
+        b = 1.0 if kind == "dense" else r.get("budget", budget)
+        active = None
+        if kind == "tomoe" and res.get("accounting"):
+            active = res["accounting"].get("active_total")
+        if active is None and cost is not None and b is not None:
+            active = cost.active_params(float(b))
+        rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
+                     "method": "ToMoE" if kind == "tomoe" else variant, "budget": b,
+                     "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
+                     "top1_agreement": r.get("top1_agreement"), "active_params": active,
+                     "source": source, "conversion": conv_name if kind in ("tomoe", "ablation") else None})
+    return rows
+
+
+_BENCHMARK_KINDS = {"tomoe": "tomoe", "ablation": "ablation", "baseline": "baseline", "external-baseline": "baseline"}
+
+
+def _benchmark_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]:
+    model, label = str(res.get("model", "?")), eval_set_label(res)
+    dense = res.get("dense") or {}
+    rows = []
+    if dense.get("perplexity") is not None:
+        rows.append({"eval_set": label, "model": model, "variant": "dense", "kind": "dense", "method": "dense",
+                     "budget": 1.0, "perplexity": dense["perplexity"], "kl_to_dense": dense.get("kl_to_dense", 0.0),
+                     "top1_agreement": dense.get("top1_agreement", 1.0),
+                     "active_params": cost.dense_params if cost else None, "source": source, "conversion": None})
+    for r in res["rows"]:
+        kind = _BENCHMARK_KINDS.get(str(r.get("kind")), "baseline")
+        ratio = r.get("active_mlp_ratio") or r.get("budget")
+        variant = "tomoe" if kind == "tomoe" else str(r.get("method"))
+        rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
+                     "method": "ToMoE" if kind == "tomoe" else str(r.get("method")), "budget": r.get("budget"),
+                     "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
+                     "top1_agreement": r.get("top1_agreement"),
+                     "active_params": cost.active_params(float(ratio)) if cost and ratio is not None else None,
+                     "source": source, "conversion": r.get("conversion")})
+    return rows
 
 
 def eval_sets(points: pd.DataFrame) -> list[str]:
@@ -241,54 +271,74 @@ def _best_baseline(pts: pd.DataFrame, budget: float, tol: float) -> dict | None:
 # -- speed results -------------------------------------------------------------------------------
 
 
-@dataclass
-class Measured:
-    tokens_per_s: float | None
-    peak_memory_mb: float | None
-    label: str  # machine, layout, budget the numbers were measured at
-
-
-SPEED_COLUMNS = ["machine", "layout", "budget", "decode_tokens_per_s", "prefill_tokens_per_s", "peak_memory_mb",
-                 "source"]
+SPEED_COLUMNS = ["model", "machine", "layout", "batch", "budget", "decode_tokens_per_s", "prefill_tokens_per_s",
+                 "peak_memory_mb", "peak_memory_kind", "source"]
 
 
 def speed_rows(results: dict[str, dict]) -> pd.DataFrame:
-    """Measured speed rows from speed-benchmark result files (`kind: speed`)."""
+    """Measured speed rows of speed-benchmark files (`kind: speed`, `python -m benchmarks.speed`)."""
     rows = []
     for source, res in results.items():
         if res.get("kind") != "speed":
             continue
-        machine = _machine_label(res.get("machine") or {})
+        machine = _machine_label(res.get("machine") or {}, res.get("dtype"))
         for r in res.get("rows") or []:
-            rows.append({"machine": machine, "layout": r.get("layout"), "budget": r.get("budget"),
+            rows.append({"model": str(res.get("model")), "machine": machine, "layout": r.get("layout") or "dense",
+                         "batch": r.get("batch", 1), "budget": r.get("budget"),
                          "decode_tokens_per_s": r.get("decode_tokens_per_s"),
                          "prefill_tokens_per_s": r.get("prefill_tokens_per_s"),
-                         "peak_memory_mb": r.get("peak_memory_mb"), "source": source})
+                         "peak_memory_mb": r.get("peak_memory_mb"), "peak_memory_kind": r.get("peak_memory_kind"),
+                         "source": source})
     return pd.DataFrame(rows, columns=SPEED_COLUMNS)
 
 
-def _machine_label(machine: dict) -> str:
+def _machine_label(machine: dict, dtype: str | None = None) -> str:
     if machine.get("gpu"):
-        return str(machine["gpu"])
-    cpus = machine.get("cpu_count")
-    threads = machine.get("torch_threads")
-    return f"CPU, {cpus} cores, {threads} torch threads" if cpus else str(machine.get("platform", "unknown machine"))
+        label = str(machine["gpu"])
+    elif machine.get("cpu_count"):
+        label = f"CPU, {machine['cpu_count']} cores, {machine.get('torch_threads')} torch threads"
+    else:
+        label = str(machine.get("platform", "unknown machine"))
+    return f"{label}, {dtype}" if dtype else label
 
 
-def measured_speed(speed_rows: pd.DataFrame, budget: float, tol: float = 0.011) -> Measured | None:
-    """The fastest measured layout at `budget` (rows: budget, layout, decode_tokens_per_s,
-    peak_memory_mb, machine). None when nothing was measured within `tol` of it."""
-    if speed_rows is None or speed_rows.empty:
+@dataclass
+class Measured:
+    tokens_per_s: float | None
+    peak_memory_mb: float | None
+    label: str  # machine, layout, budget the numbers were measured at, or how they were interpolated
+
+
+def measured_speed(speed: pd.DataFrame, budget: float, tol: float = 0.011) -> Measured | None:
+    """Batch-1 decode speed at `budget` from the fastest measured layout: measured within `tol`,
+    interpolated between the nearest measured budgets, or None outside them."""
+    if speed is None or speed.empty:
         return None
-    rows = speed_rows.dropna(subset=["budget", "decode_tokens_per_s"])
-    rows = rows[(rows["budget"] - budget).abs() <= tol]
+    rows = speed.dropna(subset=["budget", "decode_tokens_per_s"])
+    rows = rows[rows["batch"].fillna(1) == rows["batch"].fillna(1).min()]
     if rows.empty:
         return None
-    best = rows.sort_values("decode_tokens_per_s", ascending=False).iloc[0]
-    mem = best.get("peak_memory_mb")
-    return Measured(float(best["decode_tokens_per_s"]), None if pd.isna(mem) else float(mem),
-                    f"measured on {best.get('machine', 'unknown machine')}, layout {best.get('layout', '?')}, "
-                    f"batch-1 decode at p = {best['budget']:g}")
+    best = (rows.sort_values("decode_tokens_per_s", ascending=False).drop_duplicates("budget")
+            .sort_values("budget").reset_index(drop=True))
+    machine = best["machine"].iloc[0]
+    dist = (best["budget"] - budget).abs()
+    if dist.min() <= tol:
+        r = best.loc[dist.idxmin()]
+        mem = None if pd.isna(r["peak_memory_mb"]) else float(r["peak_memory_mb"])
+        kind = f" ({r['peak_memory_kind']})" if isinstance(r["peak_memory_kind"], str) else ""
+        return Measured(float(r["decode_tokens_per_s"]), mem,
+                        f"measured on {machine}: batch-1 greedy decode, fastest layout ({r['layout']}) at "
+                        f"p = {r['budget']:g}; memory{kind}; {r['source']}")
+    below, above = best[best["budget"] < budget], best[best["budget"] > budget]
+    if below.empty or above.empty:
+        return None
+    lo, hi = below.iloc[-1], above.iloc[0]
+    t = (budget - lo["budget"]) / (hi["budget"] - lo["budget"])
+    tps = (1 - t) * lo["decode_tokens_per_s"] + t * hi["decode_tokens_per_s"]
+    mems = [lo["peak_memory_mb"], hi["peak_memory_mb"]]
+    mem = None if any(pd.isna(m) for m in mems) else (1 - t) * mems[0] + t * mems[1]
+    return Measured(float(tps), mem, f"interpolated between measurements on {machine} at p = {lo['budget']:g} "
+                                     f"({lo['layout']}) and p = {hi['budget']:g} ({hi['layout']}); {lo['source']}")
 
 
 # -- figures -------------------------------------------------------------------------------------

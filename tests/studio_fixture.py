@@ -42,6 +42,34 @@ def _quality(budget: float, tomoe_ppl: float, conversion: Path, accounting: dict
             "accounting": accounting}
 
 
+def _quality_benchmark(model: str) -> dict:
+    """`benchmarks.quality` schema: ToMoE and baselines at 0.3, 0.5, 0.7 on 4 x 256-token windows."""
+    rows = []
+    for budget, ppl in ((0.3, 60.0), (0.5, 40.0), (0.7, 30.0)):
+        rows.append({"budget": budget, "method": "tomoe", "kind": "tomoe", "label": "ToMoE", "conversion": CONVERSION,
+                     "active_mlp_ratio": budget, "perplexity": ppl, "kl_to_dense": 0.9 - budget,
+                     "top1_agreement": budget})
+        for method, factor in (("magnitude", 50.0), ("wanda-sp", 1.3), ("flap", 1.2)):
+            rows.append({"budget": budget, "method": method, "kind": "baseline", "label": method, "conversion": None,
+                         "active_mlp_ratio": budget, "perplexity": ppl * factor, "kl_to_dense": 1.0,
+                         "top1_agreement": 0.4})
+    return {"kind": "quality-benchmark", "schema_version": 1, "model": model, "text": "wiki (held-out split)",
+            "window": 256, "windows": 4, "tokens": 1020, "machine": {"cpu_count": 2},
+            "dense": {"perplexity": 26.6, "kl_to_dense": 0.0, "top1_agreement": 1.0}, "rows": rows}
+
+
+def _speed(model: str) -> dict:
+    """`benchmarks.speed` schema: dense and two layouts at 0.5 and 0.7, batch 1."""
+    def row(budget, layout, tps, mem):
+        return {"name": f"p={budget} {layout}", "batch": 1, "budget": budget, "layout": layout,
+                "decode_tokens_per_s": tps, "prefill_tokens_per_s": tps * 10, "peak_memory_mb": mem,
+                "peak_memory_kind": "peak RSS"}
+    return {"kind": "speed", "model": model, "dtype": "float32", "device": "cpu",
+            "machine": {"cpu_count": 2, "torch_threads": 1, "device": "cpu"},
+            "rows": [row(1.0, None, 100.0, 900.0), row(0.5, "shared", 90.0, 950.0), row(0.5, "packed", 130.0, 1200.0),
+                     row(0.7, "packed", 115.0, 1300.0)]}
+
+
 def _tiny_dense(vocab_size: int):
     """A tiny LLaMA whose MLP is a real share of its parameters (as in real models), so the budget
     slider visibly moves its costs despite the 49 k-token embedding."""
@@ -80,6 +108,8 @@ def build(cache: Path, with_routing: bool = True) -> Path:
     results = cache / "results"
     atomic_write_json(results / "eval-tiny-p0.5.json", _quality(0.5, 40.0, folder, acc, str(dense_dir)))
     atomic_write_json(results / "eval-tiny-p0.7.json", _quality(0.7, 30.0, folder, None, str(dense_dir)))
+    atomic_write_json(results / "quality_benchmark.json", _quality_benchmark(str(dense_dir)))
+    atomic_write_json(results / "speed_benchmark.json", _speed(str(dense_dir)))
     (results / "eval-corrupt.json").write_text('{"kind": "quality", "results": {')  # a half-written file
     if with_routing:
         from tomoe_core.trace import trace_run

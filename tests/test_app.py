@@ -95,6 +95,33 @@ def test_budget_explorer_price_changes_cost(cache_env):
     assert metrics(at)["$ / 1M tokens (est.)"] != before
 
 
+def test_budget_explorer_uses_measured_speed_where_it_exists(cache_env):
+    at = run_page()
+    measured = [o for o in at.selectbox(key="hardware").options if o.startswith("measured: ")]
+    assert measured == ["measured: CPU, 2 cores, 1 torch threads, float32"]
+    at.selectbox(key="hardware").set_value(measured[0]).run()
+    assert not at.exception
+    shown = metrics(at)
+    assert shown["Tokens/s"] == "130" and shown["Memory"] == "1,200 MB"  # the fastest layout at p = 0.5
+    assert "measured on CPU" in " ".join(at.caption.values)
+    at.slider(key="budget").set_value(0.6).run()
+    assert metrics(at)["Tokens/s"] == "122"  # halfway between 130 and 115
+    assert "interpolated between measurements" in " ".join(at.caption.values)
+    at.slider(key="budget").set_value(0.2).run()
+    assert metrics(at)["Tokens/s"] == "—"
+
+
+def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(studio_cache, monkeypatch):
+    monkeypatch.setenv("TOMOE_CACHE", str(studio_cache))
+    cat = catalog.read_catalog()
+    points = tradeoff.quality_points(cat.results, tradeoff.cost_models(cat.conversions, cat.results))
+    sets = tradeoff.eval_sets(points)
+    assert len(sets) == 2 and "4 x 256" in sets[0]  # the benchmark has the most points
+    bench = points[points["eval_set"] == sets[0]]
+    assert set(bench["variant"]) == {"dense", "tomoe", "magnitude", "wanda-sp", "flap"}
+    assert tradeoff.quality_at_budget(points, sets[0], 0.3).perplexity == 60.0
+
+
 def test_corrupt_result_file_is_reported_not_raised(cache_env):
     at = run_page()
     assert any("could not be used" in e.label for e in at.expander)

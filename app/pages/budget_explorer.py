@@ -43,6 +43,7 @@ with controls:
               help="Fraction of the MLP parameters each token uses (the conversion's budget). Attention, "
                    "lm_head and norms are always active.")
     budget = float(st.session_state["budget"])
+    speed = speed[speed["model"] == st.session_state["model"]]
     measured_machines = sorted(speed["machine"].dropna().unique()) if not speed.empty else []
     options = [f"measured: {m}" for m in measured_machines] + [h.name for h in tradeoff.HARDWARE]
     if st.session_state["hardware"] not in options:
