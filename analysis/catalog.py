@@ -93,7 +93,7 @@ def list_conversions(conversions: Path | None = None, shipped: Path | None = Non
         if not root.is_dir():
             continue
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if folder.name.endswith(".work") or folder.name in found:
+            if folder.name.endswith(".work") or folder.name in found or (not materialised and folder.name == "results"):
                 continue
             meta_path = folder / "tomoe.json"
             if not meta_path.exists():
@@ -111,17 +111,23 @@ def list_conversions(conversions: Path | None = None, shipped: Path | None = Non
     return list(found.values()), problems
 
 
-def list_results(results: Path | None = None) -> tuple[dict[str, dict], list[Problem]]:
-    """Every JSON file under cache/results, by file name."""
+def list_results(results: Path | None = None, shipped: Path | None = None) -> tuple[dict[str, dict], list[Problem]]:
+    """Every JSON file under cache/results, by file name, plus the measurements committed under
+    cache/shipped/results/ (so a fresh clone shows real numbers); a local file of the same name wins."""
     results = results or cache_root() / "results"
+    shipped = shipped or shipped_root() / "results"
     out, problems = {}, []
-    if results.is_dir():
-        for path in sorted(results.glob("*.json")):
+    for folder, prefix in ((results, ""), (shipped, "shipped/")):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.json")):
+            if path.name in out or f"shipped/{path.name}" in out:
+                continue
             data, problem = read_json(path)
             if problem:
                 problems.append(problem)
             else:
-                out[path.name] = data
+                out[prefix + path.name] = data
     return out, problems
 
 

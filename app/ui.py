@@ -44,7 +44,7 @@ def _catalog(signature: tuple, cache_root: str) -> catalog.Catalog:
 
 def read_catalog() -> catalog.Catalog:
     root = catalog.cache_root()
-    sig = _signature(root / "conversions", catalog.shipped_root(), root / "results")
+    sig = _signature(root / "conversions", catalog.shipped_root(), root / "results", catalog.shipped_root() / "results")
     return _catalog(sig, str(root))
 
 

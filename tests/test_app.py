@@ -301,6 +301,20 @@ def test_catalog_reports_broken_conversions(tmp_path):
     assert convs == [] and {Path(p.path).name for p in problems} == {"tomoe.json", "nometa"}
 
 
+def test_catalog_reads_shipped_results_and_local_results_win(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "shipped" / "results").mkdir(parents=True)
+    (tmp_path / "shipped" / "results" / "speed_benchmark.json").write_text('{"kind": "speed", "rows": []}')
+    (tmp_path / "shipped" / "results" / "quality_benchmark.json").write_text('{"kind": "quality-benchmark"}')
+    (tmp_path / "results" / "quality_benchmark.json").write_text('{"kind": "quality-benchmark", "local": 1}')
+    results, problems = catalog.list_results(tmp_path / "results", tmp_path / "shipped" / "results")
+    assert not problems
+    assert set(results) == {"quality_benchmark.json", "shipped/speed_benchmark.json"}
+    assert results["quality_benchmark.json"]["local"] == 1
+    convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "shipped")
+    assert convs == [] and problems == []  # shipped/results is not a conversion
+
+
 def test_job_runner_progress_exit_status_and_cancel(monkeypatch, tmp_path):
     from tomoe_core import jobs
 
