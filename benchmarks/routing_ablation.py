@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from tomoe_core.data import cache_dir
 from tomoe_core.io import atomic_write_json
@@ -39,24 +40,34 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=4, help="held-out windows to evaluate on")
     ap.add_argument("--window", type=int, default=512, help="window length")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--existing", default="", help="comma-separated converted folders to evaluate alongside "
+                                                     "(e.g. the default 400-step conversion)")
     args = ap.parse_args(argv)
     rows = []
     out_path = cache_dir() / "results" / "routing_ablation.json"
-    for name in args.recipes.split(","):
-        cfg = ConversionConfig(budget=args.budget, steps=args.steps, tokens_per_step=args.tokens_per_step,
-                               device=args.device, **RECIPES[name])
-        folder = cache_dir() / "ablation" / f"{name}-p{args.budget:g}-s{args.steps}"
+    jobs = [(name, None) for name in args.recipes.split(",") if name] + \
+           [(Path(f).name, Path(f)) for f in args.existing.split(",") if f]
+    for name, existing in jobs:
         t0 = time.time()
-        run_conversion(cfg, folder, show_tqdm=False, log=lambda *a: None,
-                       command=f"python -m benchmarks.routing_ablation --recipes {name} --steps {args.steps}")
+        if existing is None:
+            cfg = ConversionConfig(budget=args.budget, steps=args.steps, tokens_per_step=args.tokens_per_step,
+                                   device=args.device, **RECIPES[name])
+            folder = cache_dir() / "ablation" / f"{name}-p{args.budget:g}-s{args.steps}"
+            run_conversion(cfg, folder, show_tqdm=False, log=lambda *a: None,
+                           command=f"python -m benchmarks.routing_ablation --recipes {name} --steps {args.steps}")
+            settings = {**RECIPES[name], "steps": args.steps, "tokens": args.steps * args.tokens_per_step}
+        else:
+            folder = existing
+            meta = json.loads((folder / "tomoe.json").read_text())
+            settings = {k: meta["settings"][k] for k in ("init", "noise_anneal", "steps")}
+            settings["tokens"] = meta["tokens_seen"]
         convert_s = time.time() - t0
         res = run_evaluation(folder, window=args.window, max_windows=args.windows, baselines=(), device=args.device,
                              log=lambda *a: None)
         r = res["results"]
         fixed = next(k for k in r if k.startswith("tomoe-fixed"))
         layers = res["layers"]
-        row = {"recipe": name, **RECIPES[name], "steps": args.steps, "tokens": args.steps * args.tokens_per_step,
-               "convert_s": round(convert_s), "dense_ppl": r["dense"]["perplexity"],
+        row = {"recipe": name, **settings, "convert_s": round(convert_s), "dense_ppl": r["dense"]["perplexity"],
                "learned_ppl": r["tomoe"]["perplexity"], "random_ppl": r["tomoe-random"]["perplexity"],
                "fixed_ppl": r[fixed]["perplexity"], "fixed_expert": fixed,
                "learned_kl": r["tomoe"]["kl_to_dense"], "learned_agree": r["tomoe"]["top1_agreement"],
@@ -70,10 +81,10 @@ def main(argv=None) -> None:
         atomic_write_json(out_path, {"kind": "routing_ablation", "machine": machine_info(args.device),
                                      "model": cfg.model, "text": "wiki held-out", "window": args.window,
                                      "windows": args.windows, "budget": args.budget, "rows": rows})
-    print(f"\n{'recipe':<16}{'learned':>9}{'random':>9}{'fixed':>9}{'vs rnd':>8}{'KL':>8}{'agree':>7}"
+    print(f"\n{'recipe':<28}{'steps':>6}{'learned':>9}{'random':>9}{'fixed':>9}{'vs rnd':>8}{'KL':>8}{'agree':>7}"
           f"{'union':>7}{'width':>7}")
     for r in rows:
-        print(f"{r['recipe']:<16}{r['learned_ppl']:>9.1f}{r['random_ppl']:>9.1f}{r['fixed_ppl']:>9.1f}"
+        print(f"{r['recipe']:<28}{r['steps']:>6}{r['learned_ppl']:>9.1f}{r['random_ppl']:>9.1f}{r['fixed_ppl']:>9.1f}"
               f"{100 * r['learned_vs_random']:>7.0f}%{r['learned_kl']:>8.3f}{r['learned_agree']:>7.3f}"
               f"{r['mean_union']:>7.2f}{r['mean_width']:>7.2f}")
     print(f"written to {out_path}")
