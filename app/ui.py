@@ -70,6 +70,23 @@ def converted_model(path: str, digest: str):
     return model, tokenizer, meta
 
 
+@st.cache_resource(show_spinner=False)
+def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
+    """Once per studio process: rebuild shipped recipes into cache/conversions as a background job
+    (listed on the Runs page), so Compare and tracing find a ready model. A tiny launcher process
+    registers the job: importing the engine here would cost the landing page seconds."""
+    import subprocess
+    import sys
+
+    code = ("from tomoe_core import jobs; jobs.start_job('prepare', jobs.python_argv('-c', "
+            "'from tomoe_core.pipeline import ensure_shipped_conversions; ensure_shipped_conversions()'), "
+            f"label='rebuild shipped conversions ({', '.join(recipes)})')")
+    subprocess.Popen([sys.executable, "-c", code], cwd=catalog.REPO_ROOT, start_new_session=True,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     env={**os.environ, "PYTHONPATH": str(catalog.REPO_ROOT)})
+    return "started"
+
+
 def materialise_shipped(log) -> list[Path]:
     """Rebuild shipped recipes into cache/conversions (seconds, once the dense model is cached)."""
     from tomoe_core.pipeline import ensure_shipped_conversions

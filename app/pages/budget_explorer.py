@@ -143,3 +143,7 @@ with st.expander("Measured points and how the numbers are computed"):
     if not points.empty:
         st.dataframe(points[points["eval_set"] == st.session_state["eval_set"]].drop(columns=["eval_set"]),
                      hide_index=True)
+
+recipes = tuple(sorted(c.name for c in cat.conversions if not c.materialised))
+if recipes:  # a fresh clone: get the shipped conversion ready for Compare while the user reads this page
+    ui.prepare_shipped_in_background(recipes)
