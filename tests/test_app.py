@@ -160,6 +160,19 @@ def test_compare_empty_prompt_is_a_message(cache_env):
     assert any("prompt is empty" in e.value for e in at.error)
 
 
+def test_compare_model_that_fails_to_load_is_a_message(cache_env, monkeypatch):
+    from app import ui
+
+    def broken(path, digest):
+        raise RuntimeError("Error(s) in loading state_dict for ToMoEForCausalLM:\n    Missing key(s)")
+
+    monkeypatch.setattr(ui, "converted_model", broken)
+    at = run_page("compare")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("Missing key" not in e.value and "RuntimeError" in e.value for e in at.error)
+
+
 def test_runs_page_lists_conversions_logs_and_runs_a_cancellable_job(cache_env):
     from tomoe_core import jobs
 

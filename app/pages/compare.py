@@ -62,6 +62,11 @@ def generate(conv) -> dict | None:
             status.update(label="Could not generate", state="error")
             st.error(f"Could not run {conv.name}: {err}")
             return None
+        except Exception as err:  # a model that fails to load (e.g. saved by an older format): a message, not a trace
+            status.update(label="Could not load the models", state="error")
+            st.error(f"Could not load or run `{conv.name}` ({err.__class__.__name__}: {str(err).splitlines()[0][:300]}). "
+                     f"If the conversion was saved by an older version, convert it again.")
+            return None
         status.update(label="Generated", state="complete", expanded=False)
     return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": conv.name,
             "prompt": prompt}
