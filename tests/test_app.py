@@ -236,6 +236,45 @@ def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
     assert at.error and "cannot be read" in at.error[0].value
 
 
+def test_runs_page_conversion_job_runs_to_completion_with_progress(cache_env, tmp_path):
+    """Start a (tiny) conversion from the form; the page shows step progress and, when it ends,
+    lists the new conversion."""
+    from tomoe_core import jobs
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n\n".join(studio_fixture.PROMPTS * 8))
+    at = run_page("runs")
+    [t for t in at.text_input if t.label == "Dense model"][0].input(str(cache_env / "models" / "tiny-dense"))
+    [n for n in at.number_input if n.label == "Steps"][0].set_value(2)
+    [n for n in at.number_input if n.label == "Experts per layer"][0].set_value(4)
+    [t for t in at.text_input if t.label == "Calibration text"][0].input(str(text))
+    [t for t in at.text_input if t.label == "Output name"][0].input("app-finished")
+    [t for t in at.text_input if t.label == "Extra convert options"][0].input(
+        "--tokens-per-step 256 --seq-len 128 --checkpoint-every 1")
+    [b for b in at.button if b.label == "Start conversion"][0].click().run()
+    job = next(j for j in jobs.list_jobs() if j.label == "app-finished")
+    try:
+        seen_progress = set()
+        for _ in range(120):
+            time.sleep(1)
+            at.run()
+            assert not at.exception
+            seen_progress |= {p.proto.text for p in at.get("progress")}
+            if jobs.status(job) != "running":
+                break
+        at.run()
+        assert jobs.status(job) == "finished", jobs.log_tail(job)
+        assert any("/ 2 steps" in t for t in seen_progress), seen_progress
+        assert "app-finished" in at.get("dataframe")[0].value["name"].tolist()
+    finally:
+        import shutil
+
+        jobs.cancel(job)
+        jobs.forget(jobs.get_job(job.id))
+        for name in ("app-finished", "app-finished.work"):  # later tests expect the fixture's conversions only
+            shutil.rmtree(cache_env / "conversions" / name, ignore_errors=True)
+
+
 def test_every_page_renders(cache_env):
     for page in (None, "compare", "experts", "runs"):
         at = run_page(page)
