@@ -10,7 +10,9 @@ perplexity, KL(dense || variant) per token and top-1 agreement with dense. Basel
 calibration split) and torch-pruning (external reference). None is fine-tuned. Conversions:
 every folder under cache/conversions made from the same model, at its own budget (which is
 added to the budget list), with learned routing and, as an ablation, a random expert per token.
-The JSON is rewritten after every budget, so a partial run leaves valid partial results.
+The JSON is rewritten after every budget, so a partial run leaves valid partial results;
+--reuse keeps the rows of an earlier run on the same windows and evaluates only what is new
+(a new conversion, a new budget or method).
 
 Output: cache/results/quality_benchmark.json and quality_benchmark.html (plotly, self-contained).
 JSON schema (schema_version 1):
@@ -34,6 +36,7 @@ JSON schema (schema_version 1):
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -83,6 +86,20 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
+def reusable_rows(path: Path, result: dict) -> dict[tuple, dict]:
+    """Rows of an earlier result on the same model, text, windows and calibration, by (budget, method, digest)."""
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    same = all(old.get(k) == result[k] for k in ("kind", "schema_version", "model", "text", "window", "windows", "tokens"))
+    if not same or old.get("settings", {}).get("calibration_tokens") != result["settings"]["calibration_tokens"]:
+        return {}
+    return {(r["budget"], r["method"], r.get("conversion_digest")): r for r in old.get("rows", [])}
+
+
 @torch.no_grad()
 def run(args, log=print) -> dict:
     t_start = time.time()
@@ -96,12 +113,7 @@ def run(args, log=print) -> dict:
     for folder in conversions:
         conv_budgets.setdefault(round(float(read_metadata(folder)["budget"]), 4), []).append(folder)
     budgets = sorted({round(b, 4) for b in args.budgets} | set(conv_budgets))
-    stats = None
-    if any(m not in EXTERNAL_METHODS for m in methods):
-        n = max(1, args.calibration_tokens // 512)
-        calib = cached_stream(tokenizer, "wiki", "calibration", None, tag)[: n * 512].view(n, 512)
-        log(f"[quality] activation statistics on {n * 512} calibration tokens")
-        stats = activation_stats(masked, calib.to(args.device))
+    stats = None  # activation statistics, computed when a calibrated baseline first needs them
     result = {
         "kind": "quality-benchmark", "schema_version": SCHEMA_VERSION, "model": args.model,
         "text": "wiki (held-out split)", "window": args.window, "windows": int(held.shape[0]),
@@ -111,10 +123,18 @@ def run(args, log=print) -> dict:
                      "calibration_tokens": args.calibration_tokens, "complete": False},
         "dense": None, "rows": [], "comparison": [], "seconds": None,
     }
+    reuse = reusable_rows(args.output, result) if args.reuse else {}
+    if reuse:
+        result["dense"] = json.loads(args.output.read_text())["dense"]
+        log(f"[quality] reusing {len(reuse)} rows of {args.output}")
     for budget in budgets:
         t0 = time.time()
         variants, info = {}, {}
         for folder in conv_budgets.get(budget, []):
+            digest = conversion_digest(read_metadata(folder))
+            if (budget, "tomoe", digest) in reuse and (budget, "tomoe-random-routing", digest) in reuse:
+                result["rows"] += [reuse[(budget, "tomoe", digest)], reuse[(budget, "tomoe-random-routing", digest)]]
+                continue
             moe, _, meta = load_converted(folder, device=args.device, layout="prefill", load_tokenizer=False)
             ratio = account(moe).mlp_active_ratio
             common = {"conversion": folder.name, "conversion_digest": conversion_digest(meta), "active_mlp_ratio": ratio}
@@ -125,10 +145,19 @@ def run(args, log=print) -> dict:
                 moe, lambda moe=moe, gen=gen: (gen.manual_seed(0), moe.set_routing("random", gen)))
             info[f"random:{folder.name}"] = {"method": "tomoe-random-routing", "kind": "ablation",
                                              "label": f"ToMoE, random expert per token ({folder.name})", **common}
-        for method, (fn, ratio) in baseline_variants(masked, methods, budget, stats, held[:1, :64]).items():
+        todo = [m for m in methods if (budget, m, None) not in reuse]
+        if stats is None and any(m in ("wanda-sp", "flap") for m in todo):
+            n = max(1, args.calibration_tokens // 512)
+            calib = cached_stream(tokenizer, "wiki", "calibration", None, tag)[: n * 512].view(n, 512)
+            log(f"[quality] activation statistics on {n * 512} calibration tokens")
+            stats = activation_stats(masked, calib.to(args.device))
+        result["rows"] += [reuse[(budget, m, None)] for m in methods if m not in todo]
+        for method, (fn, ratio) in baseline_variants(masked, todo, budget, stats, held[:1, :64]).items():
             variants[method] = fn
             info[method] = {"method": method, "kind": "external-baseline" if method in EXTERNAL_METHODS else "baseline",
                             "label": method, "conversion": None, "conversion_digest": None, "active_mlp_ratio": ratio}
+        if not variants:
+            continue
         dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
         res = evaluate_variants(dense_fn, variants, held, device=args.device)
         masked.set_masks(None)
@@ -232,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--no-conversions", action="store_true", help="baselines only")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep rows of an earlier result on the same windows; evaluate only new variants")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, default=cache_dir() / "results" / "quality_benchmark.json")
     args = p.parse_args(argv)
@@ -242,6 +274,8 @@ def main(argv=None) -> int:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
     if any(not 0 < b <= 1 for b in args.budgets):
         p.error("budgets are fractions in (0, 1]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     print(format_table(result))
     print(f"result written to {args.output} and {args.output.with_suffix('.html')}")

@@ -65,3 +65,17 @@ def test_quality_figure_has_a_trace_per_method_and_panel():
     names = [t.name for t in fig.data]
     assert len(fig.data) == 8  # 4 methods x (perplexity, KL)
     assert "ToMoE (learned routing)" in names and "torch-pruning (external, group magnitude)" in names
+
+
+def test_quality_reuse_keeps_rows_only_for_the_same_windows(tmp_path):
+    old = fake_quality_result()
+    old["settings"]["calibration_tokens"] = 1024
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(old))
+    same = {k: old[k] for k in ("kind", "schema_version", "model", "text", "window", "windows", "tokens")}
+    same["settings"] = {"calibration_tokens": 1024}
+    rows = quality.reusable_rows(path, same)
+    assert (0.5, "flap", None) in rows and len(rows) == len(old["rows"])
+    assert quality.reusable_rows(path, {**same, "windows": 3}) == {}
+    assert quality.reusable_rows(path, {**same, "settings": {"calibration_tokens": 2048}}) == {}
+    assert quality.reusable_rows(tmp_path / "missing.json", same) == {}

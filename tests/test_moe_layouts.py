@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tomoe_core import MaskedModel, load_converted, materialise, save_converted
-from tomoe_core.routing import LAYOUTS, SHARED_GATHER_MIN_TOKENS, MoEMLP
-from tiny_models import FAMILIES, VOCAB, tiny_ids, tiny_model
+from tomoe_core.routing import LAYOUTS, SHARED_GATHER_MIN_TOKENS
+from tiny_models import FAMILIES, tiny_ids, tiny_model
 
 E = 4
 
