@@ -7,10 +7,16 @@ import pytest
 import torch
 
 from tomoe_core import MaskedModel, load_converted, materialise, save_converted
-from tomoe_core.routing import LAYOUTS, SHARED_GATHER_MIN_TOKENS
+from tomoe_core.routing import LAYOUTS, MoEMLP
 from tiny_models import FAMILIES, tiny_ids, tiny_model
 
 E = 4
+GATHER_MIN_TOKENS = 32  # the shared layout's gather path, reachable with tiny inputs
+
+
+@pytest.fixture(autouse=True)
+def low_gather_threshold(monkeypatch):
+    monkeypatch.setattr(MoEMLP, "shared_gather_min_tokens", GATHER_MIN_TOKENS)
 
 
 def expert_masks(model: MaskedModel, seed: int = 0) -> list[torch.Tensor]:
@@ -42,8 +48,8 @@ def build(family: str):
 
 
 def many_tokens_ids() -> torch.Tensor:
-    ids = tiny_ids(batch=2, length=SHARED_GATHER_MIN_TOKENS)  # 64 tokens: the grouped path in every layout
-    assert ids.numel() >= SHARED_GATHER_MIN_TOKENS
+    ids = tiny_ids(batch=2, length=GATHER_MIN_TOKENS)  # 64 tokens: the grouped path in every layout
+    assert ids.numel() >= GATHER_MIN_TOKENS
     return ids
 
 

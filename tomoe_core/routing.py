@@ -125,9 +125,11 @@ LAYOUT_PREFERENCE = {
     "memory": ("shared",),
 }
 LAYOUT_PREFERENCE["auto"] = LAYOUT_PREFERENCE["decode"]
-# Below this many tokens the shared layout runs the whole union and masks it: gathering an
-# expert's rows costs more than the matmul over the extra channels (about 1.8x dense at batch 1).
-SHARED_GATHER_MIN_TOKENS = 32
+# Below this many tokens the shared layout runs the whole union and masks it: gathering the
+# experts' rows (down columns are strided) costs more than the matmul over the extra channels.
+# Measured on SmolLM2 shapes, one CPU thread, p = 0.5: masked 3.8 / 61 / 140 ms vs gathered
+# 13 / 83 / 119 ms at 8 / 512 / 1024 tokens (batch-1 gathering alone is about 1.8x dense).
+SHARED_GATHER_MIN_TOKENS = 768
 
 
 def _rebuild_layout(module: "MoEMLP", incompatible_keys) -> None:
@@ -152,9 +154,9 @@ class MoEMLP(RoutedMixin, nn.Module):
     union core first: the C channels every expert uses, then the rest.
 
     Layouts are derived from that state at load time and are never saved (`set_layout`):
-      * "shared": one copy of the union weights. Few tokens: the whole union is computed and
-        masked per token (gathering rows costs more than the extra channels); many tokens:
-        each expert gathers its rows once per call. Leanest, about dense speed.
+      * "shared": one copy of the union weights. Up to a few hundred tokens the whole union is
+        computed and masked per token (gathering rows costs more than the extra channels);
+        beyond, each expert gathers its rows once per call. Leanest, about dense speed.
       * "packed": each expert's weights contiguous; a token reads exactly its expert. Fastest
         batch-1 decode; extra memory sum_k W_k channels (about E * p of the MLP).
       * "core+extras": the core (a view of the union's first C rows) runs for every token in
@@ -162,6 +164,8 @@ class MoEMLP(RoutedMixin, nn.Module):
         memory sum_k (W_k - C) channels.
     All layouts compute the same function (tests compare them with the masked model).
     """
+
+    shared_gather_min_tokens = SHARED_GATHER_MIN_TOKENS  # tests lower it to reach the gather path on tiny inputs
 
     def __init__(self, hidden_size: int, union_size: int, expert_widths: list[int], gated: bool,
                  act: nn.Module, has_up_bias: bool = False, has_down_bias: bool = False):
@@ -347,7 +351,7 @@ class MoEMLP(RoutedMixin, nn.Module):
         idx = self.choose_experts(logits)  # (N,)
         self.report_routing(logits, idx)
         n = flat_x.shape[0]
-        if self._union_masks is not None and n < SHARED_GATHER_MIN_TOKENS:
+        if self._union_masks is not None and n < self.shared_gather_min_tokens:
             out = self._masked_union_forward(flat_x, idx)
         else:
             out = self._block_forward(self._core, flat_x) if self._core is not None else None  # (N, D)
