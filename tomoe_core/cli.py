@@ -78,6 +78,9 @@ def _add_generate(sub):
     p.add_argument("prompt", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--layout", default="decode",
+                   help="MoE weight layout: shared, packed, core+extras, or a use: decode, prefill, memory "
+                        "(default: %(default)s: the fastest for generation that fits in memory)")
 
 
 def _add_rebudget(sub):
@@ -154,7 +157,7 @@ def _run(args, argv) -> int:
 
         meta = read_metadata(args.conversion)
         dense, tok = load_dense(meta["model"], device=args.device)
-        moe, _, _ = load_converted(args.conversion, device=args.device, load_tokenizer=False)
+        moe, _, _ = load_converted(args.conversion, device=args.device, layout=args.layout, load_tokenizer=False)
         res = compare_generation(dense, moe, tok, args.prompt, args.max_new_tokens, args.device)
         print(f"dense: {args.prompt}{res['dense_text']}")
         print(f"tomoe: {args.prompt}{res['moe_text']}")

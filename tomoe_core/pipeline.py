@@ -167,7 +167,7 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
     masked = MaskedModel(dense, num_experts=1)
     variants = {}
     if conversion:
-        moe, _, _ = load_converted(conversion, device=device, load_tokenizer=False)
+        moe, _, _ = load_converted(conversion, device=device, layout="prefill", load_tokenizer=False)
         variants["tomoe"] = logits_fn(moe, lambda: moe.set_routing(None))
         if routing_modes:
             gen = torch.Generator()
@@ -257,7 +257,7 @@ def ensure_shipped_conversions(log=print) -> list[Path]:
 
 def ship_conversion(conversion: Path, name: str | None = None) -> Path:
     """Copy a conversion's recipe (routers + index lists, no dense weights) into cache/shipped/."""
-    model, _tok, meta = load_converted(conversion, load_tokenizer=False)
+    model, _tok, meta = load_converted(conversion, layout="memory", load_tokenizer=False)
     target = shipped_dir() / (name or Path(conversion).name)
     save_recipe(model, target, meta)
     log_src = Path(conversion) / "training_log.jsonl"
