@@ -3,6 +3,8 @@
 Paths of `MoEMLP.forward`: batch-1 decode, few tokens (shared: whole union masked), many
 tokens (sorted by expert, one matmul per used expert), core + extras on top of each.
 """
+import json
+
 import pytest
 import torch
 
@@ -205,3 +207,26 @@ def test_bfloat16_layouts_follow_dtype():
         ref = masked.model.float()(input_ids=ids).logits
         out = moe(input_ids=ids).logits.float()
     assert (out - ref).abs().mean() < 0.05 * ref.abs().mean()
+
+
+def test_conversions_saved_without_union_ids_recover_them(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    import tomoe_core.models
+    from tomoe_core.io import atomic_write_json, sha256_file
+
+    masked, moe = build("llama")
+    folder = save_converted(moe, tmp_path / "conv", metadata={"model": "tiny-llama"})
+    weights = folder / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.endswith("union_channels")}
+    save_file(state, str(weights), metadata={"format": "pt"})
+    meta = json.loads((folder / "tomoe.json").read_text())
+    atomic_write_json(folder / "tomoe.json", {**meta, "weights_sha256": sha256_file(weights)})
+    dense = tiny_model("llama")  # the same seed: the model the conversion was made from
+    monkeypatch.setattr(tomoe_core.models, "load_dense", lambda name, **kw: (dense, None))
+    loaded, _, _ = load_converted(folder, layout="core+extras", load_tokenizer=False)
+    for a, b in zip(loaded.moe_mlps, moe.moe_mlps):
+        assert sorted(a.union_channels.tolist()) == sorted(b.union_channels.tolist())
+    ids = many_tokens_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked.model(input_ids=ids).logits)

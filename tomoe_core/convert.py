@@ -227,8 +227,13 @@ def load_converted(folder: str | Path, device: str | torch.device = "cpu", layou
                                   "re-run the conversion")
     config = ToMoEConfig.from_json_file(str(folder / "config.json"))
     model = ToMoEForCausalLM(config)
-    missing, unexpected = load_model(model, str(weights), strict=True)
-    assert not missing and not unexpected, (missing, unexpected)
+    missing, unexpected = load_model(model, str(weights), strict=False)
+    legacy = [k for k in missing if k.endswith(".union_channels")]  # saved before union ids were stored
+    if unexpected or len(legacy) != len(missing):
+        raise ConvertedModelError(f"{weights} does not match {folder / 'config.json'} (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}); re-run the conversion")
+    if legacy:
+        _recover_union_channels(model, meta.get("model"), folder)
     model = model.to(device).eval()
     model.set_layout(layout, memory_limit_bytes)
     tokenizer = None
@@ -238,6 +243,26 @@ def load_converted(folder: str | Path, device: str | torch.device = "cpu", layou
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, meta
+
+
+@torch.no_grad()
+def _recover_union_channels(model: ToMoEForCausalLM, model_name: str | None, folder: Path) -> None:
+    """Find every kept union row among the dense model's rows (they are exact copies)."""
+    from .models import load_dense
+
+    if not model_name:
+        raise ConvertedModelError(f"{folder} predates stored union channel ids and names no dense model; "
+                                  "re-run the conversion")
+    dense, _ = load_dense(model_name, log=lambda *a: None)
+    adapter = adapter_for(dense)
+    for l, (layer, moe) in enumerate(zip(adapter.layers(dense), model.moe_mlps)):
+        dense_up = adapter.mlp_weights(adapter.mlp(layer)).up.detach().float().cpu()  # (I, D)
+        row_id = {row.numpy().tobytes(): i for i, row in enumerate(dense_up)}
+        ids = [row_id.get(row.numpy().tobytes(), -1) for row in moe.up.detach().float().cpu()]
+        if -1 in ids:
+            raise ConvertedModelError(f"{folder}: layer {l} keeps channels that {model_name} does not have; "
+                                      "re-run the conversion")
+        moe.union_channels = torch.tensor(ids, dtype=torch.long, device=moe.union_channels.device)
 
 
 def conversion_digest(meta: dict) -> str:
