@@ -176,6 +176,17 @@ def test_budget_slider_moves_kpis_and_every_page_renders(studio, browser):
         wait_idle(page)
     assert_no_exception(page, "Experts")
     assert page.locator('[data-testid="stPlotlyChart"]').count() == 5
+    # clicking an expert on the clustering map drives the top-tokens drill-down
+    drill = lambda: [page.get_by_label(name, exact=True).input_value() for name in ("Layer", "Expert")]  # noqa: E731
+    seen = {tuple(drill())}
+    points = page.locator('[data-testid="stPlotlyChart"]').nth(3).locator(".scatterlayer .point")
+    for k in (1, points.count() - 1):
+        points.nth(k).click(force=True)
+        time.sleep(1)
+        wait_idle(page)
+        seen.add(tuple(drill()))
+    assert len(seen) > 1, seen
+    assert_no_exception(page, "Experts after clicking the map")
     shot(page, "04-experts")
 
     page.goto(studio + "/runs")

@@ -69,6 +69,25 @@ def cached_clusters(key: tuple, min_tokens: int):
     return c.experts, c.summary(), c.k, c.silhouette
 
 
+def _map_point(point: dict, groups: list[pd.DataFrame]) -> tuple[int, int] | None:
+    """(layer, expert) of a clicked point of the clustering map (one trace per cluster)."""
+    curve, index = point.get("curve_number"), point.get("point_index")
+    if curve is None or index is None or curve >= len(groups) or index >= len(groups[curve]):
+        return None
+    row = groups[curve].iloc[index]
+    return int(row["layer"]), int(row["expert"])
+
+
+def apply_selection(key: str, event, pick) -> None:
+    """Drive the drill-down from a chart selection, once per new selection (a later manual choice
+    in the number inputs must not be overwritten by the same, still active, selection)."""
+    points = list(((event or {}).get("selection") or {}).get("points") or [])
+    picked = next((x for x in map(pick, points) if x is not None), None)
+    if picked is not None and st.session_state.get(f"applied::{key}") != picked:
+        st.session_state["drill_layer"], st.session_state["drill_expert"] = picked
+    st.session_state[f"applied::{key}"] = picked
+
+
 def stored_report(folder: Path) -> dict | None:
     """The `python -m analysis.routing_report` result beside the run, if it was made."""
     path = folder / "syntax-report.json"
@@ -96,8 +115,7 @@ layer = int(st.session_state["experts_layer"])
 
 # -- load ---------------------------------------------------------------------------------------------
 st.subheader("Expert load")
-st.plotly_chart(figures.load_heatmap(load).update_xaxes(dtick=1).update_yaxes(dtick=1), key="load_heatmap",
-                on_select="rerun", selection_mode="points")
+st.plotly_chart(figures.load_heatmap(load).update_xaxes(dtick=1).update_yaxes(dtick=1), key="load_heatmap")
 
 # -- syntactic roles ------------------------------------------------------------------------------------
 st.subheader("Experts by part of speech")
@@ -151,21 +169,12 @@ else:
         event = st.plotly_chart(figures.expert_map(experts_df), key="expert_map", on_select="rerun",
                                 selection_mode="points")
         groups = [g for _, g in experts_df.groupby("cluster_name", sort=True)]  # the figure's trace order
-        for point in (event.selection.points if event else []):
-            custom = point.get("customdata")
-            if custom is not None and len(custom) >= 2:
-                st.session_state["drill_layer"], st.session_state["drill_expert"] = int(custom[0]), int(custom[1])
-            elif point.get("curve_number") is not None and point.get("curve_number") < len(groups):
-                row = groups[point["curve_number"]].iloc[point["point_index"]]
-                st.session_state["drill_layer"], st.session_state["drill_expert"] = int(row.layer), int(row.expert)
+        apply_selection("expert_map", event, lambda p: _map_point(p, groups))
         st.caption(f"k = {k} clusters chosen by silhouette ({', '.join(f'{kk}: {v:.2f}' for kk, v in silhouette.items())}).")
         st.dataframe(summary, hide_index=True)
 
 # -- drill-down: top tokens of one expert ------------------------------------------------------------
 st.subheader("Top tokens of an expert")
-for point in (st.session_state.get("load_heatmap") or {}).get("selection", {}).get("points", []):
-    if "x" in point and "y" in point:  # a heatmap cell: x = expert, y = layer
-        st.session_state["drill_layer"], st.session_state["drill_expert"] = int(point["y"]), int(point["x"])
 ui.keep("drill_layer", layer)
 ui.keep("drill_expert", 0)
 c1, c2 = st.columns(2)
