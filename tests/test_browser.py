@@ -118,13 +118,21 @@ def shot(page, name: str) -> None:
     for frame in ("stDataFrame", "stPlotlyChart"):
         for i in range(page.locator(f'[data-testid="{frame}"]').count()):
             page.locator(f'[data-testid="{frame}"]').nth(i).scroll_into_view_if_needed()
-    page.locator('[data-testid="stMain"]').evaluate("e => e.scrollTo(0, 0)")
+    main = page.locator('[data-testid="stMain"]')
+    main.evaluate("e => e.scrollTo(0, 0)")
+    height = min(8000, int(main.evaluate("e => e.scrollHeight")) + 40)
+    size = page.viewport_size
+    if height > size["height"]:  # the app scrolls inside stMain, so full_page alone sees one screen
+        page.set_viewport_size({"width": size["width"], "height": height})
+        time.sleep(1.0)
+        wait_idle(page)
     time.sleep(1.0)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.set_viewport_size(size)
 
 
 def test_budget_slider_moves_kpis_and_every_page_renders(studio, browser):
-    page = browser.new_page(viewport={"width": 1500, "height": 2000})
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(studio + "/")
     page.wait_for_selector('[data-testid="stMetricValue"]', timeout=120_000)
     wait_idle(page)

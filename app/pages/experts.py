@@ -148,7 +148,10 @@ else:
             ui.keep("permutations", 50)
             st.number_input("Permutations for the baseline", 10, 1000, step=10, key="permutations")
             nmi = cached_nmi(run_key, int(st.session_state["permutations"]))
-        st.plotly_chart(figures.nmi_figure(nmi), key="nmi")
+        nmi_fig = figures.nmi_figure(nmi)
+        if num_layers <= 12:
+            nmi_fig.update_xaxes(tick0=0, dtick=1)  # no fractional layer ticks
+        st.plotly_chart(nmi_fig, key="nmi")
         above = int((nmi["nmi"] > nmi["perm_max"]).sum())
         verdict = (f"{above} of {len(nmi)} layers have an NMI above every shuffled-expert baseline; median NMI "
                    f"{nmi['nmi'].median():.4f} against a shuffled median of {nmi['perm_mean'].median():.4f}.")
@@ -186,9 +189,9 @@ if top.empty:
     st.caption("This expert received no tokens in this log.")
 else:
     st.dataframe(top.drop(columns=["expert"]), hide_index=True, column_config={
-        "share_of_expert": st.column_config.ProgressColumn("share of the expert's tokens", format="%.1f%%",
-                                                           min_value=0, max_value=1),
-        "share_of_token": st.column_config.NumberColumn("share of this token's uses", format="%.2f")})
+        "share_of_expert": st.column_config.ProgressColumn("share of the expert's tokens", format="percent",
+                                                           min_value=0, max_value=float(top["share_of_expert"].max())),
+        "share_of_token": st.column_config.NumberColumn("share of this token's uses in the layer", format="percent")})
 
 # -- token strip -----------------------------------------------------------------------------------------
 st.subheader("A document, token by token")
