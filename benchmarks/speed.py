@@ -6,7 +6,9 @@
     python -m benchmarks.speed --dry-run             # tiny random model: exercises the code in seconds
 
 In one process, every repeat runs every variant in turn (so drifting load hits all alike);
-the tables report medians over repeats and ratios to dense:
+the tables report medians over repeats and ratios to dense. On CPU with one thread the clock
+is the thread's CPU time, so time the benchmark sits preempted by other jobs does not count
+(their memory-bandwidth use still does); --clock wall for wall time:
   * MLP decode:  the MLPs alone, every layer on its own captured input, one token per sequence
                  (batch B), ms per decode step summed over layers;
   * MLP prefill: the same on a T-token prompt;
@@ -103,6 +105,10 @@ def layer_mlps(model) -> list:
 
 
 # -- measurements -------------------------------------------------------------------------------------
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+_clock = time.perf_counter  # set by run(): "thread" CPU time ignores time the benchmark is preempted
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -126,12 +132,12 @@ def time_mlps(mlps, steps: list[list[torch.Tensor]], device) -> float:
     for l, m in enumerate(mlps):  # warm-up
         m(steps[0][l])
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     for step in steps:
         for m, x in zip(mlps, step):
             m(x)
     _sync(device)
-    return (time.perf_counter() - t0) / len(steps)
+    return (_clock() - t0) / len(steps)
 
 
 def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, device) -> tuple[float, list]:
@@ -140,23 +146,23 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, device) -> tuple
     cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     tokens = [token]
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     for _ in range(new_tokens - 1):
         out = model(input_ids=token, cache=cache, use_cache=True)
         cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     _sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = _clock() - t0
     return (new_tokens - 1) * prompt.shape[0] / seconds, torch.cat(tokens, 1).tolist()
 
 
 def time_prefill(model, ids: torch.Tensor, device) -> float:
     model(input_ids=ids[:, :8], use_cache=False)  # warm-up
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     model(input_ids=ids, use_cache=False)
     _sync(device)
-    return ids.numel() / (time.perf_counter() - t0)
+    return ids.numel() / (_clock() - t0)
 
 
 def contention() -> dict:
@@ -267,9 +273,23 @@ def run_memory_probe(v: dict, args, batch: int) -> dict | None:
     return json.loads(lines[-1])
 
 
+def choose_clock(args) -> str:
+    """Thread CPU time on CPU with one thread (all of torch's work runs in this thread, so time
+    spent preempted by other jobs does not count; memory-bandwidth contention still does);
+    wall time otherwise (GPU, several threads)."""
+    if args.clock != "auto":
+        return args.clock
+    return "thread" if torch.device(args.device).type == "cpu" and args.threads == 1 else "wall"
+
+
 @torch.no_grad()
 def run(args, log=print) -> dict:
+    global _clock
     device = torch.device(args.device)
+    clock = choose_clock(args)
+    if clock == "thread" and (device.type != "cpu" or args.threads != 1):
+        raise ValueError("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
+    _clock = CLOCKS[clock]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.dry_run:
@@ -346,6 +366,7 @@ def run(args, log=print) -> dict:
         "kind": "speed", "machine": machine_info(str(device)), "contention": contention(), "model": model_name,
         "dtype": str(args.torch_dtype).replace("torch.", ""), "device": str(device),
         "settings": {"threads": args.threads if device.type == "cpu" else None, "repeats": args.repeats,
+                     "clock": {"wall": "wall time", "thread": "thread CPU time (one thread; preemption excluded)"}[clock],
                      "batch_sizes": args.batch_sizes, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                      "mlp_decode_steps": args.mlp_steps, "experts": args.experts, "budgets": args.budgets,
@@ -357,6 +378,7 @@ def run(args, log=print) -> dict:
 def format_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"model {result['model']} | {result['device']} {result['dtype']} | threads {s['threads']} | "
+             f"clock: {s.get('clock', 'wall time')} | "
              f"{s['repeats']} repeats (medians) | decode: {s['prompt_tokens']}-token prompt + {s['new_tokens']} new | "
              f"prefill: {s['prefill_tokens']} tokens",
              f"machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs"
@@ -391,6 +413,8 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    p.add_argument("--clock", choices=("auto", "wall", "thread"), default="auto",
+                   help="auto: thread CPU time on CPU with one thread, else wall time (default: %(default)s)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="decode batch sizes (default: 1)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=32)
