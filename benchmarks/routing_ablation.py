@@ -42,9 +42,11 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--existing", default="", help="comma-separated converted folders to evaluate alongside "
                                                      "(e.g. the default 400-step conversion)")
+    ap.add_argument("--output", type=Path, default=cache_dir() / "results" / "routing_ablation.json",
+                    help="JSON result path (default: %(default)s)")
     args = ap.parse_args(argv)
     rows = []
-    out_path = cache_dir() / "results" / "routing_ablation.json"
+    out_path = args.output
     jobs = [(name, None) for name in args.recipes.split(",") if name] + \
            [(Path(f).name, Path(f)) for f in args.existing.split(",") if f]
     for name, existing in jobs:
