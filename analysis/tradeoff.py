@@ -201,11 +201,12 @@ def _benchmark_rows(source: str, res: dict, cost: CostModel | None) -> list[dict
 
 
 def eval_sets(points: pd.DataFrame) -> list[str]:
-    """Evaluation sets, the one with the most ToMoE and baseline points first."""
+    """Evaluation sets: those with ToMoE points first, then by number of ToMoE and baseline points."""
     if points.empty:
         return []
     counts = points[points["kind"] != "dense"].groupby("eval_set").size()
-    return sorted(points["eval_set"].unique(), key=lambda s: -int(counts.get(s, 0)))
+    tomoe = points[points["kind"] == "tomoe"].groupby("eval_set").size()
+    return sorted(points["eval_set"].unique(), key=lambda s: (-int(tomoe.get(s, 0) > 0), -int(counts.get(s, 0))))
 
 
 @dataclass

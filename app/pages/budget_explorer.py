@@ -31,7 +31,6 @@ if st.session_state["model"] not in costs:
     st.session_state["model"] = models[0]
 budgets = sorted({c.budget for c in cat.conversions if c.model == st.session_state["model"] and c.budget})
 ui.keep("budget", float(budgets[0]) if budgets else 0.5)
-ui.keep("hardware", tradeoff.HARDWARE[0].name)
 ui.keep("precision", next(iter(tradeoff.BYTES_PER_PARAM)))
 
 controls, cards = st.columns([1, 3], gap="large")
@@ -46,6 +45,7 @@ with controls:
     speed = speed[speed["model"] == st.session_state["model"]]
     measured_machines = sorted(speed["machine"].dropna().unique()) if not speed.empty else []
     options = [f"measured: {m}" for m in measured_machines] + [h.name for h in tradeoff.HARDWARE]
+    ui.keep("hardware", options[0])  # a measured machine first, where a speed benchmark exists
     if st.session_state["hardware"] not in options:
         st.session_state["hardware"] = options[0]
     st.selectbox("Hardware", options, key="hardware",
@@ -102,7 +102,7 @@ with cards:
                    border=True, help=f"2 x active multiply-adds + attention scores at a {kpi['context']}-token context")
     row1[2].metric(f"Tokens/s{estimate}", "—" if not tps else f"{tps:,.0f}",
                    None if not (tps and dense_tps) else f"{tps / dense_tps:.2f}x dense", border=True, help=speed_label)
-    row1[3].metric(f"$ / 1M tokens{estimate}", tradeoff.format_usd(usd),
+    row1[3].metric(f"$/M tokens{estimate}", tradeoff.format_usd(usd),
                    None if math.isnan(usd) or math.isnan(dense_usd) else f"{usd / dense_usd - 1:+.0%} vs dense",
                    delta_color="inverse", border=True,
                    help=f"GPU-hour price / tokens per hour; {speed_label}")
@@ -111,8 +111,9 @@ with cards:
                    help=memory_label)
     if quality and quality.perplexity is not None:
         q_help = f"{quality.label}; evaluation set: {st.session_state['eval_set']}"
-        ppl_delta = (f"{quality.perplexity / quality.dense_perplexity - 1:+.0%} vs dense "
-                     f"{quality.dense_perplexity:.1f}" if quality.dense_perplexity else None)
+        ppl_delta = (f"{quality.perplexity / quality.dense_perplexity - 1:+.0%} vs dense"
+                     if quality.dense_perplexity else None)
+        q_help += f"; dense perplexity {quality.dense_perplexity:.2f}" if quality.dense_perplexity else ""
         suffix = " (nearest)" if "nearest" in quality.label else ""
         row2[1].metric(f"Perplexity{suffix}", f"{quality.perplexity:.2f}", ppl_delta, delta_color="inverse",
                        border=True, help=f"held-out perplexity; {q_help}")
@@ -129,8 +130,13 @@ with cards:
         st.caption(f"Quality: {source}.")
     else:
         for col, label in zip(row2[1:], ("Perplexity", "KL to dense", "Top-1 agreement")):
-            col.metric(label, "—", border=True, help="no quality result yet")
-        st.caption("Quality: no evaluation yet. Run `python -m tomoe_core evaluate cache/conversions/NAME`.")
+            col.metric(label, "—", border=True, help="no ToMoE quality result at this budget yet")
+        note = "no evaluation yet" if quality is None else quality.label
+        if quality and quality.best_baseline:
+            b = quality.best_baseline
+            note += f". Best static pruning at p = {b['budget']:g}: {b['method']}, perplexity {b['perplexity']:.2f}"
+        st.caption(f"Quality: {note}. Measure ToMoE with `python -m tomoe_core evaluate cache/conversions/NAME` "
+                   "or `python -m benchmarks.quality`.")
     st.caption(f"Speed and cost: {speed_label}.")
 
 st.subheader("Quality against active parameters")

@@ -115,7 +115,10 @@ layer = int(st.session_state["experts_layer"])
 
 # -- load ---------------------------------------------------------------------------------------------
 st.subheader("Expert load")
-st.plotly_chart(figures.load_heatmap(load).update_xaxes(dtick=1).update_yaxes(dtick=1), key="load_heatmap")
+load_fig = figures.load_heatmap(load).update_xaxes(dtick=1)
+if num_layers <= 12:
+    load_fig.update_yaxes(dtick=1)  # no fractional layer ticks
+st.plotly_chart(load_fig, key="load_heatmap")
 
 # -- syntactic roles ------------------------------------------------------------------------------------
 st.subheader("Experts by part of speech")

@@ -138,7 +138,7 @@ else:
         else:
             st.caption("No training log beside this conversion.")
         if picked.meta.get("command"):
-            st.code(picked.meta["command"], language="bash")
+            st.code(picked.meta["command"], language="bash", wrap_lines=True)
     with right:
         with st.expander("tomoe.json", expanded=False):
             st.json({k: v for k, v in picked.meta.items() if k != "layers"}, expanded=1)
