@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     out_path = args.output
     jobs = [(name, None) for name in args.recipes.split(",") if name] + \
            [(Path(f).name, Path(f)) for f in args.existing.split(",") if f]
+    model = "smollm2-135m"
     for name, existing in jobs:
         t0 = time.time()
         if existing is None:
@@ -58,11 +59,13 @@ def main(argv=None) -> None:
             run_conversion(cfg, folder, show_tqdm=False, log=lambda *a: None,
                            command=f"python -m benchmarks.routing_ablation --recipes {name} --steps {args.steps}")
             settings = {**RECIPES[name], "steps": args.steps, "tokens": args.steps * args.tokens_per_step}
+            model = cfg.model
         else:
             folder = existing
             meta = json.loads((folder / "tomoe.json").read_text())
             settings = {k: meta["settings"][k] for k in ("init", "noise_anneal", "steps")}
             settings["tokens"] = meta["tokens_seen"]
+            model = meta["model"]
         convert_s = time.time() - t0
         res = run_evaluation(folder, window=args.window, max_windows=args.windows, baselines=(), device=args.device,
                              log=lambda *a: None)
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         atomic_write_json(out_path, {"kind": "routing_ablation", "machine": machine_info(args.device),
-                                     "model": cfg.model, "text": "wiki held-out", "window": args.window,
+                                     "model": model, "text": "wiki held-out", "window": args.window,
                                      "windows": args.windows, "budget": args.budget, "rows": rows})
     print(f"\n{'recipe':<28}{'steps':>6}{'learned':>9}{'random':>9}{'fixed':>9}{'vs rnd':>8}{'KL':>8}{'agree':>7}"
           f"{'union':>7}{'width':>7}")
