@@ -113,8 +113,7 @@ def test_budget_explorer_uses_measured_speed_where_it_exists(cache_env):
     assert metrics(at)["Tokens/s"] == "—"
 
 
-def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(studio_cache, monkeypatch):
-    monkeypatch.setenv("TOMOE_CACHE", str(studio_cache))
+def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(cache_env):
     cat = catalog.read_catalog()
     points = tradeoff.quality_points(cat.results, tradeoff.cost_models(cat.conversions, cat.results))
     sets = tradeoff.eval_sets(points)
@@ -326,8 +325,7 @@ def test_pareto_front_drops_dominated_points():
     assert tradeoff.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]
 
 
-def test_pareto_figure_has_dense_tomoe_and_baselines(studio_cache, monkeypatch):
-    monkeypatch.setenv("TOMOE_CACHE", str(studio_cache))
+def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
     cat = catalog.read_catalog()
     costs = tradeoff.cost_models(cat.conversions, cat.results)
     points = tradeoff.quality_points(cat.results, costs)
