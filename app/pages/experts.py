@@ -56,10 +56,24 @@ def cached(name: str, key: tuple, **kwargs) -> pd.DataFrame:
     return getattr(queries, name)(key[0], **kwargs)
 
 
+NMI_MAX_TOKENS = 50_000  # per layer: keeps the permutation test to seconds on a 2-core machine
+
+
 @st.cache_data(show_spinner="NMI against its permutation baseline (cached afterwards)...", max_entries=4)
-def cached_nmi(key: tuple, permutations: int) -> pd.DataFrame:
+def cached_nmi(key: tuple, permutations: int) -> tuple[pd.DataFrame, int, int]:
+    """NMI per layer on at most NMI_MAX_TOKENS tokens (the same random tokens in every layer).
+    -> (table, tokens used, tokens annotated)."""
+    import numpy as np
+
     from analysis.experts import nmi_per_layer
-    return nmi_per_layer(cached("token_labels", key), permutations=permutations)
+
+    labels = cached("token_labels", key)
+    rank = labels.groupby("layer").cumcount()  # every layer lists the same tokens in the same order
+    total = int(rank.max()) + 1 if len(labels) else 0
+    if total > NMI_MAX_TOKENS:
+        keep = np.random.default_rng(0).choice(total, NMI_MAX_TOKENS, replace=False)
+        labels = labels[rank.isin(keep)]
+    return nmi_per_layer(labels, permutations=permutations), min(total, NMI_MAX_TOKENS), total
 
 
 @st.cache_data(show_spinner="Clustering experts by POS profile...", max_entries=4)
@@ -150,7 +164,9 @@ else:
         else:
             ui.keep("permutations", 50)
             st.number_input("Permutations for the baseline", 10, 1000, step=10, key="permutations")
-            nmi = cached_nmi(run_key, int(st.session_state["permutations"]))
+            nmi, used, total = cached_nmi(run_key, int(st.session_state["permutations"]))
+            if used < total:
+                st.caption(f"NMI on a random {used:,} of the {total:,} tagged tokens (the same tokens in every layer).")
         nmi_fig = figures.nmi_figure(nmi)
         if num_layers <= 12:
             nmi_fig.update_xaxes(tick0=0, dtick=1)  # no fractional layer ticks
