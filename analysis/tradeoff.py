@@ -424,7 +424,8 @@ def log_ticks(values: pd.Series) -> dict:
     if vals.empty:
         return {}
     lo, hi = math.floor(math.log10(vals.min())), math.ceil(math.log10(vals.max()))
-    ticks = [m * 10 ** e for e in range(lo, hi + 1) for m in (1, 2, 5)]
+    steps = (1, 2, 5) if hi - lo <= 3 else (1,)  # a wide range gets one tick per decade
+    ticks = [m * 10 ** e for e in range(lo, hi + 1) for m in steps]
     ticks = [t for t in ticks if vals.min() / 2.5 <= t <= vals.max() * 2.5]
     return {"tickvals": ticks, "ticktext": [f"{t:,.0f}" if t >= 1 else f"{t:g}" for t in ticks]}
 
