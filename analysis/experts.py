@@ -149,6 +149,7 @@ class ExpertClusters:
     names: dict[int, str]  # cluster -> name from its dominant roles
     centroids: pd.DataFrame  # cluster x POS mean log2 lift
     explained_variance: list[float] = field(default_factory=list)  # of the 2 PCA axes
+    shares: pd.DataFrame | None = None  # cluster x POS share of the cluster's tokens
 
     def summary(self) -> pd.DataFrame:
         """One row per cluster: name, members, layers spanned, top lifts."""
@@ -157,11 +158,19 @@ class ExpertClusters:
                     tokens=("tokens", "sum")).reset_index()
         out["top_lifts"] = out.cluster.map(lambda k: ", ".join(
             f"{p} {2 ** v:.2f}x" for p, v in self.centroids.loc[k].sort_values(ascending=False).head(3).items()))
+        if self.shares is not None:
+            out["top_shares"] = out.cluster.map(lambda k: ", ".join(
+                f"{p} {v:.0%}" for p, v in self.shares.loc[k].sort_values(ascending=False).head(3).items()))
         return out
 
 
-def name_cluster(centroid: pd.Series, min_lift: float = 1.25, top: int = 2) -> str:
-    """Name from the POS the cluster over-represents most (lift >= min_lift), e.g. 'PUNCT+NUM'."""
+def name_cluster(centroid: pd.Series, shares: pd.Series | None = None, min_lift: float = 1.25,
+                 min_share: float = 0.05, top: int = 2) -> str:
+    """Name from the POS the cluster over-represents most (log2 lift >= log2 min_lift), e.g.
+    'PUNCT+NUM', among the POS that make up at least `min_share` of its tokens (so that a rare
+    tag with a large lift, such as INTJ, does not name a cluster it hardly occurs in)."""
+    if shares is not None:
+        centroid = centroid[shares.reindex(centroid.index).fillna(0.0) >= min_share]
     best = centroid.sort_values(ascending=False)
     chosen = [pos for pos, v in best.head(top).items() if 2 ** v >= min_lift]
     if chosen:
@@ -192,7 +201,11 @@ def cluster_experts(counts: pd.DataFrame, min_tokens: int = 50, k_range=range(2,
     k = max(scores, key=scores.get)
     labels = fits[k].labels_
     centroids = pd.DataFrame(x, columns=profiles.columns).groupby(labels).mean()
-    names = {c: name_cluster(centroids.loc[c]) for c in centroids.index}
+    member_counts = counts.pivot_table(index=["layer", "expert"], columns="pos", values="tokens", aggfunc="sum",
+                                       fill_value=0).reindex(index=profiles.index, columns=profiles.columns)
+    shares = member_counts.groupby(labels).sum()
+    shares = shares.div(shares.sum(axis=1), axis=0)  # cluster x POS share of the cluster's tokens
+    names = {c: name_cluster(centroids.loc[c], shares.loc[c]) for c in centroids.index}
     seen: dict[str, int] = {}
     for c in sorted(names, key=lambda c: -int((labels == c).sum())):  # duplicate names get a suffix
         seen[names[c]] = seen.get(names[c], 0) + 1
@@ -207,4 +220,5 @@ def cluster_experts(counts: pd.DataFrame, min_tokens: int = 50, k_range=range(2,
         "cluster": labels.astype(int), "cluster_name": [names[c] for c in labels],
         "pc1": coords[:, 0], "pc2": coords[:, 1] if coords.shape[1] > 1 else 0.0,
         "tokens": [int(totals.loc[i]) for i in profiles.index]})
-    return ExpertClusters(experts, scores, k, names, centroids, [float(v) for v in pca.explained_variance_ratio_])
+    return ExpertClusters(experts, scores, k, names, centroids, [float(v) for v in pca.explained_variance_ratio_],
+                          shares)

@@ -103,6 +103,8 @@ def test_clusters_recover_planted_roles():
 def test_cluster_names():
     assert name_cluster(pd.Series({"NOUN": np.log2(2.0), "PROPN": np.log2(1.5), "VERB": -1.0})) == "NOUN+PROPN"
     assert name_cluster(pd.Series({"NOUN": np.log2(1.1), "VERB": 0.0})).startswith("mixed")
+    lifts = pd.Series({"INTJ": np.log2(3.0), "NOUN": np.log2(1.4), "VERB": 0.0})
+    assert name_cluster(lifts, pd.Series({"INTJ": 0.001, "NOUN": 0.6, "VERB": 0.399})) == "NOUN"
 
 
 def test_too_few_experts_to_cluster_says_why():
