@@ -57,11 +57,13 @@ def test_materialised_equals_masked_and_reload_is_identical(family, tmp_path):
             torch.testing.assert_close(moe(input_ids=ids).logits, masked, rtol=1e-4, atol=1e-5)
     moe.set_layout("shared")
     save_converted(moe, tmp_path / "moe", metadata={"model": "tiny", "budget": 0.5})
-    reloaded, _, meta = load_converted(tmp_path / "moe", load_tokenizer=False)
-    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    reloaded, _, meta = load_converted(tmp_path / "moe", layout="shared", load_tokenizer=False)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")  # default layout: chosen by use
     with torch.no_grad():
         ref = moe(input_ids=ids).logits
-        assert torch.equal(reloaded(input_ids=ids).logits, ref)
+        assert torch.equal(reloaded(input_ids=ids).logits, ref)  # same layout: bit-identical
+        torch.testing.assert_close(auto(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-5)
+        auto.set_layout("shared")
         assert torch.equal(auto(input_ids=ids).logits, ref)
     assert meta["budget"] == 0.5 and len(meta["weights_sha256"]) == 64
     assert not list(tmp_path.glob(".*tmp")), "temporary folders left behind"
