@@ -22,7 +22,6 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from .syntax import UPOS
 
-LIFT_SMOOTHING = 1.0  # pseudo-count per POS when a profile is turned into lift (rare experts stay finite)
 
 
 # -- profiles and lift ---------------------------------------------------------------------------------
@@ -125,20 +124,31 @@ def nmi_per_layer(labels: pd.DataFrame, permutations: int = 200, within_token: b
 
 
 # -- clustering ------------------------------------------------------------------------------------------
-def expert_profile_matrix(counts: pd.DataFrame, min_tokens: int = 50) -> pd.DataFrame:
-    """log2 lift of every (layer, expert) with at least min_tokens tokens, one column per POS.
-
-    Lift (against the expert's own layer) rather than raw shares, so that a profile says what
-    an expert prefers, not what every layer sees most (nouns); smoothed by LIFT_SMOOTHING.
-    """
+def _expert_counts(counts: pd.DataFrame) -> pd.DataFrame:
+    """(layer, expert) x POS token counts, columns in UPOS order."""
     c = counts.pivot_table(index=["layer", "expert"], columns="pos", values="tokens", aggfunc="sum", fill_value=0)
-    c = c[[p for p in UPOS if p in c.columns] + [p for p in c.columns if p not in UPOS]]
-    layer_mix = c.groupby(level="layer").transform("sum")
-    layer_mix = layer_mix.div(layer_mix.sum(axis=1), axis=0)
-    share = (c + LIFT_SMOOTHING).div(c.sum(axis=1) + LIFT_SMOOTHING * c.shape[1], axis=0)
-    lift = np.log2(share / layer_mix.clip(lower=1e-12))
+    return c[[p for p in UPOS if p in c.columns] + [p for p in c.columns if p not in UPOS]]
+
+
+def _layer_mix(c: pd.DataFrame) -> pd.DataFrame:
+    """P(pos | layer) on every (layer, expert) row of an _expert_counts table."""
+    mix = c.groupby(level="layer").transform("sum")
+    return mix.div(mix.sum(axis=1), axis=0)
+
+
+def expert_profile_matrix(counts: pd.DataFrame, min_tokens: int = 50) -> pd.DataFrame:
+    """Excess share of every (layer, expert) with at least min_tokens tokens, one column per POS:
+    P(pos | expert) - P(pos | layer).
+
+    Against the expert's own layer, so that a profile says what an expert prefers rather than
+    what every layer sees most (nouns); a difference of shares rather than log lift, so that
+    rare tags (INTJ, SYM, X), whose lift swings wildly on a handful of tokens, do not dominate
+    the distances.
+    """
+    c = _expert_counts(counts)
+    share = c.div(c.sum(axis=1).clip(lower=1), axis=0)
     keep = c.sum(axis=1) >= min_tokens
-    return lift[keep]
+    return (share - _layer_mix(c))[keep]
 
 
 @dataclass
@@ -147,7 +157,7 @@ class ExpertClusters:
     silhouette: dict[int, float]  # k -> silhouette score of KMeans with k clusters
     k: int  # the k with the best silhouette
     names: dict[int, str]  # cluster -> name from its dominant roles
-    centroids: pd.DataFrame  # cluster x POS mean log2 lift
+    centroids: pd.DataFrame  # cluster x POS log2 lift of the pooled tokens of its experts
     explained_variance: list[float] = field(default_factory=list)  # of the 2 PCA axes
     shares: pd.DataFrame | None = None  # cluster x POS share of the cluster's tokens
 
@@ -200,11 +210,14 @@ def cluster_experts(counts: pd.DataFrame, min_tokens: int = 50, k_range=range(2,
         fits[k] = km
     k = max(scores, key=scores.get)
     labels = fits[k].labels_
-    centroids = pd.DataFrame(x, columns=profiles.columns).groupby(labels).mean()
-    member_counts = counts.pivot_table(index=["layer", "expert"], columns="pos", values="tokens", aggfunc="sum",
-                                       fill_value=0).reindex(index=profiles.index, columns=profiles.columns)
-    shares = member_counts.groupby(labels).sum()
-    shares = shares.div(shares.sum(axis=1), axis=0)  # cluster x POS share of the cluster's tokens
+    all_counts = _expert_counts(counts)
+    member_counts = all_counts.loc[profiles.index]
+    pooled = member_counts.groupby(labels).sum()
+    shares = pooled.div(pooled.sum(axis=1), axis=0)  # cluster x POS share of the cluster's tokens
+    # what the same experts' layers would give them: layer mix weighted by each expert's tokens
+    expected = _layer_mix(all_counts).loc[profiles.index].mul(member_counts.sum(axis=1), axis=0).groupby(labels).sum()
+    expected = expected.div(expected.sum(axis=1), axis=0)
+    centroids = np.log2((shares + 1e-9) / (expected + 1e-9))
     names = {c: name_cluster(centroids.loc[c], shares.loc[c]) for c in centroids.index}
     seen: dict[str, int] = {}
     for c in sorted(names, key=lambda c: -int((labels == c).sum())):  # duplicate names get a suffix

@@ -77,7 +77,7 @@ def nmi_figure(nmi: pd.DataFrame, title: str = "Expert-POS mutual information pe
     return fig
 
 
-def expert_map(experts: pd.DataFrame, title: str = "Experts by POS profile (PCA of log lift)") -> go.Figure:
+def expert_map(experts: pd.DataFrame, title: str = "Experts by POS profile (PCA of excess POS share)") -> go.Figure:
     """2-D map of expert profiles. experts: columns layer, expert, cluster_name, pc1, pc2, tokens
     — `analysis.experts.cluster_experts(...).experts`."""
     fig = go.Figure()
