@@ -95,10 +95,9 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "machine": machine_info(cfg.device), "text": cfg.text,
         }
         save_converted(moe, output, tokenizer, meta)
-        log_src = workdir / "log.jsonl"
-        if log_src.exists():
-            (output / "training_log.jsonl").write_bytes(log_src.read_bytes())
-        _keep_hypernet(workdir, output)
+        _copy_artefact(workdir / "log.jsonl", output / TRAINING_LOG)
+        # the trained hypernetwork + routers stay beside the model: other budgets re-threshold it
+        _copy_artefact(workdir / "checkpoint" / "trainable.safetensors", output / HYPERNET_FILE)
         log(f"[tomoe] saved {output}: MLP active ratio {report.mlp_active_ratio:.4f} "
             f"(requested {cfg.budget}), whole model {report.active_ratio_vs_dense:.4f}, "
             f"{summary['tokens_seen']} tokens in {summary['train_seconds'] / 60:.1f} min")
@@ -106,13 +105,13 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
 
 
 HYPERNET_FILE = "hypernet.safetensors"
+TRAINING_LOG = "training_log.jsonl"
 
 
-def _keep_hypernet(workdir: Path, output: Path) -> None:
-    """Keep the trained hypernetwork + routers beside the model: other budgets re-threshold it."""
-    src = workdir / "checkpoint" / "trainable.safetensors"
+def _copy_artefact(src: Path, dst: Path) -> None:
+    """Copy an optional artefact (training log, hypernetwork) atomically when it exists."""
     if src.exists():
-        atomic_write_bytes(output / HYPERNET_FILE, src.read_bytes())
+        atomic_write_bytes(dst, src.read_bytes())
 
 
 def rebudget(conversion: Path, budget: float, output: Path | None = None, log=print) -> Path:
@@ -247,9 +246,7 @@ def ensure_shipped_conversions(log=print) -> list[Path]:
                 meta = {**meta, "rebuilt_from_recipe": str(recipe.relative_to(shipped_dir().parent.parent))}
                 meta.pop("recipe_sha256", None)
                 save_converted(moe, target, tokenizer, meta)
-                log_src = recipe / "training_log.jsonl"
-                if log_src.exists():
-                    (target / "training_log.jsonl").write_bytes(log_src.read_bytes())
+                _copy_artefact(recipe / TRAINING_LOG, target / TRAINING_LOG)
                 log(f"[tomoe] materialised shipped conversion {recipe.name} into {target}")
         out.append(target)
     return out
@@ -260,7 +257,5 @@ def ship_conversion(conversion: Path, name: str | None = None) -> Path:
     model, _tok, meta = load_converted(conversion, layout="memory", load_tokenizer=False)
     target = shipped_dir() / (name or Path(conversion).name)
     save_recipe(model, target, meta)
-    log_src = Path(conversion) / "training_log.jsonl"
-    if log_src.exists():
-        (target / "training_log.jsonl").write_bytes(log_src.read_bytes())
+    _copy_artefact(Path(conversion) / TRAINING_LOG, target / TRAINING_LOG)
     return target
