@@ -10,6 +10,10 @@ perplexity, KL(dense || variant) per token and top-1 agreement with dense. Basel
 calibration split) and torch-pruning (external reference). None is fine-tuned. Conversions:
 every folder under cache/conversions made from the same model, at its own budget (which is
 added to the budget list), with learned routing and, as an ablation, a random expert per token.
+A budget-conditioned conversion (`convert --budget-range LO HI`) is materialised at every budget
+of the list inside its range ("tomoe-conditioned", with the materialisation time), and
+--fallback-from NAME re-thresholds that single-budget conversion to every other budget of the
+list ("tomoe-threshold-moved": the no-retraining fallback).
 The JSON is rewritten after every budget, so a partial run leaves valid partial results;
 --reuse keeps the rows of an earlier run on the same windows and evaluates only what is new
 (a new conversion, a new budget or method).
@@ -24,8 +28,11 @@ JSON schema (schema_version 1):
   settings        {budgets, methods, calibration_text, calibration_tokens, complete: bool}
   dense           {perplexity, kl_to_dense (0), top1_agreement (1)}
   rows            one per (budget, variant):
-                  {budget: nominal p, method: "tomoe" | "tomoe-random-routing" | "magnitude" | "wanda-sp"
-                   | "flap" | "torch-pruning", kind: "tomoe" | "ablation" | "baseline" | "external-baseline",
+                  {budget: nominal p, method: "tomoe" | "tomoe-conditioned" | "tomoe-threshold-moved" |
+                   "tomoe-random-routing" | "magnitude" | "wanda-sp" | "flap" | "torch-pruning",
+                   kind: "tomoe" | "fallback" | "ablation" | "baseline" | "external-baseline",
+                   budget_source: "trained" | "conditioned" | "threshold-moved" (ToMoE rows),
+                   materialise_seconds (conditioned / threshold-moved rows),
                    label: display name, conversion: folder name or null, conversion_digest: str or null,
                    active_mlp_ratio: measured (ToMoE: widest expert per layer; baselines: kept fraction),
                    perplexity, kl_to_dense, top1_agreement, seconds}
@@ -54,7 +61,7 @@ from tomoe_core.evaluate import evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
 from tomoe_core.masked import MaskedModel
 from tomoe_core.models import load_dense
-from tomoe_core.pipeline import conversions_dir, machine_info
+from tomoe_core.pipeline import conversions_dir, machine_info, materialise_at
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SCHEMA_VERSION = 1
@@ -86,6 +93,11 @@ def compare(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _in_range(meta: dict, budget: float) -> bool:
+    lo, hi = meta["budget_range"]
+    return lo - 1e-9 <= budget <= hi + 1e-9
+
+
 def reusable_rows(path: Path, result: dict) -> dict[tuple, dict]:
     """Rows of an earlier result on the same model, text, windows and calibration, by (budget, method, digest)."""
     if not path.exists():
@@ -109,9 +121,16 @@ def run(args, log=print) -> dict:
     masked = MaskedModel(dense, num_experts=1)
     methods = [m for m in args.methods if m]
     conversions = [] if args.no_conversions else find_conversions(args.model)
-    conv_budgets = {}
+    conv_budgets, conditioned = {}, []
     for folder in conversions:
-        conv_budgets.setdefault(round(float(read_metadata(folder)["budget"]), 4), []).append(folder)
+        meta = read_metadata(folder)
+        if meta.get("budget_range"):
+            conditioned.append(folder)
+        elif meta.get("budget_source", "trained") == "trained":  # rebudgeted copies are rows of their own source
+            conv_budgets.setdefault(round(float(meta["budget"]), 4), []).append(folder)
+    fallback = [conversions_dir() / name for name in args.fallback_from]
+    for folder in fallback:
+        read_metadata(folder)  # a clear error now rather than after an hour of evaluation
     budgets = sorted({round(b, 4) for b in args.budgets} | set(conv_budgets))
     stats = None  # activation statistics, computed when a calibrated baseline first needs them
     result = {
@@ -139,12 +158,29 @@ def run(args, log=print) -> dict:
             ratio = account(moe).mlp_active_ratio
             common = {"conversion": folder.name, "conversion_digest": conversion_digest(meta), "active_mlp_ratio": ratio}
             variants[f"tomoe:{folder.name}"] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
-            info[f"tomoe:{folder.name}"] = {"method": "tomoe", "kind": "tomoe", "label": f"ToMoE ({folder.name})", **common}
+            info[f"tomoe:{folder.name}"] = {"method": "tomoe", "kind": "tomoe", "label": f"ToMoE ({folder.name})",
+                                            "budget_source": "trained", **common}
             gen = torch.Generator()
             variants[f"random:{folder.name}"] = logits_fn(
                 moe, lambda moe=moe, gen=gen: (gen.manual_seed(0), moe.set_routing("random", gen)))
             info[f"random:{folder.name}"] = {"method": "tomoe-random-routing", "kind": "ablation",
                                              "label": f"ToMoE, random expert per token ({folder.name})", **common}
+        derived = [(f, "tomoe-conditioned") for f in conditioned if _in_range(read_metadata(f), budget)]
+        derived += [(f, "tomoe-threshold-moved") for f in fallback
+                    if abs(float(read_metadata(f)["budget"]) - budget) > 1e-9]
+        for folder, method in derived:
+            digest = conversion_digest(read_metadata(folder))
+            if (budget, method, digest) in reuse:
+                result["rows"].append(reuse[(budget, method, digest)])
+                continue
+            moe, meta, seconds = materialise_at(folder, budget, device=args.device, layout="prefill", log=log)
+            key = f"{method}:{folder.name}"
+            variants[key] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
+            source = meta["budget_source"]
+            info[key] = {"method": method, "kind": "tomoe" if method == "tomoe-conditioned" else "fallback",
+                         "label": f"ToMoE {source} ({folder.name})", "conversion": folder.name,
+                         "conversion_digest": digest, "active_mlp_ratio": account(moe).mlp_active_ratio,
+                         "budget_source": source, "materialise_seconds": round(seconds, 2)}
         todo = [m for m in methods if (budget, m, None) not in reuse]
         if stats is None and any(m in ("wanda-sp", "flap") for m in todo):
             n = max(1, args.calibration_tokens // 512)
@@ -189,6 +225,8 @@ def save(result: dict, output: Path) -> None:
 # -- presentation ----------------------------------------------------------------------------------------
 METHOD_STYLE = {
     "tomoe": dict(color="#4338ca", symbol="circle", size=13),
+    "tomoe-conditioned": dict(color="#7c3aed", symbol="star", size=11),
+    "tomoe-threshold-moved": dict(color="#c4b5fd", symbol="circle-dot", size=9),
     "tomoe-random-routing": dict(color="#a5b4fc", symbol="circle-open", size=11),
     "magnitude": dict(color="#d97706", symbol="square", size=8),
     "wanda-sp": dict(color="#059669", symbol="diamond", size=8),
@@ -204,8 +242,10 @@ def quality_figure(result: dict) -> go.Figure:
     for method in methods:
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["active_mlp_ratio"])
         style = METHOD_STYLE.get(method, dict(color="#111827", symbol="circle", size=8))
-        mode = "markers" if method.startswith("tomoe") else "lines+markers"
+        mode = "markers" if method in ("tomoe", "tomoe-random-routing") else "lines+markers"
         label = {"tomoe": "ToMoE (learned routing)", "tomoe-random-routing": "ToMoE, random routing (ablation)",
+                 "tomoe-conditioned": "ToMoE, one budget-conditioned conversion",
+                 "tomoe-threshold-moved": "ToMoE, threshold moved (no retraining)",
                  "torch-pruning": "torch-pruning (external, group magnitude)"}.get(method, method)
         hover = [f"{r['label']}<br>budget {r['budget']:g}, active MLP {r['active_mlp_ratio']:.3f}<br>"
                  f"ppl {r['perplexity']:.2f}, KL {r['kl_to_dense']:.3f}, top-1 agr {r['top1_agreement']:.3f}"
@@ -261,6 +301,9 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
     p.add_argument("--no-conversions", action="store_true", help="baselines only")
+    p.add_argument("--fallback-from", nargs="*", default=[], metavar="NAME",
+                   help="single-budget conversions (folder names in cache/conversions) to re-threshold to every "
+                        "other budget: the no-retraining fallback")
     p.add_argument("--reuse", action="store_true",
                    help="keep rows of an earlier result on the same windows; evaluate only new variants")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

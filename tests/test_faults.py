@@ -9,15 +9,22 @@ from pathlib import Path
 
 import torch
 
-from kill_worker import STEPS, run
+from kill_worker import STEPS
+from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 
 
+def _worker(workdir: Path, out: Path, env: dict) -> dict:
+    """A whole run in its own one-thread process, like the killed one (thread counts change float sums)."""
+    subprocess.run([sys.executable, str(HERE / "kill_worker.py"), str(workdir), str(out)], env=env, check=True)
+    return load_file(str(out))
+
+
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-    reference = run(tmp_path / "reference")
-    workdir = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = _worker(tmp_path / "reference", tmp_path / "reference.st", env)
+    workdir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(HERE / "kill_worker.py"), str(workdir), str(tmp_path / "x.st"), "0.3"],
                             env=env)
     log = workdir / "log.jsonl"
@@ -30,7 +37,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     proc.wait()
     done = json.loads((workdir / "checkpoint" / "state.json").read_text())["step"]
     assert 3 <= done < STEPS, f"killed after step {done}: not mid-run"
-    resumed = run(workdir)
+    resumed = _worker(workdir, tmp_path / "resumed.st", env)
     for key, value in reference.items():
         assert torch.equal(value, resumed[key]), key
     steps = [json.loads(line)["step"] for line in (workdir / "log.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ from tiny_models import tiny_model
 from tomoe_core import load_converted
 from tomoe_core.budget import account
 from tomoe_core.models import load_tokenizer
-from tomoe_core.pipeline import rebudget, run_conversion, run_evaluation
+from tomoe_core.pipeline import materialise_at, rebudget, run_conversion, run_evaluation
 from tomoe_core.train import ConversionConfig
 
 WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
@@ -48,3 +48,28 @@ def test_convert_evaluate_rebudget(tiny_setup):
     model, _tok, lower_meta = load_converted(lower)
     assert lower_meta["budget_source"] == "threshold-moved" and lower_meta["trained_budget"] == 0.5
     assert abs(account(model).mlp_active_ratio - 0.3) <= 0.02
+
+
+def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):
+    dense, text, tmp = tiny_setup
+    cfg = ConversionConfig(model=str(dense), text=str(text), steps=4, tokens_per_step=128, seq_len=64,
+                           init_tokens=512, budget=0.5, budget_range=(0.3, 1.0), num_experts=4)
+    out = run_conversion(cfg, tmp / "cond", show_tqdm=False, log=lambda *a: None, command="test")
+    meta = json.loads((out / "tomoe.json").read_text())
+    assert meta["budget_source"] == "conditioned" and meta["budget_range"] == [0.3, 1.0]
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    targets = [row["target"] for row in log]
+    assert len(set(targets)) == 4 and all(0.3 <= t <= 1.0 for t in targets)  # every step its own budget
+    widths = []
+    for budget in (0.3, 0.6, 0.9):
+        model, info, seconds = materialise_at(out, budget, log=lambda *a: None)
+        assert info["budget_source"] == "conditioned" and seconds > 0
+        assert abs(account(model).mlp_active_ratio - budget) <= 0.02
+        widths.append(info["mask_calibration"]["ratio"])
+    assert widths == sorted(widths)
+    # outside the trained range the threshold moves, and says so
+    _model, info, _ = materialise_at(out, 0.2, log=lambda *a: None)
+    assert info["budget_source"] == "threshold-moved"
+    # a single-budget conversion's hypernetwork must not be asked for conditioning it never had
+    with pytest.raises(ValueError, match="budget range"):
+        ConversionConfig(budget=0.2, budget_range=(0.3, 1.0))

@@ -5,6 +5,8 @@ H = hypernetwork embedding width (128).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,14 +48,16 @@ class HyperNetwork(nn.Module):
     """
 
     def __init__(self, intermediate_sizes: list[int], num_experts: int, embed_dim: int = 128,
-                 input_dim: int = 64, seed: int = 0, decoder_init_scale: float = 1.0):
+                 input_dim: int = 64, seed: int = 0, decoder_init_scale: float = 1.0, conditioned: bool = False):
         super().__init__()
         self.num_layers = len(intermediate_sizes)
         self.num_experts = num_experts
+        self.conditioned = conditioned  # budget-conditioned: forward(budget) sees p as an input
         g = torch.Generator().manual_seed(seed)
         # (E, L, input_dim): experts act as the GRU batch, layers as its sequence.
         self.register_buffer("inputs", torch.randn(num_experts, self.num_layers, input_dim, generator=g))
-        self.gru = nn.GRU(input_dim, embed_dim // 2, batch_first=True, bidirectional=True)
+        extra = len(budget_features(0.5)) if conditioned else 0
+        self.gru = nn.GRU(input_dim + extra, embed_dim // 2, batch_first=True, bidirectional=True)
         self.decoders = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(embed_dim), nn.GELU(), nn.Linear(embed_dim, size))
             for size in intermediate_sizes)
@@ -63,6 +67,17 @@ class HyperNetwork(nn.Module):
                     dec[2].weight.mul_(decoder_init_scale)
                     dec[2].bias.mul_(decoder_init_scale)
 
-    def forward(self) -> list[torch.Tensor]:
-        emb, _ = self.gru(self.inputs)  # (E, L, H)
+    def forward(self, budget: float | None = None) -> list[torch.Tensor]:
+        inputs = self.inputs
+        if self.conditioned:
+            if budget is None:
+                raise ValueError("a budget-conditioned hypernetwork needs the budget to generate masks")
+            feats = torch.tensor(budget_features(budget), dtype=inputs.dtype, device=inputs.device)
+            inputs = torch.cat([inputs, feats.expand(*inputs.shape[:2], -1)], dim=-1)
+        emb, _ = self.gru(inputs)  # (E, L, H)
         return [dec(emb[:, layer]) for layer, dec in enumerate(self.decoders)]  # L x (E, I_l)
+
+
+def budget_features(budget: float) -> list[float]:
+    """What a conditioned hypernetwork sees of the budget p: centred p and log p (both O(1))."""
+    return [2.0 * (budget - 0.5), math.log(budget)]

@@ -23,7 +23,8 @@ from .routing import MaskedMLP, mlp_intermediate
 
 
 class MaskedModel(nn.Module):
-    def __init__(self, model: nn.Module, num_experts: int = 8, offset: float = 3.0, seed: int = 0):
+    def __init__(self, model: nn.Module, num_experts: int = 8, offset: float = 3.0, seed: int = 0,
+                 budget_range: tuple[float, float] | None = None):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {num_experts}")
@@ -45,9 +46,20 @@ class MaskedModel(nn.Module):
         self.intermediate_sizes = sizes
         self.channel_costs = [channel_cost(m.weights) for m in self.mlps]
         device = next(model.parameters()).device
-        self.hypernet = HyperNetwork(sizes, num_experts, seed=seed).to(device)
+        # budget-conditioned: one hypernetwork for every budget in this range (its input is p)
+        self.budget_range = tuple(budget_range) if budget_range is not None else None
+        self.hypernet = HyperNetwork(sizes, num_experts, seed=seed, conditioned=self.conditioned).to(device)
         for l, size in enumerate(sizes):
             self.register_buffer(f"mask_base_{l}", torch.full((num_experts, size), float(offset), device=device))
+            if self.conditioned:
+                # rank of each channel in each expert's cluster prior, as a fraction of I (-1: no rank
+                # prior, the constant mask_base applies); the prior at budget p is on where rank < p
+                self.register_buffer(f"mask_rank_{l}", torch.full((num_experts, size), -1.0, device=device))
+        self.register_buffer("prior_scale", torch.tensor(float(offset), device=device))
+
+    @property
+    def conditioned(self) -> bool:
+        return self.budget_range is not None
 
     # the accounting code looks for the HF model here
     @property
@@ -61,7 +73,12 @@ class MaskedModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def mask_base(self, layer: int) -> torch.Tensor:
+    def mask_base(self, layer: int, budget: float | None = None) -> torch.Tensor:
+        """Prior mask logits (E, I) of a layer; a conditioned model's cluster prior depends on the budget."""
+        if self.conditioned and budget is not None:
+            rank = getattr(self, f"mask_rank_{layer}")
+            if bool((rank >= 0).all()):
+                return torch.where(rank < budget, self.prior_scale, -self.prior_scale)
         return getattr(self, f"mask_base_{layer}")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -74,6 +91,10 @@ class MaskedModel(nn.Module):
             state[f"router.{l}.weight"] = m.router.weight
             state[f"router.{l}.bias"] = m.router.bias
             state[f"mask_base.{l}"] = self.mask_base(l)
+            if self.conditioned:
+                state[f"mask_rank.{l}"] = getattr(self, f"mask_rank_{l}")
+        if self.conditioned:
+            state["prior_scale"] = self.prior_scale
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -84,22 +105,34 @@ class MaskedModel(nn.Module):
                 m.router.weight.copy_(state[f"router.{l}.weight"])
                 m.router.bias.copy_(state[f"router.{l}.bias"])
                 self.mask_base(l).copy_(state[f"mask_base.{l}"])
+                if self.conditioned:
+                    getattr(self, f"mask_rank_{l}").copy_(state[f"mask_rank.{l}"])
+            if self.conditioned:
+                self.prior_scale.copy_(state["prior_scale"])
 
     # -- masks ------------------------------------------------------------------------------
-    def mask_logits(self) -> list[torch.Tensor]:
-        return [z + self.mask_base(l) for l, z in enumerate(self.hypernet())]  # L x (E, I)
+    def mask_logits(self, budget: float | None = None) -> list[torch.Tensor]:
+        """Per layer (E, I) mask logits; a conditioned model needs the budget they are generated for."""
+        if self.conditioned:
+            if budget is None:
+                raise ValueError("this conversion is budget-conditioned: say which budget to generate masks for")
+            lo, hi = self.budget_range
+            budget = min(max(budget, lo), hi)  # outside its range the nearest trained budget (then a shift)
+        z_all = self.hypernet(budget if self.conditioned else None)
+        return [z + self.mask_base(l, budget) for l, z in enumerate(z_all)]  # L x (E, I)
 
-    def relaxed_masks(self, tau: float, noise: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def relaxed_masks(self, tau: float, noise: list[torch.Tensor] | None = None,
+                      budget: float | None = None) -> list[torch.Tensor]:
         """Straight-through masks (hard forward, sigmoid backward), optionally with logit noise."""
-        logits = self.mask_logits()
+        logits = self.mask_logits(budget)
         if noise is not None:
             logits = [z + n for z, n in zip(logits, noise)]
         return [straight_through_sigmoid(z, tau) for z in logits]
 
     @torch.no_grad()
-    def deterministic_masks(self, shift: float = 0.0) -> list[torch.Tensor]:
+    def deterministic_masks(self, shift: float = 0.0, budget: float | None = None) -> list[torch.Tensor]:
         """Inference masks: 1[logit + shift > 0], no noise."""
-        return [(z + shift > 0).float() for z in self.mask_logits()]
+        return [(z + shift > 0).float() for z in self.mask_logits(budget)]
 
     def ratio_of(self, masks: list[torch.Tensor]):
         """Active MLP ratio implied by masks (widest expert per layer); differentiable."""
@@ -108,7 +141,7 @@ class MaskedModel(nn.Module):
     @torch.no_grad()
     def calibrate_shift(self, budget: float, iters: int = 60) -> float:
         """Global logit shift whose deterministic masks hit `budget` (bisection; ratio is monotone)."""
-        logits = self.mask_logits()
+        logits = self.mask_logits(budget)
         lo, hi = -50.0, 50.0
         for _ in range(iters):
             mid = (lo + hi) / 2
@@ -143,12 +176,16 @@ class MaskedModel(nn.Module):
     # -- cluster initialisation -----------------------------------------------------------------
     @torch.no_grad()
     def cluster_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float = 3.0,
-                     seed: int = 0, progress=None) -> dict:
+                     seed: int = 0, progress=None, balance: bool = True) -> dict:
         """Initialise routers and expert priors from k-means clusters of each layer's MLP inputs.
 
         calibration_ids: (B, T) token ids. Router k scores nearest-centroid in standardised
         input space; expert k's prior switches on the p * I channels with the largest mean
-        |activation| x ||down column|| over cluster k's tokens. Returns per-layer cluster sizes.
+        |activation| x ||down column|| over cluster k's tokens. With `balance`, the routers'
+        biases are then set so every expert receives an equal share of the calibration tokens
+        (k-means clusters of early-layer inputs are very unequal: one held 78 % of the tokens in
+        SmolLM2's layer 1), and the experts' priors come from those balanced groups.
+        Returns per-layer group sizes (after balancing) and, with `balance`, the k-means sizes.
         """
         from sklearn.cluster import KMeans
 
@@ -162,7 +199,8 @@ class MaskedModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        sizes = []
+        self.prior_scale.fill_(prior_scale)
+        sizes, kmeans_sizes = [], []
         for l, m in enumerate(self.mlps):
             x = torch.cat(inputs[l])  # (N, D)
             mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -178,18 +216,52 @@ class MaskedModel(nn.Module):
             gap = (top2[:, 0] - top2[:, -1]).mean().clamp_min(1e-6) if self.num_experts > 1 else torch.tensor(1.0)
             scale = 2.0 / float(gap)  # mean top-1 margin of 2 logits: Gumbel noise rarely overturns it
             dev = m.router.weight.device
+            kmeans_sizes.append(torch.bincount(labels, minlength=self.num_experts).tolist())
+            if balance and self.num_experts > 1:
+                shift = balancing_bias(raw * scale)
+                b = b + shift / scale
+                labels = (raw * scale + shift).argmax(1)
             m.router.weight.copy_((w * scale).to(dev))
             m.router.bias.copy_((b * scale).to(dev))
             h = mlp_intermediate(m.weights, x.to(dev, m.weights.up.dtype)).abs().float()  # (N, I)
             col_norm = m.weights.down.float().norm(dim=0)  # (I,)
             width = max(1, int(math.floor(budget * m.weights.intermediate_size)))
             base = torch.full_like(self.mask_base(l), -prior_scale)
+            rank = torch.empty_like(base)
             for k in range(self.num_experts):
                 members = (labels == k).to(dev)
                 score = (h[members].mean(0) if members.any() else h.mean(0)) * col_norm
-                base[k, score.topk(width).indices] = prior_scale
+                order = score.argsort(descending=True)
+                base[k, order[:width]] = prior_scale
+                rank[k, order] = torch.arange(len(order), device=dev, dtype=rank.dtype) / len(order)
             self.mask_base(l).copy_(base)
+            if self.conditioned:
+                getattr(self, f"mask_rank_{l}").copy_(rank)
             sizes.append(torch.bincount(labels, minlength=self.num_experts).tolist())
             if progress is not None:
                 progress(l + 1, len(self.mlps))
-        return {"cluster_sizes": sizes}
+        out = {"cluster_sizes": sizes}
+        if balance:
+            out["kmeans_sizes"] = kmeans_sizes
+        return out
+
+
+def balancing_bias(logits: torch.Tensor, iters: int = 300) -> torch.Tensor:
+    """Per-expert bias b (E,) so that argmax(logits + b) gives every expert about N / E tokens.
+
+    logits: (N, E). Soft shares first (Sinkhorn-style updates of b against softmax shares,
+    which converge smoothly), then corrections on the hard argmax shares, which are what
+    routing uses. The order of experts inside a token is kept as far as the balance allows.
+    """
+    n, e = logits.shape
+    target = math.log(1.0 / e)
+    b = torch.zeros(e)
+    for _ in range(iters):
+        share = torch.softmax(logits + b, dim=1).mean(0)
+        b = b + 0.5 * (target - share.log())
+    for _ in range(iters):
+        hard = torch.bincount((logits + b).argmax(1), minlength=e).float() / n
+        if float(hard.max()) <= 1.25 / e and float(hard.min()) >= 0.75 / e:
+            break
+        b = b + 0.1 * (target - hard.clamp_min(0.05 / e).log())
+    return b - b.mean()

@@ -41,7 +41,8 @@ def conversions_dir() -> Path:
 
 
 def default_conversion_name(cfg: ConversionConfig) -> str:
-    return safe_name(f"{Path(cfg.model).name}-p{cfg.budget:g}-e{cfg.num_experts}")
+    budget = f"{cfg.budget:g}" if cfg.budget_range is None else "{:g}-{:g}".format(*cfg.budget_range)
+    return safe_name(f"{Path(cfg.model).name}-p{budget}-e{cfg.num_experts}")
 
 
 def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
@@ -78,7 +79,7 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         model, tokenizer = load_dense(cfg.model, device=cfg.device, log=log)
         tag = safe_name(Path(cfg.model).name)
         stream = cached_stream(tokenizer, cfg.text, "calibration", None, tag)
-        masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed)
+        masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed, budget_range=cfg.budget_range)
         summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
         if not summary["finished"] or rank != 0:
             return workdir if not summary["finished"] else output
@@ -88,6 +89,8 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         meta = {
             "kind": "tomoe-conversion",
             "model": cfg.model, "budget": cfg.budget, "num_experts": cfg.num_experts,
+            "budget_source": "trained" if cfg.budget_range is None else "conditioned",
+            "budget_range": list(cfg.budget_range) if cfg.budget_range else None,
             "settings": asdict(cfg), "command": command, "world_size": world,
             "tokens_seen": summary["tokens_seen"], "train_seconds": round(summary["train_seconds"], 1),
             "wall_seconds": round(time.time() - t0, 1), "final_losses": summary["last"],
@@ -114,11 +117,23 @@ def _copy_artefact(src: Path, dst: Path) -> None:
         atomic_write_bytes(dst, src.read_bytes())
 
 
-def rebudget(conversion: Path, budget: float, output: Path | None = None, log=print) -> Path:
-    """Materialise a trained conversion at another budget by moving the mask threshold (no retraining).
+def budget_source(meta: dict, budget: float) -> str:
+    """How a conversion reaches `budget`: "trained" (its own), "conditioned" (inside the range its
+    budget-conditioned hypernetwork was trained on) or "threshold-moved" (no training for it)."""
+    rng = meta.get("budget_range") or (meta.get("settings") or {}).get("budget_range")
+    if rng and rng[0] - 1e-9 <= budget <= rng[1] + 1e-9:
+        return "conditioned"
+    return "trained" if abs(budget - float(meta["budget"])) < 1e-9 else "threshold-moved"
 
-    The result is labelled `"budget_source": "threshold-moved"` in its tomoe.json: its experts were
-    trained for the original budget, so expect it to be worse than a conversion trained at `budget`.
+
+def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout: str = "decode",
+                   dense=None, log=print):
+    """A trained conversion materialised at `budget`, in memory: (model, metadata, seconds).
+
+    A budget-conditioned conversion generates the experts for `budget` (then a tiny threshold
+    shift lands the ratio on it exactly); any other conversion moves its mask threshold (no
+    retraining; labelled "threshold-moved"). `dense`: an already loaded dense model to reuse
+    (it is wrapped, so pass a fresh copy or expect it to be consumed).
     """
     from safetensors.torch import load_file
 
@@ -134,20 +149,37 @@ def rebudget(conversion: Path, budget: float, output: Path | None = None, log=pr
                                 "re-run its convert command to get one")
     settings = meta["settings"]
     t0 = time.time()
-    dense, tokenizer = load_dense(meta["model"], log=log)
-    masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"])
-    masked.load_trainable_state(load_file(str(state_path)))
+    if dense is None:
+        dense, _ = load_dense(meta["model"], device=device, log=log)
+    masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"],
+                         budget_range=settings.get("budget_range"))
+    masked.load_trainable_state({k: v.to(device) for k, v in load_file(str(state_path)).items()})
     masks, calib = finalize_masks(masked, budget)
     moe = materialise(masked, masks, budget)
+    moe.set_layout(layout)
     report = account(moe)
-    output = Path(output) if output else conversions_dir() / safe_name(f"{conversion.name}-at-p{budget:g}")
+    seconds = time.time() - t0
     new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
-                "budget": budget, "budget_source": "threshold-moved", "trained_budget": meta["budget"],
+                "budget": budget, "budget_source": budget_source(meta, budget), "trained_budget": meta["budget"],
                 "derived_from": str(conversion), "mask_calibration": calib, "layers": layer_stats(masks),
-                "accounting": report.as_dict(), "materialise_seconds": round(time.time() - t0, 2)}
+                "accounting": report.as_dict(), "materialise_seconds": round(seconds, 2)}
+    return moe, new_meta, seconds
+
+
+def rebudget(conversion: Path, budget: float, output: Path | None = None, log=print) -> Path:
+    """Materialise a trained conversion at another budget and save it (see `materialise_at`).
+
+    A single-budget conversion is labelled `"budget_source": "threshold-moved"` in its tomoe.json:
+    its experts were trained for the original budget, so expect it to be worse than a conversion
+    trained at `budget`. A budget-conditioned one inside its range is labelled "conditioned".
+    """
+    conversion = Path(conversion)
+    dense, tokenizer = load_dense(read_metadata(conversion)["model"], log=log)
+    moe, new_meta, seconds = materialise_at(conversion, budget, dense=dense, log=log)
+    output = Path(output) if output else conversions_dir() / safe_name(f"{conversion.name}-at-p{budget:g}")
     save_converted(moe, output, tokenizer, new_meta)
-    log(f"[tomoe] {output}: threshold moved from p={meta['budget']} to p={budget} "
-        f"(MLP active ratio {report.mlp_active_ratio:.4f}) in {time.time() - t0:.1f} s")
+    log(f"[tomoe] {output}: {new_meta['budget_source']} from p={new_meta['trained_budget']} to p={budget} "
+        f"(MLP active ratio {new_meta['accounting']['mlp_active_ratio']:.4f}) in {seconds:.1f} s")
     return output
 
 

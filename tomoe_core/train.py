@@ -36,7 +36,8 @@ from .masked import MaskedModel
 
 @dataclass
 class ConversionConfig:
-    budget: float = 0.5  # fraction of prunable MLP parameters active per token
+    budget: float = 0.5  # fraction of prunable MLP parameters active per token (conditioned: the saved model's)
+    budget_range: tuple[float, float] | None = None  # (lo, hi): one budget-conditioned hypernetwork for all p
     num_experts: int = 8  # experts per layer
     steps: int = 400  # optimiser steps (CPU default: about 30 min for SmolLM2-135M on 2 cores)
     tokens_per_step: int = 512  # calibration tokens per step
@@ -51,6 +52,7 @@ class ConversionConfig:
     offset: float = 3.0  # initial mask logit when init == "offset" (paper)
     init: str = "cluster"  # "cluster": routers/experts from k-means of MLP inputs; "offset": paper init
     init_tokens: int = 8192  # calibration tokens for cluster init
+    init_balance: bool = True  # cluster init: router biases give every expert an equal share of tokens
     noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
     distill: str = "kl"  # "kl" (forward KL to dense) or "ce" (next-token cross-entropy)
     micro_batches: int = 1  # the step's batch in this many shards of data and noise; processes split them
@@ -65,6 +67,13 @@ class ConversionConfig:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
+        if self.budget_range is not None:
+            lo, hi = self.budget_range = tuple(float(b) for b in self.budget_range)
+            if not 0 < lo < hi <= 1:
+                raise ValueError(f"budget range must satisfy 0 < lo < hi <= 1, got {lo} {hi}")
+            if not lo <= self.budget <= hi:
+                raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
+                                 f"inside the budget range {lo} {hi}")
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
             raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
         if self.init not in ("cluster", "offset") or self.distill not in ("kl", "ce"):
@@ -98,6 +107,22 @@ def sample_batch(stream: torch.Tensor, cfg: ConversionConfig, step: int, micro: 
     return torch.stack([shard[s:s + cfg.seq_len] for s in starts.tolist()])
 
 
+_GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def step_budget(cfg: ConversionConfig, step: int) -> float:
+    """The budget a step trains for: fixed, or (conditioned) a low-discrepancy sweep of the range.
+
+    The golden-ratio sequence frac(0.5 + step * 0.618...) covers [lo, hi] evenly over any stretch
+    of steps (no clumps, unlike i.i.d. draws) and is a pure function of the step, so resume and
+    distributed runs agree on it.
+    """
+    if cfg.budget_range is None:
+        return cfg.budget
+    lo, hi = cfg.budget_range
+    return lo + (hi - lo) * ((0.5 + step * _GOLDEN) % 1.0)
+
+
 def noise_scale(cfg: ConversionConfig, step: int) -> float:
     if cfg.noise_anneal <= 0:
         return 1.0
@@ -113,7 +138,8 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     with torch.no_grad(), amp, masked.dense():
         teacher = masked.model(ids).logits.float()  # (B, T, V)
     scale = noise_scale(cfg, step)
-    logits = masked.mask_logits()
+    target = step_budget(cfg, step)
+    logits = masked.mask_logits(target)
     noise = [scale * logistic_noise(z.shape, gen, device) for z in logits] if scale > 0 else None
     train_masks = [straight_through_sigmoid(z if noise is None else z + n, cfg.mask_tau) for z, n in
                    zip(logits, noise or [None] * len(logits))]
@@ -132,7 +158,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     else:
         distill = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     ratio = masked.ratio_of(det_masks)
-    budget = cfg.lam * torch.log(ratio / cfg.budget).abs()  # = lam * log(max(r, p) / min(r, p))
+    budget = cfg.lam * torch.log(ratio / target).abs()  # = lam * log(max(r, p) / min(r, p))
     union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in det_masks]).mean()
     union_loss = cfg.union_weight * -torch.log(union.clamp_min(1e-6))
     lb_terms = []
@@ -145,7 +171,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     total = distill + budget + union_loss + cfg.load_balance_weight * load_balance
     return {"loss": total, "distill": distill, "budget_loss": budget, "union_loss": union_loss,
             "load_balance": load_balance, "ratio": ratio.detach(), "union": union.detach(),
-            "noise": torch.tensor(scale)}
+            "noise": torch.tensor(scale), "target": torch.tensor(target)}
 
 
 class ConversionObjective(nn.Module):
@@ -238,7 +264,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
         t0 = time.time()
         n = max(1, cfg.init_tokens // cfg.seq_len)
         calib = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
-        init_info = masked.cluster_init(calib, cfg.budget, seed=cfg.seed)
+        init_info = masked.cluster_init(calib, cfg.budget, seed=cfg.seed, balance=cfg.init_balance)
         init_info["seconds"] = time.time() - t0
         elapsed += init_info["seconds"]
         log(f"[tomoe] cluster init of {len(masked.mlps)} layers from {n * cfg.seq_len} tokens "
@@ -277,7 +303,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             bar.update(1)
-            bar.set_postfix(kl=f"{record['distill']:.3f}", r=f"{record['ratio']:.3f}",
+            bar.set_postfix(kl=f"{record['distill']:.3f}", p=f"{record['target']:.2f}", r=f"{record['ratio']:.3f}",
                             u=f"{record['union']:.2f}", lb=f"{record['load_balance']:.3f}")
             if progress is not None and rank == 0:
                 progress(step + 1, cfg.steps, record)
@@ -313,8 +339,8 @@ _RESUMABLE = ("steps", "checkpoint_every", "device")  # settings a resumed run m
 
 
 def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None:
-    defaults = asdict(ConversionConfig())
-    now = asdict(cfg)
+    defaults = json.loads(json.dumps(asdict(ConversionConfig())))  # tuples as JSON lists, like `saved`
+    now = json.loads(json.dumps(asdict(cfg)))
     diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
             if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
     if diff:
@@ -334,10 +360,10 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def finalize_masks(masked: MaskedModel, budget: float) -> tuple[list[torch.Tensor], dict]:
     """Deterministic masks at the budget: global logit shift by bisection, then report."""
-    raw = masked.deterministic_masks(0.0)
+    raw = masked.deterministic_masks(0.0, budget)
     raw_ratio = float(masked.ratio_of(raw))
     shift = masked.calibrate_shift(budget)
-    masks = masked.deterministic_masks(shift)
+    masks = masked.deterministic_masks(shift, budget)
     ratio = float(masked.ratio_of(masks))
     return masks, {"raw_ratio": raw_ratio, "shift": shift, "ratio": ratio}
 
