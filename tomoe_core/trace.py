@@ -22,7 +22,8 @@ calls: the expert x POS table is then a plain GROUP BY, with no join (10 M rows 
 under a second on 2 cores, where a join on (doc_id, position) took several seconds).
 
 The run folder is built under a temporary name and renamed into place, under a file lock,
-so a reader sees a complete run or none.
+so a reader sees a complete run or none. Under torchrun every rank traces its own shard of
+the text into the same temporary folder (`trace_run`).
 
 Legend: L = MoE layers, B = sequences in a batch, T = tokens per sequence, N = B * T.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,10 +427,11 @@ def write_part(table, path: Path) -> None:
 
 
 class _PartWriter:
-    """Buffers row batches and writes them as part-NNNNN.parquet files of large row groups."""
+    """Buffers row batches and writes them as part-NNNNN.parquet files of large row groups
+    (part-rRRR-NNNNN.parquet for rank RRR of a multi-process trace)."""
 
-    def __init__(self, folder: Path, run_id: str, dictionary: _TokenDictionary):
-        self.folder, self.run_id, self.dictionary = folder, run_id, dictionary
+    def __init__(self, folder: Path, run_id: str, dictionary: _TokenDictionary, prefix: str = "part-"):
+        self.folder, self.run_id, self.dictionary, self.prefix = folder, run_id, dictionary, prefix
         self.buffer: list[dict] = []
         self.buffered = 0
         self.parts: list[tuple[str, int]] = []
@@ -455,7 +458,7 @@ class _PartWriter:
             **{k: pa.array(v) for k, v in cols.items()},
         }
         table = pa.Table.from_arrays([arrays[f.name].cast(f.type) for f in schema], schema=schema)
-        name = f"part-{len(self.parts):05d}.parquet"
+        name = f"{self.prefix}{len(self.parts):05d}.parquet"
         write_part(table, self.folder / name)
         self.parts.append((name, n))
         self.rows += n
@@ -561,7 +564,7 @@ def default_run_id(model_folder: str | Path, source: str) -> str:
 
 @torch.inference_mode()
 def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int, int], None] | None = None,
-             compare_untraced: bool = False) -> dict:
+             compare_untraced: bool = False, part_prefix: str = "part-") -> dict:
     """Trace every batch of `plan` into `folder`. -> counts and seconds spent.
 
     compare_untraced: also run every batch without hooks, right before or after the traced
@@ -570,7 +573,8 @@ def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int
     (`record_s`) and writing Parquet (`write_s`).
     """
     dictionary = _TokenDictionary(plan.tokenizer, len(plan.tokenizer))
-    writer = _PartWriter(folder, run_id, dictionary)
+    writer = _PartWriter(folder, run_id, dictionary, part_prefix)
+    total = sum(len(w.ids) for w in plan.windows)  # this rank's share under torchrun
     sync = torch.cuda.synchronize if str(plan.device).startswith("cuda") else (lambda: None)
     done, forward_s, record_s, untraced_s = 0, 0.0, 0.0, 0.0
     for i, (batch, ids, mask, valid) in enumerate(plan.batches()):
@@ -591,13 +595,66 @@ def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int
             forward_s, record_s = forward_s + t1 - t0, record_s + time.perf_counter() - t1
         done += int(valid.sum())
         if progress is not None:
-            progress(done, plan.tokens)
+            progress(done, total)
     t3 = time.perf_counter()
     writer.flush()
     write_s = time.perf_counter() - t3
     return {"rows": writer.rows, "tokens": done, "parts": writer.parts, "forward_s": forward_s,
             "record_s": record_s, "write_s": write_s, "traced_s": forward_s + record_s + write_s,
             "untraced_s": untraced_s if compare_untraced else None}
+
+
+# -- several processes (torchrun) ---------------------------------------------------------------------
+def shard_windows(windows: list[_Window], rank: int, world: int) -> list[_Window]:
+    """Rank `rank`'s contiguous share of the windows, holding about 1/world of the tokens.
+
+    A window belongs to the rank whose share of the token count holds its first token. The
+    shards in rank order are the windows in document order, so the ranks' part files read in
+    name order give the rows of a single-process trace in the same order.
+    """
+    lengths = np.array([len(w.ids) for w in windows], dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return []
+    first_token = np.cumsum(lengths) - lengths  # (n_windows,)
+    owner = np.minimum(first_token * world // total, world - 1)
+    return [w for w, r in zip(windows, owner) if r == rank]
+
+
+def _join_ranks() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group).
+
+    Launched by torchrun (WORLD_SIZE > 1), the ranks coordinate over gloo whatever the device:
+    only a folder name, small per-rank summaries and barriers travel between them.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _from_rank0(obj, world: int):
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _from_every_rank(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str = "heldout",
@@ -614,52 +671,110 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
     see no earlier context), `batch_size` windows per forward. `progress(tokens_done, total)`
     is called after every batch. `compare_untraced` runs every batch a second time without
     hooks, side by side, and records the tracing overhead in run.json (timing.overhead_pct).
+
+    Under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) every rank traces its own contiguous
+    shard of the windows (`shard_windows`) into the same run: rank 0 takes the run's lock and
+    creates the temporary folder, every rank writes its part-rRRR-*.parquet files into it, and
+    once all ranks have finished rank 0 writes documents.parquet and run.json (rows and sha256
+    of every rank's files) and renames the folder into place. Readers therefore see the whole
+    multi-rank run or none, exactly as for one process. The ranks must share the cache folder
+    (one machine, or a shared file system); `progress` is called on rank 0 only, for its shard.
     """
     t_start = time.perf_counter()
     source_name = "prompts" if prompts else str(source)
     run_id = safe_name(run_id) if run_id else default_run_id(model_folder, source_name)
     root = Path(root) if root is not None else routing_root()
     final = root / f"run_id={run_id}"
-    with file_lock(final):
-        if final.exists() and not overwrite:
-            raise RoutingLogError(f"routing run {run_id!r} exists at {final}; choose another run id or overwrite it")
-        plan = plan_trace(model_folder, source, split, prompts, max_tokens, seq_len, batch_size, device, layout)
-        t_loaded = time.perf_counter()
-        with atomic_dir(final) as tmp:
-            stats = run_plan(plan, tmp, run_id, progress, compare_untraced)
-            _write_documents(tmp, plan.docs, plan.doc_tokens)
-            wall = time.perf_counter() - t_loaded
-            files = _file_table(tmp)
-            for name, rows in stats["parts"]:
-                files[name]["rows"] = rows
-            part_bytes = sum(files[name]["bytes"] for name, _ in stats["parts"])
-            from .convert import conversion_digest
-            from .pipeline import machine_info
+    rank, world, own_group = _join_ranks()
+    if world > 1 and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        with contextlib.ExitStack() as rank0_holds:  # rank 0: the run's lock, then its temporary folder
+            tmp, refusal = None, None
+            if rank == 0:
+                rank0_holds.enter_context(file_lock(final))
+                if final.exists() and not overwrite:
+                    refusal = f"routing run {run_id!r} exists at {final}; choose another run id or overwrite it"
+                else:
+                    tmp = rank0_holds.enter_context(atomic_dir(final))
+            tmp, refusal = _from_rank0((tmp, refusal), world)
+            if refusal:
+                raise RoutingLogError(refusal)
+            tmp = Path(tmp)
+            if not tmp.is_dir():
+                raise RoutingLogError(f"rank {rank} cannot see the run's temporary folder {tmp}: the processes of a "
+                                      "multi-process trace must share the cache folder (one machine, or TOMOE_CACHE "
+                                      "on a shared file system)")
+            plan = plan_trace(model_folder, source, split, prompts, max_tokens, seq_len, batch_size, device, layout)
+            t_loaded = time.perf_counter()
+            if world > 1:
+                plan.windows = shard_windows(plan.windows, rank, world)
+            stats = run_plan(plan, tmp, run_id, progress if rank == 0 else None, compare_untraced,
+                             part_prefix=f"part-r{rank:03d}-" if world > 1 else "part-")
+            ranks = _from_every_rank({**stats, "rank": rank}, world)
+            if rank == 0:
+                _write_documents(tmp, plan.docs, plan.doc_tokens)
+                _write_run_meta(tmp, plan, ranks, t_start=t_start, t_loaded=t_loaded, run_id=run_id,
+                                model_folder=model_folder, source_name=source_name,
+                                split=None if prompts else split, max_tokens=max_tokens, seq_len=seq_len,
+                                batch_size=batch_size, layout=layout, device=device, command=command)
+        # rank 0 has renamed the folder into place and released the lock
+        if world > 1:
+            import torch.distributed as dist
 
-            traced_s = stats["traced_s"]
-            timing = {"wall_s": round(wall, 3), "load_s": round(t_loaded - t_start, 3), "traced_s": round(traced_s, 3),
-                      "forward_s": round(stats["forward_s"], 3), "record_s": round(stats["record_s"], 3),
-                      "write_s": round(stats["write_s"], 3),
-                      "tokens_per_s": round(stats["tokens"] / max(traced_s, 1e-9), 1),
-                      "rows_per_s": round(stats["rows"] / max(traced_s, 1e-9), 1)}
-            if stats["untraced_s"] is not None:
-                timing.update(untraced_s=round(stats["untraced_s"], 3),
-                              overhead_pct=round(100 * (traced_s / max(stats["untraced_s"], 1e-9) - 1), 2))
+            dist.barrier()  # the other ranks return once the run is readable
+        return final
+    finally:
+        if own_group:
+            import torch.distributed as dist
 
-            meta = {
-                "schema_version": SCHEMA_VERSION, "run_id": run_id,
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "model": plan.meta.get("model"), "conversion": str(Path(model_folder).resolve()),
-                "conversion_digest": conversion_digest(plan.meta), "budget": plan.meta.get("budget"),
-                "num_experts": int(plan.meta.get("num_experts") or plan.model.config.num_experts),
-                "num_layers": plan.num_layers, "layout": layout,
-                "text": {"source": source_name, "split": None if prompts else split,
-                         "documents": len(plan.docs), "max_tokens": max_tokens},
-                "seq_len": seq_len, "batch_size": batch_size, "rows": stats["rows"], "tokens": stats["tokens"],
-                "bytes_per_row": round(part_bytes / max(stats["rows"], 1), 3),
-                "timing": timing,
-                "files": files, "versions": _library_versions(), "machine": machine_info(device),
-                "command": command,
-            }
-            atomic_write_json(tmp / RUN_META_FILE, meta)
-    return final
+            dist.destroy_process_group()
+
+
+def _write_run_meta(tmp: Path, plan: TracePlan, ranks: list[dict], *, t_start: float, t_loaded: float, run_id: str,
+                    model_folder, source_name: str, split: str | None, max_tokens: int | None, seq_len: int,
+                    batch_size: int, layout: str, device: str, command: str | None) -> None:
+    """run.json of a run whose parts (from one rank or several) are all in `tmp`."""
+    from .convert import conversion_digest
+    from .pipeline import machine_info
+
+    wall = time.perf_counter() - t_loaded
+    rows, tokens = sum(r["rows"] for r in ranks), sum(r["tokens"] for r in ranks)
+    parts = [part for r in ranks for part in r["parts"]]
+    files = _file_table(tmp)
+    assert {name for name, _ in parts} <= set(files), "a rank's part file is missing from the run folder"
+    for name, part_rows in parts:
+        files[name]["rows"] = part_rows
+    part_bytes = sum(files[name]["bytes"] for name, _ in parts)
+
+    def slowest(key):  # ranks run side by side: the run takes as long as its slowest rank
+        return max(r[key] for r in ranks)
+
+    traced_s = slowest("traced_s")
+    timing = {"wall_s": round(wall, 3), "load_s": round(t_loaded - t_start, 3), "traced_s": round(traced_s, 3),
+              "forward_s": round(slowest("forward_s"), 3), "record_s": round(slowest("record_s"), 3),
+              "write_s": round(slowest("write_s"), 3),
+              "tokens_per_s": round(tokens / max(traced_s, 1e-9), 1),
+              "rows_per_s": round(rows / max(traced_s, 1e-9), 1)}
+    if ranks[0]["untraced_s"] is not None:
+        untraced_s = slowest("untraced_s")
+        timing.update(untraced_s=round(untraced_s, 3),
+                      overhead_pct=round(100 * (traced_s / max(untraced_s, 1e-9) - 1), 2))
+    meta = {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": plan.meta.get("model"), "conversion": str(Path(model_folder).resolve()),
+        "conversion_digest": conversion_digest(plan.meta), "budget": plan.meta.get("budget"),
+        "num_experts": int(plan.meta.get("num_experts") or plan.model.config.num_experts),
+        "num_layers": plan.num_layers, "layout": layout,
+        "text": {"source": source_name, "split": split, "documents": len(plan.docs), "max_tokens": max_tokens},
+        "seq_len": seq_len, "batch_size": batch_size, "rows": rows, "tokens": tokens,
+        "bytes_per_row": round(part_bytes / max(rows, 1), 3),
+        "timing": timing, "world_size": len(ranks),
+        "files": files, "versions": _library_versions(), "machine": machine_info(device),
+        "command": command,
+    }
+    if len(ranks) > 1:
+        meta["ranks"] = [{"rank": r["rank"], "tokens": r["tokens"], "rows": r["rows"], "traced_s": round(r["traced_s"], 3),
+                          "parts": [name for name, _ in r["parts"]]} for r in ranks]
+    atomic_write_json(tmp / RUN_META_FILE, meta)

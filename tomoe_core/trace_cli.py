@@ -12,7 +12,9 @@ def add_trace_parser(subparsers) -> None:
         description="Run a converted ToMoE model over held-out text (or a file, a folder, or prompts) and write a "
                     "routing log: one row per (token, layer) with the chosen expert and its router probability, "
                     "under cache/routing/run_id=ID/ with the run's metadata beside it. Query it with "
-                    "tomoe_core.queries (DuckDB); tag it with `python -m analysis.routing_report RUN`.")
+                    "tomoe_core.queries (DuckDB); tag it with `python -m analysis.routing_report RUN`. Under "
+                    "`torchrun --nproc_per_node N -m tomoe_core trace ...` every process traces its own share of the "
+                    "text into the same run, which reads as one log.")
     p.add_argument("conversion", type=Path, help="converted model folder (made by `python -m tomoe_core convert`)")
     p.add_argument("--text", default="wiki",
                    help="'wiki' (the default corpus), a .txt file (blank-line-separated documents) or a folder "
@@ -38,11 +40,14 @@ def add_trace_parser(subparsers) -> None:
 
 
 def run_trace_command(args, argv: list[str] | None = None) -> int:
+    import os
+
     from .trace import read_run_meta, trace_run
 
     progress = None
     bar = None
-    if not args.quiet:
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    if not args.quiet and first_rank:
         from tqdm import tqdm
 
         bar = tqdm(total=None, unit="tok", desc="trace", file=sys.stderr)
@@ -60,11 +65,16 @@ def run_trace_command(args, argv: list[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if not first_rank:
+        return 0
     meta = read_run_meta(path)
     timing = meta["timing"]
     print(f"{path}\n{meta['tokens']} tokens x {meta['num_layers']} layers = {meta['rows']} rows traced in "
           f"{timing['traced_s']:.1f} s ({timing['rows_per_s']:.0f} rows/s, {meta['bytes_per_row']:.2f} bytes/row; "
           f"forward {timing['forward_s']:.1f} s, rows {timing['record_s']:.1f} s, write {timing['write_s']:.1f} s)")
+    if meta.get("ranks"):
+        print(f"{meta['world_size']} processes: " + ", ".join(
+            f"rank {r['rank']} {r['tokens']} tokens in {r['traced_s']:.1f} s" for r in meta["ranks"]))
     if "overhead_pct" in timing:
         print(f"same batches without hooks: {timing['untraced_s']:.1f} s; tracing overhead {timing['overhead_pct']:+.1f} %")
     return 0
