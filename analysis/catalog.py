@@ -52,11 +52,19 @@ class Conversion:
     def accounting(self) -> dict | None:
         return self.meta.get("accounting")
 
+    @property
+    def budget_range(self) -> tuple[float, float] | None:
+        """(lo, hi) of a budget-conditioned conversion: it materialises at any budget inside in seconds."""
+        rng = self.meta.get("budget_range")
+        return (float(rng[0]), float(rng[1])) if rng else None
+
     def summary(self) -> dict:
         acc = self.accounting or {}
         settings = self.meta.get("settings") or {}
         return {
             "name": self.name, "model": self.model, "budget": self.budget,
+            "budget source": (f"conditioned on {self.budget_range[0]:g}..{self.budget_range[1]:g}" if self.budget_range
+                              else self.meta.get("budget_source", "trained")),
             "experts": self.meta.get("num_experts"), "steps": settings.get("steps"),
             "tokens seen": self.meta.get("tokens_seen"), "train minutes": _minutes(self.meta.get("train_seconds")),
             "MLP active ratio": acc.get("mlp_active_ratio"), "active ratio vs dense": acc.get("active_ratio_vs_dense"),

@@ -159,8 +159,12 @@ def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]
     conversion = res.get("conversion")
     conv_name = conversion.rstrip("/").rsplit("/", 1)[-1] if conversion else None
     rows = []
+    source_kind = res.get("budget_source", "trained")  # how the evaluated conversion reached its budget
     for variant, r in res["results"].items():
         kind = variant_kind(variant)
+        if variant == "tomoe" and source_kind in ("conditioned", "threshold-moved"):
+            variant, kind = ("tomoe-conditioned", "tomoe") if source_kind == "conditioned" else \
+                ("tomoe-threshold-moved", "fallback")
         b = 1.0 if kind == "dense" else r.get("budget", budget)
         active = None
         if kind == "tomoe" and res.get("accounting"):
@@ -168,14 +172,18 @@ def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]
         if active is None and cost is not None and b is not None:
             active = cost.active_params(float(b))
         rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
-                     "method": "ToMoE" if kind == "tomoe" else variant, "budget": b,
+                     "method": TOMOE_METHOD_LABELS.get(variant, variant), "budget": b,
                      "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
                      "top1_agreement": r.get("top1_agreement"), "active_params": active,
-                     "source": source, "conversion": conv_name if kind in ("tomoe", "ablation") else None})
+                     "source": source, "conversion": conv_name if kind in ("tomoe", "ablation", "fallback") else None})
     return rows
 
 
-_BENCHMARK_KINDS = {"tomoe": "tomoe", "ablation": "ablation", "baseline": "baseline", "external-baseline": "baseline"}
+_BENCHMARK_KINDS = {"tomoe": "tomoe", "fallback": "fallback", "ablation": "ablation", "baseline": "baseline",
+                    "external-baseline": "baseline"}
+# how a ToMoE row of the quality benchmark reached its budget (benchmarks.quality `method`)
+TOMOE_METHOD_LABELS = {"tomoe": "ToMoE", "tomoe-conditioned": "ToMoE, budget-conditioned",
+                       "tomoe-threshold-moved": "ToMoE, threshold moved (no retraining)"}
 
 
 def _benchmark_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]:
@@ -190,9 +198,9 @@ def _benchmark_rows(source: str, res: dict, cost: CostModel | None) -> list[dict
     for r in res["rows"]:
         kind = _BENCHMARK_KINDS.get(str(r.get("kind")), "baseline")
         ratio = r.get("active_mlp_ratio") or r.get("budget")
-        variant = "tomoe" if kind == "tomoe" else str(r.get("method"))
-        rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
-                     "method": "ToMoE" if kind == "tomoe" else str(r.get("method")), "budget": r.get("budget"),
+        method = str(r.get("method"))
+        rows.append({"eval_set": label, "model": model, "variant": method, "kind": kind,
+                     "method": TOMOE_METHOD_LABELS.get(method, method), "budget": r.get("budget"),
                      "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
                      "top1_agreement": r.get("top1_agreement"),
                      "active_params": cost.active_params(float(ratio)) if cost and ratio is not None else None,
@@ -234,8 +242,12 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
     pts = points[points["eval_set"] == eval_set]
     dense = pts[pts["kind"] == "dense"]
     dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else None
-    tomoe = (pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
-             .sort_values("perplexity").drop_duplicates("budget").sort_values("budget"))
+    tomoe = pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
+    conditioned = tomoe[tomoe["variant"] == "tomoe-conditioned"]
+    kind = ""
+    if not conditioned.empty:  # one conversion serves every budget: the slider reads its curve
+        tomoe, kind = conditioned, "conditioned "
+    tomoe = tomoe.sort_values("perplexity").drop_duplicates("budget").sort_values("budget")
     best = _best_baseline(pts, budget, tol)
     if tomoe.empty:
         return QualityAtBudget(None, None, None, dense_ppl, "no ToMoE measurement in this evaluation set", False, best)
@@ -243,16 +255,16 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
     near = tomoe.loc[dist.idxmin()]
     if dist.min() <= tol:
         return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
-                               dense_ppl, f"measured: {near['conversion'] or near['variant']} (p = {near['budget']:g})",
-                               True, best)
+                               dense_ppl, f"measured: {kind}{near['conversion'] or near['variant']} "
+                                          f"(p = {near['budget']:g})", True, best)
     below, above = tomoe[tomoe["budget"] < budget], tomoe[tomoe["budget"] > budget]
     if not below.empty and not above.empty:
         lo, hi = below.iloc[-1], above.iloc[0]
         return QualityAtBudget(_interpolate(lo, hi, budget, "perplexity", log=True),
                                _interpolate(lo, hi, budget, "kl_to_dense"),
                                _interpolate(lo, hi, budget, "top1_agreement"), dense_ppl,
-                               f"interpolated between measured p = {lo['budget']:g} and p = {hi['budget']:g}",
-                               False, best)
+                               f"interpolated between measured {kind}p = {lo['budget']:g} and p = {hi['budget']:g}"
+                               + (f" ({lo['conversion']})" if kind else ""), False, best)
     return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
                            dense_ppl, f"not measured at p = {budget:g}: nearest conversion is p = {near['budget']:g}",
                            False, best)
@@ -348,6 +360,8 @@ KIND_STYLE = {
     "dense": dict(color="#1f2937", symbol="star", size=16),
     "tomoe": dict(color="#4338ca", symbol="circle", size=12),
     "ablation": dict(color="#a5b4fc", symbol="circle-open", size=10),
+    "conditioned": dict(color="#7c3aed", symbol="star-diamond", size=12),
+    "fallback": dict(color="#c4b5fd", symbol="circle-dot", size=10),
 }
 BASELINE_COLORS = ["#d97706", "#059669", "#dc2626", "#0891b2", "#9333ea", "#65a30d"]
 BASELINE_SYMBOLS = ["square", "diamond", "triangle-up", "cross", "x", "pentagon"]
@@ -379,7 +393,12 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
                 f"top-1 agreement {r.top1_agreement:.1%}<br><i>{r.source}</i>" for r in df.itertuples()]
 
     groups = [("Dense", pts[pts["kind"] == "dense"], KIND_STYLE["dense"], True),
-              ("ToMoE", pts[pts["kind"] == "tomoe"].sort_values("active_params"), KIND_STYLE["tomoe"], True),
+              ("ToMoE", pts[(pts["kind"] == "tomoe") & (pts["variant"] != "tomoe-conditioned")]
+               .sort_values("active_params"), KIND_STYLE["tomoe"], True),
+              ("ToMoE, one budget-conditioned conversion", pts[pts["variant"] == "tomoe-conditioned"]
+               .sort_values("active_params"), KIND_STYLE["conditioned"], True),
+              ("ToMoE, threshold moved (no retraining)", pts[pts["kind"] == "fallback"].sort_values("active_params"),
+               KIND_STYLE["fallback"], "legendonly"),
               ("ToMoE, random or fixed routing (ablation)", pts[pts["kind"] == "ablation"], KIND_STYLE["ablation"],
                "legendonly")]
     baselines = sorted(pts.loc[pts["kind"] == "baseline", "variant"].unique())
@@ -390,7 +409,8 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
     for name, df, style, visible in groups:
         if df.empty:
             continue
-        lines = name == "ToMoE" or name.startswith("static") and len(df) > 1
+        lines = name.startswith("ToMoE,") and "ablation" not in name or name == "ToMoE" or \
+            name.startswith("static") and len(df) > 1
         fig.add_trace(go.Scatter(
             x=df["active_params"] / 1e6, y=df["perplexity"], name=name, visible=visible,
             mode="lines+markers" if lines and len(df) > 1 else "markers",
@@ -398,7 +418,7 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
                         line=dict(width=1, color="white")),
             line=dict(color=style["color"], width=2 if name == "ToMoE" else 1, dash=None if name == "ToMoE" else "dot"),
             hovertext=hover(df), hoverinfo="text"))
-    front = pareto_front(pts[pts["kind"] != "ablation"])
+    front = pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=front["active_params"] / 1e6, y=front["perplexity"], name="Pareto front",
                                  mode="lines", line=dict(color="rgba(67,56,202,0.25)", width=10), hoverinfo="skip"))

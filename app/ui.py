@@ -70,6 +70,13 @@ def converted_model(path: str, digest: str):
     return model, tokenizer, meta
 
 
+@st.cache_resource(show_spinner=False, max_entries=3)
+def model_at_budget(path: str, budget: float, digest: str):
+    """A budget-conditioned conversion materialised at `budget` (seconds): (model, metadata, seconds)."""
+    from tomoe_core.pipeline import materialise_at
+    return materialise_at(Path(path), budget, log=lambda *a: None)
+
+
 @st.cache_resource(show_spinner=False)
 def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
     """Once per studio process: rebuild shipped recipes into cache/conversions as a background job

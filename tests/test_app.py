@@ -320,6 +320,27 @@ def test_quality_at_budget_measured_interpolated_nearest():
     assert "nearest" in far.label and far.perplexity == 20.0
 
 
+def test_slider_reads_the_conditioned_curve_when_one_exists():
+    pts = _points([(0.5, 30.0)])
+    cond = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
+             "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": "cond", "active_params": 100 * b, "source": "q.json"}
+            for b, p in ((0.4, 50.0), (0.5, 35.0), (0.6, 25.0))]
+    moved = [{"eval_set": "s", "kind": "fallback", "variant": "tomoe-threshold-moved", "budget": 0.4,
+              "perplexity": 90.0, "kl_to_dense": 2.0, "top1_agreement": 0.3, "conversion": "c0.5",
+              "active_params": 40.0, "source": "q.json"}]
+    pts = pd.concat([pts.assign(active_params=[100.0, 50.0], source="q.json"), pd.DataFrame(cond + moved)],
+                    ignore_index=True)
+    at = tradeoff.quality_at_budget(pts, "s", 0.5)  # the dedicated 30.0 is better, but the slider is conditioned
+    assert at.exact and at.perplexity == 35.0 and "conditioned" in at.label
+    between = tradeoff.quality_at_budget(pts, "s", 0.45)
+    assert "conditioned" in between.label and 35.0 < between.perplexity < 50.0
+    fig = tradeoff.pareto_figure(pts, "s")
+    names = {t.name for t in fig.data}
+    assert {"ToMoE, one budget-conditioned conversion", "ToMoE, threshold moved (no retraining)"} <= names
+    front = tradeoff.pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
+    assert 90.0 not in front["perplexity"].tolist()
+
+
 def test_pareto_front_drops_dominated_points():
     df = pd.DataFrame({"active_params": [1, 2, 3, 4], "perplexity": [50, 20, 30, 10]})
     assert tradeoff.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]

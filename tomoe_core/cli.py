@@ -22,7 +22,15 @@ def _add_convert(sub):
                         "(default: %(default)s)")
     p.add_argument("--budget", "-p", type=float, default=_DEFAULTS.budget,
                    help="fraction of MLP parameters active per token, in (0, 1] (default: %(default)s)")
+    p.add_argument("--budget-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="train one budget-conditioned conversion for every budget in [LO, HI] (e.g. 0.3 1.0); "
+                        "--budget is then the one the saved model is materialised at, and `rebudget` "
+                        "materialises any other in seconds")
     p.add_argument("--experts", "-e", type=int, default=_DEFAULTS.num_experts, help="experts per layer (default: %(default)s)")
+    p.add_argument("--prune-attention", action="store_true",
+                   help="the paper's second stage: also prune attention (static Q/K head dims in rotary pairs, "
+                        "per-token V/O experts); --budget then counts MLP + q/k/v/o projection weights "
+                        "(llama, mistral, qwen2 families)")
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimiser steps (default: %(default)s)")
     p.add_argument("--tokens-per-step", type=int, default=_DEFAULTS.tokens_per_step,
                    help="calibration tokens per step (default: %(default)s)")
@@ -87,10 +95,12 @@ def _add_generate(sub):
 
 
 def _add_rebudget(sub):
-    p = sub.add_parser("rebudget", help="materialise a conversion at another budget by moving the mask threshold",
-                       description="No retraining: the trained hypernetwork's mask logits are re-thresholded so the "
-                                   "widest experts meet the new budget. Labelled 'threshold-moved' in tomoe.json; "
-                                   "a conversion trained at that budget is expected to be better.")
+    p = sub.add_parser("rebudget", help="materialise a conversion at another budget (seconds, no retraining)",
+                       description="A budget-conditioned conversion (convert --budget-range) generates the experts "
+                                   "for the new budget (labelled 'conditioned'). Any other conversion falls back to "
+                                   "re-thresholding its trained mask logits so the widest experts meet the new budget "
+                                   "(labelled 'threshold-moved' in tomoe.json; a conversion trained at that budget is "
+                                   "expected to be better).")
     p.add_argument("conversion", type=Path, help="converted model folder that has hypernet.safetensors")
     p.add_argument("--budget", "-p", type=float, required=True, help="new fraction of MLP parameters active per token")
     p.add_argument("--output", type=Path, default=None, help="output folder (default: beside the conversion)")
@@ -130,13 +140,13 @@ def _run(args, argv) -> int:
     from . import pipeline
 
     if args.command == "convert":
-        cfg = ConversionConfig(budget=args.budget, num_experts=args.experts, steps=args.steps,
+        cfg = ConversionConfig(budget=args.budget, budget_range=args.budget_range, num_experts=args.experts, steps=args.steps,
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
                                init=args.init, init_balance=args.init_balance, noise_anneal=args.noise_anneal, distill=args.distill, text=args.text,
                                seed=args.seed, micro_batches=args.micro_batches,
                                checkpoint_every=args.checkpoint_every, device=args.device,
-                               model=args.model)
+                               model=args.model, prune_attention=args.prune_attention)
         command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
         out = pipeline.run_conversion(cfg, args.output, command=command)
         from .train import dist_info
@@ -178,7 +188,9 @@ def _run(args, argv) -> int:
         path = Path(args.model)
         model = (load_converted(path, load_tokenizer=False)[0] if (path / "tomoe.json").exists()
                  else load_dense(args.model)[0])
-        print(json.dumps(account(model, args.context).as_dict(), indent=2))
+        report = account(model, args.context)
+        # the whole-budget ratio is printed for every model, so MLP-only and attention conversions compare
+        print(json.dumps({**report.as_dict(), "executed_active_ratio": report.executed_active_ratio}, indent=2))
         return 0
     if args.command == "trace":
         from .trace_cli import run_trace_command

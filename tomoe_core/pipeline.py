@@ -79,7 +79,8 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         model, tokenizer = load_dense(cfg.model, device=cfg.device, log=log)
         tag = safe_name(Path(cfg.model).name)
         stream = cached_stream(tokenizer, cfg.text, "calibration", None, tag)
-        masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed, budget_range=cfg.budget_range)
+        masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed, budget_range=cfg.budget_range,
+                             prune_attention=cfg.prune_attention)
         summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
         if not summary["finished"] or rank != 0:
             return workdir if not summary["finished"] else output
@@ -94,9 +95,11 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "settings": asdict(cfg), "command": command, "world_size": world,
             "tokens_seen": summary["tokens_seen"], "train_seconds": round(summary["train_seconds"], 1),
             "wall_seconds": round(time.time() - t0, 1), "final_losses": summary["last"],
-            "mask_calibration": calib, "layers": layer_stats(masks), "accounting": report.as_dict(),
-            "machine": machine_info(cfg.device), "text": cfg.text,
+            "mask_calibration": calib, "layers": layer_stats(masked.split_masks(masks)[0]),
+            "accounting": report.as_dict(), "machine": machine_info(cfg.device), "text": cfg.text,
         }
+        if cfg.prune_attention:
+            meta["attention_layers"] = attention_layer_stats(masked, masks)
         save_converted(moe, output, tokenizer, meta)
         _copy_artefact(workdir / "log.jsonl", output / TRAINING_LOG)
         # the trained hypernetwork + routers stay beside the model: other budgets re-threshold it
@@ -104,7 +107,16 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         log(f"[tomoe] saved {output}: MLP active ratio {report.mlp_active_ratio:.4f} "
             f"(requested {cfg.budget}), whole model {report.active_ratio_vs_dense:.4f}, "
             f"{summary['tokens_seen']} tokens in {summary['train_seconds'] / 60:.1f} min")
+        if cfg.prune_attention:
+            log(f"[tomoe] attention pruning: executed active ratio over MLP + q/k/v/o projections "
+                f"{report.executed_active_ratio:.4f} (requested {cfg.budget})")
     return output
+
+
+def attention_layer_stats(masked: MaskedModel, masks: list) -> list[dict]:
+    """Per layer: fraction of Q/K rotary pairs kept, and V/O expert and union widths."""
+    _mlp, qk, vo = masked.split_masks(masks)
+    return [{"qk_pairs": round(float(q.sum()) / q.numel(), 4), **layer_stats([v])[0]} for q, v in zip(qk, vo)]
 
 
 HYPERNET_FILE = "hypernet.safetensors"
@@ -152,7 +164,7 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     if dense is None:
         dense, _ = load_dense(meta["model"], device=device, log=log)
     masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"],
-                         budget_range=settings.get("budget_range"))
+                         budget_range=settings.get("budget_range"), prune_attention=settings.get("prune_attention", False))
     masked.load_trainable_state({k: v.to(device) for k, v in load_file(str(state_path)).items()})
     masks, calib = finalize_masks(masked, budget)
     moe = materialise(masked, masks, budget)
@@ -161,8 +173,11 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     seconds = time.time() - t0
     new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
                 "budget": budget, "budget_source": budget_source(meta, budget), "trained_budget": meta["budget"],
-                "derived_from": str(conversion), "mask_calibration": calib, "layers": layer_stats(masks),
+                "derived_from": str(conversion), "mask_calibration": calib,
+                "layers": layer_stats(masked.split_masks(masks)[0]),
                 "accounting": report.as_dict(), "materialise_seconds": round(seconds, 2)}
+    if masked.attention is not None:
+        new_meta["attention_layers"] = attention_layer_stats(masked, masks)
     return moe, new_meta, seconds
 
 
@@ -223,6 +238,7 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
         "results": {k: v.as_dict() for k, v in results.items()},
     }
     if meta:
+        out["budget_source"] = meta.get("budget_source", "trained")
         out["layers"] = meta.get("layers")
         out["accounting"] = meta.get("accounting")
     return out

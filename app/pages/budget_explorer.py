@@ -139,6 +139,28 @@ with cards:
                    "or `python -m benchmarks.quality`.")
     st.caption(f"Speed and cost: {speed_label}.")
 
+conditioned = [c for c in cat.conversions if c.budget_range and c.model == st.session_state["model"] and c.materialised]
+if conditioned:
+    conv = conditioned[0]
+    lo, hi = conv.budget_range
+    inside = lo - 1e-9 <= budget <= hi + 1e-9
+    st.info(f"**{conv.name}** is budget-conditioned: one conversion serves every budget in [{lo:g}, {hi:g}]. "
+            + ("Materialise it at this budget to check the active ratio it reaches (seconds)." if inside else
+               f"p = {budget:g} is outside its range: materialising moves the mask threshold instead "
+               "(threshold-moved, not trained for this budget)."), icon=":material/tune:")
+    if st.button(f"Materialise {conv.name} at p = {budget:g}", key="materialise_at"):
+        with st.spinner(f"materialising at p = {budget:g}..."):
+            try:
+                _model, meta, seconds = ui.model_at_budget(str(conv.path), round(budget, 4),
+                                                           str(conv.meta.get("weights_sha256")))
+            except ui.user_error_types() as err:
+                st.error(str(err))
+            else:
+                acc = meta["accounting"]
+                st.success(f"{meta['budget_source']}: MLP active ratio {acc['mlp_active_ratio']:.4f} "
+                           f"(requested {budget:g}), {acc['active_total'] / 1e6:.1f} M active params per token, "
+                           f"materialised in {seconds:.1f} s")
+
 st.subheader("Quality against active parameters")
 if len(sets) > 1:
     st.selectbox("Evaluation set (perplexities are comparable only within one)", sets, key="eval_set")
