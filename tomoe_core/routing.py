@@ -209,12 +209,12 @@ class MoEMLP(RoutedMixin, nn.Module):
         with torch.no_grad():
             dev = weights.up.device
             u = union.to(dev)
-            moe.up.data = weights.up.index_select(0, u).clone()
+            moe.up.data = weights.up.index_select(0, u)
             if weights.gated:
-                moe.gate.data = weights.gate.index_select(0, u).clone()
+                moe.gate.data = weights.gate.index_select(0, u)
             if weights.up_bias is not None:
-                moe.up_bias.data = weights.up_bias.index_select(0, u).clone()
-            moe.down.data = weights.down.index_select(1, u).clone()
+                moe.up_bias.data = weights.up_bias.index_select(0, u)
+            moe.down.data = weights.down.index_select(1, u)
             if weights.down_bias is not None:
                 moe.down_bias.data = weights.down_bias.detach().clone()
             moe.router.load_state_dict(router.state_dict())
