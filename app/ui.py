@@ -74,7 +74,7 @@ def converted_model(path: str, digest: str):
 def model_at_budget(path: str, budget: float, digest: str):
     """A budget-conditioned conversion materialised at `budget` (seconds): (model, metadata, seconds)."""
     from tomoe_core.pipeline import materialise_at
-    return materialise_at(Path(path), budget, log=lambda *a: None)
+    return materialise_at(Path(path), budget, layout="memory", log=lambda *a: None)
 
 
 @st.cache_resource(show_spinner=False)

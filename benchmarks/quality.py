@@ -173,7 +173,7 @@ def run(args, log=print) -> dict:
             if (budget, method, digest) in reuse:
                 result["rows"].append(reuse[(budget, method, digest)])
                 continue
-            moe, meta, seconds = materialise_at(folder, budget, device=args.device, layout="prefill", log=log)
+            moe, meta, seconds = materialise_at(folder, budget, device=args.device, layout="memory", log=log)
             key = f"{method}:{folder.name}"
             variants[key] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
             source = meta["budget_source"]

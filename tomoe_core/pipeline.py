@@ -190,7 +190,7 @@ def rebudget(conversion: Path, budget: float, output: Path | None = None, log=pr
     """
     conversion = Path(conversion)
     dense, tokenizer = load_dense(read_metadata(conversion)["model"], log=log)
-    moe, new_meta, seconds = materialise_at(conversion, budget, dense=dense, log=log)
+    moe, new_meta, seconds = materialise_at(conversion, budget, layout="memory", dense=dense, log=log)
     output = Path(output) if output else conversions_dir() / safe_name(f"{conversion.name}-at-p{budget:g}")
     save_converted(moe, output, tokenizer, new_meta)
     log(f"[tomoe] {output}: {new_meta['budget_source']} from p={new_meta['trained_budget']} to p={budget} "
