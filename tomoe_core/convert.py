@@ -34,8 +34,11 @@ class ToMoEConfig(PretrainedConfig):
     model_type = "tomoe"
 
     def __init__(self, base_config: dict | None = None, num_experts: int = 8, moe_layers: list[dict] | None = None,
-                 budget: float | None = None, format_version: int = FORMAT_VERSION, **kwargs):
+                 budget: float | None = None, format_version: int = FORMAT_VERSION,
+                 attention_layers: list[dict] | None = None, **kwargs):
         self.base_config = base_config or {}
+        if attention_layers:  # attention pruning only: per layer `PrunedAttention.spec()` (absent otherwise)
+            self.attention_layers = attention_layers
         self.num_experts = num_experts
         self.moe_layers = moe_layers or []  # per layer: union_size, expert_widths, gated, up_bias, down_bias
         self.budget = budget
@@ -65,11 +68,28 @@ class ToMoEForCausalLM(PreTrainedModel):
                 w = adapter.mlp_weights(adapter.mlp(layer))
                 adapter.set_mlp(layer, MoEMLP(w.hidden_size, spec["union_size"], spec["expert_widths"], spec["gated"],
                                               w.act, spec["up_bias"], spec["down_bias"]))
+            attention_specs = getattr(config, "attention_layers", None) or []
+            if attention_specs:
+                from .attention import PrunedAttention
+
+                assert len(attention_specs) == len(layers), (len(layers), len(attention_specs))
+            for l, (layer, spec) in enumerate(zip(layers, attention_specs)):
+                pruned = PrunedAttention.from_spec(model.config, l, model.config.hidden_size, spec)
+                setattr(layer, adapter.attn_attr, pruned)
         self.model = model.eval()
 
     @property
     def base_model_for_accounting(self):
         return self.model
+
+    @property
+    def pruned_attention(self) -> list:
+        """The `PrunedAttention` modules (attention pruning), else an empty list."""
+        from .attention import PrunedAttention
+
+        adapter = adapter_for(self.model)
+        return [a for a in (adapter.attention(layer) for layer in adapter.layers(self.model))
+                if isinstance(a, PrunedAttention)]
 
     @property
     def moe_mlps(self) -> list[MoEMLP]:
@@ -109,7 +129,7 @@ class ToMoEForCausalLM(PreTrainedModel):
         return {"layout": self.layout, "mlp_bytes": sum(m.weight_bytes() for m in mlps) - extra, "layout_extra_bytes": extra}
 
     def set_routing(self, override: int | str | None, generator: torch.Generator | None = None) -> None:
-        for m in self.moe_mlps:
+        for m in self.moe_mlps + self.pruned_attention:
             m.routing_override = override
             m.random_generator = generator
 
@@ -149,8 +169,16 @@ AutoModelForCausalLM.register(ToMoEConfig, ToMoEForCausalLM, exist_ok=True)
 
 
 def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) -> ToMoEForCausalLM:
-    """Build the MoE model from a MaskedModel and its deterministic expert masks (L x (E, I))."""
-    base = copy.deepcopy(masked.model)
+    """Build the MoE model from a MaskedModel and its deterministic expert masks (L x (E, I)), with
+    attention pruning 3 L masks (MLP, then Q/K pairs, then V/O experts; see `MaskedModel.split_masks`)."""
+    maskers = list(getattr(masked, "attention", None) or [])
+    for a in maskers:  # their hooks must not be copied along with the projections they watch
+        a.detach()
+    try:
+        base = copy.deepcopy(masked.model)
+    finally:
+        for a in maskers:
+            a.attach()
     adapter = adapter_for(base)
     specs = []
     for layer, m in zip(adapter.layers(base), masks):
@@ -161,8 +189,20 @@ def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) 
         adapter.set_mlp(layer, moe)
         specs.append({"union_size": moe.union_size, "expert_widths": moe.expert_widths, "gated": w.gated,
                       "up_bias": w.up_bias is not None, "down_bias": w.down_bias is not None})
+    attention_specs = None
+    if len(masks) > len(specs):
+        from .attention import PrunedAttention
+
+        _mlp, qk, vo = masked.split_masks(masks)
+        attention_specs = []
+        for l, layer in enumerate(adapter.layers(base)):
+            pruned = PrunedAttention.from_masks(adapter.attention(layer), base.config, l, maskers[l].router, qk[l],
+                                                vo[l], adapter.model_type)
+            setattr(layer, adapter.attn_attr, pruned)
+            attention_specs.append(pruned.spec())
     base_cfg = base.config.to_dict()
-    config = ToMoEConfig(base_config=base_cfg, num_experts=masks[0].shape[0], moe_layers=specs, budget=budget)
+    config = ToMoEConfig(base_config=base_cfg, num_experts=masks[0].shape[0], moe_layers=specs, budget=budget,
+                         attention_layers=attention_specs)
     return ToMoEForCausalLM(config, model=base)
 
 
@@ -276,6 +316,8 @@ _RECIPE_KEYS = ("union_channels", "expert_channels", "expert_offsets", "router.w
 
 def recipe_state(model: ToMoEForCausalLM) -> dict[str, torch.Tensor]:
     """What a conversion adds to the dense model: routers and channel index lists (about 1 MB)."""
+    if getattr(model.config, "attention_layers", None):
+        raise ConvertedModelError("recipes do not store pruned attention yet: share the converted folder itself")
     state = {}
     for l, m in enumerate(model.moe_mlps):
         sd = m.state_dict()

@@ -21,10 +21,13 @@ from .families import adapter_for
 from .hypernet import HyperNetwork, straight_through_sigmoid
 from .routing import MaskedMLP, mlp_intermediate
 
+# With attention pruning (opt-in) every mask list holds 3 L tensors: L MLP expert masks (E, I),
+# then L Q/K rotary-pair masks (1, P), then L V/O expert masks (E, C) (see attention.py).
+
 
 class MaskedModel(nn.Module):
     def __init__(self, model: nn.Module, num_experts: int = 8, offset: float = 3.0, seed: int = 0,
-                 budget_range: tuple[float, float] | None = None):
+                 budget_range: tuple[float, float] | None = None, prune_attention: bool = False):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {num_experts}")
@@ -46,9 +49,27 @@ class MaskedModel(nn.Module):
         self.intermediate_sizes = sizes
         self.channel_costs = [channel_cost(m.weights) for m in self.mlps]
         device = next(model.parameters()).device
+        # every mask group the budget counts: MLP experts, then (attention pruning) Q/K pairs and V/O experts
+        self.mask_costs, self.mask_sizes = list(self.channel_costs), list(sizes)
+        decoder_sizes = sizes
+        self.attention: nn.ModuleList | None = None
+        if prune_attention:
+            from .attention import MaskedAttention, attention_shape, check_attention_supported
+
+            check_attention_supported(model)
+            self.attention = nn.ModuleList()
+            for idx, layer in enumerate(self.adapter.layers(model)):
+                attn = self.adapter.attention(layer)
+                shape = attention_shape(attn, self.adapter.model_type)
+                self.attention.append(MaskedAttention(attn, shape, num_experts, idx).to(device))
+            shapes = [a.shape for a in self.attention]
+            self.mask_costs += [s.pair_cost for s in shapes] + [s.channel_cost for s in shapes]
+            self.mask_sizes += [s.pairs for s in shapes] + [s.value_channels for s in shapes]
+            # the same hypernetwork decodes each layer's MLP, Q/K pair and V/O channel logits
+            decoder_sizes = [i + s.pairs + s.value_channels for i, s in zip(sizes, shapes)]
         # budget-conditioned: one hypernetwork for every budget in this range (its input is p)
         self.budget_range = tuple(budget_range) if budget_range is not None else None
-        self.hypernet = HyperNetwork(sizes, num_experts, seed=seed, conditioned=self.conditioned).to(device)
+        self.hypernet = HyperNetwork(decoder_sizes, num_experts, seed=seed, conditioned=self.conditioned).to(device)
         for l, size in enumerate(sizes):
             self.register_buffer(f"mask_base_{l}", torch.full((num_experts, size), float(offset), device=device))
             if self.conditioned:
@@ -56,6 +77,10 @@ class MaskedModel(nn.Module):
                 # prior, the constant mask_base applies); the prior at budget p is on where rank < p
                 self.register_buffer(f"mask_rank_{l}", torch.full((num_experts, size), -1.0, device=device))
         self.register_buffer("prior_scale", torch.tensor(float(offset), device=device))
+        for l, a in enumerate(self.attention or []):
+            self.register_buffer(f"attn_qk_base_{l}", torch.full((1, a.shape.pairs), float(offset), device=device))
+            self.register_buffer(f"attn_vo_base_{l}", torch.full((num_experts, a.shape.value_channels), float(offset),
+                                                                 device=device))
 
     @property
     def conditioned(self) -> bool:
@@ -82,7 +107,24 @@ class MaskedModel(nn.Module):
         return getattr(self, f"mask_base_{layer}")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.hypernet.parameters()) + [p for m in self.mlps for p in m.router.parameters()]
+        return list(self.hypernet.parameters()) + [p for m in self.routed_modules() for p in m.router.parameters()]
+
+    def routed_modules(self) -> list[nn.Module]:
+        """Everything with a router: the masked MLPs, then (attention pruning) the attention maskers."""
+        return list(self.mlps) + list(self.attention or [])
+
+    def split_masks(self, masks: list[torch.Tensor]):
+        """(MLP masks, Q/K pair masks or None, V/O masks or None) of a mask list."""
+        n = len(self.mlps)
+        if len(masks) == n:
+            return masks, None, None
+        assert self.attention is not None and len(masks) == 3 * n, f"{len(masks)} masks for {n} layers"
+        return masks[:n], masks[n:2 * n], masks[2 * n:]
+
+    def routed_masks(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The masks that have experts (MLP and V/O): the union term spreads them over all channels."""
+        mlp, _qk, vo = self.split_masks(masks)
+        return list(mlp) + list(vo or [])
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything a conversion learns or initialises: hypernetwork, routers, mask bases."""
@@ -95,6 +137,11 @@ class MaskedModel(nn.Module):
                 state[f"mask_rank.{l}"] = getattr(self, f"mask_rank_{l}")
         if self.conditioned:
             state["prior_scale"] = self.prior_scale
+        for l, a in enumerate(self.attention or []):
+            state[f"attn_router.{l}.weight"] = a.router.weight
+            state[f"attn_router.{l}.bias"] = a.router.bias
+            state[f"attn_qk_base.{l}"] = getattr(self, f"attn_qk_base_{l}")
+            state[f"attn_vo_base.{l}"] = getattr(self, f"attn_vo_base_{l}")
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -109,6 +156,11 @@ class MaskedModel(nn.Module):
                     getattr(self, f"mask_rank_{l}").copy_(state[f"mask_rank.{l}"])
             if self.conditioned:
                 self.prior_scale.copy_(state["prior_scale"])
+            for l, a in enumerate(self.attention or []):
+                a.router.weight.copy_(state[f"attn_router.{l}.weight"])
+                a.router.bias.copy_(state[f"attn_router.{l}.bias"])
+                getattr(self, f"attn_qk_base_{l}").copy_(state[f"attn_qk_base.{l}"])
+                getattr(self, f"attn_vo_base_{l}").copy_(state[f"attn_vo_base.{l}"])
 
     # -- masks ------------------------------------------------------------------------------
     def mask_logits(self, budget: float | None = None) -> list[torch.Tensor]:
@@ -119,7 +171,15 @@ class MaskedModel(nn.Module):
             lo, hi = self.budget_range
             budget = min(max(budget, lo), hi)  # outside its range the nearest trained budget (then a shift)
         z_all = self.hypernet(budget if self.conditioned else None)
-        return [z + self.mask_base(l, budget) for l, z in enumerate(z_all)]  # L x (E, I)
+        if self.attention is None:
+            return [z + self.mask_base(l, budget) for l, z in enumerate(z_all)]  # L x (E, I)
+        mlp, qk, vo = [], [], []
+        for l, (z, a) in enumerate(zip(z_all, self.attention)):  # z: (E, I + P + C)
+            i, p = self.intermediate_sizes[l], a.shape.pairs
+            mlp.append(z[:, :i] + self.mask_base(l, budget))
+            qk.append(z[:, i:i + p].mean(0, keepdim=True) + getattr(self, f"attn_qk_base_{l}"))  # (1, P): static
+            vo.append(z[:, i + p:] + getattr(self, f"attn_vo_base_{l}"))  # (E, C)
+        return mlp + qk + vo
 
     def relaxed_masks(self, tau: float, noise: list[torch.Tensor] | None = None,
                       budget: float | None = None) -> list[torch.Tensor]:
@@ -135,8 +195,11 @@ class MaskedModel(nn.Module):
         return [(z + shift > 0).float() for z in self.mask_logits(budget)]
 
     def ratio_of(self, masks: list[torch.Tensor]):
-        """Active MLP ratio implied by masks (widest expert per layer); differentiable."""
-        return active_ratio([m.sum(dim=1).max() for m in masks], self.channel_costs, self.intermediate_sizes)
+        """Active ratio implied by masks (widest expert per layer) over every prunable weight the masks
+        cover (MLP; with attention pruning also q/k/v/o projections); differentiable."""
+        if len(masks) == len(self.mlps):
+            return active_ratio([m.sum(dim=1).max() for m in masks], self.channel_costs, self.intermediate_sizes)
+        return active_ratio([m.sum(dim=1).max() for m in masks], self.mask_costs, self.mask_sizes)
 
     @torch.no_grad()
     def calibrate_shift(self, budget: float, iters: int = 60) -> float:
@@ -153,12 +216,19 @@ class MaskedModel(nn.Module):
         return lo  # largest shift whose ratio stays at or below the budget
 
     def set_masks(self, masks: list[torch.Tensor] | None, train_routing: bool = False) -> None:
+        """L MLP masks, or (attention pruning) 3 L masks; None: the dense model."""
         for l, m in enumerate(self.mlps):
             m.expert_masks = None if masks is None else masks[l]
             m.train_routing = train_routing and masks is not None
+        if self.attention is not None:
+            _mlp, qk, vo = self.split_masks(masks) if masks is not None else (None, None, None)
+            for l, a in enumerate(self.attention):
+                a.qk_mask = None if qk is None else qk[l]
+                a.vo_masks = None if vo is None else vo[l]
+                a.train_routing = train_routing and vo is not None
 
     def set_routing(self, override: int | str | None, generator: torch.Generator | None = None) -> None:
-        for m in self.mlps:
+        for m in self.routed_modules():
             m.routing_override = override
             m.random_generator = generator
 
@@ -166,12 +236,15 @@ class MaskedModel(nn.Module):
     def dense(self):
         """Temporarily run the unmasked dense model (the distillation teacher)."""
         saved = [(m.expert_masks, m.train_routing) for m in self.mlps]
+        saved_attention = [(a.qk_mask, a.vo_masks, a.train_routing) for a in self.attention or []]
         try:
             self.set_masks(None)
             yield self.model
         finally:
             for m, (masks, train) in zip(self.mlps, saved):
                 m.expert_masks, m.train_routing = masks, train
+            for a, (qk, vo, train) in zip(self.attention or [], saved_attention):
+                a.qk_mask, a.vo_masks, a.train_routing = qk, vo, train
 
     # -- cluster initialisation -----------------------------------------------------------------
     @torch.no_grad()
@@ -243,7 +316,22 @@ class MaskedModel(nn.Module):
         out = {"cluster_sizes": sizes}
         if balance:
             out["kmeans_sizes"] = kmeans_sizes
+        if self.attention is not None:
+            self.attention_init(calibration_ids, budget, prior_scale)
+            out["attention_init"] = "energy"
         return out
+
+    @torch.no_grad()
+    def attention_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float = 3.0) -> None:
+        """Attention priors at the budget: +s on the top p of Q/K pairs by |q||k| energy and of value
+        channels by |v| x ||o_proj columns|| (the same for every V/O expert), -s elsewhere."""
+        from .attention import energy_priors
+
+        priors = energy_priors(self.model, list(self.attention), calibration_ids, budget)
+        for l, (pairs, channels) in enumerate(priors):
+            qk, vo = getattr(self, f"attn_qk_base_{l}"), getattr(self, f"attn_vo_base_{l}")
+            qk.copy_(((2 * pairs - 1) * prior_scale).expand_as(qk))
+            vo.copy_(((2 * channels - 1) * prior_scale).expand_as(vo))
 
 
 def balancing_bias(logits: torch.Tensor, iters: int = 300) -> torch.Tensor:

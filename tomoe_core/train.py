@@ -61,6 +61,9 @@ class ConversionConfig:
     device: str = "cpu"
     model: str = "smollm2-135m"
     text: str = "wiki"
+    # the paper's second stage: also prune q/k (static rotary pairs) and v/o (per-token experts); the budget
+    # then counts MLP + q/k/v/o projection weights (llama, mistral, qwen2)
+    prune_attention: bool = False
 
     def __post_init__(self):
         if not 0 < self.budget <= 1:
@@ -74,6 +77,9 @@ class ConversionConfig:
             if not lo <= self.budget <= hi:
                 raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
                                  f"inside the budget range {lo} {hi}")
+        if self.prune_attention and self.budget_range is not None:
+            raise ValueError("prune_attention does not support a budget range (budget-conditioned conversion) yet; "
+                             "train attention pruning at one budget, or leave prune_attention off")
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
             raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
         if self.init not in ("cluster", "offset") or self.distill not in ("kl", "ce"):
@@ -145,7 +151,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
                    zip(logits, noise or [None] * len(logits))]
     det_masks = [straight_through_sigmoid(z, cfg.mask_tau) for z in logits]
     masked.set_masks(train_masks, train_routing=True)
-    for m in masked.mlps:
+    for m in masked.routed_modules():
         m.noise_generator, m.router_tau = gen, cfg.router_tau
     try:
         with amp:
@@ -159,10 +165,10 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
         distill = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     ratio = masked.ratio_of(det_masks)
     budget = cfg.lam * torch.log(ratio / target).abs()  # = lam * log(max(r, p) / min(r, p))
-    union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in det_masks]).mean()
+    union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masked.routed_masks(det_masks)]).mean()
     union_loss = cfg.union_weight * -torch.log(union.clamp_min(1e-6))
     lb_terms = []
-    for m in masked.mlps:
+    for m in masked.routed_modules():
         frac = m.last_assignment.detach().mean(0)  # (E,) tokens routed to k
         prob = m.last_router_probs.mean(0)  # (E,) mean router probability
         lb_terms.append(m.last_assignment.shape[1] * (frac * prob).sum())
