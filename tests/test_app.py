@@ -237,11 +237,12 @@ def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
     assert at.error and "cannot be read" in at.error[0].value
 
 
-def test_runs_page_conversion_job_runs_to_completion_with_progress(cache_env, tmp_path):
+def test_runs_page_conversion_job_runs_to_completion_with_progress(cache_env, tmp_path, monkeypatch):
     """Start a (tiny) conversion from the form; the page shows step progress and, when it ends,
     lists the new conversion."""
     from tomoe_core import jobs
 
+    monkeypatch.setenv("TOMOE_DATA", str(tmp_path))  # the studio reads text only from the cache and data folders
     text = tmp_path / "calibration.txt"
     text.write_text("\n\n".join(studio_fixture.PROMPTS * 8))
     at = run_page("runs")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .data import cache_dir
-from .io import atomic_write_json
+from .io import atomic_write_json, file_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,9 +77,27 @@ def _reap(proc: subprocess.Popen) -> None:
 def start_job(kind: str, argv: list[str], label: str, output: str | Path | None = None,
               progress_log: str | Path | None = None, total: int | None = None, extra: dict | None = None,
               env: dict | None = None) -> Job:
-    """Start `argv` in the background from the repository root; returns the registered job."""
+    """Start `argv` in the background from the repository root; returns the registered job.
+
+    Two studio sessions (two tabs, or two studios on one cache) may ask at the same moment for
+    jobs that write the same `output`: the check and the registration happen under one lock,
+    so exactly one starts and the other gets a JobError that says which job holds the output.
+    """
     folder = jobs_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder / "registry"):
+        if output is not None:
+            busy = [j for j in list_jobs() if j.output and Path(j.output).resolve() == Path(output).resolve()
+                    and is_running(j)]
+            if busy:
+                raise JobError(f"a {busy[0].kind} job writing `{Path(output).name}` is already running "
+                               f"({busy[0].label}, started {busy[0].started_at}): wait for it to finish, cancel "
+                               "it under Background jobs, or choose another name")
+        return _start(kind, argv, label, output, progress_log, total, extra, env)
+
+
+def _start(kind, argv, label, output, progress_log, total, extra, env) -> Job:
+    folder = jobs_dir()
     job_id = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{kind}-{uuid.uuid4().hex[:6]}"
     log_path = folder / f"{job_id}.log"
     rc_path = folder / f"{job_id}.rc"

@@ -293,6 +293,27 @@ def _file_table(folder: Path) -> dict:
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != RUN_META_FILE}
 
 
+def run_files(run) -> list[Path]:
+    """The files of a run, each confined to the routing folder (a symlink leading outside it is
+    refused with a PathNotAllowedError): what a download of the log may contain."""
+    from .paths import confined_files
+
+    return confined_files(run_dir(run), [routing_root()])
+
+
+def zip_run(run) -> bytes:
+    """The run's files as a zip (stored, not deflated: Parquet is compressed already)."""
+    import io
+    import zipfile
+
+    files = run_files(run)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for path in files:
+            zf.write(path, f"{run_dir(run).name}/{path.name}")
+    return buf.getvalue()
+
+
 def has_columns(run, names: Sequence[str] = ANNOTATION_COLUMNS) -> bool:
     """Whether the run's part files carry these columns (the POS annotation, by default)."""
     import pyarrow.parquet as pq

@@ -1,8 +1,6 @@
 """Runs: conversions and routing logs in cache/, background conversions and traces with live progress."""
-import io
-import json
+import shlex
 import time
-import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +13,7 @@ st.title("Runs")
 st.caption("Conversions and routing logs under `cache/`, and background jobs. A job runs as its own process: it "
            "keeps going when you reload the page or close the tab, and Cancel stops it.")
 
-from tomoe_core import jobs  # noqa: E402  (after the title: the first import of the engine takes seconds)
+from tomoe_core import jobs, paths  # noqa: E402  (after the title: the first import of the engine takes seconds)
 from tomoe_core.io import safe_name  # noqa: E402
 
 cat = ui.read_catalog()
@@ -86,31 +84,46 @@ with st.form("convert"):
     steps = c4.number_input("Steps", min_value=1, max_value=100000, value=100, step=10,
                             help="about 3 s per step for SmolLM2-135M on 2 CPU cores")
     with st.expander("More settings"):
-        text = st.text_input("Calibration text", value="wiki", help="'wiki', a .txt file or a folder of .txt files")
+        text = st.text_input("Calibration text", value="wiki", help="'wiki', or a .txt file or a folder of .txt "
+                             "files inside the cache or data folder")
         name = st.text_input("Output name", value="", help="default: MODEL-pBUDGET-eEXPERTS; an existing "
                                                             "unfinished run of the same name resumes")
         extra = st.text_input("Extra convert options", value="", help="e.g. --tokens-per-step 1024 --seq-len 256")
     start = st.form_submit_button("Start conversion", type="primary")
 
-if start:
-    name = safe_name(name or f"{Path(model).name}-p{budget:g}-e{int(experts)}")
-    output = catalog.cache_root() / "conversions" / name
-    clash = [j for j in running if j.output == str(output)]
+
+def start_conversion() -> None:
     if not model.strip():
         st.error("Dense model: type a built-in name (smollm2-135m), a checkpoint folder or a .gguf file.")
-    elif clash:
-        st.error(f"A conversion into `{name}` is already running: cancel it or choose another output name.")
-    elif (output / "tomoe.json").exists():
-        st.error(f"`{name}` is already a finished conversion: choose another output name.")
-    else:
-        argv = jobs.python_argv("-m", "tomoe_core", "convert", "--model", model.strip(), "--budget", f"{budget:g}",
-                                "--experts", str(int(experts)), "--steps", str(int(steps)), "--text", text,
-                                "--output", str(output), *extra.split())
-        job = jobs.start_job("convert", argv, label=name, output=output,
-                             progress_log=output.with_name(name + ".work") / "log.jsonl", total=int(steps))
-        st.toast(f"Started conversion {name}")
-        time.sleep(0.2)
-        st.rerun()
+        return
+    try:  # every path the user typed stays inside the cache and data folders
+        model_arg = paths.confine_model(model)
+        text_arg = paths.confine_text_source(text, "Calibration text")
+        output = paths.confine_child(safe_name(name or f"{Path(model.strip()).name}-p{budget:g}-e{int(experts)}"),
+                                     catalog.cache_root() / "conversions", "Output name")
+        extra_args = paths.check_extra_options(shlex.split(extra), paths.CONVERT_PATH_OPTIONS, "Extra convert options")
+    except ValueError as err:
+        st.error(str(err))
+        return
+    if (output / "tomoe.json").exists():
+        st.error(f"`{output.name}` is already a finished conversion: choose another output name.")
+        return
+    argv = jobs.python_argv("-m", "tomoe_core", "convert", "--model", model_arg, "--budget", f"{budget:g}",
+                            "--experts", str(int(experts)), "--steps", str(int(steps)), "--text", text_arg,
+                            "--output", str(output), *extra_args)
+    try:  # under the job registry's lock: a second tab asking for the same output is refused here
+        jobs.start_job("convert", argv, label=output.name, output=output,
+                       progress_log=output.with_name(output.name + ".work") / "log.jsonl", total=int(steps))
+    except jobs.JobError as err:
+        st.error(f"Output name: {err}")
+        return
+    st.toast(f"Started conversion {output.name}")
+    time.sleep(0.2)
+    st.rerun()
+
+
+if start:
+    start_conversion()
 
 # -- conversions ----------------------------------------------------------------------------------
 st.subheader("Conversions")
@@ -163,17 +176,14 @@ else:
     col, button = st.columns([3, 1], vertical_alignment="bottom")
     chosen = col.selectbox("Routing log", run_ids, key="runs_log")
     folder = Path(next(r["path"] for r in runs if r["run_id"] == chosen))
-
-    def zipped(folder=folder) -> bytes:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:  # Parquet is compressed already
-            for path in sorted(folder.iterdir()):
-                zf.write(path, f"{folder.name}/{path.name}")
-        return buf.getvalue()
-
-    size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
-    button.download_button(f"Download ({size_mb:.1f} MB zip)", zipped, file_name=f"{chosen}.zip",
-                           mime="application/zip", on_click="ignore")
+    try:
+        files = trace.run_files(folder)  # confined to the routing folder: no symlink leads outside
+    except ValueError as err:
+        st.error(str(err))
+    else:
+        size_mb = sum(p.stat().st_size for p in files) / 2**20
+        button.download_button(f"Download ({size_mb:.1f} MB zip)", lambda: trace.zip_run(folder),
+                               file_name=f"{chosen}.zip", mime="application/zip", on_click="ignore")
 
 with st.form("trace"):
     st.markdown("**Start a trace**: record every token's expert in every layer over a text")
@@ -182,22 +192,44 @@ with st.form("trace"):
     conv_name = t1.selectbox("Conversion", ready or ["(no materialised conversion)"])
     source = t2.selectbox("Text", ["wiki held-out split", "my prompts below", "a .txt file or folder"])
     max_tokens = t3.number_input("Max tokens", min_value=16, max_value=10_000_000, value=20_000, step=1000)
-    prompts = st.text_area("Prompts (one per line) or file path", value="")
+    prompts = st.text_area("Prompts (one per line) or file path", value="",
+                           help="a .txt file or folder must be inside the cache or data folder")
+    run_name = st.text_input("Run id", value="", help="name of the routing log (default: CONVERSION-TEXT-UTCTIME)")
     go = st.form_submit_button("Start trace")
 
-if go:
+
+def start_trace() -> None:
     if not ready:
         st.error("No materialised conversion: open Compare once (it rebuilds the shipped one) or convert one.")
-    elif source != "wiki held-out split" and not prompts.strip():
+        return
+    if source != "wiki held-out split" and not prompts.strip():
         st.error("Type prompts (one per line) or a file path for the chosen text.")
-    else:
-        conv_path = {c.name: c.path for c in cat.conversions}[conv_name]
-        argv = jobs.python_argv("-m", "tomoe_core", "trace", str(conv_path), "--max-tokens", str(int(max_tokens)))
+        return
+    conv_path = {c.name: c.path for c in cat.conversions}[conv_name]
+    argv = jobs.python_argv("-m", "tomoe_core", "trace", str(conv_path), "--max-tokens", str(int(max_tokens)))
+    try:
         if source == "my prompts below":
             argv += ["--prompts", *[p for p in prompts.splitlines() if p.strip()]]
+            text_name = "prompts"
         elif source.startswith("a .txt"):
-            argv += ["--text", prompts.strip()]
-        job = jobs.start_job("trace", argv, label=f"trace {conv_name}", total=int(max_tokens))
-        st.toast(f"Started trace of {conv_name}")
-        time.sleep(0.2)
-        st.rerun()
+            text_name = paths.confine_text_source(prompts.strip(), "Text file or folder")
+            argv += ["--text", text_name]
+        else:
+            text_name = "wiki"
+        run_id = safe_name(run_name) if run_name.strip() else trace.default_run_id(conv_path, text_name)
+        output = paths.confine_child(f"run_id={run_id}", trace.routing_root(), "Run id")
+        if output.exists():
+            st.error(f"Run id: a routing log `{run_id}` exists already: choose another run id.")
+            return
+        jobs.start_job("trace", argv + ["--run-id", run_id], label=f"trace {run_id}", output=output,
+                       total=int(max_tokens))
+    except (ValueError, jobs.JobError) as err:
+        st.error(str(err))
+        return
+    st.toast(f"Started trace {run_id}")
+    time.sleep(0.2)
+    st.rerun()
+
+
+if go:
+    start_trace()
