@@ -88,6 +88,26 @@ def test_budget_explorer_slider_moves_every_cost_kpi(cache_env):
     assert 30.0 < float(metrics(at)["Perplexity"]) < 40.0
 
 
+def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_materialisation(
+        cache_env, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_env, cache)
+    monkeypatch.setenv("TOMOE_CACHE", str(cache))
+    meta_path = cache / "conversions" / studio_fixture.CONVERSION / "tomoe.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "budget_range": [0.3, 1.0], "budget_source": "conditioned"}))
+    at = run_page()
+    assert any("budget-conditioned" in i.value and "[0.3, 1]" in i.value for i in at.info), [i.value for i in at.info]
+    button = next(b for b in at.button if b.label.startswith("Materialise"))
+    button.click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    # the fixture keeps no hypernetwork: the user is told what is missing, not shown a traceback
+    assert any("hypernet.safetensors" in e.value for e in at.error), [e.value for e in at.error]
+
+
 def test_budget_explorer_price_changes_cost(cache_env):
     at = run_page()
     at.selectbox(key="hardware").set_value(tradeoff.HARDWARE[0].name).run()
