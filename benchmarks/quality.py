@@ -61,7 +61,7 @@ from tomoe_core.evaluate import evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
 from tomoe_core.masked import MaskedModel
 from tomoe_core.models import load_dense
-from tomoe_core.pipeline import conversions_dir, machine_info, materialise_at
+from tomoe_core.pipeline import budget_source, conversions_dir, machine_info, materialise_at
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SCHEMA_VERSION = 1
@@ -91,11 +91,6 @@ def compare(rows: list[dict]) -> list[dict]:
                     "tomoe_wins": row["perplexity"] < best["perplexity"],
                     "per_method": {r["method"]: r["perplexity"] / row["perplexity"] for r in base}})
     return out
-
-
-def _in_range(meta: dict, budget: float) -> bool:
-    lo, hi = meta["budget_range"]
-    return lo - 1e-9 <= budget <= hi + 1e-9
 
 
 def reusable_rows(path: Path, result: dict) -> dict[tuple, dict]:
@@ -165,7 +160,7 @@ def run(args, log=print) -> dict:
                 moe, lambda moe=moe, gen=gen: (gen.manual_seed(0), moe.set_routing("random", gen)))
             info[f"random:{folder.name}"] = {"method": "tomoe-random-routing", "kind": "ablation",
                                              "label": f"ToMoE, random expert per token ({folder.name})", **common}
-        derived = [(f, "tomoe-conditioned") for f in conditioned if _in_range(read_metadata(f), budget)]
+        derived = [(f, "tomoe-conditioned") for f in conditioned if budget_source(read_metadata(f), budget) == "conditioned"]
         derived += [(f, "tomoe-threshold-moved") for f in fallback
                     if abs(float(read_metadata(f)["budget"]) - budget) > 1e-9]
         for folder, method in derived:

@@ -95,11 +95,9 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "settings": asdict(cfg), "command": command, "world_size": world,
             "tokens_seen": summary["tokens_seen"], "train_seconds": round(summary["train_seconds"], 1),
             "wall_seconds": round(time.time() - t0, 1), "final_losses": summary["last"],
-            "mask_calibration": calib, "layers": layer_stats(masked.split_masks(masks)[0]),
+            "mask_calibration": calib, **mask_stats(masked, masks),
             "accounting": report.as_dict(), "machine": machine_info(cfg.device), "text": cfg.text,
         }
-        if cfg.prune_attention:
-            meta["attention_layers"] = attention_layer_stats(masked, masks)
         save_converted(moe, output, tokenizer, meta)
         _copy_artefact(workdir / "log.jsonl", output / TRAINING_LOG)
         # the trained hypernetwork + routers stay beside the model: other budgets re-threshold it
@@ -113,10 +111,15 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
     return output
 
 
-def attention_layer_stats(masked: MaskedModel, masks: list) -> list[dict]:
-    """Per layer: fraction of Q/K rotary pairs kept, and V/O expert and union widths."""
-    _mlp, qk, vo = masked.split_masks(masks)
-    return [{"qk_pairs": round(float(q.sum()) / q.numel(), 4), **layer_stats([v])[0]} for q, v in zip(qk, vo)]
+def mask_stats(masked: MaskedModel, masks: list) -> dict:
+    """tomoe.json's per-layer mask statistics: MLP expert widths and union ("layers") and, with
+    attention pruning, the fraction of Q/K rotary pairs kept and V/O widths ("attention_layers")."""
+    mlp, qk, vo = masked.split_masks(masks)
+    out = {"layers": layer_stats(mlp)}
+    if masked.attention is not None:
+        out["attention_layers"] = [{"qk_pairs": round(float(q.sum()) / q.numel(), 4), **layer_stats([v])[0]}
+                                   for q, v in zip(qk, vo)]
+    return out
 
 
 HYPERNET_FILE = "hypernet.safetensors"
@@ -173,11 +176,8 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     seconds = time.time() - t0
     new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
                 "budget": budget, "budget_source": budget_source(meta, budget), "trained_budget": meta["budget"],
-                "derived_from": str(conversion), "mask_calibration": calib,
-                "layers": layer_stats(masked.split_masks(masks)[0]),
+                "derived_from": str(conversion), "mask_calibration": calib, **mask_stats(masked, masks),
                 "accounting": report.as_dict(), "materialise_seconds": round(seconds, 2)}
-    if masked.attention is not None:
-        new_meta["attention_layers"] = attention_layer_stats(masked, masks)
     return moe, new_meta, seconds
 
 
