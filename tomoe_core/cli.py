@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .train import ConversionConfig
+from .train import BUDGET_SAMPLING, ConversionConfig
 
 _DEFAULTS = ConversionConfig()
 
@@ -26,6 +26,10 @@ def _add_convert(sub):
                    help="train one budget-conditioned conversion for every budget in [LO, HI] (e.g. 0.3 1.0); "
                         "--budget is then the one the saved model is materialised at, and `rebudget` "
                         "materialises any other in seconds")
+    p.add_argument("--budget-sampling", choices=BUDGET_SAMPLING, default=_DEFAULTS.budget_sampling,
+                   help="with --budget-range: how training steps spread over the range: uniform in p, log "
+                        "(uniform in log p) or inverse (uniform in 1/p; most steps on low budgets) "
+                        "(default: %(default)s)")
     p.add_argument("--experts", "-e", type=int, default=_DEFAULTS.num_experts, help="experts per layer (default: %(default)s)")
     p.add_argument("--prune-attention", action="store_true",
                    help="the paper's second stage: also prune attention (static Q/K head dims in rotary pairs, "
@@ -140,7 +144,8 @@ def _run(args, argv) -> int:
     from . import pipeline
 
     if args.command == "convert":
-        cfg = ConversionConfig(budget=args.budget, budget_range=args.budget_range, num_experts=args.experts, steps=args.steps,
+        cfg = ConversionConfig(budget=args.budget, budget_range=args.budget_range,
+                               budget_sampling=args.budget_sampling, num_experts=args.experts, steps=args.steps,
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
                                init=args.init, init_balance=args.init_balance, noise_anneal=args.noise_anneal, distill=args.distill, text=args.text,

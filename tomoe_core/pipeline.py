@@ -42,6 +42,8 @@ def conversions_dir() -> Path:
 
 def default_conversion_name(cfg: ConversionConfig) -> str:
     budget = f"{cfg.budget:g}" if cfg.budget_range is None else "{:g}-{:g}".format(*cfg.budget_range)
+    if cfg.budget_range is not None and cfg.budget_sampling != "uniform":
+        budget += f"-{cfg.budget_sampling}"
     return safe_name(f"{Path(cfg.model).name}-p{budget}-e{cfg.num_experts}")
 
 

@@ -38,6 +38,9 @@ from .masked import MaskedModel
 class ConversionConfig:
     budget: float = 0.5  # fraction of prunable MLP parameters active per token (conditioned: the saved model's)
     budget_range: tuple[float, float] | None = None  # (lo, hi): one budget-conditioned hypernetwork for all p
+    # how a conditioned run spreads its steps over the range: "uniform" in p, "log" (uniform in log p) or
+    # "inverse" (uniform in 1/p); the last two spend more steps on low budgets, which have the most to learn
+    budget_sampling: str = "uniform"
     num_experts: int = 8  # experts per layer
     steps: int = 400  # optimiser steps (CPU default: about 30 min for SmolLM2-135M on 2 cores)
     tokens_per_step: int = 512  # calibration tokens per step
@@ -77,6 +80,8 @@ class ConversionConfig:
             if not lo <= self.budget <= hi:
                 raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
                                  f"inside the budget range {lo} {hi}")
+        if self.budget_sampling not in BUDGET_SAMPLING:
+            raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {self.budget_sampling!r}")
         if self.prune_attention and self.budget_range is not None:
             raise ValueError("prune_attention does not support a budget range (budget-conditioned conversion) yet; "
                              "train attention pruning at one budget, or leave prune_attention off")
@@ -119,14 +124,32 @@ _GOLDEN = (5 ** 0.5 - 1) / 2
 def step_budget(cfg: ConversionConfig, step: int) -> float:
     """The budget a step trains for: fixed, or (conditioned) a low-discrepancy sweep of the range.
 
-    The golden-ratio sequence frac(0.5 + step * 0.618...) covers [lo, hi] evenly over any stretch
+    The golden-ratio sequence u = frac(0.5 + step * 0.618...) covers [0, 1) evenly over any stretch
     of steps (no clumps, unlike i.i.d. draws) and is a pure function of the step, so resume and
-    distributed runs agree on it.
+    distributed runs agree on it; `budget_quantile` maps it onto the range by `cfg.budget_sampling`.
     """
     if cfg.budget_range is None:
         return cfg.budget
     lo, hi = cfg.budget_range
-    return lo + (hi - lo) * ((0.5 + step * _GOLDEN) % 1.0)
+    return budget_quantile(cfg.budget_sampling, lo, hi, (0.5 + step * _GOLDEN) % 1.0)
+
+
+def budget_quantile(sampling: str, lo: float, hi: float, u: float) -> float:
+    """The budget at quantile u in [0, 1] of a sampling density over [lo, hi].
+
+    uniform: density constant in p; log: density ~ 1/p (uniform in log p); inverse: density ~ 1/p^2
+    (uniform in 1/p). Over 0.3..1.0 the share of steps below p = 0.5 is 29 %, 42 % and 57 %.
+    """
+    if sampling == "uniform":
+        return lo + (hi - lo) * u
+    if sampling == "log":
+        return lo * (hi / lo) ** u
+    if sampling == "inverse":
+        return 1.0 / (1.0 / lo + u * (1.0 / hi - 1.0 / lo))
+    raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {sampling!r}")
+
+
+BUDGET_SAMPLING = ("uniform", "log", "inverse")
 
 
 def noise_scale(cfg: ConversionConfig, step: int) -> float:

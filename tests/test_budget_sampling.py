@@ -1,0 +1,49 @@
+"""How a budget-conditioned run spreads its training steps over the budget range."""
+import math
+
+import pytest
+
+from tomoe_core.pipeline import default_conversion_name
+from tomoe_core.train import BUDGET_SAMPLING, ConversionConfig, budget_quantile, step_budget
+
+CDF = {  # share of the range's mass below p, for each sampling density over [lo, hi]
+    "uniform": lambda p, lo, hi: (p - lo) / (hi - lo),
+    "log": lambda p, lo, hi: math.log(p / lo) / math.log(hi / lo),
+    "inverse": lambda p, lo, hi: (1 / lo - 1 / p) / (1 / lo - 1 / hi),
+}
+
+
+@pytest.mark.parametrize("sampling", BUDGET_SAMPLING)
+def test_steps_follow_the_named_density(sampling):
+    cfg = ConversionConfig(budget_range=(0.3, 1.0), budget_sampling=sampling, steps=400)
+    budgets = [step_budget(cfg, s) for s in range(400)]
+    assert all(0.3 <= b <= 1.0 for b in budgets)
+    # the golden-ratio sweep is low-discrepancy: the empirical CDF of 400 steps is within 1 % of the density's
+    for p in (0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
+        share = sum(b < p for b in budgets) / len(budgets)
+        assert abs(share - CDF[sampling](p, 0.3, 1.0)) < 0.01, (p, share)
+    # every stretch of 50 steps (one checkpoint interval) already covers both ends of the range
+    for start in range(0, 400, 50):
+        chunk = budgets[start:start + 50]
+        assert min(chunk) < 0.35 and max(chunk) > 0.9
+
+
+def test_low_budget_share_grows_from_uniform_to_inverse():
+    below = {s: CDF[s](0.5, 0.3, 1.0) for s in BUDGET_SAMPLING}
+    assert below["uniform"] == pytest.approx(0.2857, abs=1e-3)
+    assert below["log"] == pytest.approx(0.4243, abs=1e-3)
+    assert below["inverse"] == pytest.approx(0.5714, abs=1e-3)
+    for s in BUDGET_SAMPLING:  # quantile is the inverse of the CDF, ends included
+        assert budget_quantile(s, 0.3, 1.0, 0.0) == pytest.approx(0.3)
+        assert budget_quantile(s, 0.3, 1.0, 1.0) == pytest.approx(1.0)
+        assert CDF[s](budget_quantile(s, 0.3, 1.0, 0.37), 0.3, 1.0) == pytest.approx(0.37)
+
+
+def test_single_budget_runs_ignore_sampling_and_bad_names_are_refused():
+    cfg = ConversionConfig(budget=0.4, budget_sampling="log")
+    assert {step_budget(cfg, s) for s in range(20)} == {0.4}
+    with pytest.raises(ValueError, match="budget_sampling must be one of uniform, log, inverse"):
+        ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="cosine")
+    assert default_conversion_name(ConversionConfig(budget_range=(0.3, 1.0))) == "smollm2-135m-p0.3-1-e8"
+    assert default_conversion_name(ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="log")) == \
+        "smollm2-135m-p0.3-1-log-e8"
