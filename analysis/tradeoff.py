@@ -243,10 +243,10 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
     dense = pts[pts["kind"] == "dense"]
     dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else None
     tomoe = pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
-    conditioned = tomoe[tomoe["variant"] == "tomoe-conditioned"]
+    conditioned = conditioned_curves(tomoe)
     kind = ""
-    if not conditioned.empty:  # one conversion serves every budget: the slider reads its curve
-        tomoe, kind = conditioned, "conditioned "
+    if conditioned:  # one conversion serves every budget: the slider reads the best one's curve
+        tomoe, kind = next(iter(conditioned.values())), "conditioned "
     tomoe = tomoe.sort_values("perplexity").drop_duplicates("budget").sort_values("budget")
     best = _best_baseline(pts, budget, tol)
     if tomoe.empty:
@@ -268,6 +268,18 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
     return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
                            dense_ppl, f"not measured at p = {budget:g}: nearest conversion is p = {near['budget']:g}",
                            False, best)
+
+
+def conditioned_curves(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The measured curve of every budget-conditioned conversion in `points`, best first: most budgets
+    measured, then lowest mean log-perplexity over them. Curves of different conversions are never mixed."""
+    cond = points[points["variant"] == "tomoe-conditioned"].dropna(subset=["budget", "perplexity"])
+    if cond.empty:
+        return {}
+    curves = {str(name): df.sort_values("budget") for name, df in cond.groupby(cond["conversion"].fillna("?"))}
+    rank = sorted(curves, key=lambda n: (-curves[n]["budget"].nunique(),
+                                         sum(math.log(p) for p in curves[n]["perplexity"]) / len(curves[n])))
+    return {n: curves[n] for n in rank}
 
 
 def _best_baseline(pts: pd.DataFrame, budget: float, tol: float) -> dict | None:
@@ -395,8 +407,7 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
     groups = [("Dense", pts[pts["kind"] == "dense"], KIND_STYLE["dense"], True),
               ("ToMoE", pts[(pts["kind"] == "tomoe") & (pts["variant"] != "tomoe-conditioned")]
                .sort_values("active_params"), KIND_STYLE["tomoe"], True),
-              ("ToMoE, one budget-conditioned conversion", pts[pts["variant"] == "tomoe-conditioned"]
-               .sort_values("active_params"), KIND_STYLE["conditioned"], True),
+              *_conditioned_groups(pts),
               ("ToMoE, threshold moved (no retraining)", pts[pts["kind"] == "fallback"].sort_values("active_params"),
                KIND_STYLE["fallback"], "legendonly"),
               ("ToMoE, random or fixed routing (ablation)", pts[pts["kind"] == "ablation"], KIND_STYLE["ablation"],
@@ -435,6 +446,17 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
         fig.add_annotation(text="no quality results yet: run `python -m tomoe_core evaluate CONVERSION`",
                            showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig
+
+
+def _conditioned_groups(pts: pd.DataFrame) -> list[tuple]:
+    """One chart series per conditioned conversion (the best one drawn in full colour, others fainter)."""
+    curves = conditioned_curves(pts)
+    if len(curves) == 1:
+        return [("ToMoE, one budget-conditioned conversion", next(iter(curves.values())).sort_values("active_params"),
+                 KIND_STYLE["conditioned"], True)]
+    return [(f"ToMoE, budget-conditioned: {name}", df.sort_values("active_params"),
+             KIND_STYLE["conditioned"] if i == 0 else {**KIND_STYLE["conditioned"], "color": "#c4b5fd", "size": 9},
+             True) for i, (name, df) in enumerate(curves.items())]
 
 
 def log_ticks(values: pd.Series) -> dict:

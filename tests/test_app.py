@@ -362,6 +362,22 @@ def test_slider_reads_the_conditioned_curve_when_one_exists():
     assert 90.0 not in front["perplexity"].tolist()
 
 
+def test_two_conditioned_conversions_are_never_mixed():
+    rows = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
+             "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": name, "active_params": 100 * b, "source": "q.json"}
+            for name, curve in (("uniform", ((0.4, 50.0), (0.5, 30.0), (0.6, 25.0))),
+                                ("log", ((0.4, 40.0), (0.5, 33.0), (0.6, 26.0))))
+            for b, p in curve]
+    pts = pd.DataFrame(rows)
+    assert list(tradeoff.conditioned_curves(pts)) == ["log", "uniform"]  # lower mean log-perplexity first
+    at = tradeoff.quality_at_budget(pts, "s", 0.5)  # uniform's 30.0 is lower here, but the slider reads one curve
+    assert at.perplexity == 33.0 and "log" in at.label
+    between = tradeoff.quality_at_budget(pts, "s", 0.45)
+    assert "(log)" in between.label and 33.0 < between.perplexity < 40.0
+    names = [t.name for t in tradeoff.pareto_figure(pts, "s").data]
+    assert "ToMoE, budget-conditioned: log" in names and "ToMoE, budget-conditioned: uniform" in names
+
+
 def test_pareto_front_drops_dominated_points():
     df = pd.DataFrame({"active_params": [1, 2, 3, 4], "perplexity": [50, 20, 30, 10]})
     assert tradeoff.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]

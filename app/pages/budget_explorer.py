@@ -141,7 +141,11 @@ with cards:
 
 conditioned = [c for c in cat.conversions if c.budget_range and c.model == st.session_state["model"] and c.materialised]
 if conditioned:
-    conv = conditioned[0]
+    order = list(tradeoff.conditioned_curves(points[points["eval_set"] == st.session_state["eval_set"]])) if sets else []
+    conditioned.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))  # best measured first
+    conv = conditioned[0] if len(conditioned) == 1 else st.selectbox(
+        "Budget-conditioned conversion", conditioned, format_func=lambda c: c.name, key="conditioned_conversion",
+        help="best measured curve first")
     lo, hi = conv.budget_range
     inside = lo - 1e-9 <= budget <= hi + 1e-9
     st.info(f"**{conv.name}** is budget-conditioned: one conversion serves every budget in [{lo:g}, {hi:g}]. "
