@@ -76,11 +76,19 @@ def cached_untrained_conversion(model_name: str, dense, budget: float, num_exper
     return folder
 
 
-def trained_conversions(model_name: str) -> dict[float, Path]:
-    """Saved conversions of this model, by budget (the newest folder wins a tie)."""
+def trained_conversions(model_name: str, names: list[str] | None = None) -> dict[float, Path]:
+    """Saved conversions of this model, by budget: the named ones (folder names under cache/conversions or
+    paths), else every one there, the newest folder winning a tie."""
     found = {}
     root = conversions_dir()
-    for folder in sorted(root.glob("*"), key=lambda p: p.stat().st_mtime) if root.exists() else []:
+    if names:
+        folders = [Path(n) if Path(n).is_dir() else root / n for n in names]
+        for folder in folders:
+            if not (folder / "tomoe.json").exists():
+                raise SystemExit(f"error: {folder} is not a converted ToMoE model (no tomoe.json)")
+    else:
+        folders = sorted(root.glob("*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
+    for folder in folders:
         if (folder / "tomoe.json").exists():
             meta = read_metadata(folder)
             if meta.get("model") == model_name and meta.get("budget") is not None:
@@ -189,7 +197,7 @@ def tiny_dense(vocab: int = 512):
 
 
 def build_variants(args, dense, calibration_ids, log) -> list[dict]:
-    trained = {} if args.dry_run else trained_conversions(args.model)
+    trained = {} if args.dry_run else trained_conversions(args.model, args.conversions)
     variants = [{"name": "dense", "budget": 1.0, "source": "dense", "layout": None, "model": dense, "folder": None}]
     for budget in args.budgets:
         key = round(budget, 4)
@@ -409,6 +417,9 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--experts", type=int, default=8, help="experts per layer of untrained conversions")
+    p.add_argument("--conversions", nargs="+", default=None, metavar="NAME",
+                   help="trained conversions to time at their budgets (default: the newest one per budget "
+                        "under cache/conversions)")
     p.add_argument("--untrained-only", action="store_true", help="ignore trained conversions in cache/conversions")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -1,5 +1,8 @@
 """The benchmark commands run (dry mode, tiny model) and their outputs keep the documented schema."""
 import json
+import os
+
+import pytest
 
 import plotly.graph_objects as go
 
@@ -79,3 +82,17 @@ def test_quality_reuse_keeps_rows_only_for_the_same_windows(tmp_path):
     assert quality.reusable_rows(path, {**same, "windows": 3}) == {}
     assert quality.reusable_rows(path, {**same, "settings": {"calibration_tokens": 2048}}) == {}
     assert quality.reusable_rows(tmp_path / "missing.json", same) == {}
+
+
+def test_speed_times_the_named_conversions_not_the_newest(tmp_path, monkeypatch):
+    root = tmp_path / "conversions"
+    for name, budget in (("a-p0.5", 0.5), ("b-p0.5", 0.5), ("c-p0.3", 0.3)):
+        (root / name).mkdir(parents=True)
+        (root / name / "tomoe.json").write_text(json.dumps({"model": "m", "budget": budget}))
+    monkeypatch.setattr(speed, "conversions_dir", lambda: root)
+    monkeypatch.setattr(speed, "read_metadata", lambda folder: json.loads((folder / "tomoe.json").read_text()))
+    os.utime(root / "a-p0.5", (2e9, 2e9))  # a is the newest p = 0.5 conversion
+    assert speed.trained_conversions("m") == {0.5: root / "a-p0.5", 0.3: root / "c-p0.3"}
+    assert speed.trained_conversions("m", ["b-p0.5"]) == {0.5: root / "b-p0.5"}
+    with pytest.raises(SystemExit, match="no-such is not a converted ToMoE model"):
+        speed.trained_conversions("m", ["no-such"])
