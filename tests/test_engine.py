@@ -219,3 +219,22 @@ def test_unsupported_family_lists_supported_ones():
 def _bert(cfg):
     from transformers import BertLMHeadModel
     return BertLMHeadModel(cfg)
+
+
+def test_sampled_regularisation_sees_the_noisy_masks_and_logs_the_deterministic_ones(tmp_path):
+    """The paper's recipe: budget and union terms on the sampled masks. With all channels on (+3 offset)
+    the noise switches some off, so the regularised ratio is below the deterministic one (all on)."""
+    stream = torch.randint(3, VOCAB, (3000,), generator=torch.Generator().manual_seed(1))
+    logs = {}
+    for mode in ("sampled", "deterministic"):
+        mm = MaskedModel(tiny_model("llama"), num_experts=4)
+        cfg = ConversionConfig(budget=0.5, num_experts=4, steps=2, tokens_per_step=64, seq_len=32, init="offset",
+                               noise_anneal=0.0, regularise=mode, model="tiny")
+        train_conversion(mm, stream, cfg, tmp_path / mode, show_tqdm=False, log=lambda *a: None)
+        logs[mode] = [json.loads(x) for x in (tmp_path / mode / "log.jsonl").read_text().splitlines()]
+    first = logs["sampled"][0]
+    assert first["det_ratio"] == pytest.approx(1.0) and first["det_union"] == pytest.approx(1.0)
+    assert 0.85 < first["ratio"] < 0.99  # about 5 % of the channels drawn off by logistic noise > 3
+    assert logs["deterministic"][0]["ratio"] == pytest.approx(1.0) and "det_ratio" not in logs["deterministic"][0]
+    with pytest.raises(ValueError, match="regularise must be"):
+        ConversionConfig(regularise="noisy")

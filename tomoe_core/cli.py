@@ -51,6 +51,9 @@ def _add_convert(sub):
     p.add_argument("--no-init-balance", dest="init_balance", action="store_false",
                    help="cluster init: keep k-means' unequal cluster sizes instead of giving every expert an "
                         "equal share of the calibration tokens")
+    p.add_argument("--regularise", choices=("deterministic", "sampled"), default=_DEFAULTS.regularise,
+                   help="masks the budget and union terms see: the noise-free ones inference uses, or the "
+                        "noisy sampled ones as in the paper (default: %(default)s)")
     p.add_argument("--noise-anneal", type=float, default=_DEFAULTS.noise_anneal,
                    help="mask noise decays to 0 over this fraction of the steps; 0 keeps it (default: %(default)s)")
     p.add_argument("--distill", choices=("kl", "ce"), default=_DEFAULTS.distill,
@@ -148,7 +151,8 @@ def _run(args, argv) -> int:
                                budget_sampling=args.budget_sampling, num_experts=args.experts, steps=args.steps,
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
-                               init=args.init, init_balance=args.init_balance, noise_anneal=args.noise_anneal, distill=args.distill, text=args.text,
+                               init=args.init, init_balance=args.init_balance, noise_anneal=args.noise_anneal,
+                               regularise=args.regularise, distill=args.distill, text=args.text,
                                seed=args.seed, micro_batches=args.micro_batches,
                                checkpoint_every=args.checkpoint_every, device=args.device,
                                model=args.model, prune_attention=args.prune_attention)

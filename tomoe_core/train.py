@@ -57,6 +57,9 @@ class ConversionConfig:
     init_tokens: int = 8192  # calibration tokens for cluster init
     init_balance: bool = True  # cluster init: router biases give every expert an equal share of tokens
     noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
+    # which masks the budget and union terms see: "deterministic" (noise-free, what inference uses) or
+    # "sampled" (the noisy training masks, as in the paper; the deterministic masks may then drift off budget)
+    regularise: str = "deterministic"
     distill: str = "kl"  # "kl" (forward KL to dense) or "ce" (next-token cross-entropy)
     micro_batches: int = 1  # the step's batch in this many shards of data and noise; processes split them
     seed: int = 0
@@ -87,6 +90,8 @@ class ConversionConfig:
                              "train attention pruning at one budget, or leave prune_attention off")
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
             raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
+        if self.regularise not in ("deterministic", "sampled"):
+            raise ValueError(f"regularise must be 'deterministic' or 'sampled', got {self.regularise!r}")
         if self.init not in ("cluster", "offset") or self.distill not in ("kl", "ce"):
             raise ValueError("init must be 'cluster' or 'offset' and distill 'kl' or 'ce'")
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
@@ -186,9 +191,10 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
         distill = (log_t.exp() * (log_t - F.log_softmax(student, -1))).sum(-1).mean()
     else:
         distill = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-    ratio = masked.ratio_of(det_masks)
+    reg_masks = det_masks if cfg.regularise == "deterministic" else train_masks
+    ratio = masked.ratio_of(reg_masks)
     budget = cfg.lam * torch.log(ratio / target).abs()  # = lam * log(max(r, p) / min(r, p))
-    union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masked.routed_masks(det_masks)]).mean()
+    union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masked.routed_masks(reg_masks)]).mean()
     union_loss = cfg.union_weight * -torch.log(union.clamp_min(1e-6))
     lb_terms = []
     for m in masked.routed_modules():
@@ -198,9 +204,15 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
         m.last_assignment = m.last_router_probs = None
     load_balance = torch.stack(lb_terms).mean()
     total = distill + budget + union_loss + cfg.load_balance_weight * load_balance
-    return {"loss": total, "distill": distill, "budget_loss": budget, "union_loss": union_loss,
-            "load_balance": load_balance, "ratio": ratio.detach(), "union": union.detach(),
-            "noise": torch.tensor(scale), "target": torch.tensor(target)}
+    out = {"loss": total, "distill": distill, "budget_loss": budget, "union_loss": union_loss,
+           "load_balance": load_balance, "ratio": ratio.detach(), "union": union.detach(),
+           "noise": torch.tensor(scale), "target": torch.tensor(target)}
+    if cfg.regularise == "sampled":  # what inference will see, to watch it drift from the regularised masks
+        with torch.no_grad():
+            out["det_ratio"] = masked.ratio_of(det_masks)
+            out["det_union"] = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean()
+                                            for m in masked.routed_masks(det_masks)]).mean()
+    return out
 
 
 class ConversionObjective(nn.Module):
