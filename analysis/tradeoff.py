@@ -160,6 +160,8 @@ def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]
     conv_name = conversion.rstrip("/").rsplit("/", 1)[-1] if conversion else None
     rows = []
     source_kind = res.get("budget_source", "trained")  # how the evaluated conversion reached its budget
+    if source_kind in ("conditioned", "threshold-moved") and res.get("derived_from"):
+        conv_name = str(res["derived_from"]).rstrip("/").rsplit("/", 1)[-1]  # a rebudgeted copy: its source's curve
     for variant, r in res["results"].items():
         kind = variant_kind(variant)
         if variant == "tomoe" and source_kind in ("conditioned", "threshold-moved"):
@@ -236,17 +238,23 @@ def _interpolate(lo: pd.Series, hi: pd.Series, budget: float, key: str, log: boo
     return (1 - t) * a + t * b
 
 
-def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: float = 0.011) -> QualityAtBudget:
+def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: float = 0.011,
+                      conversion: str | None = None) -> QualityAtBudget:
     """ToMoE quality at `budget` in one evaluation set: measured, interpolated between measured
-    budgets (log-perplexity linear in p), or the nearest measurement, and the label saying which."""
+    budgets (log-perplexity linear in p), or the nearest measurement, and the label saying which.
+
+    Where budget-conditioned conversions were measured, the slider reads one of their curves: the
+    named `conversion`'s, else the best-ranked curve whose measured span covers `budget`."""
     pts = points[points["eval_set"] == eval_set]
     dense = pts[pts["kind"] == "dense"]
     dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else None
     tomoe = pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
     conditioned = conditioned_curves(tomoe)
     kind = ""
-    if conditioned:  # one conversion serves every budget: the slider reads the best one's curve
-        tomoe, kind = next(iter(conditioned.values())), "conditioned "
+    if conditioned:  # one conversion serves every budget: the slider reads one conversion's curve
+        covering = [n for n, c in conditioned.items() if c["budget"].min() - tol <= budget <= c["budget"].max() + tol]
+        name = conversion if conversion in conditioned else (covering or list(conditioned))[0]
+        tomoe, kind = conditioned[name], "conditioned "
     tomoe = tomoe.sort_values("perplexity").drop_duplicates("budget").sort_values("budget")
     best = _best_baseline(pts, budget, tol)
     if tomoe.empty:
@@ -266,20 +274,31 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
                                f"interpolated between measured {kind}p = {lo['budget']:g} and p = {hi['budget']:g}"
                                + (f" ({lo['conversion']})" if kind else ""), False, best)
     return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
-                           dense_ppl, f"not measured at p = {budget:g}: nearest conversion is p = {near['budget']:g}",
-                           False, best)
+                           dense_ppl, f"not measured at p = {budget:g}: nearest {kind}conversion is p = "
+                                      f"{near['budget']:g}" + (f" ({near['conversion']})" if kind else ""), False, best)
 
 
 def conditioned_curves(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The measured curve of every budget-conditioned conversion in `points`, best first: most budgets
-    measured, then lowest mean log-perplexity over them. Curves of different conversions are never mixed."""
+    """The measured curve (one row per budget, the best if repeated) of every budget-conditioned
+    conversion in `points`, best first: most budgets measured, then, among curves with as many,
+    lowest mean log-perplexity over the budgets they all share (over each one's own where they
+    share none). Curves of different conversions are never mixed."""
     cond = points[points["variant"] == "tomoe-conditioned"].dropna(subset=["budget", "perplexity"])
     if cond.empty:
         return {}
-    curves = {str(name): df.sort_values("budget") for name, df in cond.groupby(cond["conversion"].fillna("?"))}
-    rank = sorted(curves, key=lambda n: (-curves[n]["budget"].nunique(),
-                                         sum(math.log(p) for p in curves[n]["perplexity"]) / len(curves[n])))
-    return {n: curves[n] for n in rank}
+    cond = cond.assign(budget_key=cond["budget"].round(4))
+    curves = {str(name): df.sort_values("perplexity").drop_duplicates("budget_key").sort_values("budget")
+              .drop(columns="budget_key") for name, df in cond.groupby(cond["conversion"].fillna("unnamed"))}
+    budgets = {n: set(c["budget"].round(4)) for n, c in curves.items()}
+
+    def score(name: str) -> tuple:
+        c = curves[name]
+        peers = [b for n, b in budgets.items() if len(b) == len(c)]  # the curves it is ranked against
+        shared = set.intersection(*peers)
+        on = c[c["budget"].round(4).isin(shared)] if shared else c
+        return -len(c), sum(math.log(p) for p in on["perplexity"]) / len(on)
+
+    return {n: curves[n] for n in sorted(curves, key=score)}
 
 
 def _best_baseline(pts: pd.DataFrame, budget: float, tol: float) -> dict | None:

@@ -119,7 +119,7 @@ def run(args, log=print) -> dict:
     conv_budgets, conditioned = {}, []
     for folder in conversions:
         meta = read_metadata(folder)
-        if meta.get("budget_range"):
+        if meta.get("budget_range") and not meta.get("derived_from"):  # a rebudgeted copy has no hypernetwork
             conditioned.append(folder)
         elif meta.get("budget_source", "trained") == "trained":  # rebudgeted copies are rows of their own source
             conv_budgets.setdefault(round(float(meta["budget"]), 4), []).append(folder)

@@ -91,8 +91,16 @@ def trained_conversions(model_name: str, names: list[str] | None = None) -> dict
     for folder in folders:
         if (folder / "tomoe.json").exists():
             meta = read_metadata(folder)
-            if meta.get("model") == model_name and meta.get("budget") is not None:
-                found[round(float(meta["budget"]), 4)] = folder
+            budget = meta.get("budget")
+            if names and meta.get("model") != model_name:
+                raise SystemExit(f"error: {folder} was converted from {meta.get('model')!r}, not {model_name!r}: "
+                                 "pass --model to match")
+            if meta.get("model") == model_name and budget is not None:
+                key = round(float(budget), 4)
+                if names and key in found:
+                    raise SystemExit(f"error: {found[key].name} and {folder.name} are both at budget {key:g}: "
+                                     "name one conversion per budget")
+                found[key] = folder
     return found
 
 
@@ -415,11 +423,12 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--budgets", type=float, nargs="+", default=None,
+                   help="budgets to time (default: 0.3 0.5 0.7, or the budgets of --conversions)")
     p.add_argument("--experts", type=int, default=8, help="experts per layer of untrained conversions")
     p.add_argument("--conversions", nargs="+", default=None, metavar="NAME",
-                   help="trained conversions to time at their budgets (default: the newest one per budget "
-                        "under cache/conversions)")
+                   help="trained conversions to time, each at its own budget (default: the newest one per "
+                        "budget under cache/conversions)")
     p.add_argument("--untrained-only", action="store_true", help="ignore trained conversions in cache/conversions")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -448,6 +457,10 @@ def main(argv=None, description: str = __doc__, defaults: dict | None = None) ->
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
     args.torch_dtype = getattr(torch, args.dtype)
+    if args.conversions and (args.dry_run or args.untrained_only):
+        parser.error("--conversions times trained conversions; it cannot be combined with --dry-run or --untrained-only")
+    if args.budgets is None:
+        args.budgets = sorted(trained_conversions(args.model, args.conversions)) if args.conversions else [0.3, 0.5, 0.7]
     if args.dry_run:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             args.device = "cpu"

@@ -108,6 +108,30 @@ def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_
     assert any("hypernet.safetensors" in e.value for e in at.error), [e.value for e in at.error]
 
 
+def test_budget_explorer_chooses_among_conditioned_conversions_and_skips_rebudgeted_copies(
+        cache_env, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_env, cache)
+    monkeypatch.setenv("TOMOE_CACHE", str(cache))
+    src = cache / "conversions" / studio_fixture.CONVERSION
+    meta = json.loads((src / "tomoe.json").read_text())
+    (src / "tomoe.json").write_text(json.dumps({**meta, "budget_range": [0.3, 1.0], "budget_source": "conditioned"}))
+    for name, extra in (("second-cond", {}), ("cond-at-p0.37", {"derived_from": str(src), "budget": 0.37})):
+        shutil.copytree(src, cache / "conversions" / name)
+        m = json.loads((cache / "conversions" / name / "tomoe.json").read_text())
+        (cache / "conversions" / name / "tomoe.json").write_text(json.dumps({**m, **extra}))
+    at = run_page()
+    assert not at.exception, [e.message for e in at.exception]
+    box = at.selectbox(key="conditioned_conversion")
+    assert sorted(box.options) == sorted([studio_fixture.CONVERSION, "second-cond"])  # the copy is not offered
+    box.set_value("second-cond").run()
+    assert any("**second-cond** is budget-conditioned" in i.value for i in at.info)
+    assert any(b.label.startswith("Materialise second-cond") for b in at.button)
+
+
 def test_budget_explorer_price_changes_cost(cache_env):
     at = run_page()
     at.selectbox(key="hardware").set_value(tradeoff.HARDWARE[0].name).run()
@@ -374,8 +398,26 @@ def test_two_conditioned_conversions_are_never_mixed():
     assert at.perplexity == 33.0 and "log" in at.label
     between = tradeoff.quality_at_budget(pts, "s", 0.45)
     assert "(log)" in between.label and 33.0 < between.perplexity < 40.0
+    assert tradeoff.quality_at_budget(pts, "s", 0.5, conversion="uniform").perplexity == 30.0  # the user's pick
+    # a curve measured only where the others are not is ranked on the budgets all share, and the slider
+    # reads a curve whose span covers the budget
+    extra = pd.DataFrame([{**rows[0], "conversion": "high", "budget": b, "perplexity": p, "active_params": 100 * b}
+                          for b, p in ((0.6, 20.0), (0.7, 15.0), (0.8, 12.0), (0.9, 11.0))])
+    both = pd.concat([pts, extra], ignore_index=True)
+    assert list(tradeoff.conditioned_curves(both))[0] == "high"  # 4 budgets measured
+    assert "(log)" in tradeoff.quality_at_budget(both, "s", 0.45).label  # "high" starts at 0.6
     names = [t.name for t in tradeoff.pareto_figure(pts, "s").data]
     assert "ToMoE, budget-conditioned: log" in names and "ToMoE, budget-conditioned: uniform" in names
+
+
+def test_rebudgeted_copies_join_their_source_curve():
+    res = {"kind": "quality", "model": "m", "conversion": "/c/cond-at-p0.37", "budget": 0.37, "window": 64,
+           "windows": 2, "text": "t", "budget_source": "conditioned", "derived_from": "/c/cond",
+           "results": {"dense": {"perplexity": 10.0, "kl_to_dense": 0.0, "top1_agreement": 1.0},
+                       "tomoe": {"perplexity": 40.0, "kl_to_dense": 1.0, "top1_agreement": 0.5}}}
+    pts = tradeoff.quality_points({"e.json": res}, {})
+    row = pts[pts["variant"] == "tomoe-conditioned"].iloc[0]
+    assert row["conversion"] == "cond"
 
 
 def test_pareto_front_drops_dominated_points():

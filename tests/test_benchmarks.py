@@ -96,3 +96,7 @@ def test_speed_times_the_named_conversions_not_the_newest(tmp_path, monkeypatch)
     assert speed.trained_conversions("m", ["b-p0.5"]) == {0.5: root / "b-p0.5"}
     with pytest.raises(SystemExit, match="no-such is not a converted ToMoE model"):
         speed.trained_conversions("m", ["no-such"])
+    with pytest.raises(SystemExit, match="both at budget 0.5"):
+        speed.trained_conversions("m", ["a-p0.5", "b-p0.5"])
+    with pytest.raises(SystemExit, match="converted from 'm', not 'other'"):
+        speed.trained_conversions("other", ["a-p0.5"])

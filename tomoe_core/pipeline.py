@@ -241,6 +241,7 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
     }
     if meta:
         out["budget_source"] = meta.get("budget_source", "trained")
+        out["derived_from"] = meta.get("derived_from")  # a rebudgeted copy: the conversion it came from
         out["layers"] = meta.get("layers")
         out["accounting"] = meta.get("accounting")
     return out

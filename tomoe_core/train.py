@@ -85,6 +85,9 @@ class ConversionConfig:
                                  f"inside the budget range {lo} {hi}")
         if self.budget_sampling not in BUDGET_SAMPLING:
             raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {self.budget_sampling!r}")
+        if self.budget_sampling != "uniform" and self.budget_range is None:
+            raise ValueError(f"budget sampling {self.budget_sampling!r} spreads steps over a budget range: "
+                             "give one (--budget-range LO HI) or leave the sampling at uniform")
         if self.prune_attention and self.budget_range is not None:
             raise ValueError("prune_attention does not support a budget range (budget-conditioned conversion) yet; "
                              "train attention pruning at one budget, or leave prune_attention off")
@@ -344,7 +347,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             bar.update(1)
-            bar.set_postfix(kl=f"{record['distill']:.3f}", p=f"{record['target']:.2f}", r=f"{record['ratio']:.3f}",
+            bar.set_postfix(kl=f"{record['distill']:.3f}", p=f"{record['target']:.2f}", r=f"{record.get('det_ratio', record['ratio']):.3f}",
                             u=f"{record['union']:.2f}", lb=f"{record['load_balance']:.3f}")
             if progress is not None and rank == 0:
                 progress(step + 1, cfg.steps, record)

@@ -88,7 +88,17 @@ sets = tradeoff.eval_sets(points)
 ui.keep("eval_set", sets[0] if sets else None)
 if sets and st.session_state["eval_set"] not in sets:
     st.session_state["eval_set"] = sets[0]
-quality = tradeoff.quality_at_budget(points, st.session_state["eval_set"], budget) if sets else None
+# budget-conditioned conversions here (not their rebudgeted copies, which have no hypernetwork), best curve first
+conditioned = {c.name: c for c in cat.conversions if c.budget_range and not c.meta.get("derived_from")
+               and c.model == st.session_state["model"] and c.materialised}
+order = list(tradeoff.conditioned_curves(points[points["eval_set"] == st.session_state["eval_set"]])) if sets else []
+conditioned = dict(sorted(conditioned.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+if conditioned:
+    ui.keep("conditioned_conversion", next(iter(conditioned)))
+    if st.session_state["conditioned_conversion"] not in conditioned:
+        st.session_state["conditioned_conversion"] = next(iter(conditioned))
+chosen = st.session_state["conditioned_conversion"] if len(conditioned) > 1 else None
+quality = tradeoff.quality_at_budget(points, st.session_state["eval_set"], budget, conversion=chosen) if sets else None
 
 with cards:
     estimate = "" if hw is None else " (est.)"
@@ -139,13 +149,11 @@ with cards:
                    "or `python -m benchmarks.quality`.")
     st.caption(f"Speed and cost: {speed_label}.")
 
-conditioned = [c for c in cat.conversions if c.budget_range and c.model == st.session_state["model"] and c.materialised]
 if conditioned:
-    order = list(tradeoff.conditioned_curves(points[points["eval_set"] == st.session_state["eval_set"]])) if sets else []
-    conditioned.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))  # best measured first
-    conv = conditioned[0] if len(conditioned) == 1 else st.selectbox(
-        "Budget-conditioned conversion", conditioned, format_func=lambda c: c.name, key="conditioned_conversion",
-        help="best measured curve first")
+    conv = conditioned[st.session_state["conditioned_conversion"]]
+    if len(conditioned) > 1:
+        st.selectbox("Budget-conditioned conversion", list(conditioned), key="conditioned_conversion",
+                     help="best measured curve first; the quality cards above read the chosen one's curve")
     lo, hi = conv.budget_range
     inside = lo - 1e-9 <= budget <= hi + 1e-9
     st.info(f"**{conv.name}** is budget-conditioned: one conversion serves every budget in [{lo:g}, {hi:g}]. "

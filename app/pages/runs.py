@@ -40,8 +40,8 @@ def _job_row(job) -> None:
             frac = min(1.0, (done or 0) / total)
             text = f"{done or 0} / {total} {'steps' if job.kind == 'convert' else 'tokens'}"
             if last:
-                text += (f" · loss {last.get('loss', float('nan')):.3f} · active ratio {last.get('ratio', 0):.3f}"
-                         f" · union {last.get('union', 0):.3f} · {last.get('elapsed_s', 0) / 60:.1f} min")
+                text += (f" · loss {last.get('loss', float('nan')):.3f} · active ratio {last.get('det_ratio', last.get('ratio', 0)):.3f}"
+                         f" · union {last.get('det_union', last.get('union', 0)):.3f} · {last.get('elapsed_s', 0) / 60:.1f} min")
             st.progress(frac, text=text)
         elif state == "running":
             st.progress(0.0, text="starting (loading the model)...")
