@@ -39,6 +39,9 @@ JSON schema (schema_version 1):
   comparison      one per (budget, conversion): {budget, conversion, tomoe_perplexity, best_baseline,
                    best_baseline_perplexity, perplexity_ratio (best baseline / ToMoE, > 1: ToMoE wins),
                    tomoe_kl, best_baseline_kl, tomoe_wins, per_method: {method: baseline ppl / ToMoE ppl}}
+  conditioned_vs_dedicated  one per (budget, conditioned conversion, dedicated conversion at that budget):
+                  {budget, conditioned, dedicated, conditioned_perplexity, dedicated_perplexity,
+                   conditioned_kl, dedicated_kl, perplexity_gap (conditioned / dedicated - 1)}
 """
 from __future__ import annotations
 
@@ -90,6 +93,19 @@ def compare(rows: list[dict]) -> list[dict]:
                     "best_baseline_kl": min(r["kl_to_dense"] for r in base),
                     "tomoe_wins": row["perplexity"] < best["perplexity"],
                     "per_method": {r["method"]: r["perplexity"] / row["perplexity"] for r in base}})
+    return out
+
+
+def conditioned_vs_dedicated(rows: list[dict]) -> list[dict]:
+    """At every budget with both, each budget-conditioned conversion against each conversion trained for
+    that budget alone (learned routing both): gap = conditioned / dedicated perplexity - 1."""
+    out = []
+    for cond in (r for r in rows if r["method"] == "tomoe-conditioned"):
+        for ded in (r for r in rows if r["method"] == "tomoe" and abs(r["budget"] - cond["budget"]) < 1e-6):
+            out.append({"budget": cond["budget"], "conditioned": cond["conversion"], "dedicated": ded["conversion"],
+                        "conditioned_perplexity": cond["perplexity"], "dedicated_perplexity": ded["perplexity"],
+                        "conditioned_kl": cond["kl_to_dense"], "dedicated_kl": ded["kl_to_dense"],
+                        "perplexity_gap": cond["perplexity"] / ded["perplexity"] - 1})
     return out
 
 
@@ -202,6 +218,7 @@ def run(args, log=print) -> dict:
                                    "kl_to_dense": r.kl_to_dense, "top1_agreement": r.top1_agreement,
                                    "seconds": round(r.seconds, 2)})
         result["comparison"] = compare(result["rows"])
+        result["conditioned_vs_dedicated"] = conditioned_vs_dedicated(result["rows"])
         result["seconds"] = round(time.time() - t_start, 1)
         save(result, args.output)
         log(f"[quality] budget {budget}: {len(variants)} variants in {time.time() - t0:.0f} s")
@@ -281,6 +298,9 @@ def format_table(result: dict) -> str:
         lines.append(f"p={c['budget']:g} {c['conversion']}: {verdict}: ToMoE ppl {c['tomoe_perplexity']:.2f} vs best "
                      f"baseline {c['best_baseline']} {c['best_baseline_perplexity']:.2f} "
                      f"(x{c['perplexity_ratio']:.2f}); KL {c['tomoe_kl']:.3f} vs {c['best_baseline_kl']:.3f}")
+    for c in result.get("conditioned_vs_dedicated", []):
+        lines.append(f"p={c['budget']:g} conditioned {c['conditioned']} {c['conditioned_perplexity']:.2f} vs dedicated "
+                     f"{c['dedicated']} {c['dedicated_perplexity']:.2f}: {c['perplexity_gap']:+.1%}")
     return "\n".join(lines)
 
 

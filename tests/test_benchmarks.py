@@ -62,6 +62,21 @@ def test_quality_comparison_names_the_best_baseline_and_the_winner():
     assert "ToMoE wins" in table and "ToMoE loses" in table
 
 
+def test_conditioned_conversions_are_compared_with_dedicated_ones_at_shared_budgets():
+    def row(method, conv, budget, ppl):
+        return {"budget": budget, "method": method, "kind": "tomoe", "conversion": conv, "perplexity": ppl,
+                "kl_to_dense": 1.0, "top1_agreement": 0.5, "active_mlp_ratio": budget, "label": conv}
+    rows = [row("tomoe-conditioned", "cond", 0.4, 110.0), row("tomoe-conditioned", "cond", 0.5, 66.0),
+            row("tomoe-conditioned", "cond", 0.6, 50.0), row("tomoe", "ded-0.4", 0.4, 100.0),
+            row("tomoe", "ded-0.5", 0.5, 60.0), row("tomoe-random-routing", "ded-0.5", 0.5, 120.0)]
+    gaps = quality.conditioned_vs_dedicated(rows)
+    assert [(g["budget"], g["dedicated"]) for g in gaps] == [(0.4, "ded-0.4"), (0.5, "ded-0.5")]  # none at 0.6
+    assert [round(g["perplexity_gap"], 6) for g in gaps] == [0.1, 0.1]
+    result = fake_quality_result()
+    result["conditioned_vs_dedicated"] = gaps
+    assert "conditioned cond 66.00 vs dedicated ded-0.5 60.00: +10.0%" in quality.format_table(result)
+
+
 def test_quality_figure_has_a_trace_per_method_and_panel():
     fig = quality.quality_figure(fake_quality_result())
     assert isinstance(fig, go.Figure)
