@@ -64,7 +64,7 @@ class Conversion:
         return {
             "name": self.name, "model": self.model, "budget": self.budget,
             "budget source": (f"conditioned on {self.budget_range[0]:g}..{self.budget_range[1]:g} "
-                              f"({settings.get('budget_sampling', 'uniform')} sampling)" if self.budget_range
+                              f"({settings.get('budget_sampling') or 'uniform'} sampling)" if self.budget_range
                               else self.meta.get("budget_source", "trained")),
             "experts": self.meta.get("num_experts"), "steps": settings.get("steps"),
             "tokens seen": self.meta.get("tokens_seen"), "train minutes": _minutes(self.meta.get("train_seconds")),

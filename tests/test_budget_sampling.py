@@ -1,4 +1,5 @@
 """How a budget-conditioned run spreads its training steps over the budget range."""
+import json
 import math
 
 import pytest
@@ -45,11 +46,13 @@ def test_sampling_needs_a_range_and_bad_names_are_refused():
     assert {step_budget(ConversionConfig(budget=0.4), s) for s in range(20)} == {0.4}
     with pytest.raises(ValueError, match="spreads steps over a budget range"):
         ConversionConfig(budget=0.4, budget_sampling="log")
+    assert ConversionConfig().budget_sampling is None
+    assert ConversionConfig(budget_range=(0.3, 1.0)).budget_sampling == "log"  # the default with a range
     with pytest.raises(ValueError, match="budget_sampling must be one of uniform, log, inverse"):
         ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="cosine")
-    assert default_conversion_name(ConversionConfig(budget_range=(0.3, 1.0))) == "smollm2-135m-p0.3-1-e8"
-    assert default_conversion_name(ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="log")) == \
-        "smollm2-135m-p0.3-1-log-e8"
+    assert default_conversion_name(ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="uniform")) == \
+        "smollm2-135m-p0.3-1-e8"
+    assert default_conversion_name(ConversionConfig(budget_range=(0.3, 1.0))) == "smollm2-135m-p0.3-1-log-e8"
 
 
 def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
@@ -68,3 +71,17 @@ def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
     assert cfg.budget_range == (0.3, 1.0) and cfg.budget_sampling == "inverse" and cfg.regularise == "sampled"
     assert "--budget-sampling inverse" in seen["command"]
     assert cli.main(["convert", "--budget-sampling", "log"]) == 2  # no range: refused with a message
+    assert cli.main(["convert", "--budget-range", "0.3", "1.0"]) == 0 and seen["cfg"].budget_sampling == "log"
+    assert cli.main(["convert"]) == 0 and seen["cfg"].budget_sampling is None
+
+
+def test_a_range_checkpoint_saved_before_sampling_existed_resumes_only_as_uniform(tmp_path):
+    from dataclasses import asdict
+
+    from tomoe_core.train import CheckpointError, _check_same_settings
+
+    saved = json.loads(json.dumps(asdict(ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="uniform"))))
+    del saved["budget_sampling"]  # tomoe.json / state.json of a conversion made before the option
+    _check_same_settings(saved, ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="uniform"), tmp_path)
+    with pytest.raises(CheckpointError, match="budget_sampling"):
+        _check_same_settings(saved, ConversionConfig(budget_range=(0.3, 1.0)), tmp_path)  # now log by default

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .train import BUDGET_SAMPLING, ConversionConfig
+from .train import BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, ConversionConfig
 
 _DEFAULTS = ConversionConfig()
 
@@ -26,10 +26,10 @@ def _add_convert(sub):
                    help="train one budget-conditioned conversion for every budget in [LO, HI] (e.g. 0.3 1.0); "
                         "--budget is then the one the saved model is materialised at, and `rebudget` "
                         "materialises any other in seconds")
-    p.add_argument("--budget-sampling", choices=BUDGET_SAMPLING, default=_DEFAULTS.budget_sampling,
+    p.add_argument("--budget-sampling", choices=BUDGET_SAMPLING, default=None,
                    help="with --budget-range: how training steps spread over the range: uniform in p, log "
-                        "(uniform in log p) or inverse (uniform in 1/p; most steps on low budgets) "
-                        "(default: %(default)s)")
+                        f"(uniform in log p) or inverse (uniform in 1/p; most steps on low budgets) "
+                        f"(default: {DEFAULT_BUDGET_SAMPLING})")
     p.add_argument("--experts", "-e", type=int, default=_DEFAULTS.num_experts, help="experts per layer (default: %(default)s)")
     p.add_argument("--prune-attention", action="store_true",
                    help="the paper's second stage: also prune attention (static Q/K head dims in rotary pairs, "

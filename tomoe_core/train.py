@@ -38,9 +38,10 @@ from .masked import MaskedModel
 class ConversionConfig:
     budget: float = 0.5  # fraction of prunable MLP parameters active per token (conditioned: the saved model's)
     budget_range: tuple[float, float] | None = None  # (lo, hi): one budget-conditioned hypernetwork for all p
-    # how a conditioned run spreads its steps over the range: "uniform" in p, "log" (uniform in log p) or
-    # "inverse" (uniform in 1/p); the last two spend more steps on low budgets, which have the most to learn
-    budget_sampling: str = "uniform"
+    # how a conditioned run spreads its steps over the range: "uniform" in p, "log" (uniform in log p, the
+    # default with a range) or "inverse" (uniform in 1/p); the last two spend more steps on low budgets,
+    # which have the most to learn. None without a range.
+    budget_sampling: str | None = None
     num_experts: int = 8  # experts per layer
     steps: int = 400  # optimiser steps (CPU default: about 30 min for SmolLM2-135M on 2 cores)
     tokens_per_step: int = 512  # calibration tokens per step
@@ -83,11 +84,13 @@ class ConversionConfig:
             if not lo <= self.budget <= hi:
                 raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
                                  f"inside the budget range {lo} {hi}")
-        if self.budget_sampling not in BUDGET_SAMPLING:
+        if self.budget_sampling is not None and self.budget_sampling not in BUDGET_SAMPLING:
             raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {self.budget_sampling!r}")
-        if self.budget_sampling != "uniform" and self.budget_range is None:
+        if self.budget_range is None and self.budget_sampling is not None:
             raise ValueError(f"budget sampling {self.budget_sampling!r} spreads steps over a budget range: "
-                             "give one (--budget-range LO HI) or leave the sampling at uniform")
+                             "give one (--budget-range LO HI) or leave the sampling out")
+        if self.budget_range is not None and self.budget_sampling is None:
+            self.budget_sampling = DEFAULT_BUDGET_SAMPLING
         if self.prune_attention and self.budget_range is not None:
             raise ValueError("prune_attention does not support a budget range (budget-conditioned conversion) yet; "
                              "train attention pruning at one budget, or leave prune_attention off")
@@ -158,6 +161,7 @@ def budget_quantile(sampling: str, lo: float, hi: float, u: float) -> float:
 
 
 BUDGET_SAMPLING = ("uniform", "log", "inverse")
+DEFAULT_BUDGET_SAMPLING = "log"  # of a budget range; conversions saved before the option existed used "uniform"
 
 
 def noise_scale(cfg: ConversionConfig, step: int) -> float:
@@ -384,6 +388,8 @@ _RESUMABLE = ("steps", "checkpoint_every", "device")  # settings a resumed run m
 
 def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None:
     defaults = json.loads(json.dumps(asdict(ConversionConfig())))  # tuples as JSON lists, like `saved`
+    if saved.get("budget_range") is not None:  # saved before budget_sampling existed: the uniform sweep
+        defaults["budget_sampling"] = "uniform"
     now = json.loads(json.dumps(asdict(cfg)))
     diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
             if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
