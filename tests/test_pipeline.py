@@ -7,7 +7,7 @@ from tiny_models import tiny_model
 from tomoe_core import load_converted
 from tomoe_core.budget import account
 from tomoe_core.models import load_tokenizer
-from tomoe_core.pipeline import materialise_at, rebudget, run_conversion, run_evaluation
+from tomoe_core.pipeline import DEFAULT_ANCHOR_GAP, anchor_budget, materialise_at, rebudget, run_conversion, run_evaluation
 from tomoe_core.train import ConversionConfig
 
 WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
@@ -67,6 +67,17 @@ def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):
         assert abs(account(model).mlp_active_ratio - budget) <= 0.02
         widths.append(info["mask_calibration"]["ratio"])
     assert widths == sorted(widths)
+    # masks are generated DEFAULT_ANCHOR_GAP below the budget (never below the range) and widened to it
+    _model, info, _ = materialise_at(out, 0.6, log=lambda *a: None)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.6 - DEFAULT_ANCHOR_GAP)
+    _model, info, _ = materialise_at(out, 0.32, log=lambda *a: None)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.3)
+    model, info, _ = materialise_at(out, 0.6, log=lambda *a: None, anchor_gap=0.0)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.6)
+    assert abs(account(model).mlp_active_ratio - 0.6) <= 0.02
+    assert anchor_budget(None, 0.6) is None
+    with pytest.raises(ValueError, match="anchor gap must be >= 0"):
+        anchor_budget((0.3, 1.0), 0.6, -0.1)
     # outside the trained range the threshold moves, and says so
     _model, info, _ = materialise_at(out, 0.2, log=lambda *a: None)
     assert info["budget_source"] == "threshold-moved"

@@ -202,9 +202,10 @@ class MaskedModel(nn.Module):
         return active_ratio([m.sum(dim=1).max() for m in masks], self.mask_costs, self.mask_sizes)
 
     @torch.no_grad()
-    def calibrate_shift(self, budget: float, iters: int = 60) -> float:
-        """Global logit shift whose deterministic masks hit `budget` (bisection; ratio is monotone)."""
-        logits = self.mask_logits(budget)
+    def calibrate_shift(self, budget: float, iters: int = 60, generate_at: float | None = None) -> float:
+        """Global logit shift whose deterministic masks hit `budget` (bisection; ratio is monotone).
+        generate_at: (conditioned) the budget the logits are generated for, if not `budget` itself."""
+        logits = self.mask_logits(budget if generate_at is None else generate_at)
         lo, hi = -50.0, 50.0
         for _ in range(iters):
             mid = (lo + hi) / 2

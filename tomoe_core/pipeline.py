@@ -86,7 +86,7 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
         if not summary["finished"] or rank != 0:
             return workdir if not summary["finished"] else output
-        masks, calib = finalize_masks(masked, cfg.budget)
+        masks, calib = finalize_masks(masked, cfg.budget, generate_at=anchor_budget(cfg.budget_range, cfg.budget))
         moe = materialise(masked, masks, cfg.budget)
         report = account(moe)
         meta = {
@@ -143,14 +143,33 @@ def budget_source(meta: dict, budget: float) -> str:
     return "trained" if abs(budget - float(meta["budget"])) < 1e-9 else "threshold-moved"
 
 
+# A conditioned conversion's masks are generated this far below the requested budget and widened to it
+# by the threshold: their channel ranking is better than the one generated at the budget itself
+# (chosen on validation windows, see README "Every budget").
+DEFAULT_ANCHOR_GAP = 0.1
+
+
+def anchor_budget(budget_range, budget: float, anchor_gap: float | None = None) -> float | None:
+    """The budget a conditioned conversion generates its masks for when materialised at `budget`:
+    max(lo, budget - gap), inside the range; None for a single-budget conversion."""
+    if budget_range is None:
+        return None
+    lo, hi = budget_range
+    gap = DEFAULT_ANCHOR_GAP if anchor_gap is None else anchor_gap
+    if gap < 0:
+        raise ValueError(f"anchor gap must be >= 0, got {gap}")
+    return min(max(lo, budget - gap), hi)
+
+
 def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout: str = "decode",
-                   dense=None, log=print):
+                   dense=None, log=print, anchor_gap: float | None = None):
     """A trained conversion materialised at `budget`, in memory: (model, metadata, seconds).
 
-    A budget-conditioned conversion generates the experts for `budget` (then a tiny threshold
-    shift lands the ratio on it exactly); any other conversion moves its mask threshold (no
-    retraining; labelled "threshold-moved"). `dense`: an already loaded dense model to reuse
-    (it is wrapped, so pass a fresh copy or expect it to be consumed).
+    A budget-conditioned conversion generates the experts for max(lo, budget - anchor_gap) and a
+    threshold shift lands the ratio exactly on `budget` (anchor_gap None: the conversion's
+    recommended gap, `DEFAULT_ANCHOR_GAP`; 0: generated at `budget` itself). Any other conversion
+    moves its mask threshold (no retraining; labelled "threshold-moved"). `dense`: an already
+    loaded dense model to reuse (it is wrapped, so pass a fresh copy or expect it to be consumed).
     """
     from safetensors.torch import load_file
 
@@ -171,7 +190,7 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"],
                          budget_range=settings.get("budget_range"), prune_attention=settings.get("prune_attention", False))
     masked.load_trainable_state({k: v.to(device) for k, v in load_file(str(state_path)).items()})
-    masks, calib = finalize_masks(masked, budget)
+    masks, calib = finalize_masks(masked, budget, generate_at=anchor_budget(masked.budget_range, budget, anchor_gap))
     moe = materialise(masked, masks, budget)
     moe.set_layout(layout)
     report = account(moe)

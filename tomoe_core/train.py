@@ -408,14 +408,21 @@ def _truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def finalize_masks(masked: MaskedModel, budget: float) -> tuple[list[torch.Tensor], dict]:
-    """Deterministic masks at the budget: global logit shift by bisection, then report."""
-    raw = masked.deterministic_masks(0.0, budget)
+def finalize_masks(masked: MaskedModel, budget: float, generate_at: float | None = None) -> tuple[list[torch.Tensor], dict]:
+    """Deterministic masks at the budget: global logit shift by bisection, then report.
+
+    generate_at: a conditioned hypernetwork generates the logits for this budget (default: `budget`)
+    and the shift moves them to `budget`."""
+    gen = budget if generate_at is None else generate_at
+    raw = masked.deterministic_masks(0.0, gen)
     raw_ratio = float(masked.ratio_of(raw))
-    shift = masked.calibrate_shift(budget)
-    masks = masked.deterministic_masks(shift, budget)
+    shift = masked.calibrate_shift(budget, generate_at=gen)
+    masks = masked.deterministic_masks(shift, gen)
     ratio = float(masked.ratio_of(masks))
-    return masks, {"raw_ratio": raw_ratio, "shift": shift, "ratio": ratio}
+    info = {"raw_ratio": raw_ratio, "shift": shift, "ratio": ratio}
+    if generate_at is not None:
+        info["generated_at"] = generate_at
+    return masks, info
 
 
 def layer_stats(masks: list[torch.Tensor]) -> list[dict]:
