@@ -67,14 +67,14 @@ def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):
         assert abs(account(model).mlp_active_ratio - budget) <= 0.02
         widths.append(info["mask_calibration"]["ratio"])
     assert widths == sorted(widths)
-    # masks are generated DEFAULT_ANCHOR_GAP below the budget (never below the range) and widened to it
+    # masks are generated `anchor_gap` below the budget (never below the range) and widened to it
     _model, info, _ = materialise_at(out, 0.6, log=lambda *a: None)
     assert info["mask_calibration"]["generated_at"] == pytest.approx(0.6 - DEFAULT_ANCHOR_GAP)
-    _model, info, _ = materialise_at(out, 0.32, log=lambda *a: None)
-    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.3)
-    model, info, _ = materialise_at(out, 0.6, log=lambda *a: None, anchor_gap=0.0)
-    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.6)
+    model, info, _ = materialise_at(out, 0.6, log=lambda *a: None, anchor_gap=0.1)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.5)
     assert abs(account(model).mlp_active_ratio - 0.6) <= 0.02
+    _model, info, _ = materialise_at(out, 0.32, log=lambda *a: None, anchor_gap=0.1)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.3)
     assert anchor_budget(None, 0.6) is None
     with pytest.raises(ValueError, match="anchor gap must be >= 0"):
         anchor_budget((0.3, 1.0), 0.6, -0.1)
