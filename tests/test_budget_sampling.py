@@ -85,3 +85,6 @@ def test_a_range_checkpoint_saved_before_sampling_existed_resumes_only_as_unifor
     _check_same_settings(saved, ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="uniform"), tmp_path)
     with pytest.raises(CheckpointError, match="budget_sampling"):
         _check_same_settings(saved, ConversionConfig(budget_range=(0.3, 1.0)), tmp_path)  # now log by default
+    # a single-budget checkpoint that recorded a sampling (the option's first version did) still resumes
+    single = {**json.loads(json.dumps(asdict(ConversionConfig()))), "budget_sampling": "uniform"}
+    _check_same_settings(single, ConversionConfig(), tmp_path)

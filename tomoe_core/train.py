@@ -352,7 +352,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
                 log_file.flush()
             bar.update(1)
             bar.set_postfix(kl=f"{record['distill']:.3f}", p=f"{record['target']:.2f}", r=f"{record.get('det_ratio', record['ratio']):.3f}",
-                            u=f"{record['union']:.2f}", lb=f"{record['load_balance']:.3f}")
+                            u=f"{record.get('det_union', record['union']):.2f}", lb=f"{record['load_balance']:.3f}")
             if progress is not None and rank == 0:
                 progress(step + 1, cfg.steps, record)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
@@ -390,6 +390,8 @@ def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None
     defaults = json.loads(json.dumps(asdict(ConversionConfig())))  # tuples as JSON lists, like `saved`
     if saved.get("budget_range") is not None:  # saved before budget_sampling existed: the uniform sweep
         defaults["budget_sampling"] = "uniform"
+    else:  # a single-budget run samples no budgets, whatever its settings say
+        saved = {**saved, "budget_sampling": None}
     now = json.loads(json.dumps(asdict(cfg)))
     diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
             if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
