@@ -298,7 +298,7 @@ def format_table(result: dict) -> str:
             cells.append(" / ".join(f"{r['perplexity']:.1f} ({r['kl_to_dense']:.2f}) [{r['active_mlp_ratio']:.2f}]"
                                     for r in rs) or "-")
         lines.append(f"{budget:>6g}  " + "".join(f"{c:>26}" for c in cells))
-    for c in result["comparison"]:
+    for c in result.get("comparison", []):
         verdict = "ToMoE wins" if c["tomoe_wins"] else "ToMoE loses"
         lines.append(f"p={c['budget']:g} {c['conversion']}: {verdict}: ToMoE ppl {c['tomoe_perplexity']:.2f} vs best "
                      f"baseline {c['best_baseline']} {c['best_baseline_perplexity']:.2f} "
