@@ -170,6 +170,11 @@ def noise_scale(cfg: ConversionConfig, step: int) -> float:
     return max(0.0, 1.0 - step / (cfg.noise_anneal * cfg.steps))
 
 
+def _mean_union(masked: MaskedModel, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Fraction of channels some expert keeps (soft: 1 - prod(1 - m)), averaged over the routed layers."""
+    return torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masked.routed_masks(masks)]).mean()
+
+
 def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionConfig, step: int,
                       autocast_dtype=None, micro: int = 0) -> dict[str, torch.Tensor]:
     """All loss terms of one micro-batch. ids: (B, T) on the model's device."""
@@ -201,7 +206,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     reg_masks = det_masks if cfg.regularise == "deterministic" else train_masks
     ratio = masked.ratio_of(reg_masks)
     budget = cfg.lam * torch.log(ratio / target).abs()  # = lam * log(max(r, p) / min(r, p))
-    union = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masked.routed_masks(reg_masks)]).mean()
+    union = _mean_union(masked, reg_masks)
     union_loss = cfg.union_weight * -torch.log(union.clamp_min(1e-6))
     lb_terms = []
     for m in masked.routed_modules():
@@ -217,8 +222,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     if cfg.regularise == "sampled":  # what inference will see, to watch it drift from the regularised masks
         with torch.no_grad():
             out["det_ratio"] = masked.ratio_of(det_masks)
-            out["det_union"] = torch.stack([(1 - torch.prod(1 - m, dim=0)).mean()
-                                            for m in masked.routed_masks(det_masks)]).mean()
+            out["det_union"] = _mean_union(masked, det_masks)
     return out
 
 
