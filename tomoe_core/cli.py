@@ -51,6 +51,9 @@ def _add_convert(sub):
     p.add_argument("--no-init-balance", dest="init_balance", action="store_false",
                    help="cluster init: keep k-means' unequal cluster sizes instead of giving every expert an "
                         "equal share of the calibration tokens")
+    p.add_argument("--prior-scale", type=float, default=_DEFAULTS.prior_scale,
+                   help="cluster init: magnitude of the experts' prior mask logits; smaller lets training move "
+                        "the masks further from the k-means heuristic (default: %(default)s)")
     p.add_argument("--regularise", choices=("deterministic", "sampled"), default=_DEFAULTS.regularise,
                    help="masks the budget and union terms see: the noise-free ones inference uses, or the "
                         "noisy sampled ones as in the paper (default: %(default)s)")
@@ -151,7 +154,7 @@ def _run(args, argv) -> int:
                                budget_sampling=args.budget_sampling, num_experts=args.experts, steps=args.steps,
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
-                               init=args.init, init_balance=args.init_balance, noise_anneal=args.noise_anneal,
+                               init=args.init, init_balance=args.init_balance, prior_scale=args.prior_scale, noise_anneal=args.noise_anneal,
                                regularise=args.regularise, distill=args.distill, text=args.text,
                                seed=args.seed, micro_batches=args.micro_batches,
                                checkpoint_every=args.checkpoint_every, device=args.device,

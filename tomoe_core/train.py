@@ -57,6 +57,10 @@ class ConversionConfig:
     init: str = "cluster"  # "cluster": routers/experts from k-means of MLP inputs; "offset": paper init
     init_tokens: int = 8192  # calibration tokens for cluster init
     init_balance: bool = True  # cluster init: router biases give every expert an equal share of tokens
+    # cluster init: magnitude of the prior mask logits (+s on each expert's channels, -s elsewhere). A large
+    # prior saturates the straight-through sigmoid (slope ~ sigmoid'(s / mask_tau)), so the masks barely move
+    # from the k-means heuristic; a small one lets distillation reshape them.
+    prior_scale: float = 3.0
     noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
     # which masks the budget and union terms see: "deterministic" (noise-free, what inference uses) or
     # "sampled" (the noisy training masks, as in the paper; the deterministic masks may then drift off budget)
@@ -94,6 +98,8 @@ class ConversionConfig:
         if self.prune_attention and self.budget_range is not None:
             raise ValueError("prune_attention does not support a budget range (budget-conditioned conversion) yet; "
                              "train attention pruning at one budget, or leave prune_attention off")
+        if not self.prior_scale > 0:
+            raise ValueError(f"prior_scale must be positive, got {self.prior_scale}")
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
             raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
         if self.regularise not in ("deterministic", "sampled"):
@@ -316,7 +322,8 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
         t0 = time.time()
         n = max(1, cfg.init_tokens // cfg.seq_len)
         calib = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
-        init_info = masked.cluster_init(calib, cfg.budget, seed=cfg.seed, balance=cfg.init_balance)
+        init_info = masked.cluster_init(calib, cfg.budget, prior_scale=cfg.prior_scale, seed=cfg.seed,
+                                        balance=cfg.init_balance)
         init_info["seconds"] = time.time() - t0
         elapsed += init_info["seconds"]
         log(f"[tomoe] cluster init of {len(masked.mlps)} layers from {n * cfg.seq_len} tokens "
