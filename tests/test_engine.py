@@ -260,3 +260,12 @@ def test_cluster_prior_scale_sets_the_prior_and_unsaturates_the_mask_gradient():
     assert grads[1.0] > 3 * grads[3.0]  # about 5x on this tiny model at step 0 (noise also reaches 0)
     with pytest.raises(ValueError, match="prior_scale must be positive"):
         ConversionConfig(prior_scale=0)
+
+
+def test_training_uses_the_configured_prior_scale(tmp_path):
+    mm = MaskedModel(tiny_model("llama"), num_experts=4)
+    stream = torch.randint(3, VOCAB, (3000,), generator=torch.Generator().manual_seed(1))
+    cfg = ConversionConfig(budget=0.5, num_experts=4, steps=1, tokens_per_step=64, seq_len=32, model="tiny",
+                           init_tokens=256, prior_scale=1.5)
+    train_conversion(mm, stream, cfg, tmp_path / "w", show_tqdm=False, log=lambda *a: None)
+    assert set(mm.mask_base(0).unique().tolist()) == {-1.5, 1.5}
