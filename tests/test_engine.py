@@ -240,6 +240,29 @@ def test_sampled_regularisation_sees_the_noisy_masks_and_logs_the_deterministic_
         ConversionConfig(regularise="noisy")
 
 
+def test_mask_noise_sets_the_noise_amplitude_and_its_anneal(tmp_path):
+    """--mask-noise a: logistic noise of amplitude a at step 0, annealed linearly to 0. With all channels at
+    +3 (offset init) noise of amplitude a switches a fraction 1 / (1 + e^(3/a)) of them off in the sampled masks."""
+    from tomoe_core.train import noise_scale
+
+    cfg = ConversionConfig(steps=10, noise_anneal=0.5, mask_noise=0.5)
+    assert [noise_scale(cfg, s) for s in (0, 1, 5, 9)] == pytest.approx([0.5, 0.4, 0.0, 0.0])
+    assert noise_scale(ConversionConfig(noise_anneal=0.0, mask_noise=0.25), 7) == 0.25
+    stream = torch.randint(3, VOCAB, (3000,), generator=torch.Generator().manual_seed(1))
+    first = {}
+    for amp in (3.0, 0.0):
+        mm = MaskedModel(tiny_model("llama"), num_experts=4)
+        cfg = ConversionConfig(budget=0.5, num_experts=4, steps=1, tokens_per_step=64, seq_len=32, init="offset",
+                               noise_anneal=0.0, mask_noise=amp, regularise="sampled", model="tiny")
+        train_conversion(mm, stream, cfg, tmp_path / str(amp), show_tqdm=False, log=lambda *a: None)
+        first[amp] = json.loads((tmp_path / str(amp) / "log.jsonl").read_text().splitlines()[0])
+    assert first[3.0]["noise"] == pytest.approx(3.0) and first[0.0]["noise"] == 0.0
+    assert 0.68 < first[3.0]["ratio"] < 0.78  # 1 - 1 / (1 + e) = 0.73 of the channels stay on
+    assert first[0.0]["ratio"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="mask_noise must be >= 0"):
+        ConversionConfig(mask_noise=-1)
+
+
 def test_cluster_prior_scale_sets_the_prior_and_unsaturates_the_mask_gradient():
     """--prior-scale: the cluster prior is +-s, and a smaller s lets the distillation gradient reach the
     hypernetwork (the straight-through sigmoid's slope at +-3 / tau is ~1e-3 of its slope at 0)."""

@@ -59,6 +59,9 @@ def _add_convert(sub):
                         "noisy sampled ones as in the paper (default: %(default)s)")
     p.add_argument("--noise-anneal", type=float, default=_DEFAULTS.noise_anneal,
                    help="mask noise decays to 0 over this fraction of the steps; 0 keeps it (default: %(default)s)")
+    p.add_argument("--mask-noise", type=float, default=_DEFAULTS.mask_noise,
+                   help="amplitude of the logistic mask noise at step 0; with a smaller --prior-scale S, S/3 "
+                        "flips as few prior entries as the default (default: %(default)s)")
     p.add_argument("--distill", choices=("kl", "ce"), default=_DEFAULTS.distill,
                    help="kl: forward KL to the dense model; ce: next-token cross-entropy (default: %(default)s)")
     p.add_argument("--text", default=_DEFAULTS.text,
@@ -155,7 +158,7 @@ def _run(args, argv) -> int:
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
                                init=args.init, init_balance=args.init_balance, prior_scale=args.prior_scale,
-                               noise_anneal=args.noise_anneal,
+                               noise_anneal=args.noise_anneal, mask_noise=args.mask_noise,
                                regularise=args.regularise, distill=args.distill, text=args.text,
                                seed=args.seed, micro_batches=args.micro_batches,
                                checkpoint_every=args.checkpoint_every, device=args.device,

@@ -62,6 +62,10 @@ class ConversionConfig:
     # from the k-means heuristic; a small one lets distillation reshape them.
     prior_scale: float = 3.0
     noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
+    # amplitude of the logistic mask noise at step 0. Noise of amplitude a flips a prior entry of +-s with
+    # probability 1 / (1 + exp(s / a)), so scaling it with prior_scale (a = s / 3) keeps the default's
+    # ~5 % flips while the weaker prior leaves the masks trainable.
+    mask_noise: float = 1.0
     # which masks the budget and union terms see: "deterministic" (noise-free, what inference uses) or
     # "sampled" (the noisy training masks, as in the paper; the deterministic masks may then drift off budget)
     regularise: str = "deterministic"
@@ -100,6 +104,8 @@ class ConversionConfig:
                              "train attention pruning at one budget, or leave prune_attention off")
         if not self.prior_scale > 0:
             raise ValueError(f"prior_scale must be positive, got {self.prior_scale}")
+        if not self.mask_noise >= 0:
+            raise ValueError(f"mask_noise must be >= 0, got {self.mask_noise}")
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
             raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
         if self.regularise not in ("deterministic", "sampled"):
@@ -171,9 +177,10 @@ DEFAULT_BUDGET_SAMPLING = "log"  # of a budget range; conversions saved before t
 
 
 def noise_scale(cfg: ConversionConfig, step: int) -> float:
+    """Amplitude of the logistic mask noise at `step`: cfg.mask_noise, decaying linearly to 0."""
     if cfg.noise_anneal <= 0:
-        return 1.0
-    return max(0.0, 1.0 - step / (cfg.noise_anneal * cfg.steps))
+        return cfg.mask_noise
+    return cfg.mask_noise * max(0.0, 1.0 - step / (cfg.noise_anneal * cfg.steps))
 
 
 def _mean_union(masked: MaskedModel, masks: list[torch.Tensor]) -> torch.Tensor:
