@@ -36,6 +36,10 @@ def test_convert_evaluate_rebudget(tiny_setup):
     meta = json.loads((out / "tomoe.json").read_text())
     assert meta["tokens_seen"] == 3 * 128 and meta["command"] == "test"
     assert abs(meta["accounting"]["mlp_active_ratio"] - 0.5) <= 0.02
+    # 3 steps barely move the experts off their +-3 cluster prior at p = 0.5
+    moved = [layer["moved_from_prior"] for layer in meta["layers"]]
+    assert meta["moved_from_prior"] == pytest.approx(sum(moved) / len(moved), abs=1e-4)
+    assert 0 <= min(moved) and meta["moved_from_prior"] < 0.1
 
     result = run_evaluation(out, text=str(text), window=64, max_windows=2, baselines=("magnitude", "wanda-sp"),
                             log=lambda *a: None)
@@ -48,6 +52,8 @@ def test_convert_evaluate_rebudget(tiny_setup):
     model, _tok, lower_meta = load_converted(lower)
     assert lower_meta["budget_source"] == "threshold-moved" and lower_meta["trained_budget"] == 0.5
     assert abs(account(model).mlp_active_ratio - 0.3) <= 0.02
+    # no expert is wider than 0.3 now, so at least ~0.2 of each expert's entries left the p = 0.5 prior
+    assert lower_meta["moved_from_prior"] > 0.15
 
 
 def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):

@@ -97,7 +97,7 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "settings": asdict(cfg), "command": command, "world_size": world,
             "tokens_seen": summary["tokens_seen"], "train_seconds": round(summary["train_seconds"], 1),
             "wall_seconds": round(time.time() - t0, 1), "final_losses": summary["last"],
-            "mask_calibration": calib, **mask_stats(masked, masks),
+            "mask_calibration": calib, **mask_stats(masked, masks, cfg.budget),
             "accounting": report.as_dict(), "machine": machine_info(cfg.device), "text": cfg.text,
         }
         save_converted(moe, output, tokenizer, meta)
@@ -113,11 +113,17 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
     return output
 
 
-def mask_stats(masked: MaskedModel, masks: list) -> dict:
-    """tomoe.json's per-layer mask statistics: MLP expert widths and union ("layers") and, with
-    attention pruning, the fraction of Q/K rotary pairs kept and V/O widths ("attention_layers")."""
+def mask_stats(masked: MaskedModel, masks: list, budget: float) -> dict:
+    """tomoe.json's per-layer mask statistics: MLP expert widths, union and the fraction of (expert,
+    channel) entries that differ from the initial prior at `budget` ("layers", with their mean in
+    "moved_from_prior": how far training reshaped the experts) and, with attention pruning, the fraction
+    of Q/K rotary pairs kept and V/O widths ("attention_layers")."""
     mlp, qk, vo = masked.split_masks(masks)
     out = {"layers": layer_stats(mlp)}
+    moved = [float(((m > 0) != (masked.mask_base(l, budget) > 0)).float().mean()) for l, m in enumerate(mlp)]
+    for layer, frac in zip(out["layers"], moved):
+        layer["moved_from_prior"] = round(frac, 4)
+    out["moved_from_prior"] = round(sum(moved) / len(moved), 4)
     if masked.attention is not None:
         out["attention_layers"] = [{"qk_pairs": round(float(q.sum()) / q.numel(), 4), **layer_stats([v])[0]}
                                    for q, v in zip(qk, vo)]
@@ -198,7 +204,7 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     seconds = time.time() - t0
     new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
                 "budget": budget, "budget_source": budget_source(meta, budget), "trained_budget": meta["budget"],
-                "derived_from": str(conversion), "mask_calibration": calib, **mask_stats(masked, masks),
+                "derived_from": str(conversion), "mask_calibration": calib, **mask_stats(masked, masks, budget),
                 "accounting": report.as_dict(), "materialise_seconds": round(seconds, 2)}
     return moe, new_meta, seconds
 
