@@ -6,6 +6,7 @@ import pytest
 from tiny_models import tiny_model
 from tomoe_core import load_converted
 from tomoe_core.budget import account
+from tomoe_core.cli import main
 from tomoe_core.models import load_tokenizer
 from tomoe_core.pipeline import DEFAULT_ANCHOR_GAP, anchor_budget, materialise_at, rebudget, run_conversion, run_evaluation
 from tomoe_core.train import ConversionConfig
@@ -26,7 +27,7 @@ def tiny_setup(tmp_path, monkeypatch):
     return dense, text, tmp_path
 
 
-def test_convert_evaluate_rebudget(tiny_setup):
+def test_convert_evaluate_rebudget(tiny_setup, capsys):
     dense, text, tmp = tiny_setup
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=3, tokens_per_step=128, seq_len=64,
                            init_tokens=512, budget=0.5, num_experts=4, checkpoint_every=2)
@@ -47,6 +48,14 @@ def test_convert_evaluate_rebudget(tiny_setup):
     assert {"dense", "tomoe", "tomoe-random", "magnitude", "wanda-sp"} <= names
     assert any(n.startswith("tomoe-fixed-") for n in names)
     assert result["window"] == 64 and result["windows"] == 2 and result["machine"]["cpu_count"]
+
+    # the command line shows a progress bar over the windows and writes the same result
+    assert main(["evaluate", str(out), "--text", str(text), "--window", "64", "--max-windows", "2",
+                 "--baselines", "none", "--no-routing-modes", "--output", str(tmp / "eval.json")]) == 0
+    err = capsys.readouterr().err
+    assert "evaluate: 100%" in err and "2/2" in err
+    cli_result = json.loads((tmp / "eval.json").read_text())
+    assert cli_result["results"]["tomoe"]["perplexity"] == pytest.approx(result["results"]["tomoe"]["perplexity"])
 
     lower = rebudget(out, 0.3, log=lambda *a: None)
     model, _tok, lower_meta = load_converted(lower)

@@ -174,8 +174,20 @@ def _run(args, argv) -> int:
         return 0
     if args.command == "evaluate":
         baselines = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
-        result = pipeline.run_evaluation(args.conversion, args.model, args.text, args.window, args.max_windows,
-                                         baselines, args.budget, not args.no_routing_modes, args.device)
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="window", desc="evaluate", file=sys.stderr, dynamic_ncols=True)
+
+        def progress(done, total):  # every variant (learned, random, fixed routing, baselines) per window
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            result = pipeline.run_evaluation(args.conversion, args.model, args.text, args.window, args.max_windows,
+                                             baselines, args.budget, not args.no_routing_modes, args.device,
+                                             progress=progress)
+        finally:
+            bar.close()
         name = args.conversion.name if args.conversion else f"baselines-p{result['budget']}"
         _print_eval(result, name, args.output)
         return 0
