@@ -170,24 +170,12 @@ def _run(args, argv) -> int:
             return 0
         print(out)
         if args.evaluate and (out / "tomoe.json").exists():
-            _print_eval(pipeline.run_evaluation(out, device=args.device), out.name)
+            _print_eval(_evaluate_with_progress(out, device=args.device), out.name)
         return 0
     if args.command == "evaluate":
         baselines = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="window", desc="evaluate", file=sys.stderr, dynamic_ncols=True)
-
-        def progress(done, total):  # every variant (learned, random, fixed routing, baselines) per window
-            bar.total = total
-            bar.update(done - bar.n)
-
-        try:
-            result = pipeline.run_evaluation(args.conversion, args.model, args.text, args.window, args.max_windows,
-                                             baselines, args.budget, not args.no_routing_modes, args.device,
-                                             progress=progress)
-        finally:
-            bar.close()
+        result = _evaluate_with_progress(args.conversion, args.model, args.text, args.window, args.max_windows,
+                                         baselines, args.budget, not args.no_routing_modes, args.device)
         name = args.conversion.name if args.conversion else f"baselines-p{result['budget']}"
         _print_eval(result, name, args.output)
         return 0
@@ -225,6 +213,25 @@ def _run(args, argv) -> int:
 
         return run_trace_command(args, argv)
     raise AssertionError(args.command)
+
+
+def _evaluate_with_progress(*args, **kwargs) -> dict:
+    """pipeline.run_evaluation with a progress bar over the held-out windows (each window runs every
+    variant: learned, random and fixed routing, baselines), on stderr."""
+    from tqdm import tqdm
+
+    from . import pipeline
+
+    bar = tqdm(total=None, unit="window", desc="evaluate", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return pipeline.run_evaluation(*args, progress=progress, **kwargs)
+    finally:
+        bar.close()
 
 
 def _print_eval(result: dict, name: str, output: Path | None = None) -> None:
