@@ -53,13 +53,14 @@ from tomoe_core.io import atomic_write_json, safe_name
 from tomoe_core.masked import MaskedModel
 from tomoe_core.pipeline import conversions_dir, machine_info
 from tomoe_core.routing import LAYOUTS, MoEMLP
+from tomoe_core.train import ConversionConfig
 
 
 # -- building the variants ---------------------------------------------------------------------------
 def untrained_conversion(dense, budget: float, num_experts: int, calibration_ids: torch.Tensor):
     """A MoE with cluster-initialised routers and masks thresholded to `budget`, no training."""
     masked = MaskedModel(copy.deepcopy(dense), num_experts)
-    masked.cluster_init(calibration_ids, budget)
+    masked.cluster_init(calibration_ids, budget, prior_scale=ConversionConfig().prior_scale)
     masks = masked.deterministic_masks(masked.calibrate_shift(budget))
     return materialise(masked, masks, budget)
 

@@ -88,3 +88,18 @@ def test_a_range_checkpoint_saved_before_sampling_existed_resumes_only_as_unifor
     # a single-budget checkpoint that recorded a sampling (the option's first version did) still resumes
     single = {**json.loads(json.dumps(asdict(ConversionConfig()))), "budget_sampling": "uniform"}
     _check_same_settings(single, ConversionConfig(), tmp_path)
+
+
+def test_a_checkpoint_saved_before_prior_scale_and_mask_noise_resumes_only_with_their_old_values(tmp_path):
+    """Conversions saved before --prior-scale / --mask-noise existed trained with a +-3 prior and noise of
+    amplitude 1 (since changed to 1.0 / 0.33): resuming one with today's defaults would mix recipes."""
+    from dataclasses import asdict
+
+    from tomoe_core.train import CheckpointError, _check_same_settings
+
+    saved = json.loads(json.dumps(asdict(ConversionConfig())))
+    del saved["prior_scale"], saved["mask_noise"]
+    _check_same_settings(saved, ConversionConfig(prior_scale=3.0, mask_noise=1.0), tmp_path)
+    with pytest.raises(CheckpointError, match="prior_scale.*mask_noise"):
+        _check_same_settings(saved, ConversionConfig(), tmp_path)
+    _check_same_settings(json.loads(json.dumps(asdict(ConversionConfig()))), ConversionConfig(), tmp_path)

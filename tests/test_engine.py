@@ -245,6 +245,8 @@ def test_mask_noise_sets_the_noise_amplitude_and_its_anneal(tmp_path):
     +3 (offset init) noise of amplitude a switches a fraction 1 / (1 + e^(3/a)) of them off in the sampled masks."""
     from tomoe_core.train import noise_scale
 
+    assert ConversionConfig(prior_scale=1.5).mask_noise == 0.5  # default: prior / 3 (~5 % of entries flip)
+    assert ConversionConfig(init="offset").mask_noise == 1.0  # the paper's: +3 offset, amplitude 1
     cfg = ConversionConfig(steps=10, noise_anneal=0.5, mask_noise=0.5)
     assert [noise_scale(cfg, s) for s in (0, 1, 5, 9)] == pytest.approx([0.5, 0.4, 0.0, 0.0])
     assert noise_scale(ConversionConfig(noise_anneal=0.0, mask_noise=0.25), 7) == 0.25
@@ -273,14 +275,14 @@ def test_cluster_prior_scale_sets_the_prior_and_unsaturates_the_mask_gradient():
     for scale in (3.0, 1.0):
         mm = MaskedModel(tiny_model("llama"), num_experts=4)
         cfg = ConversionConfig(budget=0.5, num_experts=4, steps=2, tokens_per_step=64, seq_len=32, model="tiny",
-                               prior_scale=scale)
+                               prior_scale=scale, mask_noise=0.0)
         mm.cluster_init(stream[:256].view(8, 32), cfg.budget, prior_scale=cfg.prior_scale, seed=0)
         for l in range(len(mm.mlps)):
             assert set(mm.mask_base(l).unique().tolist()) == {-scale, scale}
         terms = conversion_losses(mm, stream[:64].view(2, 32), cfg, step=0)
         terms["distill"].backward()
         grads[scale] = sum(float(p.grad.norm()) for p in mm.hypernet.parameters() if p.grad is not None)
-    assert grads[1.0] > 3 * grads[3.0]  # about 5x on this tiny model at step 0 (noise also reaches 0)
+    assert grads[1.0] > 20 * grads[3.0]  # about 80x on this tiny model at step 0 without mask noise
     with pytest.raises(ValueError, match="prior_scale must be positive"):
         ConversionConfig(prior_scale=0)
 

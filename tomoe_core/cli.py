@@ -59,9 +59,9 @@ def _add_convert(sub):
                         "noisy sampled ones as in the paper (default: %(default)s)")
     p.add_argument("--noise-anneal", type=float, default=_DEFAULTS.noise_anneal,
                    help="mask noise decays to 0 over this fraction of the steps; 0 keeps it (default: %(default)s)")
-    p.add_argument("--mask-noise", type=float, default=_DEFAULTS.mask_noise,
-                   help="amplitude of the logistic mask noise at step 0; with a smaller --prior-scale S, S/3 "
-                        "flips as few prior entries as the default (default: %(default)s)")
+    p.add_argument("--mask-noise", type=float, default=None,
+                   help="amplitude of the logistic mask noise at step 0 (default: --prior-scale / 3, or 1 with "
+                        "--init offset: noise that flips about 5 %% of the prior's entries)")
     p.add_argument("--distill", choices=("kl", "ce"), default=_DEFAULTS.distill,
                    help="kl: forward KL to the dense model; ce: next-token cross-entropy (default: %(default)s)")
     p.add_argument("--text", default=_DEFAULTS.text,

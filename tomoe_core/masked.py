@@ -249,7 +249,7 @@ class MaskedModel(nn.Module):
 
     # -- cluster initialisation -----------------------------------------------------------------
     @torch.no_grad()
-    def cluster_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float = 3.0,
+    def cluster_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float,
                      seed: int = 0, progress=None, balance: bool = True) -> dict:
         """Initialise routers and expert priors from k-means clusters of each layer's MLP inputs.
 
@@ -323,7 +323,7 @@ class MaskedModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def attention_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float = 3.0) -> None:
+    def attention_init(self, calibration_ids: torch.Tensor, budget: float, prior_scale: float) -> None:
         """Attention priors at the budget: +s on the top p of Q/K pairs by |q||k| energy and of value
         channels by |v| x ||o_proj columns|| (the same for every V/O expert), -s elsewhere."""
         from .attention import energy_priors

@@ -59,13 +59,15 @@ class ConversionConfig:
     init_balance: bool = True  # cluster init: router biases give every expert an equal share of tokens
     # cluster init: magnitude of the prior mask logits (+s on each expert's channels, -s elsewhere). A large
     # prior saturates the straight-through sigmoid (slope ~ sigmoid'(s / mask_tau)), so the masks barely move
-    # from the k-means heuristic; a small one lets distillation reshape them.
-    prior_scale: float = 3.0
+    # from the k-means heuristic (+-3, the first default: 4.6 % of the entries moved in 400 steps); a small
+    # one lets distillation reshape them.
+    prior_scale: float = 1.0
     noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
     # amplitude of the logistic mask noise at step 0. Noise of amplitude a flips a prior entry of +-s with
-    # probability 1 / (1 + exp(s / a)), so scaling it with prior_scale (a = s / 3) keeps the default's
-    # ~5 % flips while the weaker prior leaves the masks trainable.
-    mask_noise: float = 1.0
+    # probability 1 / (1 + exp(s / a)): a = s / 3 (the default: prior_scale / 3, or offset / 3 with the
+    # paper's init) flips ~5 % of them, as amplitude 1 did on the +-3 prior; amplitude 1 on a +-1 prior
+    # flips 27 % and costs quality at every budget.
+    mask_noise: float | None = None
     # which masks the budget and union terms see: "deterministic" (noise-free, what inference uses) or
     # "sampled" (the noisy training masks, as in the paper; the deterministic masks may then drift off budget)
     regularise: str = "deterministic"
@@ -104,6 +106,8 @@ class ConversionConfig:
                              "train attention pruning at one budget, or leave prune_attention off")
         if not self.prior_scale > 0:
             raise ValueError(f"prior_scale must be positive, got {self.prior_scale}")
+        if self.mask_noise is None:
+            self.mask_noise = (self.offset if self.init == "offset" else self.prior_scale) / 3
         if not self.mask_noise >= 0:
             raise ValueError(f"mask_noise must be >= 0, got {self.mask_noise}")
         if self.steps < 1 or self.tokens_per_step < self.seq_len:
@@ -404,8 +408,13 @@ def _barrier(world: int) -> None:
 _RESUMABLE = ("steps", "checkpoint_every", "device")  # settings a resumed run may change
 
 
+# settings added after conversions had been saved, with the behaviour those conversions had
+LEGACY_SETTINGS = {"prior_scale": 3.0, "mask_noise": 1.0}
+
+
 def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None:
     defaults = json.loads(json.dumps(asdict(ConversionConfig())))  # tuples as JSON lists, like `saved`
+    defaults.update(LEGACY_SETTINGS)  # what a checkpoint saved before a setting existed trained with
     if saved.get("budget_range") is not None:  # saved before budget_sampling existed: the uniform sweep
         defaults["budget_sampling"] = "uniform"
     else:  # a single-budget run samples no budgets, whatever its settings say
