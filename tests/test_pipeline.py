@@ -37,7 +37,7 @@ def test_convert_evaluate_rebudget(tiny_setup, capsys):
     meta = json.loads((out / "tomoe.json").read_text())
     assert meta["tokens_seen"] == 3 * 128 and meta["command"] == "test"
     assert abs(meta["accounting"]["mlp_active_ratio"] - 0.5) <= 0.02
-    # 3 steps barely move the experts off their +-3 cluster prior at p = 0.5
+    # 3 steps barely move the experts off their (default +-1) cluster prior at p = 0.5
     moved = [layer["moved_from_prior"] for layer in meta["layers"]]
     assert meta["moved_from_prior"] == pytest.approx(sum(moved) / len(moved), abs=1e-4)
     assert 0 <= min(moved) and meta["moved_from_prior"] < 0.1
