@@ -179,9 +179,10 @@ def test_trace_cli(converted, routing_cache, capsys, tmp_path):
 
     text = tmp_path / "notes.txt"
     text.write_text("First document here.\n\nSecond one, shorter.")
-    assert main(["trace", str(converted), "--text", str(text), "--quiet", "--run-id", "cli"]) == 0
-    out = capsys.readouterr().out
-    assert "rows" in out and "bytes/row" in out
+    assert main(["trace", str(converted), "--text", str(text), "--run-id", "cli"]) == 0
+    captured = capsys.readouterr()
+    assert "rows" in captured.out and "bytes/row" in captured.out
+    assert "trace" in captured.err and "tok" in captured.err  # the progress bar, on stderr
     meta = read_run_meta("cli")
     assert meta["text"]["documents"] == 2 and meta["command"].startswith("python -m tomoe_core trace")
     assert main(["trace", str(tmp_path / "missing"), "--quiet"]) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -215,23 +216,34 @@ def _run(args, argv) -> int:
     raise AssertionError(args.command)
 
 
-def _evaluate_with_progress(*args, **kwargs) -> dict:
-    """pipeline.run_evaluation with a progress bar over the held-out windows (each window runs every
-    variant: learned, random and fixed routing, baselines), on stderr."""
+@contextlib.contextmanager
+def progress_bar(desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar on stderr, yielded as a `progress(done, total)` callback (None when not enabled),
+    the shape every long engine call takes."""
+    if not enabled:
+        yield None
+        return
     from tqdm import tqdm
 
-    from . import pipeline
-
-    bar = tqdm(total=None, unit="window", desc="evaluate", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=None, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
     def progress(done, total):
         bar.total = total
         bar.update(done - bar.n)
 
     try:
-        return pipeline.run_evaluation(*args, progress=progress, **kwargs)
+        yield progress
     finally:
         bar.close()
+
+
+def _evaluate_with_progress(*args, **kwargs) -> dict:
+    """pipeline.run_evaluation with a progress bar over the held-out windows (each window runs every
+    variant: learned, random and fixed routing, baselines), on stderr."""
+    from . import pipeline
+
+    with progress_bar("evaluate", "window") as progress:
+        return pipeline.run_evaluation(*args, progress=progress, **kwargs)
 
 
 def _print_eval(result: dict, name: str, output: Path | None = None) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 
@@ -42,29 +41,16 @@ def add_trace_parser(subparsers) -> None:
 def run_trace_command(args, argv: list[str] | None = None) -> int:
     import os
 
+    from .cli import progress_bar
     from .trace import read_run_meta, trace_run
 
-    progress = None
-    bar = None
     first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
-    if not args.quiet and first_rank:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="tok", desc="trace", file=sys.stderr)
-
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-
     command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv) if argv else None
-    try:
+    with progress_bar("trace", "tok", enabled=not args.quiet and first_rank) as progress:
         path = trace_run(args.conversion, source=args.text, split=args.split, prompts=args.prompts,
                          max_tokens=args.max_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                          device=args.device, layout=args.layout, run_id=args.run_id, overwrite=args.overwrite,
                          progress=progress, command=command, compare_untraced=args.compare_untraced)
-    finally:
-        if bar is not None:
-            bar.close()
     if not first_rank:
         return 0
     meta = read_run_meta(path)
