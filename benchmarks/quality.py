@@ -65,7 +65,7 @@ from tomoe_core.evaluate import evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
 from tomoe_core.masked import MaskedModel
 from tomoe_core.models import load_dense
-from tomoe_core.pipeline import DEFAULT_ANCHOR_GAP, budget_source, conversions_dir, machine_info, materialise_at
+from tomoe_core.pipeline import budget_source, calibrated_gap, conversions_dir, machine_info, materialise_at
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SCHEMA_VERSION = 1
@@ -183,11 +183,13 @@ def run(args, log=print) -> dict:
         for folder, method in derived:
             digest = conversion_digest(read_metadata(folder))
             old = reuse.get((budget, method, digest))
-            if old is not None and (method != "tomoe-conditioned" or old.get("anchor_gap", 0.0) == args.anchor_gap):
+            gap = (args.anchor_gap if args.anchor_gap is not None
+                   else calibrated_gap(read_metadata(folder).get("anchor_gaps"), budget))
+            if old is not None and (method != "tomoe-conditioned" or old.get("anchor_gap", 0.0) == gap):
                 result["rows"].append(old)
                 continue
             moe, meta, seconds = materialise_at(folder, budget, device=args.device, layout="memory", log=log,
-                                                anchor_gap=args.anchor_gap)
+                                                anchor_gap=gap)
             key = f"{method}:{folder.name}"
             variants[key] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
             source = meta["budget_source"]
@@ -196,7 +198,7 @@ def run(args, log=print) -> dict:
                          "conversion_digest": digest, "active_mlp_ratio": account(moe).mlp_active_ratio,
                          "budget_source": source, "materialise_seconds": round(seconds, 2)}
             if method == "tomoe-conditioned":
-                info[key].update(anchor_gap=args.anchor_gap, generated_at=meta["mask_calibration"]["generated_at"])
+                info[key].update(anchor_gap=gap, generated_at=meta["mask_calibration"]["generated_at"])
         todo = [m for m in methods if (budget, m, None) not in reuse]
         if stats is None and any(m in ("wanda-sp", "flap") for m in todo):
             n = max(1, args.calibration_tokens // 512)
@@ -324,9 +326,10 @@ def main(argv=None) -> int:
     p.add_argument("--fallback-from", nargs="*", default=[], metavar="NAME",
                    help="single-budget conversions (folder names in cache/conversions) to re-threshold to every "
                         "other budget: the no-retraining fallback")
-    p.add_argument("--anchor-gap", type=float, default=DEFAULT_ANCHOR_GAP,
+    p.add_argument("--anchor-gap", type=float, default=None,
                    help="a conditioned conversion generates its masks this far below each budget, then widens "
-                        "them to it (0: at the budget itself; default: %(default)s)")
+                        "them to it (0: at the budget itself; default: the gaps its anchor calibration recorded, "
+                        "else 0)")
     p.add_argument("--reuse", action="store_true",
                    help="keep rows of an earlier result on the same windows; evaluate only new variants")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

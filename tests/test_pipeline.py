@@ -4,11 +4,12 @@ import json
 import pytest
 
 from tiny_models import tiny_model
-from tomoe_core import load_converted
+from tomoe_core import load_converted, pipeline
 from tomoe_core.budget import account
 from tomoe_core.cli import main
 from tomoe_core.models import load_tokenizer
-from tomoe_core.pipeline import DEFAULT_ANCHOR_GAP, anchor_budget, materialise_at, rebudget, run_conversion, run_evaluation
+from tomoe_core.pipeline import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, materialise_at,
+                                 rebudget, run_conversion, run_evaluation)
 from tomoe_core.train import ConversionConfig
 
 WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
@@ -65,13 +66,27 @@ def test_convert_evaluate_rebudget(tiny_setup, capsys):
     assert lower_meta["moved_from_prior"] > 0.15
 
 
-def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):
+def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup, monkeypatch):
     dense, text, tmp = tiny_setup
+    # the tiny text's held-out split has a few windows, not the 60 reserved for reporting on real text
+    monkeypatch.setattr(pipeline, "ANCHOR_SKIP_WINDOWS", 0)
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=4, tokens_per_step=128, seq_len=64,
                            init_tokens=512, budget=0.5, budget_range=(0.3, 1.0), num_experts=4)
-    out = run_conversion(cfg, tmp / "cond", show_tqdm=False, log=lambda *a: None, command="test")
+    lines = []
+    out = run_conversion(cfg, tmp / "cond", show_tqdm=False, log=lines.append, command="test")
     meta = json.loads((out / "tomoe.json").read_text())
     assert meta["budget_source"] == "conditioned" and meta["budget_range"] == [0.3, 1.0]
+    # the finished conversion calibrated its anchor: one gap per budget of the range, measured on
+    # validation windows, and its own saved experts use the gap chosen for p = 0.5
+    gaps = meta["anchor_gaps"]
+    assert set(gaps) == {"0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"} and set(gaps.values()) <= {0.0, 0.1, 0.2}
+    rows = meta["anchor_calibration"]["rows"]
+    assert len(rows) == 7 * 3 - 2 - 1  # at 0.3 every gap generates at the floor, at 0.4 gaps 0.1 and 0.2 do
+    assert meta["anchor_calibration"]["windows"] >= 1 and meta["anchor_calibration"]["window"] == 128
+    best = min((r for r in rows if r["budget"] == 0.5), key=lambda r: r["kl_to_dense"])
+    assert gaps["0.5"] == best["gap"] and all(r["kl_to_dense"] > 0 for r in rows)
+    assert meta["mask_calibration"]["generated_at"] == pytest.approx(max(0.3, 0.5 - gaps["0.5"]))
+    assert any("anchor gaps" in str(line) for line in lines)
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     targets = [row["target"] for row in log]
     assert len(set(targets)) == 4 and all(0.3 <= t <= 1.0 for t in targets)  # every step its own budget
@@ -83,8 +98,8 @@ def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):
         widths.append(info["mask_calibration"]["ratio"])
     assert widths == sorted(widths)
     # masks are generated `anchor_gap` below the budget (never below the range) and widened to it
-    _model, info, _ = materialise_at(out, 0.6, log=lambda *a: None)
-    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.6 - DEFAULT_ANCHOR_GAP)
+    _model, info, _ = materialise_at(out, 0.6, log=lambda *a: None)  # the calibrated gap
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.6 - gaps["0.6"])
     model, info, _ = materialise_at(out, 0.6, log=lambda *a: None, anchor_gap=0.1)
     assert info["mask_calibration"]["generated_at"] == pytest.approx(0.5)
     assert abs(account(model).mlp_active_ratio - 0.6) <= 0.02
@@ -99,3 +114,38 @@ def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup):
     # a single-budget conversion's hypernetwork must not be asked for conditioning it never had
     with pytest.raises(ValueError, match="budget range"):
         ConversionConfig(budget=0.2, budget_range=(0.3, 1.0))
+
+
+def test_calibrated_gap_takes_the_nearest_calibrated_budget():
+    gaps = {"0.4": 0.0, "0.6": 0.1, "0.8": 0.2}
+    assert calibrated_gap(None, 0.7) == DEFAULT_ANCHOR_GAP == 0.0
+    assert calibrated_gap(gaps, 0.62) == 0.1 and calibrated_gap(gaps, 0.95) == 0.2
+    assert calibrated_gap(gaps, 0.5) == 0.0  # a tie goes to the lower budget: the smaller widening
+    assert anchor_budget((0.3, 1.0), 0.9, anchor_gaps=gaps) == pytest.approx(0.7)
+    assert anchor_budget((0.3, 1.0), 0.9, 0.0, anchor_gaps=gaps) == pytest.approx(0.9)  # an explicit gap wins
+
+
+def test_calibrate_anchor_cli_records_the_gaps_or_only_prints_them(tiny_setup, capsys):
+    dense, text, tmp = tiny_setup
+    cfg = ConversionConfig(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64,
+                           init_tokens=512, budget=0.5, budget_range=(0.3, 1.0), num_experts=4)
+    out = run_conversion(cfg, tmp / "cond", show_tqdm=False, log=lambda *a: None, anchor_windows=0)
+    assert "anchor_gaps" not in json.loads((out / "tomoe.json").read_text())  # 0 windows: not calibrated
+    args = ["calibrate-anchor", str(out), "--budgets", "0.4", "0.7", "--gaps", "0", "0.1", "0.3",
+            "--windows", "2", "--window", "32", "--skip-windows", "1"]
+    assert main([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("p=0.4 ") == 2 and printed.out.count("p=0.7 ") == 3 and "dry run" in printed.out
+    assert "calibrate" in printed.err  # the progress bar
+    assert "anchor_gaps" not in json.loads((out / "tomoe.json").read_text())
+    assert main(args) == 0
+    meta = json.loads((out / "tomoe.json").read_text())
+    assert set(meta["anchor_gaps"]) == {"0.4", "0.7"} and meta["anchor_calibration"]["skip_windows"] == 1
+    _model, info, _ = materialise_at(out, 0.65, log=lambda *a: None)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.65 - meta["anchor_gaps"]["0.7"])
+    # a single-budget conversion has nothing to anchor
+    single = run_conversion(ConversionConfig(model=str(dense), text=str(text), steps=1, tokens_per_step=128,
+                                             seq_len=64, init_tokens=512, num_experts=2),
+                            tmp / "single", show_tqdm=False, log=lambda *a: None)
+    assert main(["calibrate-anchor", str(single)]) == 2
+    assert "not budget-conditioned" in capsys.readouterr().err

@@ -77,6 +77,11 @@ def _add_convert(sub):
     p.add_argument("--output", type=Path, default=None,
                    help="output folder (default: cache/conversions/MODEL-pBUDGET-eEXPERTS)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the saved conversion afterwards")
+    p.add_argument("--anchor-windows", type=int, default=None,
+                   help="with --budget-range: validation windows of the held-out text (after the first 60, which "
+                        "evaluate reports on) on which the finished conversion measures how far below each budget "
+                        "to generate its experts before widening them (see calibrate-anchor); 0 skips it "
+                        "(default: 4)")
 
 
 def _add_evaluate(sub):
@@ -120,6 +125,27 @@ def _add_rebudget(sub):
     p.add_argument("--output", type=Path, default=None, help="output folder (default: beside the conversion)")
 
 
+def _add_calibrate_anchor(sub):
+    p = sub.add_parser("calibrate-anchor",
+                       help="measure and record how far below each budget a conditioned conversion generates its experts",
+                       description="For every budget in the conversion's range and every gap, generate the experts "
+                                   "at max(lo, p - gap), widen them to p by the mask threshold and measure KL to the "
+                                   "dense model on validation windows of the held-out text (those after the first "
+                                   "--skip-windows, which evaluate and benchmarks.quality report on). The gap with the "
+                                   "lowest KL per budget is written to tomoe.json (anchor_gaps) and used by every "
+                                   "later materialisation (rebudget, the studio's slider). convert --budget-range "
+                                   "runs this at its end.")
+    p.add_argument("conversion", type=Path, help="a budget-conditioned conversion folder")
+    p.add_argument("--budgets", type=float, nargs="+", default=None, help="default: 0.3 0.4 ... 0.9 inside the range")
+    p.add_argument("--gaps", type=float, nargs="+", default=None, help="default: 0 0.1 0.2")
+    p.add_argument("--windows", type=int, default=4, help="validation windows (default: %(default)s)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
+    p.add_argument("--skip-windows", type=int, default=60,
+                   help="held-out windows reserved for reporting, never used here (default: %(default)s)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true", help="measure and print, but leave tomoe.json as it is")
+
+
 def _add_account(sub):
     p = sub.add_parser("account", help="active parameters and FLOPs per token of a dense or converted model")
     p.add_argument("model", help="converted folder, or a dense model name/path")
@@ -133,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_generate(sub)
     _add_rebudget(sub)
+    _add_calibrate_anchor(sub)
     _add_account(sub)
     from .trace_cli import add_trace_parser
 
@@ -165,7 +192,7 @@ def _run(args, argv) -> int:
                                checkpoint_every=args.checkpoint_every, device=args.device,
                                model=args.model, prune_attention=args.prune_attention)
         command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
-        out = pipeline.run_conversion(cfg, args.output, command=command)
+        out = pipeline.run_conversion(cfg, args.output, command=command, anchor_windows=args.anchor_windows)
         from .train import dist_info
         if dist_info()[0] != 0:
             return 0
@@ -193,6 +220,19 @@ def _run(args, argv) -> int:
         print(f"tomoe: {args.prompt}{res['moe_text']}")
         div = res["first_divergence"]
         print("identical" if div is None else f"first divergence at generated token {div}")
+        return 0
+    if args.command == "calibrate-anchor":
+        kwargs = {k: v for k, v in (("budgets", args.budgets), ("gaps", args.gaps)) if v is not None}
+        with progress_bar("calibrate", "variant") as progress:
+            calib = pipeline.record_anchor_calibration(args.conversion, args.device, args.windows, args.window,
+                                                       args.skip_windows, progress=progress, record=not args.dry_run,
+                                                       log=lambda *a: None, **kwargs)
+        for r in calib["rows"]:
+            print(f"p={r['budget']:g} gap {r['gap']:g} (generated at {r['generated_at']:.2f}): perplexity "
+                  f"{r['perplexity']:8.2f}  KL {r['kl_to_dense']:.3f}  agreement {r['top1_agreement']:.3f}")
+        print(f"anchor gaps (lowest KL per budget): {calib['anchor_gaps']} on {calib['windows']} windows x "
+              f"{calib['window']} in {calib['seconds']:.0f} s" + (" (dry run: not recorded)" if args.dry_run else
+                                                                 f"; recorded in {args.conversion / 'tomoe.json'}"))
         return 0
     if args.command == "rebudget":
         print(pipeline.rebudget(args.conversion, args.budget, args.output))

@@ -63,8 +63,11 @@ def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
 
 
 def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=None, show_tqdm=True,
-                   log=print, command: str | None = None) -> Path:
+                   log=print, command: str | None = None, anchor_windows: int | None = None) -> Path:
     """Train a conversion (resuming if a checkpoint exists), materialise and save it. Returns the folder.
+
+    A budget-conditioned conversion is then calibrated (`calibrate_anchor`) on `anchor_windows`
+    validation windows (default ANCHOR_WINDOWS; 0: not calibrated, masks generated at the budget).
 
     Under `torchrun --nproc_per_node N` every process trains a DDP replica on its own shard of the
     calibration text; rank 0 writes checkpoints, the log and the converted model.
@@ -86,7 +89,12 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
         if not summary["finished"] or rank != 0:
             return workdir if not summary["finished"] else output
-        masks, calib = finalize_masks(masked, cfg.budget, generate_at=anchor_budget(cfg.budget_range, cfg.budget))
+        anchor = None
+        if cfg.budget_range is not None:
+            anchor = _calibrate_after_training(masked, tokenizer, cfg, ANCHOR_WINDOWS if anchor_windows is None
+                                               else anchor_windows, log)
+        masks, calib = finalize_masks(masked, cfg.budget, generate_at=anchor_budget(
+            cfg.budget_range, cfg.budget, anchor_gaps=anchor["anchor_gaps"] if anchor else None))
         moe = materialise(masked, masks, cfg.budget)
         report = account(moe)
         meta = {
@@ -100,6 +108,9 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "mask_calibration": calib, **mask_stats(masked, masks, cfg.budget),
             "accounting": report.as_dict(), "machine": machine_info(cfg.device), "text": cfg.text,
         }
+        if anchor:
+            meta["anchor_gaps"] = anchor.pop("anchor_gaps")
+            meta["anchor_calibration"] = anchor
         save_converted(moe, output, tokenizer, meta)
         _copy_artefact(workdir / "log.jsonl", output / TRAINING_LOG)
         # the trained hypernetwork + routers stay beside the model: other budgets re-threshold it
@@ -150,39 +161,120 @@ def budget_source(meta: dict, budget: float) -> str:
 
 
 # How far below the requested budget a conditioned conversion generates its masks before the threshold
-# widens them to the budget. Measured on validation windows (`python -m benchmarks.anchor_gap`, README
-# "Every budget"): a gap of 0.1 helped at p = 0.7 and hurt at 0.4 and 0.5, so the default generates at
-# the budget itself.
+# widens them to the budget, when the conversion carries no calibration of its own (`anchor_gaps` in
+# tomoe.json, written by `calibrate_anchor`): generate at the budget itself.
 DEFAULT_ANCHOR_GAP = 0.0
+# What `calibrate_anchor` tries: gaps per budget, on validation windows of the held-out text that come
+# after the first ANCHOR_SKIP_WINDOWS (those are what `evaluate` and benchmarks.quality report on).
+ANCHOR_GAPS = (0.0, 0.1, 0.2)
+ANCHOR_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+ANCHOR_SKIP_WINDOWS = 60
+ANCHOR_WINDOWS = 4
 
 
-def anchor_budget(budget_range, budget: float, anchor_gap: float | None = None) -> float | None:
+def calibrated_gap(anchor_gaps: dict | None, budget: float) -> float:
+    """The gap a conversion's calibration chose for the calibrated budget nearest to `budget`
+    (the lower one on a tie); DEFAULT_ANCHOR_GAP without a calibration."""
+    if not anchor_gaps:
+        return DEFAULT_ANCHOR_GAP
+    nearest = min(anchor_gaps, key=lambda b: (abs(float(b) - budget), float(b)))
+    return float(anchor_gaps[nearest])
+
+
+def anchor_budget(budget_range, budget: float, anchor_gap: float | None = None,
+                  anchor_gaps: dict | None = None) -> float | None:
     """The budget a conditioned conversion generates its masks for when materialised at `budget`:
-    max(lo, budget - gap), inside the range; None for a single-budget conversion."""
+    max(lo, budget - gap), inside the range; None for a single-budget conversion. gap: `anchor_gap`
+    if given, else the calibrated gap (`anchor_gaps`, see `calibrated_gap`)."""
     if budget_range is None:
         return None
     lo, hi = budget_range
-    gap = DEFAULT_ANCHOR_GAP if anchor_gap is None else anchor_gap
+    gap = calibrated_gap(anchor_gaps, budget) if anchor_gap is None else anchor_gap
     if gap < 0:
         raise ValueError(f"anchor gap must be >= 0, got {gap}")
     return min(max(lo, budget - gap), hi)
 
 
-def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout: str = "decode",
-                   dense=None, log=print, anchor_gap: float | None = None):
-    """A trained conversion materialised at `budget`, in memory: (model, metadata, seconds).
+def anchor_windows(tokenizer, model_name: str, text: str, window: int = 512, count: int = ANCHOR_WINDOWS,
+                   skip: int = ANCHOR_SKIP_WINDOWS) -> torch.Tensor:
+    """Validation windows for the anchor calibration: held-out windows `skip`.. `skip + count`.
+    Raises TextSourceError when the held-out text is too short for one of them."""
+    from .data import TextSourceError
 
-    A budget-conditioned conversion generates the experts for max(lo, budget - anchor_gap) and a
-    threshold shift lands the ratio exactly on `budget` (anchor_gap None: the conversion's
-    recommended gap, `DEFAULT_ANCHOR_GAP`; 0: generated at `budget` itself). Any other conversion
-    moves its mask threshold (no retraining; labelled "threshold-moved"). `dense`: an already
-    loaded dense model to reuse (it is wrapped, so pass a fresh copy or expect it to be consumed).
-    """
+    stream = cached_stream(tokenizer, text, "heldout", None, safe_name(Path(model_name).name))
+    held = make_windows(stream, window, skip + count)[skip:]
+    if held.shape[0] == 0:
+        raise TextSourceError(f"the held-out text of {text!r} has {stream.numel()} tokens: no window of {window} "
+                              f"after the first {skip} (reserved for reporting)")
+    return held
+
+
+def calibrate_anchor(masked: MaskedModel, windows: torch.Tensor, budgets=ANCHOR_BUDGETS, gaps=ANCHOR_GAPS,
+                     device: str = "cpu", progress=None) -> dict:
+    """Measure, for a budget-conditioned conversion, at which budget its hypernetwork should generate
+    the experts that the threshold then widens to each requested budget.
+
+    For every budget inside the range and every gap, the masks are generated at max(lo, p - gap),
+    widened to p and evaluated against the dense model on `windows` (one variant in memory at a
+    time). Returns {"anchor_gaps": {p: gap with the lowest KL to dense}, "rows": [...]}."""
+    lo, hi = masked.budget_range
+    budgets = [b for b in budgets if lo - 1e-9 <= b <= hi + 1e-9]
+    dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
+    todo = [(b, g) for b in budgets for g in gaps]
+    rows, done = [], set()
+    for i, (budget, gap) in enumerate(todo):
+        at = anchor_budget(masked.budget_range, budget, gap)
+        if (budget, round(at, 9)) not in done:  # near the range's floor larger gaps generate at the same budget
+            done.add((budget, round(at, 9)))
+            masks, _info = finalize_masks(masked, budget, generate_at=at)
+            moe = materialise(masked, masks, budget).to(device)
+            res = evaluate_variants(dense_fn, {"moe": logits_fn(moe, lambda: moe.set_routing(None))}, windows,
+                                    device=device)["moe"]
+            rows.append({"budget": budget, "gap": gap, "generated_at": round(at, 6), "perplexity": res.perplexity,
+                         "kl_to_dense": res.kl_to_dense, "top1_agreement": res.top1_agreement})
+            del moe
+        if progress is not None:
+            progress(i + 1, len(todo))
+    masked.set_masks(None)
+    best = {}
+    for r in rows:
+        key = f"{r['budget']:g}"
+        if key not in best or r["kl_to_dense"] < best[key]["kl_to_dense"]:
+            best[key] = r
+    return {"anchor_gaps": {k: r["gap"] for k, r in best.items()}, "rows": rows}
+
+
+def _calibrate_after_training(masked: MaskedModel, tokenizer, cfg: ConversionConfig, count: int, log) -> dict | None:
+    """run_conversion's anchor calibration of a conditioned conversion; None when skipped."""
+    from .data import TextSourceError
+
+    if count <= 0:
+        return None
+    try:
+        held = anchor_windows(tokenizer, cfg.model, cfg.text, min(512, default_window(masked.model)), count,
+                              ANCHOR_SKIP_WINDOWS)
+    except TextSourceError as err:
+        log(f"[tomoe] anchor calibration skipped ({err}); materialisation generates at the budget itself")
+        return None
+    return _logged_calibration(masked, held, cfg.device, ANCHOR_SKIP_WINDOWS, log)
+
+
+def _logged_calibration(masked, held, device, skip, log, budgets=ANCHOR_BUDGETS, gaps=ANCHOR_GAPS,
+                        progress=None) -> dict:
+    t0 = time.time()
+    log(f"[tomoe] anchor calibration: gaps {list(gaps)} at every budget of {list(budgets)} in range, on "
+        f"{held.shape[0]} validation windows x {held.shape[1]} tokens")
+    calib = calibrate_anchor(masked, held, budgets, gaps, device=device, progress=progress)
+    calib.update(windows=int(held.shape[0]), window=int(held.shape[1]), skip_windows=skip,
+                 seconds=round(time.time() - t0, 1))
+    log(f"[tomoe] anchor gaps: {calib['anchor_gaps']} in {calib['seconds']:.0f} s")
+    return calib
+
+
+def load_trainable(conversion: Path, dense) -> MaskedModel:
+    """The trained hypernetwork and routers of a conversion around `dense` (which it wraps)."""
     from safetensors.torch import load_file
 
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
-    conversion = Path(conversion)
     meta = read_metadata(conversion)
     state_path = conversion / HYPERNET_FILE
     if not state_path.exists():
@@ -191,13 +283,55 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
         raise FileNotFoundError(f"{conversion} has no {HYPERNET_FILE} (shipped recipes keep only the final experts); "
                                 "re-run its convert command to get one")
     settings = meta["settings"]
-    t0 = time.time()
-    if dense is None:
-        dense, _ = load_dense(meta["model"], device=device, log=log)
+    device = next(dense.parameters()).device
     masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"],
                          budget_range=settings.get("budget_range"), prune_attention=settings.get("prune_attention", False))
     masked.load_trainable_state({k: v.to(device) for k, v in load_file(str(state_path)).items()})
-    masks, calib = finalize_masks(masked, budget, generate_at=anchor_budget(masked.budget_range, budget, anchor_gap))
+    return masked
+
+
+def record_anchor_calibration(conversion: Path, device: str = "cpu", windows: int = ANCHOR_WINDOWS,
+                              window: int = 512, skip: int = ANCHOR_SKIP_WINDOWS, budgets=ANCHOR_BUDGETS,
+                              gaps=ANCHOR_GAPS, progress=None, log=print, record: bool = True) -> dict:
+    """Calibrate a saved budget-conditioned conversion (`calibrate_anchor`) and (record) write the chosen
+    gaps into its tomoe.json (`anchor_gaps`, with the measurements under `anchor_calibration`), so that
+    every later `materialise_at` uses them."""
+    conversion = Path(conversion)
+    meta = read_metadata(conversion)
+    if not meta.get("budget_range"):
+        raise ValueError(f"{conversion} is not budget-conditioned (no budget_range): nothing to anchor")
+    dense, tokenizer = load_dense(meta["model"], device=device, log=log)
+    held = anchor_windows(tokenizer, meta["model"], meta.get("text") or "wiki", min(window, default_window(dense)),
+                          windows, skip)
+    calib = _logged_calibration(load_trainable(conversion, dense), held, device, skip, log, budgets, gaps, progress)
+    if record:
+        meta = read_metadata(conversion)  # re-read: keep whatever changed meanwhile
+        meta["anchor_gaps"] = calib["anchor_gaps"]
+        meta["anchor_calibration"] = {k: v for k, v in calib.items() if k != "anchor_gaps"}
+        atomic_write_json(conversion / "tomoe.json", meta)
+    return calib
+
+
+def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout: str = "decode",
+                   dense=None, log=print, anchor_gap: float | None = None):
+    """A trained conversion materialised at `budget`, in memory: (model, metadata, seconds).
+
+    A budget-conditioned conversion generates the experts for max(lo, budget - anchor_gap) and a
+    threshold shift lands the ratio exactly on `budget` (anchor_gap None: the gap the conversion's
+    anchor calibration chose, `DEFAULT_ANCHOR_GAP` without one; 0: generated at `budget` itself). Any other conversion
+    moves its mask threshold (no retraining; labelled "threshold-moved"). `dense`: an already
+    loaded dense model to reuse (it is wrapped, so pass a fresh copy or expect it to be consumed).
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    conversion = Path(conversion)
+    meta = read_metadata(conversion)
+    t0 = time.time()
+    if dense is None:
+        dense, _ = load_dense(meta["model"], device=device, log=log)
+    masked = load_trainable(conversion, dense)
+    masks, calib = finalize_masks(masked, budget, generate_at=anchor_budget(masked.budget_range, budget, anchor_gap,
+                                                                             meta.get("anchor_gaps")))
     moe = materialise(masked, masks, budget)
     moe.set_layout(layout)
     report = account(moe)
