@@ -108,6 +108,36 @@ def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_
     assert any("hypernet.safetensors" in e.value for e in at.error), [e.value for e in at.error]
 
 
+def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(cache_env, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import tomoe_core.pipeline
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_env, cache)
+    monkeypatch.setenv("TOMOE_CACHE", str(cache))
+    meta_path = cache / "conversions" / studio_fixture.CONVERSION / "tomoe.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "budget_range": [0.3, 1.0], "budget_source": "conditioned"}))
+    seen = []
+
+    def fake_materialise_at(path, budget, **kwargs):  # the engine's result, without a hypernetwork to run
+        seen.append(budget)
+        acc = {"mlp_active_ratio": budget, "active_total": 80e6}
+        return None, {"budget_source": "conditioned", "accounting": acc,
+                      "mask_calibration": {"generated_at": round(budget - 0.1, 4), "ratio": budget}}, 1.5
+
+    monkeypatch.setattr(tomoe_core.pipeline, "materialise_at", fake_materialise_at)
+    at = run_page()
+    at.slider(key="budget").set_value(0.8).run()
+    next(b for b in at.button if b.label.startswith("Materialise")).click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert seen == [0.8]
+    text = " ".join(x.value for x in at.success)
+    assert "generated for p = 0.7 and widened to 0.8" in text and "MLP active ratio 0.8000" in text, text
+
+
 def test_budget_explorer_chooses_among_conditioned_conversions_and_skips_rebudgeted_copies(
         cache_env, tmp_path, monkeypatch):
     import json

@@ -169,7 +169,10 @@ if conditioned:
                 st.error(str(err))
             else:
                 acc = meta["accounting"]
-                st.success(f"{meta['budget_source']}: MLP active ratio {acc['mlp_active_ratio']:.4f} "
+                at = meta["mask_calibration"].get("generated_at")
+                widened = (f" (experts generated for p = {at:g} and widened to {budget:g}, as the conversion's "
+                           "anchor calibration chose)" if at is not None and abs(at - budget) > 1e-6 else "")
+                st.success(f"{meta['budget_source']}{widened}: MLP active ratio {acc['mlp_active_ratio']:.4f} "
                            f"(requested {budget:g}), {acc['active_total'] / 1e6:.1f} M active params per token, "
                            f"materialised in {seconds:.1f} s")
 
