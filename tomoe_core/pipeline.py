@@ -216,10 +216,18 @@ def calibrate_anchor(masked: MaskedModel, windows: torch.Tensor, budgets=ANCHOR_
 
     For every budget inside the range and every gap, the masks are generated at max(lo, p - gap),
     widened to p and evaluated against the dense model on `windows` (one variant in memory at a
-    time). Returns {"anchor_gaps": {p: gap with the lowest KL to dense}, "rows": [...]}."""
+    time; the dense logits of the windows are kept, computed once). Returns {"anchor_gaps": {p: gap with the lowest KL to dense}, "rows": [...]}."""
     lo, hi = masked.budget_range
     budgets = [b for b in budgets if lo - 1e-9 <= b <= hi + 1e-9]
-    dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
+    dense_logits = logits_fn(masked, lambda: masked.set_masks(None))
+    memo = {}  # every variant sees the same few windows: run the dense model once per window
+
+    def dense_fn(ids):
+        key = tuple(ids.flatten().tolist())
+        if key not in memo:
+            memo[key] = dense_logits(ids)
+        return memo[key]
+
     todo = [(b, g) for b in budgets for g in gaps]
     rows, done = [], set()
     for i, (budget, gap) in enumerate(todo):
