@@ -216,7 +216,8 @@ def calibrate_anchor(masked: MaskedModel, windows: torch.Tensor, budgets=ANCHOR_
 
     For every budget inside the range and every gap, the masks are generated at max(lo, p - gap),
     widened to p and evaluated against the dense model on `windows` (one variant in memory at a
-    time; the dense logits of the windows are kept, computed once). Returns {"anchor_gaps": {p: gap with the lowest KL to dense}, "rows": [...]}."""
+    time; the dense logits of the windows are computed once and kept).
+    Returns {"anchor_gaps": {"p": gap with the lowest KL to dense}, "rows": [one per variant]}."""
     lo, hi = masked.budget_range
     budgets = [b for b in budgets if lo - 1e-9 <= b <= hi + 1e-9]
     dense_logits = logits_fn(masked, lambda: masked.set_masks(None))
@@ -279,18 +280,23 @@ def _logged_calibration(masked, held, device, skip, log, budgets=ANCHOR_BUDGETS,
     return calib
 
 
-def load_trainable(conversion: Path, dense) -> MaskedModel:
-    """The trained hypernetwork and routers of a conversion around `dense` (which it wraps)."""
-    from safetensors.torch import load_file
-
-    meta = read_metadata(conversion)
+def hypernet_path(conversion: Path) -> Path:
+    """Where a conversion's trained hypernetwork and routers are (FileNotFoundError if nowhere)."""
     state_path = conversion / HYPERNET_FILE
     if not state_path.exists():
         state_path = conversion.with_name(conversion.name + ".work") / "checkpoint" / "trainable.safetensors"
     if not state_path.exists():
         raise FileNotFoundError(f"{conversion} has no {HYPERNET_FILE} (shipped recipes keep only the final experts); "
                                 "re-run its convert command to get one")
-    settings = meta["settings"]
+    return state_path
+
+
+def load_trainable(conversion: Path, dense) -> MaskedModel:
+    """The trained hypernetwork and routers of a conversion around `dense` (which it wraps)."""
+    from safetensors.torch import load_file
+
+    state_path = hypernet_path(conversion)
+    settings = read_metadata(conversion)["settings"]
     device = next(dense.parameters()).device
     masked = MaskedModel(dense, settings["num_experts"], offset=settings["offset"], seed=settings["seed"],
                          budget_range=settings.get("budget_range"), prune_attention=settings.get("prune_attention", False))
@@ -308,6 +314,7 @@ def record_anchor_calibration(conversion: Path, device: str = "cpu", windows: in
     meta = read_metadata(conversion)
     if not meta.get("budget_range"):
         raise ValueError(f"{conversion} is not budget-conditioned (no budget_range): nothing to anchor")
+    hypernet_path(conversion)
     dense, tokenizer = load_dense(meta["model"], device=device, log=log)
     held = anchor_windows(tokenizer, meta["model"], meta.get("text") or "wiki", min(window, default_window(dense)),
                           windows, skip)
@@ -326,14 +333,16 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
 
     A budget-conditioned conversion generates the experts for max(lo, budget - anchor_gap) and a
     threshold shift lands the ratio exactly on `budget` (anchor_gap None: the gap the conversion's
-    anchor calibration chose, `DEFAULT_ANCHOR_GAP` without one; 0: generated at `budget` itself). Any other conversion
-    moves its mask threshold (no retraining; labelled "threshold-moved"). `dense`: an already
-    loaded dense model to reuse (it is wrapped, so pass a fresh copy or expect it to be consumed).
+    anchor calibration chose, `DEFAULT_ANCHOR_GAP` without one; 0: generated at `budget` itself).
+    Any other conversion moves its mask threshold (no retraining; labelled "threshold-moved").
+    `dense`: an already loaded dense model to reuse (it is wrapped, so pass a fresh copy or expect it
+    to be consumed).
     """
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     conversion = Path(conversion)
     meta = read_metadata(conversion)
+    hypernet_path(conversion)  # fail before loading the dense model
     t0 = time.time()
     if dense is None:
         dense, _ = load_dense(meta["model"], device=device, log=log)
