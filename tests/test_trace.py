@@ -190,13 +190,15 @@ def test_trace_cli(converted, routing_cache, capsys, tmp_path):
     assert main(["trace", str(converted), "--text", str(tmp_path / "nope.txt"), "--quiet"]) == 2
 
 
-def test_trace_cli_help_describes_every_option(capsys):
+def test_cli_help_describes_every_option_of_every_command(capsys):
     from tomoe_core.cli import build_parser
 
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["trace"]
-    for action in sub._actions:
-        assert action.help, action.dest
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"trace", "convert", "evaluate", "rebudget", "calibrate-anchor"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest}"
 
 
 def test_queries(traced_run):

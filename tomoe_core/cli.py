@@ -98,7 +98,7 @@ def _add_evaluate(sub):
     p.add_argument("--baselines", default="magnitude,wanda-sp",
                    help="comma-separated baselines: magnitude, wanda-sp, flap, torch-pruning, or none (default: %(default)s)")
     p.add_argument("--no-routing-modes", action="store_true", help="skip the random and fixed-expert runs")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="JSON result path (default: cache/results/eval-NAME.json)")
 
 
@@ -106,8 +106,8 @@ def _add_generate(sub):
     p = sub.add_parser("generate", help="greedy generation of dense and converted model side by side")
     p.add_argument("conversion", type=Path, help="converted model folder")
     p.add_argument("prompt", help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--layout", default="decode",
                    help="MoE weight layout: shared, packed, core+extras, or a use: decode, prefill, memory "
                         "(default: %(default)s: the fastest for generation that fits in memory)")
@@ -142,7 +142,7 @@ def _add_calibrate_anchor(sub):
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--skip-windows", type=int, default=60,
                    help="held-out windows reserved for reporting, never used here (default: %(default)s)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, but leave tomoe.json as it is")
 
 
