@@ -149,3 +149,20 @@ def test_calibrate_anchor_cli_records_the_gaps_or_only_prints_them(tiny_setup, c
                             tmp / "single", show_tqdm=False, log=lambda *a: None)
     assert main(["calibrate-anchor", str(single)]) == 2
     assert "not budget-conditioned" in capsys.readouterr().err
+
+
+def test_train_gap_trains_below_the_budget_and_widens_to_it(tiny_setup):
+    dense, text, tmp = tiny_setup
+    cfg = ConversionConfig(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64,
+                           init_tokens=512, budget=0.5, train_gap=0.2, num_experts=4)
+    assert pipeline.default_conversion_name(cfg).endswith("-p0.5-from0.3-e4")
+    out = run_conversion(cfg, tmp / "gap", show_tqdm=False, log=lambda *a: None)
+    meta = json.loads((out / "tomoe.json").read_text())
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [row["target"] for row in log] == pytest.approx([0.3, 0.3])  # every step trains for 0.5 - 0.2
+    assert meta["train_budget"] == pytest.approx(0.3) and meta["budget"] == 0.5
+    assert abs(meta["accounting"]["mlp_active_ratio"] - 0.5) <= 0.02  # saved widened to the budget
+    assert meta["mask_calibration"]["raw_ratio"] < 0.45 and meta["mask_calibration"]["shift"] > 0
+    for bad in ({"train_gap": 0.5}, {"train_gap": -0.1}, {"train_gap": 0.1, "budget_range": (0.3, 1.0)}):
+        with pytest.raises(ValueError, match="train_gap"):
+            ConversionConfig(**{"budget": 0.5, **bad})

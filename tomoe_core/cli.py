@@ -23,6 +23,9 @@ def _add_convert(sub):
                         "(default: %(default)s)")
     p.add_argument("--budget", "-p", type=float, default=_DEFAULTS.budget,
                    help="fraction of MLP parameters active per token, in (0, 1] (default: %(default)s)")
+    p.add_argument("--train-gap", type=float, default=_DEFAULTS.train_gap,
+                   help="single budget: train the experts for --budget minus this, then widen them to --budget by "
+                        "the mask threshold (default: %(default)s)")
     p.add_argument("--budget-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="train one budget-conditioned conversion for every budget in [LO, HI] (e.g. 0.3 1.0); "
                         "--budget is then the one the saved model is materialised at, and `rebudget` "
@@ -181,7 +184,7 @@ def _run(args, argv) -> int:
     from . import pipeline
 
     if args.command == "convert":
-        cfg = ConversionConfig(budget=args.budget, budget_range=args.budget_range,
+        cfg = ConversionConfig(budget=args.budget, budget_range=args.budget_range, train_gap=args.train_gap,
                                budget_sampling=args.budget_sampling, num_experts=args.experts, steps=args.steps,
                                tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
                                union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,

@@ -44,6 +44,8 @@ def default_conversion_name(cfg: ConversionConfig) -> str:
     budget = f"{cfg.budget:g}" if cfg.budget_range is None else "{:g}-{:g}".format(*cfg.budget_range)
     if cfg.budget_range is not None and cfg.budget_sampling != "uniform":
         budget += f"-{cfg.budget_sampling}"
+    if cfg.train_gap:
+        budget += f"-from{cfg.train_budget:g}"
     return safe_name(f"{Path(cfg.model).name}-p{budget}-e{cfg.num_experts}")
 
 
@@ -108,6 +110,8 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "mask_calibration": calib, **mask_stats(masked, masks, cfg.budget),
             "accounting": report.as_dict(), "machine": machine_info(cfg.device), "text": cfg.text,
         }
+        if cfg.train_gap:
+            meta["train_budget"] = cfg.train_budget  # trained there, widened to `budget` by the threshold
         if anchor:
             meta["anchor_gaps"] = anchor.pop("anchor_gaps")
             meta["anchor_calibration"] = anchor

@@ -42,6 +42,10 @@ class ConversionConfig:
     # default with a range) or "inverse" (uniform in 1/p); the last two spend more steps on low budgets,
     # which have the most to learn. None without a range.
     budget_sampling: str | None = None
+    # single budget: train the experts for budget - train_gap, then widen them to the budget by the mask
+    # threshold (the paper's runs end that way too: their masks drift below the budget and the final
+    # calibration widens them). The saved model is at `budget`.
+    train_gap: float = 0.0
     num_experts: int = 8  # experts per layer
     steps: int = 400  # optimiser steps (CPU default: about 30 min for SmolLM2-135M on 2 cores)
     tokens_per_step: int = 512  # calibration tokens per step
@@ -94,6 +98,11 @@ class ConversionConfig:
             if not lo <= self.budget <= hi:
                 raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
                                  f"inside the budget range {lo} {hi}")
+        if not 0 <= self.train_gap < self.budget:
+            raise ValueError(f"train_gap must be >= 0 and below the budget {self.budget}, got {self.train_gap}")
+        if self.train_gap and self.budget_range is not None:
+            raise ValueError("train_gap is for single-budget conversions; a budget-conditioned one calibrates how "
+                             "far below each budget to generate its experts after training (anchor calibration)")
         if self.budget_sampling is not None and self.budget_sampling not in BUDGET_SAMPLING:
             raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {self.budget_sampling!r}")
         if self.budget_range is None and self.budget_sampling is not None:
@@ -119,6 +128,11 @@ class ConversionConfig:
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
             raise ValueError(f"micro_batches ({self.micro_batches}) must divide the batch of "
                              f"{self.batch_size} windows (tokens_per_step // seq_len)")
+
+    @property
+    def train_budget(self) -> float:
+        """The budget a single-budget run trains its experts for (`budget - train_gap`)."""
+        return self.budget - self.train_gap
 
     @property
     def batch_size(self) -> int:
@@ -156,7 +170,7 @@ def step_budget(cfg: ConversionConfig, step: int) -> float:
     distributed runs agree on it; `budget_quantile` maps it onto the range by `cfg.budget_sampling`.
     """
     if cfg.budget_range is None:
-        return cfg.budget
+        return cfg.train_budget
     lo, hi = cfg.budget_range
     return budget_quantile(cfg.budget_sampling, lo, hi, (0.5 + step * _GOLDEN) % 1.0)
 
@@ -333,7 +347,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
         t0 = time.time()
         n = max(1, cfg.init_tokens // cfg.seq_len)
         calib = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
-        init_info = masked.cluster_init(calib, cfg.budget, prior_scale=cfg.prior_scale, seed=cfg.seed,
+        init_info = masked.cluster_init(calib, cfg.train_budget, prior_scale=cfg.prior_scale, seed=cfg.seed,
                                         balance=cfg.init_balance)
         init_info["seconds"] = time.time() - t0
         elapsed += init_info["seconds"]
