@@ -60,8 +60,8 @@ def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run(cfg, output, command=""):
-        seen["cfg"], seen["command"] = cfg, command
+    def fake_run(cfg, output, command="", anchor_windows=None):
+        seen["cfg"], seen["command"], seen["anchor_windows"] = cfg, command, anchor_windows
         return tmp_path
 
     monkeypatch.setattr(pipeline, "run_conversion", fake_run)
@@ -73,6 +73,12 @@ def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
     assert cli.main(["convert", "--budget-sampling", "log"]) == 2  # no range: refused with a message
     assert cli.main(["convert", "--budget-range", "0.3", "1.0"]) == 0 and seen["cfg"].budget_sampling == "log"
     assert cli.main(["convert"]) == 0 and seen["cfg"].budget_sampling is None
+    assert seen["anchor_windows"] is None and seen["cfg"].train_gap == 0.0
+    assert cli.main(["convert", "--budget-range", "0.3", "1.0", "--anchor-windows", "0"]) == 0
+    assert seen["anchor_windows"] == 0
+    assert cli.main(["convert", "--budget", "0.5", "--train-gap", "0.1"]) == 0
+    assert seen["cfg"].train_gap == 0.1 and seen["cfg"].train_budget == pytest.approx(0.4)
+    assert cli.main(["convert", "--budget", "0.5", "--train-gap", "0.6"]) == 2  # at or past the budget: refused
 
 
 def test_a_range_checkpoint_saved_before_sampling_existed_resumes_only_as_uniform(tmp_path):
