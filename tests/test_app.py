@@ -88,9 +88,9 @@ def test_budget_explorer_slider_moves_every_cost_kpi(cache_env):
     assert 30.0 < float(metrics(at)["Perplexity"]) < 40.0
 
 
-def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_materialisation(
-        cache_env, tmp_path, monkeypatch):
-    import json
+@pytest.fixture()
+def conditioned_cache(cache_env, tmp_path, monkeypatch) -> Path:
+    """A copy of the studio cache whose conversion says it is budget-conditioned (0.3-1.0)."""
     import shutil
 
     cache = tmp_path / "cache"
@@ -99,6 +99,10 @@ def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_
     meta_path = cache / "conversions" / studio_fixture.CONVERSION / "tomoe.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "budget_range": [0.3, 1.0], "budget_source": "conditioned"}))
+    return cache
+
+
+def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_materialisation(conditioned_cache):
     at = run_page()
     assert any("budget-conditioned" in i.value and "[0.3, 1]" in i.value for i in at.info), [i.value for i in at.info]
     button = next(b for b in at.button if b.label.startswith("Materialise"))
@@ -108,18 +112,9 @@ def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_
     assert any("hypernet.safetensors" in e.value for e in at.error), [e.value for e in at.error]
 
 
-def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(cache_env, tmp_path, monkeypatch):
-    import json
-    import shutil
-
+def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(conditioned_cache, monkeypatch):
     import tomoe_core.pipeline
 
-    cache = tmp_path / "cache"
-    shutil.copytree(cache_env, cache)
-    monkeypatch.setenv("TOMOE_CACHE", str(cache))
-    meta_path = cache / "conversions" / studio_fixture.CONVERSION / "tomoe.json"
-    meta = json.loads(meta_path.read_text())
-    meta_path.write_text(json.dumps({**meta, "budget_range": [0.3, 1.0], "budget_source": "conditioned"}))
     seen = []
 
     def fake_materialise_at(path, budget, **kwargs):  # the engine's result, without a hypernetwork to run
@@ -138,17 +133,11 @@ def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(c
     assert "generated for p = 0.7 and widened to 0.8" in text and "MLP active ratio 0.8000" in text, text
 
 
-def test_budget_explorer_chooses_among_conditioned_conversions_and_skips_rebudgeted_copies(
-        cache_env, tmp_path, monkeypatch):
-    import json
+def test_budget_explorer_chooses_among_conditioned_conversions_and_skips_rebudgeted_copies(conditioned_cache):
     import shutil
 
-    cache = tmp_path / "cache"
-    shutil.copytree(cache_env, cache)
-    monkeypatch.setenv("TOMOE_CACHE", str(cache))
+    cache = conditioned_cache
     src = cache / "conversions" / studio_fixture.CONVERSION
-    meta = json.loads((src / "tomoe.json").read_text())
-    (src / "tomoe.json").write_text(json.dumps({**meta, "budget_range": [0.3, 1.0], "budget_source": "conditioned"}))
     for name, extra in (("second-cond", {}), ("cond-at-p0.37", {"derived_from": str(src), "budget": 0.37})):
         shutil.copytree(src, cache / "conversions" / name)
         m = json.loads((cache / "conversions" / name / "tomoe.json").read_text())
