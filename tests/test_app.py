@@ -6,7 +6,6 @@ All pages run against a small cache/ (tests/studio_fixture.py) selected with TOM
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
