@@ -31,7 +31,7 @@ def tiny_setup(tmp_path, monkeypatch):
 def test_convert_evaluate_rebudget(tiny_setup, capsys):
     dense, text, tmp = tiny_setup
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=3, tokens_per_step=128, seq_len=64,
-                           init_tokens=512, budget=0.5, num_experts=4, checkpoint_every=2)
+                           init_tokens=512, budget=0.5, num_experts=4, checkpoint_every=2, train_gap=0.0)
     out = run_conversion(cfg, tmp / "conv", show_tqdm=False, log=lambda *a: None, command="test")
     for name in ("tomoe.json", "model.safetensors", "hypernet.safetensors", "training_log.jsonl", "config.json"):
         assert (out / name).exists(), name
@@ -156,6 +156,9 @@ def test_train_gap_trains_below_the_budget_and_widens_to_it(tiny_setup):
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64,
                            init_tokens=512, budget=0.5, train_gap=0.2, num_experts=4)
     assert pipeline.default_conversion_name(cfg).endswith("-p0.5-from0.3-e4")
+    default = ConversionConfig(budget=0.5)  # trains at 80 % of the budget unless told otherwise
+    assert default.train_gap == pytest.approx(0.1) and pipeline.default_conversion_name(default).endswith("-p0.5-e8")
+    assert ConversionConfig(budget=0.5, train_gap=0).train_budget == 0.5
     out = run_conversion(cfg, tmp / "gap", show_tqdm=False, log=lambda *a: None)
     meta = json.loads((out / "tomoe.json").read_text())
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]

@@ -20,7 +20,7 @@ from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
 from .masked import MaskedModel
 from .models import load_dense
-from .train import ConversionConfig, finalize_masks, layer_stats, train_conversion
+from .train import ConversionConfig, default_train_gap, finalize_masks, layer_stats, train_conversion
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -44,7 +44,7 @@ def default_conversion_name(cfg: ConversionConfig) -> str:
     budget = f"{cfg.budget:g}" if cfg.budget_range is None else "{:g}-{:g}".format(*cfg.budget_range)
     if cfg.budget_range is not None and cfg.budget_sampling != "uniform":
         budget += f"-{cfg.budget_sampling}"
-    if cfg.train_gap:
+    if cfg.budget_range is None and cfg.train_gap != default_train_gap(cfg.budget):
         budget += f"-from{cfg.train_budget:g}"
     return safe_name(f"{Path(cfg.model).name}-p{budget}-e{cfg.num_experts}")
 
