@@ -58,14 +58,24 @@ class Conversion:
         rng = self.meta.get("budget_range")
         return (float(rng[0]), float(rng[1])) if rng else None
 
+    def budget_source(self) -> str:
+        """How the conversion reached its budget, in words."""
+        settings = self.meta.get("settings") or {}
+        if self.budget_range:
+            return (f"conditioned on {self.budget_range[0]:g}..{self.budget_range[1]:g} "
+                    f"({settings.get('budget_sampling') or 'uniform'} sampling)")
+        source = self.meta.get("budget_source", "trained")
+        trained_at = self.meta.get("train_budget")
+        if source == "trained" and trained_at is not None:
+            return f"trained at {float(trained_at):g}, widened to {self.budget:g}"
+        return source
+
     def summary(self) -> dict:
         acc = self.accounting or {}
         settings = self.meta.get("settings") or {}
         return {
             "name": self.name, "model": self.model, "budget": self.budget,
-            "budget source": (f"conditioned on {self.budget_range[0]:g}..{self.budget_range[1]:g} "
-                              f"({settings.get('budget_sampling') or 'uniform'} sampling)" if self.budget_range
-                              else self.meta.get("budget_source", "trained")),
+            "budget source": self.budget_source(),
             "experts": self.meta.get("num_experts"), "steps": settings.get("steps"),
             "tokens seen": self.meta.get("tokens_seen"), "train minutes": _minutes(self.meta.get("train_seconds")),
             "MLP active ratio": acc.get("mlp_active_ratio"), "active ratio vs dense": acc.get("active_ratio_vs_dense"),

@@ -471,6 +471,16 @@ def test_catalog_reports_broken_conversions(tmp_path):
     assert convs == [] and {Path(p.path).name for p in problems} == {"tomoe.json", "nometa"}
 
 
+def test_catalog_says_how_each_conversion_reached_its_budget():
+    def source(**meta):
+        return catalog.Conversion("c", Path("c"), {"budget": 0.5, **meta}, True).summary()["budget source"]
+
+    assert source() == "trained"
+    assert source(budget_source="trained", train_budget=0.4) == "trained at 0.4, widened to 0.5"
+    assert source(budget_source="threshold-moved", train_budget=0.4) == "threshold-moved"
+    assert source(budget_range=[0.3, 1.0], settings={"budget_sampling": "log"}) == "conditioned on 0.3..1 (log sampling)"
+
+
 def test_catalog_reads_shipped_results_and_local_results_win(tmp_path):
     (tmp_path / "results").mkdir()
     (tmp_path / "shipped" / "results").mkdir(parents=True)

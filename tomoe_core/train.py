@@ -52,7 +52,8 @@ class ConversionConfig:
     # single budget: train the experts for budget - train_gap, then widen them to the budget by the mask
     # threshold (the paper's runs end that way too: their masks drift below the budget and the final
     # calibration widens them). The saved model is at `budget`. None: TRAIN_GAP_FRACTION x budget (0 with
-    # a budget range, which calibrates its anchor after training instead). At p = 0.5 training at 0.4 and
+    # a budget range, which calibrates its anchor after training instead, and with attention pruning,
+    # where it was not measured). At p = 0.5 training at 0.4 and
     # widening gave 39.68 held-out perplexity against 42.77 trained at 0.5 (README, "Train below").
     train_gap: float | None = None
     num_experts: int = 8  # experts per layer
@@ -107,8 +108,9 @@ class ConversionConfig:
             if not lo <= self.budget <= hi:
                 raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
                                  f"inside the budget range {lo} {hi}")
-        if self.train_gap is None:
-            self.train_gap = 0.0 if self.budget_range is not None else default_train_gap(self.budget)
+        if self.train_gap is None:  # measured on MLP-only single-budget conversions; 0 elsewhere
+            self.train_gap = (0.0 if self.budget_range is not None or self.prune_attention
+                              else default_train_gap(self.budget))
         if not 0 <= self.train_gap < self.budget:
             raise ValueError(f"train_gap must be >= 0 and below the budget {self.budget}, got {self.train_gap}")
         if self.train_gap and self.budget_range is not None:
