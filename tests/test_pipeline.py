@@ -121,6 +121,7 @@ def test_calibrated_gap_takes_the_nearest_calibrated_budget():
     assert calibrated_gap(None, 0.7) == DEFAULT_ANCHOR_GAP == 0.0
     assert calibrated_gap(gaps, 0.62) == 0.1 and calibrated_gap(gaps, 0.95) == 0.2
     assert calibrated_gap(gaps, 0.5) == 0.0  # a tie goes to the lower budget: the smaller widening
+    assert calibrated_gap(gaps, 0.7) == 0.1 and calibrated_gap({"0.6": 0.1, "0.7": 0.2}, 0.65) == 0.1  # float-safe
     assert anchor_budget((0.3, 1.0), 0.9, anchor_gaps=gaps) == pytest.approx(0.7)
     assert anchor_budget((0.3, 1.0), 0.9, 0.0, anchor_gaps=gaps) == pytest.approx(0.9)  # an explicit gap wins
 
@@ -143,6 +144,17 @@ def test_calibrate_anchor_cli_records_the_gaps_or_only_prints_them(tiny_setup, c
     assert set(meta["anchor_gaps"]) == {"0.4", "0.7"} and meta["anchor_calibration"]["skip_windows"] == 1
     _model, info, _ = materialise_at(out, 0.65, log=lambda *a: None)
     assert info["mask_calibration"]["generated_at"] == pytest.approx(0.65 - meta["anchor_gaps"]["0.7"])
+    # recalibrating one budget keeps the others; materialisation follows whatever tomoe.json records
+    assert main(["calibrate-anchor", str(out), "--budgets", "0.4", "--gaps", "0", "--windows", "1", "--window", "32",
+                 "--skip-windows", "1"]) == 0
+    meta = json.loads((out / "tomoe.json").read_text())
+    assert meta["anchor_gaps"]["0.4"] == 0 and set(meta["anchor_gaps"]) == {"0.4", "0.7"}
+    assert {r["budget"] for r in meta["anchor_calibration"]["rows"]} == {0.4, 0.7}
+    (out / "tomoe.json").write_text(json.dumps({**meta, "anchor_gaps": {"0.6": 0.2}}))
+    _model, info, _ = materialise_at(out, 0.6, log=lambda *a: None)
+    assert info["mask_calibration"]["generated_at"] == pytest.approx(0.4)
+    assert main(["calibrate-anchor", str(out), "--budgets", "0.2"]) == 2  # outside the range 0.3..1
+    assert "none of the budgets" in capsys.readouterr().err
     # a single-budget conversion has nothing to anchor
     single = run_conversion(ConversionConfig(model=str(dense), text=str(text), steps=1, tokens_per_step=128,
                                              seq_len=64, init_tokens=512, num_experts=2),
@@ -169,3 +181,23 @@ def test_train_gap_trains_below_the_budget_and_widens_to_it(tiny_setup):
     for bad in ({"train_gap": 0.5}, {"train_gap": -0.1}, {"train_gap": 0.1, "budget_range": (0.3, 1.0)}):
         with pytest.raises(ValueError, match="train_gap"):
             ConversionConfig(**{"budget": 0.5, **bad})
+
+
+def test_a_single_budget_checkpoint_from_before_train_gap_says_how_to_resume(tiny_setup):
+    from tomoe_core.train import CheckpointError
+
+    dense, text, tmp = tiny_setup
+    kwargs = dict(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64, init_tokens=512,
+                  num_experts=2, checkpoint_every=1)
+    old = ConversionConfig(**kwargs, train_gap=0.0)
+    run_conversion(old, tmp / "old", show_tqdm=False, log=lambda *a: None)
+    state = tmp / "old.work" / "checkpoint" / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["config"]["train_gap"]  # as saved before the option existed
+    state.write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="--train-gap 0 --output .*old"):
+        run_conversion(ConversionConfig(**{**kwargs, "steps": 3}), tmp / "old", show_tqdm=False, log=lambda *a: None)
+    out = run_conversion(ConversionConfig(**{**kwargs, "steps": 3}, train_gap=0.0), tmp / "old", show_tqdm=False,
+                         log=lambda *a: None)
+    assert json.loads((out / "tomoe.json").read_text())["tokens_seen"] == 3 * 128
+    assert pipeline.default_conversion_name(ConversionConfig(prune_attention=True)).endswith("-p0.5-e8")

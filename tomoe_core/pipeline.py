@@ -44,7 +44,7 @@ def default_conversion_name(cfg: ConversionConfig) -> str:
     budget = f"{cfg.budget:g}" if cfg.budget_range is None else "{:g}-{:g}".format(*cfg.budget_range)
     if cfg.budget_range is not None and cfg.budget_sampling != "uniform":
         budget += f"-{cfg.budget_sampling}"
-    if cfg.budget_range is None and cfg.train_gap != default_train_gap(cfg.budget):
+    if cfg.train_gap != default_train_gap(cfg.budget, cfg.budget_range, cfg.prune_attention):
         budget += f"-from{cfg.train_budget:g}"
     return safe_name(f"{Path(cfg.model).name}-p{budget}-e{cfg.num_experts}")
 
@@ -181,7 +181,7 @@ def calibrated_gap(anchor_gaps: dict | None, budget: float) -> float:
     (the lower one on a tie); DEFAULT_ANCHOR_GAP without a calibration."""
     if not anchor_gaps:
         return DEFAULT_ANCHOR_GAP
-    nearest = min(anchor_gaps, key=lambda b: (abs(float(b) - budget), float(b)))
+    nearest = min(anchor_gaps, key=lambda b: (round(abs(float(b) - budget), 9), float(b)))
     return float(anchor_gaps[nearest])
 
 
@@ -201,8 +201,8 @@ def anchor_budget(budget_range, budget: float, anchor_gap: float | None = None,
 
 def anchor_windows(tokenizer, model_name: str, text: str, window: int = 512, count: int = ANCHOR_WINDOWS,
                    skip: int = ANCHOR_SKIP_WINDOWS) -> torch.Tensor:
-    """Validation windows for the anchor calibration: held-out windows `skip`.. `skip + count`.
-    Raises TextSourceError when the held-out text is too short for one of them."""
+    """Validation windows for the anchor calibration: held-out windows `skip` .. `skip + count` (fewer
+    when the held-out text ends sooner). Raises TextSourceError when not even one is left."""
     from .data import TextSourceError
 
     stream = cached_stream(tokenizer, text, "heldout", None, safe_name(Path(model_name).name))
@@ -318,16 +318,23 @@ def record_anchor_calibration(conversion: Path, device: str = "cpu", windows: in
     meta = read_metadata(conversion)
     if not meta.get("budget_range"):
         raise ValueError(f"{conversion} is not budget-conditioned (no budget_range): nothing to anchor")
+    lo, hi = meta["budget_range"]
+    if not any(lo - 1e-9 <= b <= hi + 1e-9 for b in budgets):
+        raise ValueError(f"none of the budgets {list(budgets)} lies in the conversion's range {lo:g}..{hi:g}")
     hypernet_path(conversion)
     dense, tokenizer = load_dense(meta["model"], device=device, log=log)
     held = anchor_windows(tokenizer, meta["model"], meta.get("text") or "wiki", min(window, default_window(dense)),
                           windows, skip)
     calib = _logged_calibration(load_trainable(conversion, dense), held, device, skip, log, budgets, gaps, progress)
-    if record:
-        meta = read_metadata(conversion)  # re-read: keep whatever changed meanwhile
-        meta["anchor_gaps"] = calib["anchor_gaps"]
-        meta["anchor_calibration"] = {k: v for k, v in calib.items() if k != "anchor_gaps"}
-        atomic_write_json(conversion / "tomoe.json", meta)
+    if record:  # merged: budgets not calibrated now keep their earlier gaps and measurements
+        with file_lock(conversion / "tomoe.json.lock"):
+            meta = read_metadata(conversion)  # re-read: keep whatever changed meanwhile
+            meta["anchor_gaps"] = {**(meta.get("anchor_gaps") or {}), **calib["anchor_gaps"]}
+            kept = [r for r in (meta.get("anchor_calibration") or {}).get("rows", [])
+                    if f"{r['budget']:g}" not in calib["anchor_gaps"]]
+            meta["anchor_calibration"] = {**{k: v for k, v in calib.items() if k != "anchor_gaps"},
+                                          "rows": kept + calib["rows"]}
+            atomic_write_json(conversion / "tomoe.json", meta)
     return calib
 
 

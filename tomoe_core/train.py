@@ -37,8 +37,10 @@ from .masked import MaskedModel
 TRAIN_GAP_FRACTION = 0.2  # a single-budget conversion trains at 80 % of its budget by default
 
 
-def default_train_gap(budget: float) -> float:
-    return round(TRAIN_GAP_FRACTION * budget, 4)
+def default_train_gap(budget: float, budget_range=None, prune_attention: bool = False) -> float:
+    """train_gap when none is given: TRAIN_GAP_FRACTION x budget for an MLP-only single-budget conversion,
+    0 with a budget range (it calibrates its anchor after training) or attention pruning (not measured)."""
+    return 0.0 if budget_range is not None or prune_attention else round(TRAIN_GAP_FRACTION * budget, 4)
 
 
 @dataclass
@@ -108,9 +110,8 @@ class ConversionConfig:
             if not lo <= self.budget <= hi:
                 raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
                                  f"inside the budget range {lo} {hi}")
-        if self.train_gap is None:  # measured on MLP-only single-budget conversions; 0 elsewhere
-            self.train_gap = (0.0 if self.budget_range is not None or self.prune_attention
-                              else default_train_gap(self.budget))
+        if self.train_gap is None:
+            self.train_gap = default_train_gap(self.budget, self.budget_range, self.prune_attention)
         if not 0 <= self.train_gap < self.budget:
             raise ValueError(f"train_gap must be >= 0 and below the budget {self.budget}, got {self.train_gap}")
         if self.train_gap and self.budget_range is not None:
@@ -450,8 +451,12 @@ def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None
     diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
             if k not in _RESUMABLE and saved.get(k, defaults[k]) != v}
     if diff:
+        hint = ""
+        if "train_gap" in diff and "train_gap" not in saved:
+            hint = (f"; it was saved before --train-gap existed and trained at the budget: resume it with "
+                    f"--train-gap 0 --output {ckpt.parent.with_name(ckpt.parent.name.removesuffix('.work'))}")
         raise CheckpointError(f"checkpoint in {ckpt} was made with other settings {diff}; "
-                              "use the same settings or another output folder")
+                              f"use the same settings or another output folder{hint}")
 
 
 def _truncate_log(path: Path, step: int) -> None:

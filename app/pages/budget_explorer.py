@@ -1,4 +1,5 @@
 """Budget explorer (landing page): slide the active-parameter budget, see cost against quality."""
+import json
 import math
 from pathlib import Path
 
@@ -163,15 +164,16 @@ if conditioned:
     if st.button(f"Materialise {conv.name} at p = {budget:g}", key="materialise_at"):
         with st.spinner(f"materialising at p = {budget:g}..."):
             try:
-                _model, meta, seconds = ui.model_at_budget(str(conv.path), round(budget, 4),
-                                                           str(conv.meta.get("weights_sha256")))
+                _model, meta, seconds = ui.model_at_budget(  # recalibrated gaps make another model
+                    str(conv.path), round(budget, 4),
+                    f"{conv.meta.get('weights_sha256')}:{json.dumps(conv.meta.get('anchor_gaps'), sort_keys=True)}")
             except ui.user_error_types() as err:
                 st.error(str(err))
             else:
                 acc = meta["accounting"]
                 at = meta["mask_calibration"].get("generated_at")
                 widened = (f" (experts generated for p = {at:g} and widened to {budget:g}, as the conversion's "
-                           "anchor calibration chose)" if at is not None and abs(at - budget) > 1e-6 else "")
+                           "anchor calibration chose)" if inside and at is not None and at < budget - 1e-6 else "")
                 st.success(f"{meta['budget_source']}{widened}: MLP active ratio {acc['mlp_active_ratio']:.4f} "
                            f"(requested {budget:g}), {acc['active_total'] / 1e6:.1f} M active params per token, "
                            f"materialised in {seconds:.1f} s")
