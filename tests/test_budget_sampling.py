@@ -43,8 +43,8 @@ def test_low_budget_share_grows_from_uniform_to_inverse():
 
 
 def test_sampling_needs_a_range_and_bad_names_are_refused():
-    assert {step_budget(ConversionConfig(budget=0.4), s) for s in range(20)} == {0.4 - 0.2 * 0.4}  # train below, widen
-    assert {step_budget(ConversionConfig(budget=0.4, train_gap=0), s) for s in range(20)} == {0.4}
+    assert [step_budget(ConversionConfig(budget=0.6), s) for s in range(3)] == pytest.approx([0.5] * 3)  # train below
+    assert {step_budget(ConversionConfig(budget=0.4), s) for s in range(20)} == {0.4}  # below 0.5: at the budget
     with pytest.raises(ValueError, match="spreads steps over a budget range"):
         ConversionConfig(budget=0.4, budget_sampling="log")
     assert ConversionConfig().budget_sampling is None
@@ -74,7 +74,7 @@ def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
     assert cli.main(["convert", "--budget-sampling", "log"]) == 2  # no range: refused with a message
     assert cli.main(["convert", "--budget-range", "0.3", "1.0"]) == 0 and seen["cfg"].budget_sampling == "log"
     assert cli.main(["convert"]) == 0 and seen["cfg"].budget_sampling is None
-    assert seen["anchor_windows"] is None and seen["cfg"].train_gap == pytest.approx(0.1)  # 0.2 x the budget 0.5
+    assert seen["anchor_windows"] is None and seen["cfg"].train_gap == pytest.approx(0.1)  # the default from p = 0.5 up
     assert cli.main(["convert", "--budget-range", "0.3", "1.0"]) == 0 and seen["cfg"].train_gap == 0.0
     assert cli.main(["convert", "--budget-range", "0.3", "1.0", "--anchor-windows", "0"]) == 0
     assert seen["anchor_windows"] == 0

@@ -168,8 +168,9 @@ def test_train_gap_trains_below_the_budget_and_widens_to_it(tiny_setup):
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64,
                            init_tokens=512, budget=0.5, train_gap=0.2, num_experts=4)
     assert pipeline.default_conversion_name(cfg).endswith("-p0.5-from0.3-e4")
-    default = ConversionConfig(budget=0.5)  # trains at 80 % of the budget unless told otherwise
+    default = ConversionConfig(budget=0.5)  # trains 0.1 below a budget of 0.5 or more unless told otherwise
     assert default.train_gap == pytest.approx(0.1) and pipeline.default_conversion_name(default).endswith("-p0.5-e8")
+    assert ConversionConfig(budget=0.4).train_gap == 0.0 and ConversionConfig(budget=0.9).train_gap == 0.1
     assert ConversionConfig(budget=0.5, train_gap=0).train_budget == 0.5
     out = run_conversion(cfg, tmp / "gap", show_tqdm=False, log=lambda *a: None)
     meta = json.loads((out / "tomoe.json").read_text())

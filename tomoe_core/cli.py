@@ -25,8 +25,8 @@ def _add_convert(sub):
                    help="fraction of MLP parameters active per token, in (0, 1] (default: %(default)s)")
     p.add_argument("--train-gap", type=float, default=None,
                    help="single budget: train the experts for --budget minus this, then widen them to --budget by "
-                        "the mask threshold (default: 0.2 x --budget, i.e. train at 80 %% of it; 0 with --prune-attention, "
-                        "where it is not measured; 0 trains at the budget itself; not with --budget-range, which "
+                        "the mask threshold (default: 0.1 for budgets of 0.5 and more, where it measured better, 0 below and "
+                        "with --prune-attention; 0 trains at the budget itself; not with --budget-range, which "
                         "calibrates its anchor instead)")
     p.add_argument("--budget-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="train one budget-conditioned conversion for every budget in [LO, HI] (e.g. 0.3 1.0); "
