@@ -21,7 +21,7 @@ import torch
 from tomoe_core.convert import read_metadata
 from tomoe_core.data import cache_dir
 from tomoe_core.io import atomic_write_json
-from tomoe_core.pipeline import machine_info, record_anchor_calibration
+from tomoe_core.pipeline import format_anchor_row, machine_info, record_anchor_calibration
 
 
 def main(argv=None) -> int:
@@ -50,8 +50,7 @@ def main(argv=None) -> int:
                                       progress=progress, log=lambda *a: None, record=False)
     print(file=sys.stderr)
     for r in calib["rows"]:
-        print(f"p={r['budget']:g} gap {r['gap']:g} (generated at {r['generated_at']:.2f}): perplexity "
-              f"{r['perplexity']:8.2f}  KL {r['kl_to_dense']:.3f}  agreement {r['top1_agreement']:.3f}")
+        print(format_anchor_row(r))
     result = {"kind": "anchor-gap", "conversion": str(args.conversion), "model": meta["model"],
               "text": f"{meta.get('text') or 'wiki'} (held-out split), validation windows",
               "window": calib["window"], "windows": calib["windows"], "skip_windows": args.skip_windows,

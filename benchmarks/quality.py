@@ -141,8 +141,8 @@ def run(args, log=print) -> dict:
         elif meta.get("budget_source", "trained") == "trained":  # rebudgeted copies are rows of their own source
             conv_budgets.setdefault(round(float(meta["budget"]), 4), []).append(folder)
     fallback = [conversions_dir() / name for name in args.fallback_from]
-    for folder in fallback:
-        read_metadata(folder)  # a clear error now rather than after an hour of evaluation
+    # read once (a clear error now rather than after an hour of evaluation)
+    metas = {folder: read_metadata(folder) for folder in [*conditioned, *fallback]}
     budgets = sorted({round(b, 4) for b in args.budgets} | set(conv_budgets))
     stats = None  # activation statistics, computed when a calibrated baseline first needs them
     result = {
@@ -177,14 +177,13 @@ def run(args, log=print) -> dict:
                 moe, lambda moe=moe, gen=gen: (gen.manual_seed(0), moe.set_routing("random", gen)))
             info[f"random:{folder.name}"] = {"method": "tomoe-random-routing", "kind": "ablation",
                                              "label": f"ToMoE, random expert per token ({folder.name})", **common}
-        derived = [(f, "tomoe-conditioned") for f in conditioned if budget_source(read_metadata(f), budget) == "conditioned"]
-        derived += [(f, "tomoe-threshold-moved") for f in fallback
-                    if abs(float(read_metadata(f)["budget"]) - budget) > 1e-9]
+        derived = [(f, "tomoe-conditioned") for f in conditioned if budget_source(metas[f], budget) == "conditioned"]
+        derived += [(f, "tomoe-threshold-moved") for f in fallback if abs(float(metas[f]["budget"]) - budget) > 1e-9]
         for folder, method in derived:
-            digest = conversion_digest(read_metadata(folder))
+            digest = conversion_digest(metas[folder])
             old = reuse.get((budget, method, digest))
             gap = (args.anchor_gap if args.anchor_gap is not None
-                   else calibrated_gap(read_metadata(folder).get("anchor_gaps"), budget))
+                   else calibrated_gap(metas[folder].get("anchor_gaps"), budget))
             if old is not None and (method != "tomoe-conditioned" or old.get("anchor_gap", 0.0) == gap):
                 result["rows"].append(old)
                 continue

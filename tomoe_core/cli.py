@@ -233,8 +233,7 @@ def _run(args, argv) -> int:
                                                        args.skip_windows, progress=progress, record=not args.dry_run,
                                                        log=lambda *a: None, **kwargs)
         for r in calib["rows"]:
-            print(f"p={r['budget']:g} gap {r['gap']:g} (generated at {r['generated_at']:.2f}): perplexity "
-                  f"{r['perplexity']:8.2f}  KL {r['kl_to_dense']:.3f}  agreement {r['top1_agreement']:.3f}")
+            print(pipeline.format_anchor_row(r))
         print(f"anchor gaps (lowest KL per budget): {calib['anchor_gaps']} on {calib['windows']} windows x "
               f"{calib['window']} in {calib['seconds']:.0f} s" + (" (dry run: not recorded)" if args.dry_run else
                                                                  f"; recorded in {args.conversion / 'tomoe.json'}"))

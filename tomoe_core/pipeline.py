@@ -257,6 +257,12 @@ def calibrate_anchor(masked: MaskedModel, windows: torch.Tensor, budgets=ANCHOR_
     return {"anchor_gaps": {k: r["gap"] for k, r in best.items()}, "rows": rows}
 
 
+def format_anchor_row(row: dict) -> str:
+    """One measurement of `calibrate_anchor`, as the CLI and benchmarks.anchor_gap print it."""
+    return (f"p={row['budget']:g} gap {row['gap']:g} (generated at {row['generated_at']:.2f}): perplexity "
+            f"{row['perplexity']:8.2f}  KL {row['kl_to_dense']:.3f}  agreement {row['top1_agreement']:.3f}")
+
+
 def _calibrate_after_training(masked: MaskedModel, tokenizer, cfg: ConversionConfig, count: int, log) -> dict | None:
     """run_conversion's anchor calibration of a conditioned conversion; None when skipped."""
     from .data import TextSourceError
