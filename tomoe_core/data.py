@@ -87,6 +87,10 @@ def _file_documents(path: Path) -> list[tuple[str, str]]:
         if not files:
             raise TextSourceError(f"folder {path} holds no .txt files")
         return [(str(f.relative_to(path)), t) for f in files if (t := _read_utf8(f).strip())]
+    if path.is_file() and path.suffix.lower() == ".conllu":  # a UD treebank: its documents, gold words aside
+        from .conllu import read_conllu
+
+        return [(doc.title, doc.text) for doc in read_conllu(path)]
     if path.is_file():
         blocks = [b.strip() for b in _read_utf8(path).split("\n\n")]
         return [(f"{path.name}#{i}", b) for i, b in enumerate(blocks) if b]
