@@ -37,3 +37,33 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None):
 def tiny_ids(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+# Whether each family's released tokenizers start a text with BOS (Llama-2/3, Mistral and Gemma do;
+# Qwen, Phi-2, GPT-2 and Phi-3's current tokenizer do not). The engine must follow the tokenizer.
+FAMILY_ADDS_BOS = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False, "gemma3_text": True,
+                   "phi3": False, "phi": False, "gpt2": False}
+_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def tiny_tokenizer(adds_bos: bool):
+    """A word-level fast tokenizer over VOCAB ids (no download): specials, punctuation, then words
+    ("w5") and the words of tiny_text(). `adds_bos` puts <bos> before every text, as Llama's does."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = _SPECIALS + list(".,;:!?'\"") + TINY_WORDS
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    vocab = {w: i for i, w in enumerate(words[:VOCAB])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+
+
+TINY_WORDS = ("the cat sat on mat dog barked a loudly at it did not move and children ran fast home "
+              "alice wrote three short letters to her friends in paris they answered quickly thanks").split()

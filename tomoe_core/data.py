@@ -110,7 +110,9 @@ def _hf_documents(spec: str, split: str) -> list[tuple[str, str]]:
 
 
 def token_stream(tokenizer, docs: list[Document], max_tokens: int | None = None) -> torch.Tensor:
-    """Documents tokenised and joined with the EOS token between them. -> (n_tokens,) int64."""
+    """Documents tokenised and joined with the EOS token between them. -> (n_tokens,) int64.
+
+    No special prefix (BOS) here: `windows` puts it at the start of every window, never mid-window."""
     sep = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in docs:
@@ -125,14 +127,48 @@ def token_stream(tokenizer, docs: list[Document], max_tokens: int | None = None)
     return out
 
 
-def windows(stream: torch.Tensor, length: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows (the tail shorter than `length` is dropped). -> (n, length)"""
-    n = stream.numel() // length
+def special_prefix(tokenizer) -> list[int]:
+    """Token ids the tokenizer puts before every text: [bos] for Gemma, Llama, Mistral; [] for SmolLM2,
+    GPT-2, Qwen. Every window and prompt the model sees starts with these, as in the model's own use."""
+    probe = "Hello world, this is a test."
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    # the specials changed how the text itself is split (rare): trust the tokenizer's flag
+    bos = tokenizer.bos_token_id
+    return [bos] if getattr(tokenizer, "add_bos_token", False) and bos is not None else []
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """One text as the model sees it in use: the tokenizer's special prefix (e.g. BOS), then the text."""
+    return special_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def windows(stream: torch.Tensor, length: int, max_windows: int | None = None,
+            prefix: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
+    """Non-overlapping windows of `length` tokens: `prefix` (the tokenizer's BOS, if any; see
+    `special_prefix`) then `length - len(prefix)` tokens of the stream. The tail is dropped. -> (n, length)"""
+    body = length - len(prefix)
+    if body < 1:
+        raise TextSourceError(f"windows of {length} tokens leave no room for text after the {len(prefix)} prefix tokens")
+    n = stream.numel() // body
     if n == 0:
         raise TextSourceError(f"text has {stream.numel()} tokens, fewer than one window of {length}")
     if max_windows is not None:
         n = min(n, max_windows)
-    return stream[: n * length].view(n, length)
+    out = stream[: n * body].view(n, body)
+    if prefix:
+        out = torch.cat([torch.tensor(list(prefix), dtype=out.dtype).expand(n, -1), out], dim=1)
+    return out
+
+
+def text_windows(tokenizer, source: str, split: str, tag: str, length: int,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """Windows of a text source as the model expects them (its special prefix first). -> (n, length)"""
+    return windows(cached_stream(tokenizer, source, split, None, tag), length, max_windows,
+                   special_prefix(tokenizer))
 
 
 def cache_dir() -> Path:

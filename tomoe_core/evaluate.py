@@ -106,7 +106,9 @@ def context_length(model) -> int:
 def encode_prompt(tokenizer, prompt: str, model, max_new_tokens: int = 0) -> torch.Tensor:
     if not prompt or not prompt.strip():
         raise PromptError("the prompt is empty: type some text to continue")
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    from .data import encode_text
+
+    ids = torch.tensor([encode_text(tokenizer, prompt)])  # (1, T): the tokenizer's BOS (if any), then the prompt
     limit = context_length(model)
     if ids.shape[1] + max_new_tokens > limit:
         raise PromptError(f"the prompt has {ids.shape[1]} tokens; with {max_new_tokens} new tokens it exceeds the "

@@ -15,7 +15,7 @@ from .baselines import activation_stats, baseline_variants
 from .budget import account
 from .convert import (conversion_digest, load_converted, materialise, materialise_from_recipe, read_metadata,
                       save_converted, save_recipe)
-from .data import cache_dir, cached_stream, windows as make_windows
+from .data import cache_dir, cached_stream, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
 from .masked import MaskedModel
@@ -88,7 +88,8 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
         stream = cached_stream(tokenizer, cfg.text, "calibration", None, tag)
         masked = MaskedModel(model, cfg.num_experts, offset=cfg.offset, seed=cfg.seed, budget_range=cfg.budget_range,
                              prune_attention=cfg.prune_attention)
-        summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log)
+        summary = train_conversion(masked, stream, cfg, workdir, progress=progress, show_tqdm=show_tqdm, log=log,
+                                   prefix=special_prefix(tokenizer))
         if not summary["finished"] or rank != 0:
             return workdir if not summary["finished"] else output
         anchor = None
@@ -206,7 +207,7 @@ def anchor_windows(tokenizer, model_name: str, text: str, window: int = 512, cou
     from .data import TextSourceError
 
     stream = cached_stream(tokenizer, text, "heldout", None, safe_name(Path(model_name).name))
-    held = make_windows(stream, window, skip + count)[skip:]
+    held = make_windows(stream, window, skip + count, special_prefix(tokenizer))[skip:]
     if held.shape[0] == 0:
         raise TextSourceError(f"the held-out text of {text!r} has {stream.numel()} tokens: no window of {window} "
                               f"after the first {skip} (reserved for reporting)")
@@ -405,7 +406,7 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
     dense, tokenizer = load_dense(model_name, device=device, log=log)
     tag = safe_name(Path(model_name).name)
     window = window or default_window(dense)
-    held = make_windows(cached_stream(tokenizer, text, "heldout", None, tag), window, max_windows)
+    held = text_windows(tokenizer, text, "heldout", tag, window, max_windows)
     masked = MaskedModel(dense, num_experts=1)
     variants = {}
     if conversion:
@@ -418,9 +419,9 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
             variants[f"tomoe-fixed-{best}"] = logits_fn(moe, lambda: moe.set_routing(best))
     stats = None
     if baselines:
-        calib_stream = cached_stream(tokenizer, text, "calibration", None, tag)
         seq = min(512, window)
-        stats = activation_stats(masked, make_windows(calib_stream, seq, max(1, calibration_tokens // seq)))
+        stats = activation_stats(masked, text_windows(tokenizer, text, "calibration", tag, seq,
+                                                      max(1, calibration_tokens // seq)))
     for method, (fn, _ratio) in baseline_variants(masked, baselines, budget, stats, held[:1, :64]).items():
         variants[method] = fn
     dense_fn = logits_fn(masked, lambda: masked.set_masks(None))

@@ -25,6 +25,10 @@ The run folder is built under a temporary name and renamed into place, under a f
 so a reader sees a complete run or none. Under torchrun every rank traces its own shard of
 the text into the same temporary folder (`trace_run`).
 
+Every sequence the model sees starts the way its tokenizer starts a text (`data.special_prefix`:
+BOS for Gemma, Llama, Mistral; nothing for SmolLM2, GPT-2, Qwen). The prefix tokens have no rows:
+`position` counts a document's text tokens from 0, and run.json records `special_prefix`.
+
 Legend: L = MoE layers, B = sequences in a batch, T = tokens per sequence, N = B * T.
 """
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import DEFAULT_CORPUS, Document, TextSourceError, cache_dir, load_documents
+from .data import DEFAULT_CORPUS, Document, TextSourceError, cache_dir, load_documents, special_prefix
 from .io import atomic_dir, atomic_write_json, file_lock, safe_name, sha256_file
 from .routing import RoutingPoint
 
@@ -173,9 +177,11 @@ def route_text(model, tokenizer, text: str, device: str | torch.device = "cpu"):
     ids = enc["input_ids"]
     if not ids:
         raise TextSourceError("the text produced no tokens: type some text")
+    prefix = special_prefix(tokenizer)
     with capture_routing(model) as records:
-        model(input_ids=torch.tensor([ids], device=device))
-    experts, probs = records.stacked()  # (L, T)
+        model(input_ids=torch.tensor([prefix + ids], device=device))
+    experts, probs = records.stacked()  # (L, len(prefix) + T)
+    experts, probs = experts[:, len(prefix):], probs[:, len(prefix):]  # the prefix has no rows
     num_layers, n = experts.shape
     offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(n, 2)
     return pd.DataFrame({
@@ -197,22 +203,26 @@ def generate_with_routing(model, tokenizer, prompt: str, max_new_tokens: int = 2
     """
     import pandas as pd
 
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    if ids.shape[1] == 0:
+    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not text_ids:
         raise TextSourceError("the prompt is empty: type some text to continue")
+    prefix = special_prefix(tokenizer)
+    skip = len(prefix)  # the prefix (BOS) goes through the model but has no rows
+    ids = torch.tensor([prefix + text_ids], device=device)
     with capture_routing(model) as records:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
     experts, probs = records.per_sequence(1)  # (L, 1, T_seen)
+    experts, probs = experts[:, :, skip:], probs[:, :, skip:]
     num_layers, _, seen = experts.shape
     all_ids = out[0].tolist()
-    seen_ids = all_ids[:seen]
     prompt_len = ids.shape[1]
+    seen_ids = all_ids[skip:skip + seen]
     frame = pd.DataFrame({
         "position": np.tile(np.arange(seen, dtype=np.int32), num_layers),
         "token_id": np.tile(np.asarray(seen_ids, dtype=np.int32), num_layers),
         "token": np.tile(np.asarray(token_strings(tokenizer, seen_ids), dtype=object), num_layers),
-        "generated": np.tile(np.arange(seen) >= prompt_len, num_layers),
+        "generated": np.tile(np.arange(seen) >= prompt_len - skip, num_layers),
         "layer": np.repeat(np.arange(num_layers, dtype=np.int16), seen),
         "expert": experts[:, 0].ravel(), "router_prob": probs[:, 0].ravel()})
     return tokenizer.decode(all_ids[prompt_len:]), frame
@@ -407,15 +417,21 @@ def _batches(windows: list[_Window], batch_size: int) -> Iterator[list[_Window]]
         yield windows[i:i + batch_size]
 
 
-def _pad(batch: list[_Window], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Right padding (causal attention: pads after a token cannot change it). -> ids, attention mask, valid (B, T)."""
-    length = max(len(w.ids) for w in batch)
+def _pad(batch: list[_Window], pad_id: int, device, prefix: Sequence[int] = ()
+         ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """`prefix` + each window, right-padded (causal attention: pads after a token cannot change it).
+    -> ids, attention mask (B, T), valid (B, T): the window's own tokens, which get rows."""
+    k = len(prefix)
+    length = k + max(len(w.ids) for w in batch)
     ids = np.full((len(batch), length), pad_id, dtype=np.int64)
     valid = np.zeros((len(batch), length), dtype=bool)
+    ids[:, :k] = prefix
     for b, w in enumerate(batch):
-        ids[b, : len(w.ids)] = w.ids
-        valid[b, : len(w.ids)] = True
-    mask = torch.from_numpy(valid.astype(np.int64))
+        ids[b, k: k + len(w.ids)] = w.ids
+        valid[b, k: k + len(w.ids)] = True
+    attend = valid.copy()
+    attend[:, :k] = True
+    mask = torch.from_numpy(attend.astype(np.int64))
     return torch.from_numpy(ids).to(device), mask.to(device), valid
 
 
@@ -516,6 +532,7 @@ class TracePlan:
     windows: list[_Window]
     batch_size: int
     device: str
+    prefix: tuple[int, ...] = ()  # the tokenizer's special prefix (BOS), before every window
     num_layers: int = field(init=False)
 
     def __post_init__(self):
@@ -528,7 +545,7 @@ class TracePlan:
     def batches(self):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for batch in _batches(self.windows, self.batch_size):
-            ids, mask, valid = _pad(batch, pad, self.device)
+            ids, mask, valid = _pad(batch, pad, self.device, self.prefix)
             yield batch, ids, mask, valid
 
 
@@ -552,7 +569,11 @@ def plan_trace(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: st
     if sum(doc_tokens) == 0:
         raise TextSourceError(f"text source {source!r} produced no tokens")
     docs = docs[: len(encoded)]
-    return TracePlan(model, tokenizer, meta, docs, doc_tokens, _windows(encoded, seq_len), batch_size, device)
+    prefix = tuple(special_prefix(tokenizer))
+    if seq_len <= len(prefix):
+        raise ValueError(f"seq_len ({seq_len}) leaves no room for text after the tokenizer's {len(prefix)} prefix tokens")
+    return TracePlan(model, tokenizer, meta, docs, doc_tokens, _windows(encoded, seq_len - len(prefix)), batch_size,
+                     device, prefix)
 
 
 def _library_versions() -> dict:
@@ -688,8 +709,8 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
 
     source: "wiki" (the default corpus, `split` "heldout" or "calibration"), a .txt file or a
     folder of .txt files; `prompts` (a list of texts) replaces the source when given. Each
-    document is cut into non-overlapping windows of `seq_len` tokens (a window's first tokens
-    see no earlier context), `batch_size` windows per forward. `progress(tokens_done, total)`
+    document is cut into non-overlapping windows of `seq_len` tokens, the tokenizer's prefix (BOS)
+    included (a window's first tokens see no earlier context), `batch_size` windows per forward. `progress(tokens_done, total)`
     is called after every batch. `compare_untraced` runs every batch a second time without
     hooks, side by side, and records the tracing overhead in run.json (timing.overhead_pct).
 
@@ -789,7 +810,8 @@ def _write_run_meta(tmp: Path, plan: TracePlan, ranks: list[dict], *, t_start: f
         "num_experts": int(plan.meta.get("num_experts") or plan.model.config.num_experts),
         "num_layers": plan.num_layers, "layout": layout,
         "text": {"source": source_name, "split": split, "documents": len(plan.docs), "max_tokens": max_tokens},
-        "seq_len": seq_len, "batch_size": batch_size, "rows": rows, "tokens": tokens,
+        "seq_len": seq_len, "special_prefix": list(plan.prefix), "batch_size": batch_size, "rows": rows,
+        "tokens": tokens,
         "bytes_per_row": round(part_bytes / max(rows, 1), 3),
         "timing": timing, "world_size": len(ranks),
         "files": files, "versions": _library_versions(), "machine": machine_info(device),

@@ -22,13 +22,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 
+from .data import windows
 from .hypernet import logistic_noise, straight_through_sigmoid
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .masked import MaskedModel
@@ -163,11 +164,13 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 17) % (2 ** 63)
 
 
-def sample_batch(stream: torch.Tensor, cfg: ConversionConfig, step: int, micro: int = 0) -> torch.Tensor:
+def sample_batch(stream: torch.Tensor, cfg: ConversionConfig, step: int, micro: int = 0,
+                 prefix: Sequence[int] = ()) -> torch.Tensor:
     """Calibration windows of one micro-batch: a pure function of (seed, step, micro). -> (B / M, T)
 
     The stream is cut into `micro_batches` contiguous shards and micro-batch m reads shard m,
-    so the processes of a distributed run read disjoint parts of the text.
+    so the processes of a distributed run read disjoint parts of the text. Each window is
+    `prefix` (the tokenizer's BOS, if it adds one) followed by T - len(prefix) tokens of text.
     """
     shard_len = stream.numel() // cfg.micro_batches
     if shard_len <= cfg.seq_len:
@@ -176,7 +179,11 @@ def sample_batch(stream: torch.Tensor, cfg: ConversionConfig, step: int, micro: 
     shard = stream[micro * shard_len:(micro + 1) * shard_len]
     g = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 7_777_777 * micro)
     starts = torch.randint(0, shard.numel() - cfg.seq_len, (cfg.batch_size // cfg.micro_batches,), generator=g)
-    return torch.stack([shard[s:s + cfg.seq_len] for s in starts.tolist()])
+    body = cfg.seq_len - len(prefix)
+    batch = torch.stack([shard[s:s + body] for s in starts.tolist()])  # (B / M, T - len(prefix))
+    if prefix:
+        batch = torch.cat([torch.tensor(list(prefix), dtype=batch.dtype).expand(len(batch), -1), batch], dim=1)
+    return batch
 
 
 _GOLDEN = (5 ** 0.5 - 1) / 2
@@ -335,9 +342,10 @@ ProgressFn = Callable[[int, int, dict], None]
 
 def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionConfig, workdir: Path,
                      progress: ProgressFn | None = None, show_tqdm: bool = True, stop_after: int | None = None,
-                     log=print) -> dict:
+                     log=print, prefix: Sequence[int] = ()) -> dict:
     """Train (or resume) a conversion in `workdir`. Returns a summary dict.
 
+    `prefix`: token ids every window starts with, as the tokenizer starts a text (`data.special_prefix`).
     `stop_after`: end after this many steps of this call (to test interruption).
     Writes workdir/checkpoint (every `checkpoint_every` steps and at the end) and
     workdir/log.jsonl (one line of loss terms per step).
@@ -365,8 +373,8 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
         log(f"[tomoe] resuming from step {start}/{cfg.steps}")
     elif cfg.init == "cluster":
         t0 = time.time()
-        n = max(1, cfg.init_tokens // cfg.seq_len)
-        calib = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
+        calib = windows(stream, cfg.seq_len, max(1, cfg.init_tokens // cfg.seq_len), prefix)
+        n = calib.shape[0]
         init_info = masked.cluster_init(calib, cfg.train_budget, prior_scale=cfg.prior_scale, seed=cfg.seed,
                                         balance=cfg.init_balance)
         init_info["seconds"] = time.time() - t0
@@ -391,7 +399,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
             opt.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for i, micro in enumerate(my_micro):
-                ids = sample_batch(stream, cfg, step, micro).to(device)
+                ids = sample_batch(stream, cfg, step, micro, prefix).to(device)
                 last = i == len(my_micro) - 1
                 sync = contextlib.nullcontext() if world == 1 or last else objective.no_sync()
                 with sync:
