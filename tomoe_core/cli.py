@@ -1,4 +1,4 @@
-"""Command line: python -m tomoe_core convert | evaluate | generate | account | trace."""
+"""Command line: python -m tomoe_core convert | evaluate | generate | account | export | trace."""
 from __future__ import annotations
 
 import argparse
@@ -157,6 +157,24 @@ def _add_account(sub):
     p.add_argument("--context", type=int, default=512, help="context length for attention FLOPs (default: %(default)s)")
 
 
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a self-contained copy of a conversion that loads without tomoe_core",
+                       description="Write a hub-ready folder: the conversion's weights, tokenizer and tomoe.json, "
+                                   "config.json with auto_map, and the engine's modelling code copied beside them. "
+                                   "Stock tools then load it in a process without tomoe_core: "
+                                   "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True), "
+                                   "lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True. "
+                                   "Loading runs the copied code: share exports like any code.")
+    p.add_argument("conversion", type=Path, help="converted model folder")
+    p.add_argument("--hub-ready", type=Path, required=True, metavar="OUT",
+                   help="output folder (replaced if it exists)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weight dtype of the export (default: the conversion's)")
+    p.add_argument("--max-shard-size", default=None,
+                   help="split the weights into safetensors shards of at most this size, e.g. 2GB (default: one file "
+                        "up to transformers' default shard size)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tomoe_core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rebudget(sub)
     _add_calibrate_anchor(sub)
     _add_account(sub)
+    _add_export(sub)
     from .trace_cli import add_trace_parser
 
     add_trace_parser(sub)
@@ -252,6 +271,14 @@ def _run(args, argv) -> int:
         report = account(model, args.context)
         # the whole-budget ratio is printed for every model, so MLP-only and attention conversions compare
         print(json.dumps({**report.as_dict(), "executed_active_ratio": report.executed_active_ratio}, indent=2))
+        return 0
+    if args.command == "export":
+        import torch
+
+        from .export import export_hub_ready
+
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        print(export_hub_ready(args.conversion, args.hub_ready, dtype, args.max_shard_size))
         return 0
     if args.command == "trace":
         from .trace_cli import run_trace_command

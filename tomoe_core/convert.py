@@ -18,12 +18,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .families import adapter_for
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .modeling import (FORMAT_VERSION, ConvertedModelError, ToMoEConfig, ToMoEForCausalLM,  # noqa: F401 (re-exported)
                        available_memory_bytes, read_metadata, verify_weights)
 from .routing import MaskedMLP, MoEMLP
+
+# Importing tomoe_core makes model type "tomoe" known to the Auto classes. The registration lives
+# here, not in `modeling`, so that an exported copy of `modeling` (loaded with trust_remote_code)
+# never takes the name over from these classes.
+AutoConfig.register("tomoe", ToMoEConfig, exist_ok=True)
+AutoModelForCausalLM.register(ToMoEConfig, ToMoEForCausalLM, exist_ok=True)
 
 
 def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) -> ToMoEForCausalLM:
@@ -150,6 +157,24 @@ def _recover_union_channels(model: ToMoEForCausalLM, model_name: str | None, fol
             raise ConvertedModelError(f"{folder}: layer {l} keeps channels that {model_name} does not have; "
                                       "re-run the conversion")
         moe.union_channels = torch.tensor(ids, dtype=torch.long, device=moe.union_channels.device)
+
+
+def dense_model_of(conversion: str | Path, meta: dict) -> str:
+    """The dense model a conversion was made from, as tomoe.json names it."""
+    name = meta.get("model")
+    if not name:
+        raise ConvertedModelError(f"{Path(conversion) / 'tomoe.json'} names no dense model (key 'model'); pass the "
+                                  "model it was converted from, e.g. `evaluate FOLDER --model NAME_OR_PATH`")
+    return str(name)
+
+
+def check_same_vocabulary(moe: ToMoEForCausalLM, dense, conversion: str | Path, model_name: str) -> None:
+    """A conversion only compares with the dense model it was made from: at least their vocabularies agree."""
+    ours, theirs = moe.get_input_embeddings().weight.shape[0], dense.get_input_embeddings().weight.shape[0]
+    if ours != theirs:
+        raise ConvertedModelError(f"{conversion} has a vocabulary of {ours} tokens but the dense model {model_name} has "
+                                  f"{theirs}: it was not converted from {model_name}; pass the model it was converted "
+                                  "from with --model")
 
 
 def conversion_digest(meta: dict) -> str:

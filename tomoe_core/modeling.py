@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 
 from .families import adapter_for
 from .io import atomic_write_json, sha256_file
-from .routing import LAYOUT_PREFERENCE, LAYOUTS, MoEMLP
+from .routing import COPY_FREE_LAYOUTS, LAYOUT_PREFERENCE, LAYOUTS, MoEMLP
 
 FORMAT_VERSION = 1
 METADATA_FILE = "tomoe.json"
@@ -113,16 +113,17 @@ class ToMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def set_layout(self, layout: str = "auto", memory_limit_bytes: int | None = None) -> str:
         """Choose how the experts' weights are laid out in memory; returns the layout chosen.
 
-        `layout` is a layout ("shared", "packed", "core+extras"; see `MoEMLP`) or a use:
+        `layout` is a layout ("indexed", "shared", "packed", "core+extras"; see `MoEMLP`) or a use:
         "decode" (= "auto": token-by-token generation), "prefill" (long prompts, scoring text)
         or "memory" (no copies). A use picks the fastest layout for it whose extra memory fits
-        `memory_limit_bytes` (default: half of the memory now available on the model's device).
+        `memory_limit_bytes` (default: half of the memory now available on the model's device);
+        a layout without weight copies (COPY_FREE_LAYOUTS) always fits.
         """
         if layout in LAYOUT_PREFERENCE:
             limit = available_memory_bytes(self.device) // 2 if memory_limit_bytes is None else memory_limit_bytes
             mlps = self.moe_mlps
             for candidate in LAYOUT_PREFERENCE[layout]:
-                if sum(m.layout_extra_bytes(candidate) for m in mlps) <= limit or candidate == "shared":
+                if sum(m.layout_extra_bytes(candidate) for m in mlps) <= limit or candidate in COPY_FREE_LAYOUTS:
                     layout = candidate
                     break
         elif layout not in LAYOUTS:
@@ -211,10 +212,6 @@ class ToMoEForCausalLM(PreTrainedModel, GenerationMixin):
             meta["weight_files"] = files
         atomic_write_json(folder / METADATA_FILE, meta)
         self.tomoe_metadata = meta
-
-
-AutoConfig.register("tomoe", ToMoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(ToMoEConfig, ToMoEForCausalLM, exist_ok=True)
 
 
 def _weights_digest(files: dict[str, str]) -> str:

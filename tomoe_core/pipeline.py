@@ -13,8 +13,8 @@ import torch
 
 from .baselines import activation_stats, baseline_variants
 from .budget import account
-from .convert import (conversion_digest, load_converted, materialise, materialise_from_recipe, read_metadata,
-                      save_converted, save_recipe)
+from .convert import (check_same_vocabulary, conversion_digest, dense_model_of, load_converted, materialise,
+                      materialise_from_recipe, read_metadata, save_converted, save_recipe)
 from .data import cache_dir, cached_stream, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
@@ -401,7 +401,7 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
                    progress=None, log=print) -> dict:
     """Dense vs conversion (learned / random / best fixed routing) vs static baselines, same windows."""
     meta = read_metadata(conversion) if conversion else {}
-    model_name = model_name or meta.get("model") or "smollm2-135m"
+    model_name = model_name or (dense_model_of(conversion, meta) if conversion else "smollm2-135m")
     budget = budget if budget is not None else meta.get("budget", 0.5)
     dense, tokenizer = load_dense(model_name, device=device, log=log)
     tag = safe_name(Path(model_name).name)
@@ -411,6 +411,7 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
     variants = {}
     if conversion:
         moe, _, _ = load_converted(conversion, device=device, layout="prefill", load_tokenizer=False)
+        check_same_vocabulary(moe, dense, conversion, model_name)
         variants["tomoe"] = logits_fn(moe, lambda: moe.set_routing(None))
         if routing_modes:
             gen = torch.Generator()
