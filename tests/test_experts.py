@@ -8,8 +8,9 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from analysis import routing_figures as figs
-from analysis.experts import (cluster_experts, expert_profile_matrix, lift_table, name_cluster, nmi_from_contingency,
-                              nmi_per_layer, pos_profiles)
+from analysis.experts import (cluster_experts, expert_profile_matrix, lift_table, name_cluster, name_follows_rows,
+                              nmi_from_contingency, nmi_per_layer, p_floor, permutations_for, pos_profiles,
+                              token_conditioned_counts)
 from routing_fixtures import annotated_run, converted, routing_cache, tokenizer, traced_run  # noqa: F401
 from tomoe_core import queries
 
@@ -103,8 +104,110 @@ def test_clusters_recover_planted_roles():
 def test_cluster_names():
     assert name_cluster(pd.Series({"NOUN": np.log2(2.0), "PROPN": np.log2(1.5), "VERB": -1.0})) == "NOUN+PROPN"
     assert name_cluster(pd.Series({"NOUN": np.log2(1.1), "VERB": 0.0})).startswith("mixed")
-    lifts = pd.Series({"INTJ": np.log2(3.0), "NOUN": np.log2(1.4), "VERB": 0.0})
+    lifts = pd.Series({"INTJ": np.log2(3.0), "NOUN": np.log2(1.6), "VERB": 0.0})
     assert name_cluster(lifts, pd.Series({"INTJ": 0.001, "NOUN": 0.6, "VERB": 0.399})) == "NOUN"
+    assert name_cluster(lifts.clip(upper=np.log2(1.4))) == "mixed"  # nothing stands out: no tag at 1.5x
+    assert name_follows_rows("PUNCT+CCONJ", "PUNCT 3.56x, CCONJ 2.98x, AUX 1.32x", 1.5)
+    assert name_follows_rows("NUM", "NUM 12.20x, PROPN 0.30x", 1.5)
+    assert name_follows_rows("mixed #2", "NOUN 1.25x, VERB 1.21x", 1.5)
+    # the contradictions a user found in the old names
+    assert not name_follows_rows("PUNCT+CCONJ", "SYM 3.62x, PUNCT 3.56x, X 3.03x", 1.5)
+    assert not name_follows_rows("ADP+DET", "ADP 5.32x, CCONJ 2.40x, SYM 2.31x", 1.5)
+    assert not name_follows_rows("mixed", "NOUN 1.80x", 1.5)
+    assert not name_follows_rows("NOUN", "NOUN 1.80x, VERB 1.70x", 1.5)
+
+
+def _role_counts(seed: int, rare_tags: bool = True) -> pd.DataFrame:
+    """Counts of 8 layers x 8 experts with overlapping preferences and rare tags of large lift."""
+    rng = np.random.default_rng(seed)
+    tags = ["NOUN", "PROPN", "PUNCT", "NUM", "VERB", "AUX", "DET", "ADP", "SYM", "X", "INTJ"]
+    rows = []
+    for layer in range(8):
+        for expert in range(8):
+            weights = rng.gamma(0.7, size=len(tags)) * np.array([8, 3, 5, 1, 4, 3, 4, 4, 0.1, 0.1, 0.05])
+            if not rare_tags:
+                weights[-3:] = 0
+            n = int(rng.integers(80, 600))
+            for tag, count in zip(tags, rng.multinomial(n, weights / weights.sum())):
+                if count:
+                    rows.append((layer, expert, tag, int(count)))
+    return pd.DataFrame(rows, columns=["layer", "expert", "pos", "tokens"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cluster_names_follow_the_rows_shown(seed):
+    counts = _role_counts(seed)
+    for baseline_k in (None, 3, 6):
+        result = cluster_experts(counts, min_tokens=20, k_range=range(2, 7), k=baseline_k, resamples=3)
+        summary = result.summary()
+        assert len(summary) == result.k
+        for row in summary.itertuples():
+            assert name_follows_rows(row.cluster_name, row.top_lifts, result.min_lift), row
+
+
+def test_k_choice_stability_and_seeds():
+    rng = np.random.default_rng(0)
+    rows = []
+    roles = {"NOUN": ["NOUN", "PROPN"], "PUNCT": ["PUNCT", "NUM"], "VERB": ["VERB", "AUX"]}
+    for layer in range(6):
+        for expert, (role, favoured) in enumerate(list(roles.items()) * 2):
+            for pos in ["NOUN", "PROPN", "PUNCT", "NUM", "VERB", "AUX", "DET", "ADP"]:
+                rows.append((layer, expert, pos, int((400 if pos in favoured else 100) + rng.integers(0, 20))))
+    counts = pd.DataFrame(rows, columns=["layer", "expert", "pos", "tokens"])
+    result = cluster_experts(counts, min_tokens=10, k_range=range(2, 7), resamples=8)
+    assert result.k == 3 and result.stability[3] > 0.95 and "stable" in result.k_rule
+    assert set(result.stability) == set(result.silhouette) == set(range(2, 7))
+    again = cluster_experts(counts, min_tokens=10, k_range=range(2, 7), resamples=8)
+    assert again.stability == result.stability and (again.experts.cluster == result.experts.cluster).all()
+    chosen = cluster_experts(counts, min_tokens=10, k_range=range(2, 7), k=5, resamples=2)
+    assert chosen.k == 5 and chosen.k_rule.endswith("chosen by the user") and chosen.experts.cluster.nunique() == 5
+    with pytest.raises(ValueError, match="choose between 2 and"):
+        cluster_experts(counts, min_tokens=10, k=99)
+    # pure noise: no structure is stable, and the rule says so
+    noise = counts.assign(tokens=np.random.default_rng(1).integers(100, 110, len(counts)))
+    loose = cluster_experts(noise, min_tokens=10, k_range=range(2, 7), resamples=8)
+    assert max(loose.stability.values()) < 0.8 and "no k is stable" in loose.k_rule
+
+
+def test_p_value_floor_and_permutations_from_alpha():
+    assert p_floor(50) == pytest.approx(1 / 51) and p_floor(99) == pytest.approx(0.01)
+    assert permutations_for(0.01) == 99 and permutations_for(0.05) == 19 and permutations_for(0.001) == 999
+    assert p_floor(permutations_for(0.01)) <= 0.01
+
+
+def test_contextual_nmi_and_its_interval():
+    rng = np.random.default_rng(5)
+    n = 6000
+    frames = []
+    # layer 0: routing by word identity only; layer 1: the ambiguous token "that" (id 7) is routed by its tag
+    token = rng.integers(0, 30, n)
+    tag_of_token = np.array(["NOUN", "VERB", "DET"])[token % 3]
+    ambiguous = token == 7
+    tag = np.where(ambiguous, np.where(rng.random(n) < 0.5, "DET", "SCONJ"), tag_of_token)
+    lexical_expert = token % 4
+    frames.append(pd.DataFrame({"layer": 0, "expert": lexical_expert, "pos": tag, "token_id": token}))
+    contextual_expert = np.where(ambiguous, np.where(tag == "DET", 0, 3), lexical_expert)
+    frames.append(pd.DataFrame({"layer": 1, "expert": contextual_expert, "pos": tag, "token_id": token}))
+    labels = pd.concat(frames, ignore_index=True)
+    nmi = nmi_per_layer(labels, permutations=19, bootstrap=40, block=50)
+    lexical, contextual = nmi.iloc[0], nmi.iloc[1]
+    assert abs(lexical.contextual) < 0.003 and lexical.contextual_low <= 0 <= lexical.contextual_high + 1e-3
+    assert contextual.contextual > 0.01 and contextual.contextual_low > 0.005
+    assert contextual.contextual_low <= contextual.contextual <= contextual.contextual_high
+    assert nmi.nmi_low.le(nmi.nmi).all() and nmi.nmi_high.ge(nmi.nmi).all()
+    assert lexical.lexical_share > 0.98 and nmi.attrs["bootstrap"] == 40
+
+    counts = token_conditioned_counts(labels)
+    assert counts.groupby("layer").tokens.sum().tolist() == [n, n]
+    assert counts.groupby("layer").expected.sum().tolist() == pytest.approx([n, n])
+    # word identity predicts layer 0 exactly; in layer 1 expert 0 gets the DET "that"s beyond its share
+    assert np.allclose(counts[counts.layer == 0].tokens, counts[counts.layer == 0].expected)
+    det0 = counts[(counts.layer == 1) & (counts.expert == 0) & (counts.pos == "DET")].iloc[0]
+    sconj0 = counts[(counts.layer == 1) & (counts.expert == 0) & (counts.pos == "SCONJ")]
+    assert det0.tokens - det0.expected > 30 and sconj0.tokens.sum() == 0  # about 100 DET "that"s, 50 expected
+    residual = expert_profile_matrix(counts, min_tokens=1, baseline="token")
+    assert residual.loc[(0,)].abs().to_numpy().max() < 1e-9
+    assert residual.loc[(1, 0), "DET"] > 0.02 and residual.loc[(1, 0), "SCONJ"] < -0.02
 
 
 def test_too_few_experts_to_cluster_says_why():
@@ -125,7 +228,7 @@ def test_figures_from_a_real_run(annotated_run):
     assert fig.data[0].type == "heatmap" and set(fig.data[0].x) <= set(counts.pos)
     assert len(figs.lift_heatmap(counts).data[0].y) == counts.groupby(["layer", "expert"]).ngroups
 
-    nmi = nmi_per_layer(labels, permutations=19)
+    nmi = nmi_per_layer(labels, permutations=19, bootstrap=10)
     fig = figs.nmi_figure(nmi)
     assert [t.name for t in fig.data] == ["shuffled experts, 5-95 %", "shuffled within token (lexical only)", "observed"]
 
@@ -147,9 +250,16 @@ def test_routing_report_command(annotated_run, capsys):
 
     from analysis.routing_report import main
 
-    assert main([str(annotated_run), "--permutations", "9", "--min-tokens", "1"]) == 0
+    assert main([str(annotated_run), "--permutations", "9", "--min-tokens", "1", "--bootstrap", "5"]) == 0
     out = capsys.readouterr().out
-    assert "nmi" in out and "clusters: k =" in out and "silhouette" in out
+    assert "nmi" in out and "k = " in out and "silhouette / stability" in out and "contextual NMI" in out
+    # 9 permutations cannot give p <= 0.01: the report says so instead of counting 0 layers at 0.01
+    assert "at p = 0.1000, the smallest p 9 permutations can give (1/10); p <= 0.01 needs at least 99" in out
+    assert "at p <= 0.01" not in out
     report = json.loads((annotated_run / "syntax-report.json").read_text())
-    assert len(report["nmi"]) == 2 and report["clusters"]["k"] >= 2
+    assert len(report["nmi"]) == 2 and report["clusters"]["k"] >= 2 and report["p_floor"] == pytest.approx(0.1)
+    assert "contextual_low" in report["nmi"][0] and report["clusters"]["stability_ari"]
+    assert main([str(annotated_run), "--min-tokens", "1", "--bootstrap", "0", "--alpha", "0.05", "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "19 permutations per baseline" in out and "at p <= 0.05:" in out and "chosen by the user" in out
     assert main(["no-such-run"]) == 2

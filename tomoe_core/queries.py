@@ -139,23 +139,58 @@ def transitions(run, layer: int | None = None, con=None) -> pd.DataFrame:
         GROUP BY a.layer, a.expert, b.expert ORDER BY a.layer, from_expert, to_expert""", params).df()
 
 
-def expert_pos(run, con=None) -> pd.DataFrame:
+LABELS = ("pos", "gold_upos", "gold_xpos", "gold_deprel", "gold_head")  # annotation columns a table can group by
+
+
+def _label_column(run, label: str) -> str:
+    """`label` checked against LABELS and against the run's columns (it goes into SQL)."""
+    if label not in LABELS:
+        raise ValueError(f"label {label!r}: use one of {', '.join(LABELS)}")
+    if label == "pos":
+        _require_annotation(run)
+    elif not has_columns(run, (label,)):
+        raise RoutingLogError(f"run {Path(str(run)).name} has no {label} column; gold columns come from a CoNLL-U "
+                              "trace (`python -m tomoe_core trace CONVERSION --text FILE.conllu`, then "
+                              "analysis.syntax.annotate_gold)")
+    return label
+
+
+def has_gold(run) -> bool:
+    return has_columns(run, ("gold_upos", "gold_deprel"))
+
+
+def expert_pos(run, con=None, label: str = "pos") -> pd.DataFrame:
     """Expert x part-of-speech counts. Columns: layer, expert, pos, tokens.
 
-    Tokens without a word (whitespace, special tokens) are left out.
+    label: the annotation column to count ("pos" = spaCy UPOS, or a gold column of LABELS);
+    it comes back as column `pos` whatever it is. Tokens without a word (whitespace, special
+    tokens) are left out.
     """
-    _require_annotation(run)
+    column = _label_column(run, label)
     return _query(f"""
-        SELECT layer, expert, pos::VARCHAR AS pos, count(*) AS tokens
-        FROM {routing_source(run)} WHERE pos IS NOT NULL
-        GROUP BY layer, expert, pos ORDER BY layer, expert, pos""", con=con)
+        SELECT layer, expert, {column}::VARCHAR AS pos, count(*) AS tokens
+        FROM {routing_source(run)} WHERE {column} IS NOT NULL
+        GROUP BY layer, expert, {column} ORDER BY layer, expert, pos""", con=con)
 
 
-def token_labels(run, con=None) -> pd.DataFrame:
-    """One row per annotated (token, layer): layer, doc_id, position, token_id, expert, pos,
-    ordered by layer then token (every layer lists the same tokens in the same order).
-    The input of the permutation tests in analysis.experts."""
-    _require_annotation(run)
+def token_labels(run, con=None, label: str = "pos") -> pd.DataFrame:
+    """One row per annotated (token, layer): layer, doc_id, position, token_id, expert, pos
+    (the `label` column, see expert_pos), ordered by layer then token (every layer lists the
+    same tokens in the same order). The input of the permutation tests in analysis.experts."""
+    column = _label_column(run, label)
     return _query(f"""
-        SELECT layer, doc_id, position, token_id, expert, pos::VARCHAR AS pos
-        FROM {routing_source(run)} WHERE pos IS NOT NULL ORDER BY layer, doc_id, position""", con=con)
+        SELECT layer, doc_id, position, token_id, expert, {column}::VARCHAR AS pos
+        FROM {routing_source(run)} WHERE {column} IS NOT NULL ORDER BY layer, doc_id, position""", con=con)
+
+
+def tag_pairs(run, con=None) -> pd.DataFrame:
+    """spaCy UPOS against gold UPOS, one row per (pos, gold_upos) pair with its token count
+    (layer 0: each token once). Tokens that have a word in either annotation are counted; a
+    missing tag reads as null."""
+    _label_column(run, "pos")
+    _label_column(run, "gold_upos")
+    return _query(f"""
+        SELECT pos::VARCHAR AS pos, gold_upos::VARCHAR AS gold_upos, count(*) AS tokens
+        FROM {routing_source(run)} WHERE layer = (SELECT min(layer) FROM {routing_source(run)})
+          AND (pos IS NOT NULL OR gold_upos IS NOT NULL)
+        GROUP BY ALL ORDER BY tokens DESC""", con=con)
