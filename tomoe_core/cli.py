@@ -19,7 +19,7 @@ def _add_convert(sub):
                                    "frozen; a hypernetwork and per-layer routers are trained by distillation. "
                                    "Rerunning the same command resumes from the last checkpoint.")
     p.add_argument("--model", default=_DEFAULTS.model,
-                   help="built-in name (smollm2-135m), local HF checkpoint folder, .gguf file or hub id "
+                   help="built-in name (smollm2-135m, gemma3-270m), local HF checkpoint folder, .gguf file or hub id "
                         "(default: %(default)s)")
     p.add_argument("--budget", "-p", type=float, default=_DEFAULTS.budget,
                    help="fraction of MLP parameters active per token, in (0, 1] (default: %(default)s)")

@@ -94,7 +94,7 @@ with st.form("convert"):
 
 def start_conversion() -> None:
     if not model.strip():
-        st.error("Dense model: type a built-in name (smollm2-135m), a checkpoint folder or a .gguf file.")
+        st.error("Dense model: type a built-in name (smollm2-135m, gemma3-270m), a checkpoint folder or a .gguf file.")
         return
     try:  # every path the user typed stays inside the cache and data folders
         model_arg = paths.confine_model(model)
