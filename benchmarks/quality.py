@@ -60,7 +60,7 @@ from plotly.subplots import make_subplots
 from tomoe_core.baselines import ALL_METHODS, EXTERNAL_METHODS, activation_stats, baseline_variants
 from tomoe_core.budget import account
 from tomoe_core.convert import conversion_digest, load_converted, read_metadata
-from tomoe_core.data import cache_dir, cached_stream, windows as make_windows
+from tomoe_core.data import cache_dir, text_windows
 from tomoe_core.evaluate import evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
 from tomoe_core.masked import MaskedModel
@@ -129,7 +129,7 @@ def run(args, log=print) -> dict:
     t_start = time.time()
     dense, tokenizer = load_dense(args.model, device=args.device, log=log)
     tag = safe_name(Path(args.model).name)
-    held = make_windows(cached_stream(tokenizer, "wiki", "heldout", None, tag), args.window, args.windows)
+    held = text_windows(tokenizer, "wiki", "heldout", tag, args.window, args.windows)
     masked = MaskedModel(dense, num_experts=1)
     methods = [m for m in args.methods if m]
     conversions = [] if args.no_conversions else find_conversions(args.model)
@@ -201,7 +201,7 @@ def run(args, log=print) -> dict:
         todo = [m for m in methods if (budget, m, None) not in reuse]
         if stats is None and any(m in ("wanda-sp", "flap") for m in todo):
             n = max(1, args.calibration_tokens // 512)
-            calib = cached_stream(tokenizer, "wiki", "calibration", None, tag)[: n * 512].view(n, 512)
+            calib = text_windows(tokenizer, "wiki", "calibration", tag, 512, n)
             log(f"[quality] activation statistics on {n * 512} calibration tokens")
             stats = activation_stats(masked, calib.to(args.device))
         result["rows"] += [reuse[(budget, m, None)] for m in methods if m not in todo]
