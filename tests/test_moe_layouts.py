@@ -1,14 +1,18 @@
 """Every MoE layout computes the masked model's function, on every family, on every code path.
 
-Paths of `MoEMLP.forward`: batch-1 decode, few tokens (shared: whole union masked), many
-tokens (sorted by expert, one matmul per used expert), core + extras on top of each.
+Paths of `MoEMLP.forward`: batch-1 decode, few tokens (shared: whole union masked; indexed: the
+gather kernels), many tokens (sorted by expert, one matmul per used expert), core + extras on
+top of each. The indexed layout runs with its fastest backend (the C kernel on CPU where a
+compiler exists) and with the pure-torch fallback.
 """
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
-from tomoe_core import MaskedModel, load_converted, materialise, save_converted
+from tomoe_core import MaskedModel, gather_kernels, load_converted, materialise, save_converted
 from tomoe_core.routing import LAYOUTS, MoEMLP
 from tiny_models import FAMILIES, tiny_ids, tiny_model
 
@@ -37,12 +41,14 @@ def expert_masks(model: MaskedModel, seed: int = 0) -> list[torch.Tensor]:
     return masks
 
 
-def build(family: str):
-    masked = MaskedModel(tiny_model(family), num_experts=E)
+def build(family: str, dtype: torch.dtype = torch.float32):
+    # cast before wrapping: MaskedMLP keeps views of the fused/transposed weights (phi3, gpt2)
+    masked = MaskedModel(tiny_model(family).to(dtype), num_experts=E)
     torch.manual_seed(1)
     with torch.no_grad():  # routers that spread tokens over all experts
         for m in masked.mlps:
             m.router.weight.normal_(0, 3.0)
+            m.router.to(dtype)
     masks = expert_masks(masked)
     moe = materialise(masked, masks, budget=0.5)
     masked.set_masks(masks)
@@ -160,12 +166,12 @@ def test_uses_pick_the_fastest_layout_that_fits():
     packed = sum(m.layout_extra_bytes("packed") for m in moe.moe_mlps)
     core = sum(m.layout_extra_bytes("core+extras") for m in moe.moe_mlps)
     assert core < packed
-    assert moe.set_layout("decode", memory_limit_bytes=packed) == "packed"
-    assert moe.set_layout("auto", memory_limit_bytes=packed - 1) == "core+extras"
+    assert moe.set_layout("decode", memory_limit_bytes=0) == "indexed"  # copy-free: fits anywhere
+    assert moe.set_layout("auto") == "indexed"
     assert moe.set_layout("prefill", memory_limit_bytes=packed) == "core+extras"
-    assert moe.set_layout("prefill", memory_limit_bytes=0) == "shared"
-    assert moe.set_layout("memory") == "shared"
-    assert moe.layout == "shared"
+    assert moe.set_layout("prefill", memory_limit_bytes=core - 1) == "indexed"
+    assert moe.set_layout("memory") == "indexed"
+    assert moe.layout == "indexed"
     with pytest.raises(ValueError, match="unknown layout"):
         moe.set_layout("fast")
 
@@ -230,3 +236,154 @@ def test_conversions_saved_without_union_ids_recover_them(tmp_path, monkeypatch)
     ids = many_tokens_ids()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, masked.model(input_ids=ids).logits)
+
+
+# -- the indexed layout ------------------------------------------------------------------------------------
+@pytest.fixture(params=["fastest", "torch"])
+def gather_backend(request, monkeypatch):
+    """The indexed layout on its fastest backend here, and on the pure-torch fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(MoEMLP, "gather_backend", "torch")
+    return request.param
+
+
+def test_the_c_kernel_runs_where_a_compiler_exists():
+    """Otherwise every 'fastest' test below would silently test the fallback twice."""
+    if not (shutil.which("cc") or shutil.which("gcc")) or os.environ.get("TOMOE_GATHER_KERNEL") == "0":
+        pytest.skip("no C compiler: the indexed layout runs its pure-torch fallback")
+    assert gather_kernels.backend(torch.zeros(2, 2)) == "cpu-c", gather_kernels.kernel_unavailable_reason()
+    assert gather_kernels.backend(torch.zeros(2, 2, dtype=torch.bfloat16)) == "cpu-c"
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_gather_kernels_match_the_torch_reference(gated, dtype, tokens):
+    backend = gather_kernels.backend(torch.zeros(1, dtype=dtype))
+    if backend == "torch":
+        pytest.skip("no compiled backend here")
+    g = torch.Generator().manual_seed(tokens)
+    E, U, D = 11, 203, 37  # odd sizes: every loop tail of the C kernel runs
+    masks = torch.rand(E, U, generator=g) < 0.4
+    masks[:, 0] = True
+    masks[3] = False  # an expert with a single channel
+    masks[3, 5] = True
+    bits = (masks.long() << torch.arange(E)[:, None]).sum(0)  # (U,)
+    widths = masks.sum(1)
+    table = torch.zeros(E, int(widths.max()), dtype=torch.long)
+    valid = torch.zeros(E, int(widths.max()), dtype=dtype)
+    for k in range(E):
+        table[k, : widths[k]] = masks[k].nonzero().squeeze(-1)
+        valid[k, : widths[k]] = 1
+    gate = torch.randn(U, D, generator=g).to(dtype) if gated else None
+    up, down_t = torch.randn(U, D, generator=g).to(dtype), torch.randn(U, D, generator=g).to(dtype)
+    x = torch.randn(tokens, D, generator=g).to(dtype)
+    expert = torch.randint(E, (tokens,), generator=g)
+    expert[0] = 3
+    union_masks = masks.to(dtype)
+    ref_g, ref_u = gather_kernels.gate_up(gate, up, x, expert, bits, union_masks, use="torch")
+    out_g, out_u = gather_kernels.gate_up(gate, up, x, expert, bits, union_masks, use=backend)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_u, ref_u, **tol)
+    assert (out_u[~masks[expert]] == 0).all()  # outside the token's expert: exactly zero
+    if gated:
+        torch.testing.assert_close(out_g, ref_g, **tol)
+    a = torch.randn(tokens, U, generator=g).to(dtype) * union_masks[expert]
+    ref_y = gather_kernels.down(down_t, a, expert, bits, table, valid, use="torch")
+    torch.testing.assert_close(gather_kernels.down(down_t, a, expert, bits, table, valid, use=backend), ref_y, **tol)
+    dense_y = (a.float() @ down_t.float()).to(dtype)  # the reference itself against a plain matmul
+    torch.testing.assert_close(ref_y, dense_y, **tol)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_indexed_layout_matches_masked_model(family, gather_backend):
+    masked, moe = build(family)
+    assert moe.set_layout("indexed") == "indexed"
+    batch = tiny_ids(batch=8, length=3)  # batch-8 decode steps: several experts in one kernel call
+    with torch.no_grad():
+        for ids in (tiny_ids(batch=1, length=1), tiny_ids(batch=1, length=5), batch, many_tokens_ids()):
+            torch.testing.assert_close(moe(input_ids=ids).logits, masked.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_indexed_greedy_decode_matches_masked_model(family, dtype, gather_backend):
+    """Greedy tokens with a KV cache, batch 1 and a batch of 3, identical to the masked model."""
+    masked, moe = build(family, dtype)
+    assert moe.layout == "indexed" and moe.moe_mlps[0].up.dtype == dtype
+    for prompt in (tiny_ids(batch=1, length=6), tiny_ids(batch=3, length=6, seed=1)):
+        kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            ref = masked.model.generate(input_ids=prompt, **kw)
+            out = moe.generate(input_ids=prompt, **kw)
+        assert out.tolist() == ref.tolist(), (family, dtype, prompt.shape)
+
+
+def test_indexed_layout_keeps_one_copy_of_the_weights():
+    _, moe = build("llama")
+    moe.set_layout("shared")
+    union_bytes = moe.layout_bytes()["mlp_bytes"]
+    moe.set_layout("indexed")
+    for mlp in moe.moe_mlps:
+        down_t = mlp._indexed.down_t
+        assert down_t.is_contiguous() and down_t.shape == (mlp.union_size, mlp.up.shape[1])  # channel rows
+        assert down_t.untyped_storage().data_ptr() == mlp.down.untyped_storage().data_ptr()  # no copy
+        assert mlp._core.up.untyped_storage().data_ptr() == mlp.up.untyped_storage().data_ptr()
+    sizes = moe.layout_bytes()
+    assert sizes["mlp_bytes"] == union_bytes
+    assert sizes["layout_extra_bytes"] == sum(m.layout_extra_bytes("indexed") for m in moe.moe_mlps)
+    moe.set_layout("packed")  # leaving the layout restores the saved (D, U) storage
+    assert all(m.down.is_contiguous() for m in moe.moe_mlps)
+
+
+def test_indexed_decode_never_reads_back_to_the_host(monkeypatch):
+    """No .item()/.tolist()/int() of a tensor in a decode step of the MoE layers (a sync per layer on CUDA)."""
+    _, moe = build("qwen3")
+    moe.set_layout("indexed")
+    mlps = moe.moe_mlps
+    xs = [torch.randn(n, 1, mlps[0].up.shape[1]) for n in (1, 8)]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host read of a tensor during an indexed decode step")
+
+    for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    with torch.no_grad():
+        for x in xs:
+            for mlp in mlps:
+                mlp(x)
+
+
+def test_save_in_indexed_layout_and_reload(tmp_path):
+    masked, moe = build("gemma3_text")
+    moe.set_layout("indexed")  # down is stored transposed in memory; the file keeps (D, U)
+    save_converted(moe, tmp_path / "conv")
+    ids = many_tokens_ids()
+    with torch.no_grad():
+        ref = masked.model(input_ids=ids).logits
+        loaded, _, _ = load_converted(tmp_path / "conv", load_tokenizer=False)
+        assert loaded.layout == "indexed"  # the default ("auto") layout
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref)
+        torch.testing.assert_close(loaded(input_ids=ids[:, :1]).logits, masked.model(input_ids=ids[:, :1]).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_indexed_layout_matches_masked_model(dtype):
+    masked, moe = build("llama")
+    masked.model.to("cuda", dtype)
+    moe = moe.to("cuda", dtype)
+    assert moe.layout == "indexed"
+    backend = gather_kernels.backend(moe.moe_mlps[0].up)
+    prompt = tiny_ids(batch=2, length=6).cuda()
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert moe.generate(input_ids=prompt, **kw).tolist() == masked.model.generate(input_ids=prompt, **kw).tolist(), backend
+        ids = tiny_ids(batch=4, length=1).cuda()
+        out = moe(input_ids=ids).logits.float()
+        MoEMLP.gather_backend = "torch"
+        try:
+            ref = moe(input_ids=ids).logits.float()
+        finally:
+            MoEMLP.gather_backend = None
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

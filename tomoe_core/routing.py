@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import MLPWeights
+from .gather_kernels import MAX_EXPERTS as MAX_GATHER_EXPERTS
+from .gather_kernels import backend as gather_backend_for
+from .gather_kernels import down as gather_down
+from .gather_kernels import gate_up as gather_gate_up
 from .hypernet import gumbel_noise, straight_through_softmax
 
 
@@ -117,14 +121,19 @@ def _channels(flat: torch.Tensor, offsets: torch.Tensor, k: int) -> torch.Tensor
 
 
 # Layouts of a materialised layer, fastest first per use (measured on CPU with SmolLM2 shapes,
-# see benchmarks/speed.py): packed experts win batch-1 decode, core + extras wins long prefill.
-LAYOUTS = ("shared", "packed", "core+extras")
+# see benchmarks/speed.py): indexed reads only the token's expert rows from the one copy of the
+# union weights (batch-1 decode at packed speed, dense memory), core + extras wins long prefill.
+LAYOUTS = ("indexed", "shared", "packed", "core+extras")
+COPY_FREE_LAYOUTS = ("indexed", "shared")  # no weight copies: they fit wherever the model does
 LAYOUT_PREFERENCE = {
-    "decode": ("packed", "core+extras", "shared"),
-    "prefill": ("core+extras", "packed", "shared"),
-    "memory": ("shared",),
+    "decode": ("indexed", "packed", "core+extras", "shared"),
+    "prefill": ("core+extras", "packed", "indexed", "shared"),
+    "memory": ("indexed", "shared"),
 }
 LAYOUT_PREFERENCE["auto"] = LAYOUT_PREFERENCE["decode"]
+# Up to this many tokens per call the indexed layout runs the gather kernels (each weight row the
+# call needs is read once, for all its tokens); beyond, matmuls win (see SHARED_GATHER_MIN_TOKENS).
+INDEXED_KERNEL_MAX_TOKENS = 16
 # Below this many tokens the shared layout runs the whole union and masks it: gathering the
 # experts' rows (down columns are strided) costs more than the matmul over the extra channels.
 # Measured on SmolLM2 shapes, one CPU thread, p = 0.5: masked 3.8 / 61 / 140 ms vs gathered
@@ -142,7 +151,17 @@ class ExpertBlock(NamedTuple):
     gate: torch.Tensor | None  # (W, D); None for a plain MLP
     up: torch.Tensor  # (W, D)
     up_bias: torch.Tensor | None  # (W,)
-    down: torch.Tensor  # (D, W)
+    down: torch.Tensor  # (D, W), possibly a transposed view of (W, D) rows
+
+
+class IndexedTables(NamedTuple):
+    """What the indexed layout adds to the union weights (see `gather_kernels`); W = widest expert."""
+
+    down_t: torch.Tensor  # (U, D) view: the down parameter's storage, one channel per row
+    union_masks: torch.Tensor  # (E, U) 0/1 in the weights' dtype
+    channel_experts: torch.Tensor | None  # (U,) int64 bitmask of the experts using each channel; None if E > 64
+    expert_table: torch.Tensor  # (E, W) union positions of each expert's channels, padded with 0
+    expert_valid: torch.Tensor  # (E, W) 0/1 in the weights' dtype, 0 at the padding
 
 
 class MoEMLP(RoutedMixin, nn.Module):
@@ -154,6 +173,13 @@ class MoEMLP(RoutedMixin, nn.Module):
     union core first: the C channels every expert uses, then the rest.
 
     Layouts are derived from that state at load time and are never saved (`set_layout`):
+      * "indexed": one copy of the union weights, `down` stored transposed (the parameter is a
+        (D, U) view of (U, D) rows), so every expert channel is a contiguous row of each matrix.
+        Up to INDEXED_KERNEL_MAX_TOKENS tokens per call, fused gather kernels read only the rows
+        of the tokens' experts (`gather_kernels`: a C kernel on CPU, Triton on CUDA, a pure-torch
+        fallback) with no copy and no host synchronisation; more tokens run the shared layout's
+        matmuls, with the core as a view and each expert's extra rows gathered on the fly.
+        Dense memory, fastest batch-1 decode.
       * "shared": one copy of the union weights. Up to a few hundred tokens the whole union is
         computed and masked per token (gathering rows costs more than the extra channels);
         beyond, each expert gathers its rows once per call. Leanest, about dense speed.
@@ -166,6 +192,8 @@ class MoEMLP(RoutedMixin, nn.Module):
     """
 
     shared_gather_min_tokens = SHARED_GATHER_MIN_TOKENS  # tests lower it to reach the gather path on tiny inputs
+    indexed_kernel_max_tokens = INDEXED_KERNEL_MAX_TOKENS
+    gather_backend: str | None = None  # None: gather_kernels.backend() decides; tests force "torch"
 
     def __init__(self, hidden_size: int, union_size: int, expert_widths: list[int], gated: bool,
                  act: nn.Module, has_up_bias: bool = False, has_down_bias: bool = False):
@@ -185,10 +213,11 @@ class MoEMLP(RoutedMixin, nn.Module):
         offsets = torch.tensor([0] + list(expert_widths)).cumsum(0)
         self.register_buffer("expert_offsets", offsets)
         self.routing_point = RoutingPoint()
-        self.layout = "shared"
+        self.layout = "indexed"  # the default; materialising and loading build it (`_apply`, load hook)
         self._core: ExpertBlock | None = None  # core+extras: the channels all experts share
         self._blocks: list[ExpertBlock] | None = None  # packed: whole experts; core+extras: extras
-        self._union_masks: torch.Tensor | None = None  # shared: (E, U) 0/1 in the weights' dtype
+        self._union_masks: torch.Tensor | None = None  # shared, indexed: (E, U) 0/1 in the weights' dtype
+        self._indexed: IndexedTables | None = None
         # loading weights invalidates the derived ones: rebuild them
         self.register_load_state_dict_post_hook(_rebuild_layout)
 
@@ -217,7 +246,7 @@ class MoEMLP(RoutedMixin, nn.Module):
             moe.down.data = weights.down.index_select(1, u)
             if weights.down_bias is not None:
                 moe.down_bias.data = weights.down_bias.detach().clone()
-            moe.router.load_state_dict(router.state_dict())
+            moe.router.to(router.weight.dtype).load_state_dict(router.state_dict())  # a bf16 model's router is bf16
             moe.expert_channels = torch.cat(per_expert).to(dev) if per_expert else moe.expert_channels
             moe.expert_offsets = moe.expert_offsets.to(dev)
             moe.union_channels = union.to(dev)
@@ -248,13 +277,20 @@ class MoEMLP(RoutedMixin, nn.Module):
             raise ValueError(f"unknown MoE layout {layout!r}; choose one of {', '.join(LAYOUTS)} "
                              f"(or a use: {', '.join(LAYOUT_PREFERENCE)} on the whole model)")
         self.layout = layout
-        self._core = self._blocks = self._union_masks = None
+        self._core = self._blocks = self._union_masks = self._indexed = None
         with torch.no_grad():
+            if layout == "indexed":
+                core = self._order_core_first()
+                if not self.down.t().is_contiguous():  # keep one copy, channel rows contiguous
+                    self.down.data = self.down.data.t().contiguous().t()
+                self._union_masks = self._build_union_masks()
+                self._indexed = self._build_indexed_tables()
+                self._core = self._union_block(slice(0, core)) if core else None
+                return
+            if not self.down.is_contiguous():  # back from the indexed layout's transposed storage
+                self.down.data = self.down.data.contiguous()
             if layout == "shared":
-                masks = torch.zeros(self.num_experts, self.union_size, dtype=self.up.dtype, device=self.up.device)
-                for k in range(self.num_experts):
-                    masks[k, self.channels_of(k)] = 1
-                self._union_masks = masks
+                self._union_masks = self._build_union_masks()
             elif layout == "packed":
                 self._blocks = [self._gather_block(self.channels_of(k)) for k in range(self.num_experts)]
             else:
@@ -262,11 +298,38 @@ class MoEMLP(RoutedMixin, nn.Module):
                 self._core = self._union_block(slice(0, core)) if core else None
                 self._blocks = [self._gather_block(ch[ch >= core]) for ch in map(self.channels_of, range(self.num_experts))]
 
+    def _build_union_masks(self) -> torch.Tensor:  # (E, U) 0/1 in the weights' dtype
+        masks = torch.zeros(self.num_experts, self.union_size, dtype=self.up.dtype, device=self.up.device)
+        for k in range(self.num_experts):
+            masks[k, self.channels_of(k)] = 1
+        return masks
+
+    def _build_indexed_tables(self) -> IndexedTables:
+        widths = self.expert_widths
+        dev = self.up.device
+        table = torch.zeros(self.num_experts, max(widths), dtype=torch.long, device=dev)
+        valid = torch.zeros(self.num_experts, max(widths), dtype=self.up.dtype, device=dev)
+        for k, width in enumerate(widths):
+            table[k, :width] = self.channels_of(k)
+            valid[k, :width] = 1
+        bits = None
+        if self.num_experts <= MAX_GATHER_EXPERTS:
+            bit = torch.tensor([1 << k for k in range(self.num_experts)], dtype=torch.long, device=dev)  # (E,)
+            bits = (self._union_masks.bool().long() * bit[:, None]).sum(0)  # (U,)
+        return IndexedTables(self.down.t(), self._union_masks, bits, table, valid)
+
+    def indexed_extra_bytes(self) -> int:
+        """Bytes of the indexed layout's tables (union masks, channel bitmask, padded expert table)."""
+        elem, widest = self.up.element_size(), max(self.expert_widths)
+        return (self.num_experts * self.union_size * elem + self.union_size * 8
+                + self.num_experts * widest * (8 + elem))
+
     def layout_extra_bytes(self, layout: str | None = None) -> int:
         """Bytes a layout adds to the union weights (estimated for `layout`, measured for the current one)."""
         if layout is None or layout == self.layout:
             derived = [t for b in (self._blocks or []) for t in b if t is not None]
             derived += [self._union_masks] if self._union_masks is not None else []
+            derived += [t for t in (self._indexed or ())[1:] if t is not None]
             own = {p.untyped_storage().data_ptr() for p in self.parameters()}
             seen, total = set(), 0
             for t in derived:
@@ -281,6 +344,8 @@ class MoEMLP(RoutedMixin, nn.Module):
                                                 + int(self.up_bias is not None))
         if layout == "shared":
             return self.num_experts * self.union_size * self.up.element_size()
+        if layout == "indexed":
+            return self.indexed_extra_bytes()
         widths = sum(self.expert_widths)
         if layout == "core+extras":
             widths -= self.num_experts * self.core_size()
@@ -297,10 +362,12 @@ class MoEMLP(RoutedMixin, nn.Module):
                            self.up_bias[rows] if self.up_bias is not None else None, self.down[:, rows])
 
     def _gather_block(self, ch: torch.Tensor) -> ExpertBlock:  # contiguous copies of union positions ch
+        down = (self._indexed.down_t.index_select(0, ch).t() if self._indexed is not None  # rows, not columns
+                else self.down.index_select(1, ch))
         return ExpertBlock(self.gate.index_select(0, ch) if self.gate is not None else None,
                            self.up.index_select(0, ch),
                            self.up_bias.index_select(0, ch) if self.up_bias is not None else None,
-                           self.down.index_select(1, ch))
+                           down)
 
     def _order_core_first(self) -> int:
         """Permute the union so the core is its prefix (a no-op for unions made by `from_masks`). -> C"""
@@ -324,6 +391,12 @@ class MoEMLP(RoutedMixin, nn.Module):
                                           for k in range(self.num_experts)])
         return core
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        down = destination[prefix + "down"]
+        if not down.is_contiguous():  # the indexed layout's transposed storage; files hold (D, U) rows
+            destination[prefix + "down"] = down.detach().contiguous()
+
     def _apply(self, fn, *args, **kwargs):  # derived layout weights follow the module's device/dtype
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "layout", None) is not None:
@@ -342,7 +415,28 @@ class MoEMLP(RoutedMixin, nn.Module):
         return F.linear(h * self._union_masks[idx], self.down)
 
     def _expert_block(self, k: int) -> ExpertBlock:
-        return self._blocks[k] if self._blocks is not None else self._gather_block(self.channels_of(k))
+        if self._blocks is not None:
+            return self._blocks[k]
+        ch = self.channels_of(k)
+        if self._core is not None:  # indexed: the core ran as a view, gather only the extras
+            ch = ch[ch >= self._core.up.shape[0]]
+        return self._gather_block(ch)
+
+    def _indexed_forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # (n, D), (n,) -> (n, D)
+        """Gather kernels: every weight row the tokens' experts use is read once, nothing else."""
+        t = self._indexed
+        use = self.gather_backend or gather_backend_for(self.up)
+        if t.channel_experts is None:
+            use = "torch"
+        idx = idx.contiguous()
+        g, u = gather_gate_up(self.gate, self.up, x, idx, t.channel_experts, t.union_masks, use)  # (n, U)
+        member = None
+        if self.up_bias is not None or self.gate is None:
+            member = t.union_masks.index_select(0, idx)  # (n, U)
+        if self.up_bias is not None:
+            u = u + self.up_bias * member
+        a = self.act(u) * member if self.gate is None else self.act(g) * u  # (n, U), 0 outside the expert
+        return gather_down(t.down_t, a, idx, t.channel_experts, t.expert_table, t.expert_valid, use)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -351,7 +445,10 @@ class MoEMLP(RoutedMixin, nn.Module):
         idx = self.choose_experts(logits)  # (N,)
         self.report_routing(logits, idx)
         n = flat_x.shape[0]
-        if self._union_masks is not None and n < self.shared_gather_min_tokens:
+        if self._indexed is not None and n <= self.indexed_kernel_max_tokens and not (
+                torch.is_grad_enabled() and flat_x.requires_grad):  # the kernels have no backward
+            out = self._indexed_forward(flat_x, idx)
+        elif self._union_masks is not None and n < self.shared_gather_min_tokens:
             out = self._masked_union_forward(flat_x, idx)
         else:
             out = self._block_forward(self._core, flat_x) if self._core is not None else None  # (N, D)
