@@ -333,12 +333,13 @@ def cluster_experts(counts: pd.DataFrame, min_tokens: int = 50, k_range=range(2,
     observed, expected = _expected_counts(counts, baseline)
     x = profiles.to_numpy()
     n = len(x)
-    ks = sorted({kk for kk in k_range if 2 <= kk <= n - 1} | ({k} if k and 2 <= k <= n - 1 else set()))
+    most = min(n - 1, len(np.unique(x.round(12), axis=0)))  # KMeans cannot make more clusters than distinct rows
+    ks = sorted({kk for kk in k_range if 2 <= kk <= most} | ({k} if k and 2 <= k <= most else set()))
     if not ks:
         raise ValueError(f"{n} experts have at least {min_tokens} tokens: too few to cluster; "
                          "trace more text or lower min_tokens")
     if k is not None and k not in ks:
-        raise ValueError(f"k = {k}: choose between 2 and {n - 1} (there are {n} experts to cluster)")
+        raise ValueError(f"k = {k}: choose between 2 and {most} ({n} experts to cluster)")
     rng = np.random.default_rng(seed)
     obs_kept, exp_kept = observed.loc[profiles.index].to_numpy(float), expected.loc[profiles.index].to_numpy(float)
     redrawn = [_resampled(obs_kept, rng) for _ in range(resamples)]

@@ -4,6 +4,9 @@ Inputs come from `tomoe_core.queries` and `analysis.experts`:
   load_heatmap(expert_load(run))                         layer x expert share of tokens
   lift_heatmap(expert_pos(run), layer=None)              (layer, expert) x POS lift
   nmi_figure(nmi_per_layer(token_labels(run)))           NMI per layer against its permutation bands
+  contextual_figure(nmi_per_layer(..., bootstrap=100))   NMI above the within-token baseline, with intervals
+  nmi_compare_figure({"spaCy UPOS": nmi, ...})           NMI per layer for several tag sources (gold vs spaCy)
+  k_choice_figure(clusters.silhouette, clusters.stability, clusters.k)
   expert_map(cluster_experts(expert_pos(run)).experts)   PCA map of expert POS profiles by cluster
   token_strip(document_tokens(run, doc_id), layer)       a document's tokens coloured by expert
 """
@@ -33,26 +36,61 @@ def load_heatmap(load: pd.DataFrame, title: str = "Share of tokens per expert") 
     return fig
 
 
+NO_DATA_COLOR = "#d9d9d9"  # heatmap cells without data: grey with a dot, never white (white is 1x)
+
+
 def lift_heatmap(counts: pd.DataFrame, layer: int | None = None, min_tokens: int = 0,
-                 title: str | None = None) -> go.Figure:
+                 title: str | None = None, num_experts: int | None = None) -> go.Figure:
     """Expert x POS lift (P(pos | expert) / P(pos | layer)), log2 colour scale centred on 1x.
 
     counts: columns layer, expert, pos, tokens — `queries.expert_pos`. layer: one layer
-    (rows = experts) or None (rows = every layer:expert).
+    (rows = experts; with num_experts every expert gets a row) or None (rows = every
+    layer:expert). A cell is "no data" (grey, marked with a dot) when the expert has no tokens,
+    or the tag does not occur in the expert's layer: lift is undefined there. A tag the expert
+    never gets although its layer has it is a lift of 0, drawn at the bottom of the scale.
     """
-    from .experts import lift_table
+    from .experts import pos_profiles
 
-    wide = lift_table(counts, layer, min_tokens)
-    rows = [f"E{e}" if layer is not None else f"L{l}:E{e}" for l, e in wide.index]
-    values = wide.to_numpy(dtype=float)
+    prof = pos_profiles(counts)
+    if layer is not None:
+        prof = prof[prof.layer == layer]
+    prof = prof[prof.expert_tokens >= min_tokens]
+    tags = [p for p in UPOS if p in set(prof.pos)] + sorted(set(prof.pos) - set(UPOS))
+    rows_index = sorted(set(zip(prof.layer, prof.expert)))
+    if layer is not None and num_experts:
+        rows_index = [(layer, e) for e in range(num_experts)]
+    index = pd.MultiIndex.from_tuples(rows_index, names=["layer", "expert"]) if rows_index else \
+        pd.MultiIndex.from_arrays([[], []], names=["layer", "expert"])
+    tokens = prof.pivot_table(index=["layer", "expert"], columns="pos", values="tokens", aggfunc="sum",
+                              fill_value=0).reindex(index=index, columns=tags, fill_value=0)
+    expert_tokens = tokens.sum(axis=1)
+    layer_tags = tokens.groupby(level="layer").transform("sum")
+    layer_share = layer_tags.div(layer_tags.sum(axis=1).replace(0, np.nan), axis=0)
+    share = tokens.div(expert_tokens.replace(0, np.nan), axis=0)
+    has_data = (expert_tokens.to_numpy()[:, None] > 0) & (layer_tags.to_numpy() > 0)
+    lift = np.where(has_data, (share / layer_share).to_numpy(dtype=float), np.nan)
+    expected = (layer_share.mul(expert_tokens, axis=0)).to_numpy(dtype=float)
+    rows = [f"E{e}" if layer is not None else f"L{l}:E{e}" for l, e in index]
     with np.errstate(divide="ignore"):
-        log_lift = np.log2(np.where(values > 0, values, np.nan))
-    fig = go.Figure(go.Heatmap(
-        z=np.clip(log_lift, -3, 3), x=list(wide.columns), y=rows, zmid=0, zmin=-3, zmax=3, colorscale="RdBu_r",
-        customdata=values, colorbar=dict(title="lift", tickvals=[-3, -2, -1, 0, 1, 2, 3],
-                                          ticktext=["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"]),
-        hovertemplate="%{y} %{x}: lift %{customdata:.2f}x<extra></extra>"))
-    fig.update_layout(title=title or ("Expert x POS lift" + (f", layer {layer}" if layer is not None else "")),
+        log_lift = np.where(lift > 0, np.log2(np.where(lift > 0, lift, 1.0)), -3.0)  # 0x at the bottom
+    log_lift = np.where(has_data, np.clip(log_lift, -3, 3), np.nan)
+    hover = np.where(has_data, np.char.add(np.char.add(
+        np.char.mod("lift %.2fx: ", np.nan_to_num(lift)), np.char.mod("%d tokens, ", tokens.to_numpy())),
+        np.char.mod("%.1f expected", np.nan_to_num(expected))), "no data (no tokens of this expert, or tag absent "
+                                                                "from the layer)")
+    fig = go.Figure()
+    if (~has_data).any():
+        fig.add_trace(go.Heatmap(  # underneath: no-data cells grey, a dot in each
+            z=np.where(has_data, np.nan, 0.0), x=tags, y=rows, colorscale=[(0, NO_DATA_COLOR), (1, NO_DATA_COLOR)],
+            showscale=False, text=np.where(has_data, "", "·"), texttemplate="%{text}", customdata=hover,
+            hovertemplate="%{y} %{x}: %{customdata}<extra></extra>", name="no data"))
+    fig.add_trace(go.Heatmap(
+        z=log_lift, x=tags, y=rows, zmid=0, zmin=-3, zmax=3, colorscale="RdBu_r", customdata=hover,
+        colorbar=dict(title="lift", tickvals=[-3, -2, -1, 0, 1, 2, 3],
+                      ticktext=["<=1/8x", "1/4x", "1/2x", "1x", "2x", "4x", ">=8x"]),
+        hovertemplate="%{y} %{x}: %{customdata}<extra></extra>", name="lift"))
+    fig.update_layout(title=title or ("Expert x POS lift" + (f", layer {layer}" if layer is not None else "")
+                                      + " (grey with a dot: no data)"),
                       xaxis_title="universal POS", yaxis_title="expert", yaxis_autorange="reversed",
                       height=max(350, 18 * len(rows) + 150))
     return fig
@@ -132,12 +170,55 @@ def token_strip(tokens: pd.DataFrame, layer: int, per_line: int = 16, max_tokens
 
 def silhouette_figure(scores: dict[int, float], chosen: int | None = None) -> go.Figure:
     """Silhouette score per k (the clustering's model selection), the chosen k marked."""
-    ks = sorted(scores)
-    fig = go.Figure(go.Scatter(x=ks, y=[scores[k] for k in ks], mode="lines+markers", name="silhouette"))
+    return k_choice_figure(scores, {}, chosen)
+
+
+def k_choice_figure(silhouette: dict[int, float], stability: dict[int, float], chosen: int | None = None,
+                    stable_ari: float | None = None) -> go.Figure:
+    """Silhouette and stability (mean adjusted Rand index under resampling) per k, the chosen k
+    marked, the stability threshold as a dotted line. — `cluster_experts(...)` fields."""
+    ks = sorted(silhouette)
+    fig = go.Figure(go.Scatter(x=ks, y=[silhouette[k] for k in ks], mode="lines+markers", name="silhouette"))
+    if stability:
+        fig.add_trace(go.Scatter(x=ks, y=[stability.get(k, np.nan) for k in ks], mode="lines+markers",
+                                 name="stability (adjusted Rand)", line=dict(dash="dash")))
+    if stable_ari is not None:
+        fig.add_hline(y=stable_ari, line_dash="dot", line_color="#888", annotation_text="stable")
     if chosen is not None:
         fig.add_vline(x=chosen, line_dash="dash", annotation_text=f"k = {chosen}")
-    fig.update_layout(title="Choosing k by silhouette", xaxis_title="k", yaxis_title="silhouette score")
+    fig.update_layout(title="Choosing k: silhouette and stability", xaxis_title="k (clusters)", yaxis_title="score",
+                      xaxis=dict(dtick=1))
     return fig
 
 
-__all__ = ["load_heatmap", "lift_heatmap", "nmi_figure", "expert_map", "token_strip", "silhouette_figure", "UPOS"]
+def contextual_figure(nmi: pd.DataFrame, title: str = "Contextual NMI: above the within-token baseline") -> go.Figure:
+    """NMI - within-token baseline per layer, with its bootstrap interval when the table has one
+    (`nmi_per_layer(..., bootstrap=N)`): how much of NMI(expert; POS) word identity does not explain."""
+    if "contextual" not in nmi:
+        raise ValueError("the NMI table has no within-token baseline: compute it with token ids (queries.token_labels)")
+    error = None
+    if "contextual_low" in nmi:
+        error = dict(type="data", symmetric=False, array=(nmi["contextual_high"] - nmi["contextual"]).tolist(),
+                     arrayminus=(nmi["contextual"] - nmi["contextual_low"]).tolist(), thickness=1)
+    fig = go.Figure(go.Scatter(
+        x=nmi["layer"], y=nmi["contextual"], mode="markers+lines", name="contextual NMI", error_y=error,
+        customdata=np.stack([nmi["nmi"], nmi["lexical_mean"]], axis=1),
+        hovertemplate="layer %{x}: contextual %{y:.4f}<br>NMI %{customdata[0]:.4f}, within-token baseline "
+                      "%{customdata[1]:.4f}<extra></extra>"))
+    fig.add_hline(y=0, line_color="#888")
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI - within-token baseline")
+    return fig
+
+
+def nmi_compare_figure(tables: dict[str, pd.DataFrame], title: str = "NMI(expert; tag) per layer") -> go.Figure:
+    """One line per tag source (e.g. spaCy UPOS, gold UPOS, gold deprel): observed NMI per layer."""
+    fig = go.Figure()
+    for name, nmi in tables.items():
+        fig.add_trace(go.Scatter(x=nmi["layer"], y=nmi["nmi"], mode="lines+markers", name=name,
+                                 hovertemplate=f"{name}, " + "layer %{x}: NMI %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI", yaxis_rangemode="tozero")
+    return fig
+
+
+__all__ = ["load_heatmap", "lift_heatmap", "nmi_figure", "contextual_figure", "nmi_compare_figure", "expert_map",
+           "token_strip", "silhouette_figure", "k_choice_figure", "UPOS"]

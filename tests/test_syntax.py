@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from analysis.syntax import UPOS, Word, align_tokens, annotate_tokens, load_tagger, tag_words
-from routing_fixtures import shared_tokenizer
+from routing_fixtures import converted, routing_cache, shared_tokenizer  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,48 @@ def _words_and_spans(draw):
 def test_alignment_properties_on_synthetic_words(case):
     text, spans, words = case
     _check_alignment(text, spans, words, align_tokens(spans, words))
+
+
+# -- gold tags from CoNLL-U ----------------------------------------------------------------------------
+def test_gold_tags_of_a_conllu_trace(converted, routing_cache, tmp_path):
+    """Trace the sample treebank, add its gold columns and spaCy's, compare them token by token."""
+    import shutil
+    from pathlib import Path
+
+    from analysis.syntax import annotate_gold, annotate_run, gold_source, tag_agreement
+    from tomoe_core import queries
+    from tomoe_core.trace import read_run_meta, trace_run
+
+    sample = tmp_path / "sample.conllu"
+    shutil.copy(Path(__file__).parent / "data" / "en_sample.conllu", sample)
+    run = trace_run(converted, source=str(sample), seq_len=32, batch_size=2, run_id="gold-sample")
+    assert gold_source(run) == sample
+    annotate_gold(run)
+    annotate_run(run)
+    doc = queries.document_tokens(run, 0, layer=0)
+    rows = queries._query(f"SELECT token::VARCHAR AS token, gold_word::VARCHAR AS w, gold_upos::VARCHAR AS upos, "
+                          f"gold_xpos::VARCHAR AS xpos, gold_deprel::VARCHAR AS deprel, gold_head::VARCHAR AS head "
+                          f"FROM {queries.routing_source(run)} WHERE layer = 0 AND doc_id = 0 ORDER BY position")
+    assert len(rows) == len(doc)
+    by_token = {r.token: r for r in rows.itertuples()}
+    assert (by_token[" bridge"].upos, by_token[" bridge"].deprel, by_token[" bridge"].head) == ("NOUN", "nsubj:pass", "2")
+    assert (by_token[" closed"].deprel, by_token[" closed"].head, by_token[" closed"].xpos) == ("root", "0", "VBN")
+    assert by_token["'t"].w == "n't" and by_token["'t"].upos == "PART"  # SmolLM2 splits "don't" as " don" + "'t"
+    assert (rows[rows.upos.isna()].token.str.strip() == "").all()  # only whitespace tokens lie outside every word
+    for label in ("gold_upos", "gold_deprel", "gold_xpos"):
+        assert set(queries.token_labels(run, label=label).pos) >= ({"NOUN", "VERB"} if label == "gold_upos" else set())
+    assert "DET" in set(queries.expert_pos(run, label="gold_upos").pos)
+    agree = tag_agreement(queries.tag_pairs(run))
+    assert agree["tokens"] > 100 and 0.85 < agree["agreement"] <= 1.0
+    assert set(agree["confusions"].columns) == {"spaCy", "gold_upos", "tokens"}
+    meta = read_run_meta(run)["annotations"]
+    assert meta["gold_upos"]["source"] == str(sample) and meta["pos"]["tagger"]
+    with pytest.raises(ValueError, match="label"):
+        queries.token_labels(run, label="pos; DROP TABLE x")
+    # the file changed after the trace: refused, not misaligned
+    sample.write_text(sample.read_text().replace("The\tthe", "A\ta", 1))
+    with pytest.raises(ValueError, match="no longer holds the traced text"):
+        annotate_gold(run, overwrite=True)
+    sample.unlink()
+    with pytest.raises(ValueError, match="is gone"):
+        annotate_gold(run, overwrite=True)
