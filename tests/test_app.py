@@ -266,6 +266,26 @@ def test_runs_page_lists_conversions_logs_and_runs_a_cancellable_job(cache_env):
         jobs.forget(jobs.get_job(job.id))
 
 
+def test_runs_page_trace_estimate_and_run_id_rule(cache_env):
+    """The trace box proposes a size that takes about a minute, shows the estimate as the size
+    changes, and refuses a run id that is not a plain name (no job starts)."""
+    from tomoe_core import jobs
+
+    at = run_page("runs")
+    estimate = [c for c in at.caption.values if c.startswith("About ")]
+    assert estimate and "tokens/s" in estimate[0]
+    seconds = float(estimate[0].split()[1])
+    assert 40 <= seconds <= 60  # from the fixture's own trace: its tiny model is fast, so many tokens
+    at.number_input(key="trace_max_tokens").set_value(5_000_000).run()
+    assert any(c.startswith("About ") and "min for 5,000,000 tokens" in c for c in at.caption.values)
+    before = {j.id for j in jobs.list_jobs()}
+    at.text_input(key="trace_run_id").input("..")
+    [b for b in at.button if b.label == "Start trace"][0].click().run()
+    assert not at.exception
+    assert any("Run id '..' is not a plain name" in e.value for e in at.error)
+    assert {j.id for j in jobs.list_jobs()} == before
+
+
 def test_experts_page_tags_then_shows_roles_and_drills_down(cache_env):
     at = run_page("experts")
     assert at.selectbox(key="experts_run").value == "tiny-prompts"

@@ -92,6 +92,18 @@ def confine_child(name: str, parent: Path, what: str) -> Path:
     return confine(Path(parent) / name, what, roots=[parent], allow_root=False)
 
 
+def routing_run_id(name: str, what: str = "Run id") -> str:
+    """A routing run id, by the rule of output names: characters other than letters, digits, '.',
+    '_' and '-' become '_' (`io.safe_name`), and the result must be one plain component of the
+    routing folder (not '.', '..' or empty). -> the id; PathNotAllowedError otherwise."""
+    from .io import safe_name
+
+    raw = str(name).strip()
+    plain = safe_name(raw) if raw else ""
+    confine_child(plain, cache_dir() / "routing", what)
+    return plain
+
+
 def check_extra_options(tokens: Iterable[str], path_options: Sequence[str], what: str = "Extra options") -> list[str]:
     """Refuse options that take paths (and argparse's abbreviations of them) in a free-text box:
     their own fields confine them."""

@@ -5,6 +5,18 @@ import shlex
 from pathlib import Path
 
 
+def _run_id(text: str) -> str:
+    """argparse type of --run-id: the plain-name rule of `paths.routing_run_id` ('..' is refused)."""
+    import argparse
+
+    from .paths import PathNotAllowedError, routing_run_id
+
+    try:
+        return routing_run_id(text)
+    except PathNotAllowedError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_trace_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "trace", help="record every token's expert per layer over a text and write it as Parquet",
@@ -16,8 +28,9 @@ def add_trace_parser(subparsers) -> None:
                     "text into the same run, which reads as one log.")
     p.add_argument("conversion", type=Path, help="converted model folder (made by `python -m tomoe_core convert`)")
     p.add_argument("--text", default="wiki",
-                   help="'wiki' (the default corpus), a .txt file (blank-line-separated documents) or a folder "
-                        "of .txt files (default: %(default)s)")
+                   help="'wiki' (the default corpus), a .txt file (blank-line-separated documents), a folder "
+                        "of .txt files, or a .conllu file (a Universal Dependencies treebank; its gold tags are "
+                        "added by `python -m analysis.routing_report RUN` or the Experts page) (default: %(default)s)")
     p.add_argument("--split", default="heldout", choices=("heldout", "calibration"),
                    help="part of the default corpus to trace (default: %(default)s)")
     p.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
@@ -30,8 +43,9 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--layout", choices=("shared", "packed"), default="shared",
                    help="MoE weight layout; routing is the same in both (default: %(default)s)")
-    p.add_argument("--run-id", default=None,
-                   help="name of the run folder (default: CONVERSION-SOURCE-UTCTIME)")
+    p.add_argument("--run-id", default=None, type=_run_id,
+                   help="name of the run folder: letters, digits, '.', '_' or '-', as output names (default: "
+                        "CONVERSION-SOURCE-UTCTIME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same --run-id")
     p.add_argument("--compare-untraced", action="store_true",
                    help="also run every batch without hooks, side by side, and report the tracing overhead")

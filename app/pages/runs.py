@@ -185,17 +185,30 @@ else:
         button.download_button(f"Download ({size_mb:.1f} MB zip)", lambda: trace.zip_run(folder),
                                file_name=f"{chosen}.zip", mime="application/zip", on_click="ignore")
 
-with st.form("trace"):
+from analysis.trace_estimate import TARGET_SECONDS, describe, trace_speed  # noqa: E402
+
+with st.container(border=True):  # not a form: the time estimate follows the size as it is typed
     st.markdown("**Start a trace**: record every token's expert in every layer over a text")
     ready = [c.name for c in cat.conversions if c.materialised]
     t1, t2, t3 = st.columns([2, 2, 1])
-    conv_name = t1.selectbox("Conversion", ready or ["(no materialised conversion)"])
-    source = t2.selectbox("Text", ["wiki held-out split", "my prompts below", "a .txt file or folder"])
-    max_tokens = t3.number_input("Max tokens", min_value=16, max_value=10_000_000, value=20_000, step=1000)
-    prompts = st.text_area("Prompts (one per line) or file path", value="",
-                           help="a .txt file or folder must be inside the cache or data folder")
-    run_name = st.text_input("Run id", value="", help="name of the routing log (default: CONVERSION-TEXT-UTCTIME)")
-    go = st.form_submit_button("Start trace")
+    conv_name = t1.selectbox("Conversion", ready or ["(no materialised conversion)"], key="trace_conversion")
+    source = t2.selectbox("Text", ["wiki held-out split", "my prompts below", "a .txt or .conllu file, or a folder"],
+                          key="trace_source",
+                          help="a .conllu file (a Universal Dependencies treebank) also brings its gold tags: the "
+                               "Experts page compares them with spaCy's")
+    conv = {c.name: c for c in cat.conversions}.get(conv_name)
+    speed = trace_speed(runs, conv.path if conv else None, len(conv.meta.get("layers") or []) if conv else None)
+    ui.keep("trace_max_tokens", speed.tokens_for(TARGET_SECONDS))
+    max_tokens = t3.number_input("Max tokens", min_value=16, max_value=10_000_000, step=500, key="trace_max_tokens",
+                                 help="the default finishes in about a minute on this machine")
+    st.caption(f"About {describe(speed.seconds(int(max_tokens)))} for {int(max_tokens):,} tokens "
+               f"({speed.tokens_per_s:.0f} tokens/s and {speed.load_s:.0f} s to load, from {speed.basis}).")
+    prompts = st.text_area("Prompts (one per line) or file path", value="", key="trace_prompts",
+                           help="a .txt or .conllu file or a folder must be inside the cache or data folder")
+    run_name = st.text_input("Run id", value="", key="trace_run_id",
+                             help="name of the routing log: letters, digits, '.', '_' or '-' (default: "
+                                  "CONVERSION-TEXT-UTCTIME)")
+    go = st.button("Start trace")
 
 
 def start_trace() -> None:
@@ -211,12 +224,12 @@ def start_trace() -> None:
         if source == "my prompts below":
             argv += ["--prompts", *[p for p in prompts.splitlines() if p.strip()]]
             text_name = "prompts"
-        elif source.startswith("a .txt"):
+        elif source.startswith("a .txt or .conllu"):
             text_name = paths.confine_text_source(prompts.strip(), "Text file or folder")
             argv += ["--text", text_name]
         else:
             text_name = "wiki"
-        run_id = safe_name(run_name) if run_name.strip() else trace.default_run_id(conv_path, text_name)
+        run_id = paths.routing_run_id(run_name) if run_name.strip() else trace.default_run_id(conv_path, text_name)
         output = paths.confine_child(f"run_id={run_id}", trace.routing_root(), "Run id")
         if output.exists():
             st.error(f"Run id: a routing log `{run_id}` exists already: choose another run id.")
