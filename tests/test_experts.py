@@ -101,6 +101,24 @@ def test_clusters_recover_planted_roles():
     assert len(result.summary()) == 3 and len(result.explained_variance) == 2
 
 
+def test_lift_heatmap_marks_cells_without_data():
+    counts = pd.DataFrame({"layer": [0, 0, 0, 1, 1], "expert": [0, 0, 1, 0, 1],
+                           "pos": ["NOUN", "VERB", "NOUN", "NOUN", "NOUN"], "tokens": [30, 10, 40, 50, 50]})
+    fig = figs.lift_heatmap(counts, layer=0, num_experts=3)  # expert 2 got no tokens
+    no_data, lift = fig.data
+    assert no_data.name == "no data" and lift.name == "lift" and list(lift.x) == ["NOUN", "VERB"]
+    marks = np.asarray(no_data.text)
+    assert (marks[2] == "·").all() and (marks[:2] == "").all()
+    z = np.asarray(lift.z, dtype=float)
+    assert np.isnan(z[2]).all() and z[1, 1] == -3  # expert 1 got no VERB of its layer's 10: lift 0, bottom colour
+    assert z[0, 0] == pytest.approx(np.log2(0.75 / 0.875))
+    fig = figs.lift_heatmap(counts)  # all layers: VERB does not occur in layer 1, so no data there
+    z, marks = np.asarray(fig.data[1].z, dtype=float), np.asarray(fig.data[0].text)
+    assert list(fig.data[1].y) == ["L0:E0", "L0:E1", "L1:E0", "L1:E1"]
+    assert np.isnan(z[2:, 1]).all() and (marks[2:, 1] == "·").all() and not np.isnan(z[:2]).any()
+    assert len(figs.lift_heatmap(counts[counts.layer == 1], layer=1).data) == 1  # nothing to mark
+
+
 def test_cluster_names():
     assert name_cluster(pd.Series({"NOUN": np.log2(2.0), "PROPN": np.log2(1.5), "VERB": -1.0})) == "NOUN+PROPN"
     assert name_cluster(pd.Series({"NOUN": np.log2(1.1), "VERB": 0.0})).startswith("mixed")
@@ -232,7 +250,14 @@ def test_figures_from_a_real_run(annotated_run):
     fig = figs.nmi_figure(nmi)
     assert [t.name for t in fig.data] == ["shuffled experts, 5-95 %", "shuffled within token (lexical only)", "observed"]
 
+    fig = figs.contextual_figure(nmi)
+    assert list(fig.data[0].x) == nmi.layer.tolist() and fig.data[0].error_y.array is not None
+    fig = figs.nmi_compare_figure({"spaCy UPOS": nmi, "gold UPOS": nmi})
+    assert [t.name for t in fig.data] == ["spaCy UPOS", "gold UPOS"]
+
     result = cluster_experts(counts, min_tokens=1, k_range=range(2, 4))
+    fig = figs.k_choice_figure(result.silhouette, result.stability, result.k, stable_ari=0.8)
+    assert [t.name for t in fig.data] == ["silhouette", "stability (adjusted Rand)"]
     fig = figs.expert_map(result.experts)
     assert sum(len(t.x) for t in fig.data) == len(result.experts)
     assert isinstance(figs.silhouette_figure(result.silhouette, result.k), go.Figure)
