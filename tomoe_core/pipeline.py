@@ -444,17 +444,19 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
 
 
 @torch.no_grad()
-def _best_fixed_expert(moe, windows: torch.Tensor, device) -> int:
-    """The single expert (same index in every layer) with the lowest NLL on a few windows."""
+def _best_fixed_expert(moe, windows: torch.Tensor, device, tokens: int = 64) -> int:
+    """The single expert (same index in every layer) with the lowest NLL on the first `tokens`
+    tokens of a few windows, all windows in one batch: E forwards of (W, tokens). The choice needs
+    the experts' ranking, not a precise perplexity: on the shipped SmolLM2 conversion 2 windows x
+    64 tokens pick the same expert as 2 whole windows of 512 and as 16 windows x 64 (their
+    NLL per token 4.69 against 5.13 for the runner-up), in 10 s instead of 84-109 s on 2 CPU cores."""
+    ids = windows[:, :tokens].to(device)  # (W, T)
     losses = []
     for k in range(moe.config.num_experts):
         moe.set_routing(k)
-        nll = 0.0
-        for row in windows:
-            ids = row.unsqueeze(0).to(device)
-            logits = moe(input_ids=ids).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        losses.append(nll)
+        logits = moe(input_ids=ids).logits[:, :-1].float()  # (W, T-1, V)
+        losses.append(float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                              reduction="sum")))
     moe.set_routing(None)
     return int(torch.tensor(losses).argmin())
 
