@@ -7,7 +7,10 @@ Every variant at a budget is evaluated on the same non-overlapping held-out wind
 split no conversion or baseline calibrates on) against the dense model's logits of that window:
 perplexity, KL(dense || variant) per token and top-1 agreement with dense. Baselines (see
 `tomoe_core.baselines`): magnitude, wanda-sp, flap (static masks, calibrated on the wiki
-calibration split) and torch-pruning (external reference). None is fine-tuned. Conversions:
+calibration split), torch-pruning (external reference), and per token: teal and cats (TEAL- and
+CATS-style thresholds calibrated on the first --dynamic-calibration-tokens of the calibration
+split; the active ratio reported is the one measured on the held-out windows) and the oracle
+(per-token top-k channels, a ceiling no method reaches). None is fine-tuned. Conversions:
 every folder under cache/conversions made from the same model, at its own budget (which is
 added to the budget list), with learned routing and, as an ablation, a random expert per token.
 A budget-conditioned conversion (`convert --budget-range LO HI`) is materialised at every budget
@@ -16,7 +19,8 @@ of the list inside its range ("tomoe-conditioned", with the materialisation time
 list ("tomoe-threshold-moved": the no-retraining fallback).
 The JSON is rewritten after every budget, so a partial run leaves valid partial results;
 --reuse keeps the rows of an earlier run on the same windows and evaluates only what is new
-(a new conversion, a new budget or method).
+(a new conversion, a new budget or method); with --no-conversions it also keeps the earlier
+run's conversion rows as they are.
 
 Output: cache/results/quality_benchmark.json and quality_benchmark.html (plotly, self-contained).
 JSON schema (schema_version 1):
@@ -29,13 +33,17 @@ JSON schema (schema_version 1):
   dense           {perplexity, kl_to_dense (0), top1_agreement (1)}
   rows            one per (budget, variant):
                   {budget: nominal p, method: "tomoe" | "tomoe-conditioned" | "tomoe-threshold-moved" |
-                   "tomoe-random-routing" | "magnitude" | "wanda-sp" | "flap" | "torch-pruning",
-                   kind: "tomoe" | "fallback" | "ablation" | "baseline" | "external-baseline",
+                   "tomoe-random-routing" | "magnitude" | "wanda-sp" | "flap" | "torch-pruning" |
+                   "teal" | "cats" | "oracle",
+                   kind: "tomoe" | "fallback" | "ablation" | "baseline" | "external-baseline" |
+                   "dynamic, training-free" (teal, cats) | "ceiling" (oracle),
                    budget_source: "trained" | "conditioned" | "threshold-moved" (ToMoE rows),
                    materialise_seconds (conditioned / threshold-moved rows),
                    anchor_gap, generated_at (conditioned rows: masks generated at max(lo, p - gap), widened to p),
                    label: display name, conversion: folder name or null, conversion_digest: str or null,
-                   active_mlp_ratio: measured (ToMoE: widest expert per layer; baselines: kept fraction),
+                   active_mlp_ratio: measured (ToMoE: widest expert per layer; static baselines: kept
+                   fraction; per-token baselines: mean MLP weights used per token on the held-out windows),
+                   calibration_active_ratio, calibration_tokens (teal, cats: measured on their calibration text),
                    perplexity, kl_to_dense, top1_agreement, seconds}
   comparison      one per (budget, conversion): {budget, conversion, tomoe_perplexity, best_baseline,
                    best_baseline_perplexity, perplexity_ratio (best baseline / ToMoE, > 1: ToMoE wins),
@@ -57,7 +65,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from tomoe_core.baselines import ALL_METHODS, EXTERNAL_METHODS, activation_stats, baseline_variants
+from tomoe_core.baselines import (ALL_METHODS, DYNAMIC_METHODS, EXTERNAL_METHODS, activation_stats, baseline_variants,
+                                  min_budget)
 from tomoe_core.budget import account
 from tomoe_core.convert import conversion_digest, load_converted, read_metadata
 from tomoe_core.data import cache_dir, text_windows
@@ -68,6 +77,11 @@ from tomoe_core.models import load_dense
 from tomoe_core.pipeline import budget_source, calibrated_gap, conversions_dir, machine_info, materialise_at
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# kind of each baseline row; the studio groups its chart by kind
+BASELINE_KINDS = {**{m: "external-baseline" for m in EXTERNAL_METHODS}, "teal": "dynamic, training-free",
+                  "cats": "dynamic, training-free", "oracle": "ceiling"}
+BASELINE_LABELS = {"teal": "TEAL-style (per-token input thresholds)", "cats": "CATS-style (per-token gate thresholds)",
+                   "oracle": "oracle per-token top-k channels (ceiling)"}
 SCHEMA_VERSION = 1
 
 
@@ -158,9 +172,12 @@ def run(args, log=print) -> dict:
     if reuse:
         result["dense"] = json.loads(args.output.read_text())["dense"]
         log(f"[quality] reusing {len(reuse)} rows of {args.output}")
+    dynamic_calib = None  # calibration windows of the per-token baselines, loaded when first needed
     for budget in budgets:
         t0 = time.time()
         variants, info = {}, {}
+        if args.no_conversions:  # conversions are not evaluated in this run: their earlier rows stand
+            result["rows"] += [r for (b, _m, digest), r in reuse.items() if b == budget and digest is not None]
         for folder in conv_budgets.get(budget, []):
             digest = conversion_digest(read_metadata(folder))
             if (budget, "tomoe", digest) in reuse and (budget, "tomoe-random-routing", digest) in reuse:
@@ -198,28 +215,43 @@ def run(args, log=print) -> dict:
                          "budget_source": source, "materialise_seconds": round(seconds, 2)}
             if method == "tomoe-conditioned":
                 info[key].update(anchor_gap=gap, generated_at=meta["mask_calibration"]["generated_at"])
-        todo = [m for m in methods if (budget, m, None) not in reuse]
+        dynamic_tokens = max(1, args.dynamic_calibration_tokens // 512) * 512
+        todo = [m for m in methods if (budget, m, None) not in reuse
+                or reuse[(budget, m, None)].get("calibration_tokens", dynamic_tokens) != dynamic_tokens]
+        result["rows"] += [reuse[(budget, m, None)] for m in methods if m not in todo]
+        for m in [m for m in todo if min_budget(masked, m) >= budget]:
+            log(f"[quality] {m} cannot reach p = {budget:g} (it always computes {min_budget(masked, m):.3f} of the "
+                f"MLP weights): no row")
+            todo.remove(m)
+        if dynamic_calib is None and any(m in ("teal", "cats") for m in todo):
+            dynamic_calib = text_windows(tokenizer, "wiki", "calibration", tag, 512, dynamic_tokens // 512)
         if stats is None and any(m in ("wanda-sp", "flap") for m in todo):
             n = max(1, args.calibration_tokens // 512)
             calib = text_windows(tokenizer, "wiki", "calibration", tag, 512, n)
             log(f"[quality] activation statistics on {n * 512} calibration tokens")
             stats = activation_stats(masked, calib.to(args.device))
-        result["rows"] += [reuse[(budget, m, None)] for m in methods if m not in todo]
-        for method, (fn, ratio) in baseline_variants(masked, todo, budget, stats, held[:1, :64]).items():
+        for method, (fn, ratio) in baseline_variants(masked, todo, budget, stats, held[:1, :64],
+                                                     calibration_ids=dynamic_calib).items():
             variants[method] = fn
-            info[method] = {"method": method, "kind": "external-baseline" if method in EXTERNAL_METHODS else "baseline",
-                            "label": method, "conversion": None, "conversion_digest": None, "active_mlp_ratio": ratio}
+            info[method] = {"method": method, "kind": BASELINE_KINDS.get(method, "baseline"),
+                            "label": BASELINE_LABELS.get(method, method), "conversion": None,
+                            "conversion_digest": None, "active_mlp_ratio": ratio}
+            if method in DYNAMIC_METHODS and method != "oracle":
+                info[method].update(calibration_active_ratio=ratio, calibration_tokens=int(dynamic_calib.numel()))
         if not variants:
             continue
         dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
         res = evaluate_variants(dense_fn, variants, held, device=args.device)
         masked.set_masks(None)
+        log(f"[quality] dense perplexity {res['dense'].perplexity:.4f} on these windows")
         if result["dense"] is None:
             d = res["dense"]
             result["dense"] = {"perplexity": d.perplexity, "kl_to_dense": d.kl_to_dense, "top1_agreement": d.top1_agreement}
         for name, r in res.items():
             if name == "dense":
                 continue
+            if name in DYNAMIC_METHODS:  # what the held-out tokens used, not the calibration's
+                info[name]["active_mlp_ratio"] = variants[name].active_ratio
             result["rows"].append({"budget": budget, **info[name], "perplexity": r.perplexity,
                                    "kl_to_dense": r.kl_to_dense, "top1_agreement": r.top1_agreement,
                                    "seconds": round(r.seconds, 2)})
@@ -250,6 +282,9 @@ METHOD_STYLE = {
     "wanda-sp": dict(color="#059669", symbol="diamond", size=8),
     "flap": dict(color="#dc2626", symbol="triangle-up", size=9),
     "torch-pruning": dict(color="#6b7280", symbol="x", size=8),
+    "teal": dict(color="#0891b2", symbol="hexagon", size=9),
+    "cats": dict(color="#db2777", symbol="pentagon", size=9),
+    "oracle": dict(color="#111827", symbol="line-ew", size=10),
 }
 
 
@@ -264,7 +299,7 @@ def quality_figure(result: dict) -> go.Figure:
         label = {"tomoe": "ToMoE (learned routing)", "tomoe-random-routing": "ToMoE, random routing (ablation)",
                  "tomoe-conditioned": "ToMoE, one budget-conditioned conversion",
                  "tomoe-threshold-moved": "ToMoE, threshold moved (no retraining)",
-                 "torch-pruning": "torch-pruning (external, group magnitude)"}.get(method, method)
+                 "torch-pruning": "torch-pruning (external, group magnitude)", **BASELINE_LABELS}.get(method, method)
         hover = [f"{r['label']}<br>budget {r['budget']:g}, active MLP {r['active_mlp_ratio']:.3f}<br>"
                  f"ppl {r['perplexity']:.2f}, KL {r['kl_to_dense']:.3f}, top-1 agr {r['top1_agreement']:.3f}"
                  for r in rows]
@@ -273,7 +308,8 @@ def quality_figure(result: dict) -> go.Figure:
                                      name=label, legendgroup=method, showlegend=col == 1, hovertext=hover,
                                      hoverinfo="text", marker=dict(color=style["color"], symbol=style["symbol"],
                                                                    size=style["size"]),
-                                     line=dict(color=style["color"])), row=1, col=col)
+                                     line=dict(color=style["color"], dash="dot" if method == "oracle" else None)),
+                          row=1, col=col)
     if result.get("dense"):
         fig.add_hline(y=result["dense"]["perplexity"], line_dash="dash", line_color="#1f2937",
                       annotation_text=f"dense {result['dense']['perplexity']:.2f}", row=1, col=1)
@@ -321,6 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=8, help="held-out windows (default: %(default)s)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--dynamic-calibration-tokens", type=int, default=4096,
+                   help="calibration tokens of the per-token thresholds (teal, cats; one batched pass per budget; "
+                        "default: %(default)s)")
     p.add_argument("--no-conversions", action="store_true", help="baselines only")
     p.add_argument("--fallback-from", nargs="*", default=[], metavar="NAME",
                    help="single-budget conversions (folder names in cache/conversions) to re-threshold to every "

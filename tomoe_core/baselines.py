@@ -1,6 +1,6 @@
-"""Static structured-pruning baselines at the same active MLP budget.
+"""Baselines at the same active MLP budget: static structured pruning and per-token sparsity.
 
-Each keeps the same fraction p of every layer's MLP channels (one static mask per layer,
+Each static method keeps the same fraction p of every layer's MLP channels (one static mask per layer,
 run through `MaskedModel` with one expert), chosen by a channel score:
   * magnitude: L2 norm of the channel's weights (gate row, up row, down column);
   * wanda-sp:  ||down column|| x RMS of the channel's activation over calibration text;
@@ -13,22 +13,28 @@ An external reference, run on a pruned copy of the dense model rather than throu
                MLP channels only (attention, the down projection and the embeddings are
                ignored layers, so only gate/up rows and the matching down columns go), the same
                fraction p kept in every layer. Gated and plain MLPs (not fused gate_up).
+Per-token, training-free (a different channel set for every token; see DynamicSparsity below):
+  * oracle:    per token the p*I channels with the largest |h| x ||down column|| (a ceiling);
+  * teal:      TEAL-style magnitude thresholding of each projection's input;
+  * cats:      CATS-style thresholding of act(gate x).
 No baseline is fine-tuned after pruning.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .budget import active_ratio
 from .masked import MaskedModel
 from .routing import mlp_intermediate
 
 METHODS = ("magnitude", "wanda-sp", "flap")  # static masks through MaskedModel
 EXTERNAL_METHODS = ("torch-pruning",)  # a pruned copy of the dense model
-ALL_METHODS = METHODS + EXTERNAL_METHODS
 
 
 @torch.no_grad()
@@ -158,22 +164,219 @@ def torch_pruning_copy(masked: MaskedModel, budget: float, example_ids: torch.Te
     return model.eval(), sum(after) / sum(before)
 
 
+# -- per-token, training-free baselines ------------------------------------------------------------------
+# Legend: N = tokens, D = hidden size, I = intermediate channels.
+#   oracle: keep per token the round(p I) channels with the largest |h| x ||down column|| (h the down
+#           projection's input); it needs every activation to choose, so it is a ceiling, not a method.
+#   teal:   TEAL (Liu et al., arXiv 2408.14690), uniform per-layer sparsity: zero the entries of each
+#           projection's input below a per-layer magnitude threshold (x for gate/up, h for down).
+#   cats:   CATS (Lee et al., arXiv 2404.08763): compute act(gate x) for every channel, keep the channels
+#           whose |act(gate x)| is above a per-layer threshold; up and down run only for those.
+# Thresholds come from one pass over calibration text in which each layer, in order, sets its threshold
+# from the activations it receives (upstream layers already sparsified), so the kept fraction on the
+# calibration text is the target. Active weights are counted per token: the MLP weights (and biases)
+# the token's kept entries need.
+DYNAMIC_METHODS = ("oracle", "teal", "cats")
+ALL_METHODS = METHODS + DYNAMIC_METHODS + EXTERNAL_METHODS
+
+
+def _input_projections(w) -> int:
+    return 2 if w.gated else 1
+
+
+def _bias_per_channel(w) -> int:
+    return int(w.up_bias is not None) + int(w.gate_bias is not None)
+
+
+def _first_projection_cost(w) -> int:
+    """Weights per channel CATS always computes: act(gate x) (gated) or act(up x) (plain), with its bias."""
+    bias = w.gate_bias if w.gated else w.up_bias
+    return w.hidden_size + int(bias is not None)
+
+
+def min_budget(masked: MaskedModel, method: str) -> float:
+    """Smallest active MLP ratio a method can reach (CATS always computes its first projection)."""
+    if method != "cats":
+        return 0.0
+    costs = masked.channel_costs
+    fixed = [_first_projection_cost(m.weights) * m.weights.intermediate_size for m in masked.mlps]
+    return sum(fixed) / sum(c * m.weights.intermediate_size for c, m in zip(costs, masked.mlps))
+
+
+def budget_of_oracle(masked: MaskedModel, budget: float) -> float:
+    """Active ratio of the oracle: round(p I) channels per token in every layer."""
+    widths = [max(1, round(budget * m.weights.intermediate_size)) for m in masked.mlps]
+    return float(active_ratio(widths, masked.channel_costs, masked.intermediate_sizes))
+
+
+def _threshold(values: torch.Tensor, keep_fraction: float) -> float:
+    """Magnitude threshold keeping about `keep_fraction` of `values` (kept: |v| > threshold)."""
+    flat = values.detach().abs().reshape(-1).float()
+    drop = int(round((1.0 - keep_fraction) * flat.numel()))
+    if drop <= 0:
+        return float("-inf")
+    return float(flat.kthvalue(drop).values)
+
+
+class DynamicMLP(nn.Module):
+    """One layer's MLP under per-token sparsity; stands in for the layer's MLP while installed.
+
+    `thresholds` is None until calibrated (oracle needs none); while `calibrating`, the first call
+    sets them from its own input. `active` / `tokens` count the weights the call's tokens used.
+    """
+
+    def __init__(self, method: str, weights, budget: float, cost: int):
+        super().__init__()
+        self.method, self.weights, self.budget, self.cost = method, weights, budget, cost
+        w = weights
+        self.bias_per_channel = _bias_per_channel(w)
+        if method == "teal":
+            # kept fraction q of both inputs: q (C - B) + B = p C, C = cost per channel, B = its biases
+            self.keep = (budget * cost - self.bias_per_channel) / (cost - self.bias_per_channel)
+        elif method == "cats":
+            fixed = _first_projection_cost(w)
+            self.keep = (budget * cost - fixed) / (cost - fixed)
+        else:
+            self.keep = budget
+        if not 0.0 < self.keep <= 1.0 + 1e-9:
+            raise ValueError(f"the {method} baseline cannot reach an active MLP ratio of {budget:g} "
+                             f"(kept fraction {self.keep:.3f}); choose a larger budget")
+        self.keep = min(self.keep, 1.0)
+        self.down_norm = w.down.float().norm(dim=0) if method == "oracle" else None  # (I,)
+        self.thresholds: dict[str, float] | None = None
+        self.calibrating = False
+        self.active, self.tokens = 0.0, 0
+
+    def _count(self, per_token_active: torch.Tensor) -> None:
+        self.active += float(per_token_active.double().sum())
+        self.tokens += per_token_active.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        w = self.weights
+        D, I = w.hidden_size, w.intermediate_size
+        if self.method == "oracle":
+            h = mlp_intermediate(w, x)  # (B, T, I)
+            k = max(1, round(self.keep * I))
+            top = (h.abs().float() * self.down_norm).topk(k, dim=-1).indices
+            h = h * torch.zeros_like(h).scatter_(-1, top, 1.0)
+            self._count(torch.full(h.shape[:-1], float(k * self.cost)))
+        elif self.method == "teal":
+            if self.calibrating:
+                self.thresholds = {"x": _threshold(x, self.keep)}
+            kept_x = x.abs() > self.thresholds["x"]  # (B, T, D)
+            h = mlp_intermediate(w, torch.where(kept_x, x, torch.zeros_like(x)))
+            if self.calibrating:
+                self.thresholds["h"] = _threshold(h, self.keep)
+            kept_h = h.abs() > self.thresholds["h"]  # (B, T, I)
+            h = torch.where(kept_h, h, torch.zeros_like(h))
+            # gate/up read I x (kept x) weights each, down D x (kept h); their biases are always computed
+            self._count(kept_x.sum(-1) * _input_projections(w) * I + kept_h.sum(-1) * D + self.bias_per_channel * I)
+        else:  # cats
+            first = F.linear(x, w.gate, w.gate_bias) if w.gated else F.linear(x, w.up, w.up_bias)
+            act = w.act(first)  # (B, T, I)
+            if self.calibrating:
+                self.thresholds = {"act": _threshold(act, self.keep)}
+            kept = act.abs() > self.thresholds["act"]  # (B, T, I)
+            h = act * F.linear(x, w.up, w.up_bias) if w.gated else act
+            h = torch.where(kept, h, torch.zeros_like(h))
+            self._count(kept.sum(-1) * (self.cost - _first_projection_cost(w)) + _first_projection_cost(w) * I)
+        return F.linear(h, w.down, w.down_bias)
+
+
+class DynamicSparsity:
+    """A per-token baseline over a model's MLPs: ids -> logits, with the dense model restored after each call.
+
+    Each call installs a `DynamicMLP` in place of every layer's MLP and puts the originals back in a
+    `finally`, so the model is unchanged between calls. `active_ratio` is the measured ratio of MLP
+    weights used per token over all calls since `reset_counts` (the same cost weighting as the budget).
+    """
+
+    def __init__(self, masked: MaskedModel, method: str, budget: float):
+        if method not in DYNAMIC_METHODS:
+            raise ValueError(f"unknown per-token baseline {method!r}; choose from {', '.join(DYNAMIC_METHODS)}")
+        self.model, self.adapter, self.method, self.budget = masked.model, masked.adapter, method, budget
+        self.originals = [self.adapter.mlp(layer) for layer in self.adapter.layers(self.model)]
+        self.mlps = [DynamicMLP(method, m.weights, budget, c) for m, c in zip(masked.mlps, masked.channel_costs)]
+        self.calibration_ratio: float | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        layers = self.adapter.layers(self.model)
+        try:
+            for layer, mlp in zip(layers, self.mlps):
+                self.adapter.set_mlp(layer, mlp)
+            yield self.model
+        finally:
+            for layer, original in zip(layers, self.originals):
+                self.adapter.set_mlp(layer, original)
+
+    @torch.no_grad()
+    def calibrate(self, calibration_ids: torch.Tensor) -> float:
+        """Per-layer thresholds from one batched pass over calibration_ids (B, T); returns the active ratio
+        measured on them (the budget, up to ties and rounding)."""
+        self.reset_counts()
+        for m in self.mlps:
+            m.calibrating = True
+        try:
+            with self.installed():
+                device = next(self.model.parameters()).device
+                self.model.base_model(input_ids=calibration_ids.to(device))  # no LM head: only MLP inputs matter
+        finally:
+            for m in self.mlps:
+                m.calibrating = False
+        self.calibration_ratio = self.active_ratio
+        self.reset_counts()
+        return self.calibration_ratio
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method == "oracle" or all(m.thresholds is not None for m in self.mlps)
+
+    @property
+    def active_ratio(self) -> float:
+        used = sum(m.active / max(1, m.tokens) for m in self.mlps)
+        return used / sum(m.cost * m.weights.intermediate_size for m in self.mlps)
+
+    def reset_counts(self) -> None:
+        for m in self.mlps:
+            m.active, m.tokens = 0.0, 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self.calibrated, f"{self.method}: calibrate before running"
+        with self.installed():
+            return self.model(input_ids=ids).logits
+
+
 # -- every baseline as ids -> logits ---------------------------------------------------------------------
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def baseline_variants(masked: MaskedModel, methods, budget: float, stats: list[dict] | None,
-                      example_ids: torch.Tensor | None = None) -> dict[str, tuple[LogitsFn, float]]:
+                      example_ids: torch.Tensor | None = None,
+                      calibration_ids: torch.Tensor | None = None) -> dict[str, tuple[LogitsFn, float]]:
     """name -> (ids -> logits, active MLP ratio) for each baseline at `budget`.
 
     Static methods share `masked` (they set its masks on every call); torch-pruning gets its
     own pruned copy. `stats` from `activation_stats` (needed by wanda-sp and flap).
+    Per-token methods (DYNAMIC_METHODS) return a `DynamicSparsity`, calibrated on `calibration_ids`
+    (B, T) (teal, cats); their ratio is the one measured on the calibration text, and the callable's
+    `active_ratio` is the one measured on whatever it has run since.
     """
     out = {}
     for method in methods:
         if method in EXTERNAL_METHODS:
             pruned, ratio = torch_pruning_copy(masked, budget, example_ids)
             out[method] = (lambda ids, pruned=pruned: pruned(input_ids=ids).logits), ratio
+            continue
+        if method in DYNAMIC_METHODS:
+            variant = DynamicSparsity(masked, method, budget)
+            if method == "oracle":
+                ratio = budget_of_oracle(masked, budget)
+            elif calibration_ids is None:
+                raise ValueError(f"baseline {method} needs calibration token ids (calibration_ids) for its thresholds")
+            else:
+                ratio = variant.calibrate(calibration_ids)
+            out[method] = variant, ratio
             continue
         if method not in METHODS:
             raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(ALL_METHODS)}")
