@@ -390,6 +390,17 @@ def cluster_experts(counts: pd.DataFrame, min_tokens: int = 50, k_range=range(2,
                           shares, stability, rule, baseline, min_lift, min_share)
 
 
+def clustering_agreement(a: ExpertClusters, b: ExpertClusters) -> tuple[float, int]:
+    """Adjusted Rand index between two clusterings of the same conversion's experts (e.g. on two
+    texts), over the (layer, expert) pairs both clustered. -> (ARI, experts compared)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    joined = a.experts.merge(b.experts, on=["layer", "expert"], suffixes=("_a", "_b"))
+    if len(joined) < 2:
+        return float("nan"), len(joined)
+    return float(adjusted_rand_score(joined.cluster_a, joined.cluster_b)), len(joined)
+
+
 def name_follows_rows(name: str, top_lifts: str, min_lift: float) -> bool:
     """Whether a summary row's name reads off its top_lifts ('SYM 3.62x, PUNCT 3.56x, ...'): its
     tags are the first entries there, each at least min_lift, and 'mixed' exactly when the first

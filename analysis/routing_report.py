@@ -21,13 +21,22 @@ from pathlib import Path
 import pandas as pd
 
 
+def _clusters(run, labels, min_tokens: int, seed: int, k: int | None, baseline: str):
+    from tomoe_core import queries
+
+    from .experts import cluster_experts, token_conditioned_counts
+
+    counts = token_conditioned_counts(labels) if baseline == "token" else queries.expert_pos(run)
+    return cluster_experts(counts, min_tokens=min_tokens, seed=seed, k=k, baseline=baseline)
+
+
 def build_report(run, permutations: int | None = None, min_tokens: int = 50, seed: int = 0,
                  tagger: str | None = None, alpha: float = 0.01, bootstrap: int = 100, k: int | None = None,
-                 baseline: str = "layer") -> dict:
+                 baseline: str = "layer", against: str | None = None) -> dict:
     from tomoe_core import queries
     from tomoe_core.trace import read_run_meta, run_dir
 
-    from .experts import cluster_experts, nmi_per_layer, permutations_for, token_conditioned_counts
+    from .experts import clustering_agreement, nmi_per_layer, permutations_for
     from .syntax import DEFAULT_TAGGER, annotate_gold, annotate_run, gold_source, tag_agreement
 
     permutations = permutations if permutations is not None else permutations_for(alpha)
@@ -39,8 +48,16 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
     labels = queries.token_labels(run)
     t1 = time.perf_counter()
     nmi = nmi_per_layer(labels, permutations=permutations, seed=seed, bootstrap=bootstrap)
-    counts = token_conditioned_counts(labels) if baseline == "token" else queries.expert_pos(run)
-    clusters = cluster_experts(counts, min_tokens=min_tokens, seed=seed, k=k, baseline=baseline)
+    clusters = _clusters(run, labels, min_tokens, seed, k, baseline)
+    between = None
+    if against is not None:  # the same clustering on another run's text, at the same k
+        annotate_run(against, tagger=tagger or DEFAULT_TAGGER)
+        other = _clusters(against, queries.token_labels(against), min_tokens, seed, clusters.k, baseline)
+        ari, compared = clustering_agreement(clusters, other)
+        between = {"run": read_run_meta(against)["run_id"], "text": read_run_meta(against).get("text"),
+                   "k": clusters.k, "adjusted_rand": ari, "experts_compared": compared,
+                   "k_chosen_there": _clusters(against, queries.token_labels(against), min_tokens, seed, None,
+                                               baseline).k}
     gold = None
     if queries.has_gold(run):
         agree = tag_agreement(queries.tag_pairs(run))
@@ -69,7 +86,7 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
                      "names": {int(c): v for c, v in clusters.names.items()},
                      "summary": clusters.summary().to_dict(orient="records"),
                      "experts": clusters.experts.to_dict(orient="records")},
-        "gold": gold,
+        "gold": gold, "between_texts": between,
         "seconds": {"tagging": round(t_tag, 1), "statistics": round(time.perf_counter() - t1, 1)},
     }
 
@@ -119,6 +136,11 @@ def format_report(report: dict) -> str:
     lines.append(f"names: the top lifts (tags with >= {c['min_share']:.0%} of the cluster's tokens) that reach "
                  f"{c['min_lift']:g}x, at most two; 'mixed' when none does")
     lines.append(pd.DataFrame(c["summary"]).to_string(index=False))
+    between = report.get("between_texts")
+    if between:
+        lines.append(f"against run {between['run']} (text {(between.get('text') or {}).get('source')}): adjusted Rand "
+                     f"{between['adjusted_rand']:.2f} between the two clusterings at k = {between['k']} over "
+                     f"{between['experts_compared']} experts; k chosen there on its own: {between['k_chosen_there']}")
     gold = report.get("gold")
     if gold:
         lines.append(f"gold tags from {gold['source']}: spaCy UPOS agrees with gold UPOS on {gold['agreement']:.1%} "
@@ -148,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", choices=("layer", "token"), default="layer",
                         help="cluster expert profiles against the layer's POS mix, or against what the expert's "
                              "token types predict (contextual residuals) (default: %(default)s)")
+    parser.add_argument("--against", default=None, metavar="RUN",
+                        help="another run of the same conversion on another text: report the adjusted Rand index "
+                             "between the two clusterings at the same k (stability between texts)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the permutations, bootstrap and KMeans (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: RUN_FOLDER/syntax-report.json)")
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = build_report(args.run, args.permutations, args.min_tokens, args.seed, alpha=args.alpha,
-                              bootstrap=args.bootstrap, k=args.k, baseline=args.baseline)
+                              bootstrap=args.bootstrap, k=args.k, baseline=args.baseline, against=args.against)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from analysis import routing_figures as figs
-from analysis.experts import (cluster_experts, expert_profile_matrix, lift_table, name_cluster, name_follows_rows,
+from analysis.experts import (cluster_experts, clustering_agreement, expert_profile_matrix, lift_table, name_cluster, name_follows_rows,
                               nmi_from_contingency, nmi_per_layer, p_floor, permutations_for, pos_profiles,
                               token_conditioned_counts)
 from routing_fixtures import annotated_run, converted, routing_cache, tokenizer, traced_run  # noqa: F401
@@ -177,6 +177,7 @@ def test_k_choice_stability_and_seeds():
     assert set(result.stability) == set(result.silhouette) == set(range(2, 7))
     again = cluster_experts(counts, min_tokens=10, k_range=range(2, 7), resamples=8)
     assert again.stability == result.stability and (again.experts.cluster == result.experts.cluster).all()
+    assert clustering_agreement(result, again) == (1.0, len(result.experts))
     chosen = cluster_experts(counts, min_tokens=10, k_range=range(2, 7), k=5, resamples=2)
     assert chosen.k == 5 and chosen.k_rule.endswith("chosen by the user") and chosen.experts.cluster.nunique() == 5
     with pytest.raises(ValueError, match="choose between 2 and"):
@@ -287,4 +288,7 @@ def test_routing_report_command(annotated_run, capsys):
     assert main([str(annotated_run), "--min-tokens", "1", "--bootstrap", "0", "--alpha", "0.05", "--k", "2"]) == 0
     out = capsys.readouterr().out
     assert "19 permutations per baseline" in out and "at p <= 0.05:" in out and "chosen by the user" in out
+    # the same text twice: the clusterings agree exactly
+    assert main([str(annotated_run), "--min-tokens", "1", "--bootstrap", "0", "--against", str(annotated_run)]) == 0
+    assert "adjusted Rand 1.00 between the two clusterings" in capsys.readouterr().out
     assert main(["no-such-run"]) == 2
