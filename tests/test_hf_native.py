@@ -212,6 +212,7 @@ def test_export_is_self_contained_and_its_code_is_the_engines(export):
     config = json.loads((export / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "modeling.ToMoEConfig", "AutoModelForCausalLM": "modeling.ToMoEForCausalLM"}
     assert "quantization_config" not in config["base_config"]
+    assert config["max_position_embeddings"] == config["base_config"]["max_position_embeddings"]  # lm-eval's max_length
     code = sorted(p.name for p in export.glob("*.py"))
     assert {"modeling.py", "routing.py", "families.py"} <= set(code)
     for name in code:  # copied at export time from the engine, not a second copy kept by hand

@@ -13,6 +13,7 @@ imports to the standard library, torch, transformers and those engine modules.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
 from .families import adapter_for
-from .io import atomic_write_json, sha256_file
+from .io import _umask, atomic_write_json, sha256_file
 from .routing import COPY_FREE_LAYOUTS, LAYOUT_PREFERENCE, LAYOUTS, MoEMLP
 
 FORMAT_VERSION = 1
@@ -45,6 +46,9 @@ class ToMoEConfig(PretrainedConfig):
         self.moe_layers = moe_layers or []  # per layer: union_size, expert_widths, gated, up_bias, down_bias
         self.budget = budget
         self.format_version = format_version
+        context = self.base_config.get("max_position_embeddings", self.base_config.get("n_positions"))
+        if context is not None:  # where stock tools (lm-eval's max_length) look for the context length
+            kwargs.setdefault("max_position_embeddings", context)
         super().__init__(**kwargs)
 
     def base(self) -> PretrainedConfig:
@@ -206,6 +210,8 @@ class ToMoEForCausalLM(PreTrainedModel, GenerationMixin):
         meta = {k: v for k, v in (metadata if metadata is not None else self.tomoe_metadata or {}).items()
                 if k not in ("weights_sha256", "weight_files", "saved_at")}
         files = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+        for name in files:  # transformers writes weights 0600 (a temporary file renamed); share them like the rest
+            os.chmod(folder / name, 0o666 & ~_umask())
         meta.update(format_version=FORMAT_VERSION, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     weights_sha256=_weights_digest(files))
         if list(files) != ["model.safetensors"]:  # shards: each one's checksum (one file: weights_sha256 is its)
