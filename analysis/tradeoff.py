@@ -11,6 +11,12 @@ FLOPs(p) = 2 * (attention + p * mlp_dense + lm_head) + attention-score FLOPs at 
 Bandwidth-bound decode estimate (batch 1). Decoding one token reads every active weight once,
 so tokens/s <= memory bandwidth / (active parameters * bytes per parameter). KV-cache reads,
 kernel launch overheads and compute limits are ignored: a ceiling, labelled as an estimate.
+
+Per-token baselines (quality benchmark). TEAL- and CATS-style sparsity pick a different set of MLP
+weights for every token by magnitude thresholds, with no training (kind "dynamic, training-free");
+their active parameters are the MLP weights the held-out tokens used, on average. The oracle keeps
+each token's p * I most useful channels knowing all of its activations: a ceiling that no runnable
+method reaches, drawn dashed and left off the Pareto front.
 """
 from __future__ import annotations
 
@@ -182,7 +188,11 @@ def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]
 
 
 _BENCHMARK_KINDS = {"tomoe": "tomoe", "fallback": "fallback", "ablation": "ablation", "baseline": "baseline",
-                    "external-baseline": "baseline"}
+                    "external-baseline": "baseline", "dynamic, training-free": "dynamic, training-free",
+                    "ceiling": "ceiling"}
+# per-token baselines of the quality benchmark: a different channel set per token, no training; the
+# oracle needs every activation to choose its channels, so it is a ceiling, not something one can run
+DYNAMIC_LABELS = {"teal": "TEAL-style", "cats": "CATS-style", "oracle": "oracle per-token top-k channels"}
 # how a ToMoE row of the quality benchmark reached its budget (benchmarks.quality `method`)
 TOMOE_METHOD_LABELS = {"tomoe": "ToMoE", "tomoe-conditioned": "ToMoE, budget-conditioned",
                        "tomoe-threshold-moved": "ToMoE, threshold moved (no retraining)"}
@@ -393,7 +403,11 @@ KIND_STYLE = {
     "ablation": dict(color="#a5b4fc", symbol="circle-open", size=10),
     "conditioned": dict(color="#7c3aed", symbol="star-diamond", size=12),
     "fallback": dict(color="#c4b5fd", symbol="circle-dot", size=10),
+    "dynamic": dict(color="#0e7490", symbol="hexagon", size=10),
+    "ceiling": dict(color="#6b7280", symbol="line-ew-open", size=12),
 }
+DYNAMIC_STYLES = {"teal": dict(color="#0e7490", symbol="hexagon", size=10),
+                  "cats": dict(color="#be185d", symbol="pentagon", size=10)}
 BASELINE_COLORS = ["#d97706", "#059669", "#dc2626", "#0891b2", "#9333ea", "#65a30d"]
 BASELINE_SYMBOLS = ["square", "diamond", "triangle-up", "cross", "x", "pentagon"]
 
@@ -412,7 +426,8 @@ def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
 def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: float | None = None,
                   cost: CostModel | None = None) -> go.Figure:
     """Held-out perplexity (log) against active parameters per token: dense, every ToMoE conversion,
-    its routing ablations and every static pruning baseline, with the Pareto front and the slider's budget."""
+    its routing ablations, every static pruning baseline, the per-token training-free baselines and the
+    per-token oracle as a labelled ceiling (left off the Pareto front), with the front and the slider's budget."""
     pts = points if eval_set is None else points[points["eval_set"] == eval_set]
     pts = pts.dropna(subset=["active_params", "perplexity"])
     fig = go.Figure()
@@ -436,19 +451,31 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
         style = dict(color=BASELINE_COLORS[i % len(BASELINE_COLORS)], symbol=BASELINE_SYMBOLS[i % 6], size=11)
         groups.append((f"static pruning: {method}", pts[pts["variant"] == method].sort_values("active_params"),
                        style, True))
+    for method in sorted(pts.loc[pts["kind"] == "dynamic, training-free", "variant"].unique()):
+        groups.append((f"dynamic, training-free: {DYNAMIC_LABELS.get(method, method)}",
+                       pts[pts["variant"] == method].sort_values("active_params"),
+                       DYNAMIC_STYLES.get(method, KIND_STYLE["dynamic"]), True))
+    for method in sorted(pts.loc[pts["kind"] == "ceiling", "variant"].unique()):
+        groups.append((f"ceiling: {DYNAMIC_LABELS.get(method, method)} (not a runnable method)",
+                       pts[pts["variant"] == method].sort_values("active_params"), KIND_STYLE["ceiling"], True))
     for name, df, style, visible in groups:
         if df.empty:
             continue
         lines = name.startswith("ToMoE,") and "ablation" not in name or name == "ToMoE" or \
-            name.startswith("static") and len(df) > 1
+            name.startswith(("static", "dynamic", "ceiling")) and len(df) > 1
         fig.add_trace(go.Scatter(
             x=df["active_params"] / 1e6, y=df["perplexity"], name=name, visible=visible,
             mode="lines+markers" if lines and len(df) > 1 else "markers",
             marker=dict(color=style["color"], symbol=style["symbol"], size=style["size"],
                         line=dict(width=1, color="white")),
-            line=dict(color=style["color"], width=2 if name == "ToMoE" else 1, dash=None if name == "ToMoE" else "dot"),
+            line=dict(color=style["color"], width=2 if name == "ToMoE" else 1,
+                      dash=None if name == "ToMoE" else "dash" if name.startswith("ceiling") else "dot"),
             hovertext=hover(df), hoverinfo="text"))
-    front = pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
+    if not (ceiling := pts[pts["kind"] == "ceiling"]).empty:  # label the ceiling where it ends, on the chart
+        end = ceiling.loc[ceiling["active_params"].idxmin()]
+        fig.add_annotation(x=end["active_params"] / 1e6, y=math.log10(end["perplexity"]), text="ceiling",
+                           showarrow=False, yshift=-12, font=dict(color=KIND_STYLE["ceiling"]["color"], size=11))
+    front = pareto_front(pts[~pts["kind"].isin(("ablation", "fallback", "ceiling"))])
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=front["active_params"] / 1e6, y=front["perplexity"], name="Pareto front",
                                  mode="lines", line=dict(color="rgba(67,56,202,0.25)", width=10), hoverinfo="skip"))

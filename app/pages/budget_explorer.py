@@ -182,6 +182,12 @@ st.subheader("Quality against active parameters")
 if len(sets) > 1:
     st.selectbox("Evaluation set (perplexities are comparable only within one)", sets, key="eval_set")
 st.plotly_chart(tradeoff.pareto_figure(points, st.session_state["eval_set"], budget, cost), key="pareto")
+shown_kinds = set(points.loc[points["eval_set"] == st.session_state["eval_set"], "kind"]) if sets else set()
+if shown_kinds & {"dynamic, training-free", "ceiling"}:
+    st.caption("Dynamic, training-free (TEAL-, CATS-style): magnitude thresholds pick different MLP weights for "
+               "every token, with no training; their active parameters are the weights the held-out tokens used, "
+               "and saving time with them needs per-token gathers. The dashed ceiling is the per-token oracle: it "
+               "chooses each token's channels knowing all of its activations, so no runnable method reaches it.")
 
 with st.expander("Measured points and how the numbers are computed"):
     st.markdown(tradeoff.__doc__.split("\n", 2)[2])
