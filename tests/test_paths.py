@@ -116,7 +116,7 @@ def test_runs_page_refuses_paths_outside_with_a_message(cache_env):
     assert "sets a path (--output)" in start_conversion(**{"Extra convert options": "--steps 2 --output /tmp/elsewhere"})
 
     at = run_page("runs")
-    [s for s in at.selectbox if s.label == "Text"][0].set_value("a .txt file or folder")
+    [s for s in at.selectbox if s.label == "Text"][0].set_value("a .txt or .conllu file, or a folder")
     [t for t in at.text_area if t.label.startswith("Prompts")][0].input("/etc")
     [b for b in at.button if b.label == "Start trace"][0].click().run()
     assert not at.exception
