@@ -325,3 +325,19 @@ def test_stock_lm_eval_cli_runs_on_the_dense_model_and_the_export(tiny, export, 
         result = _lm_eval_result(proc, out, task)
         assert result["perplexity,none"] == pytest.approx(ppl, rel=1e-4), out.name
         assert result["acc,none"] == pytest.approx(acc), out.name
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tomoe_core.io import atomic_write_json, sha256_file
+
+    folder = tmp_path / "bad"
+    AutoModelForCausalLM.from_pretrained(tiny["conversion"]).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    router = next(k for k in state if k.endswith("router.weight"))
+    save_file({k: v for k, v in state.items() if k != router}, str(weights), metadata={"format": "pt"})
+    atomic_write_json(folder / "tomoe.json", {**read_metadata(folder), "weights_sha256": sha256_file(weights)})
+    with pytest.raises(ConvertedModelError, match=re.escape(router)):
+        load_converted(folder)

@@ -106,8 +106,13 @@ def load_converted(folder: str | Path, device: str | torch.device = "cpu", layou
         model = _load_legacy(folder, meta).to(device=device, dtype=dtype)
         model.set_layout(layout, memory_limit_bytes)
     else:
-        model = ToMoEForCausalLM.from_pretrained(folder, device_map=str(device), dtype=dtype or "auto", layout=layout,
-                                                 verify=False, memory_limit_bytes=memory_limit_bytes)
+        model, info = ToMoEForCausalLM.from_pretrained(folder, device_map=str(device), dtype=dtype or "auto",
+                                                       layout=layout, verify=False, memory_limit_bytes=memory_limit_bytes,
+                                                       output_loading_info=True)
+        missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+        if missing or unexpected:  # stock loading would only warn and leave random weights
+            raise ConvertedModelError(f"the weights of {folder} do not match its config.json (missing {missing[:3]}, "
+                                      f"unexpected {unexpected[:3]}); re-run the conversion")
     tokenizer = None
     if load_tokenizer:
         from transformers import AutoTokenizer
