@@ -65,8 +65,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from tomoe_core.baselines import (ALL_METHODS, DYNAMIC_METHODS, EXTERNAL_METHODS, activation_stats, baseline_variants,
-                                  min_budget)
+from tomoe_core.baselines import (ALL_METHODS, DYNAMIC_CALIBRATION_TOKENS, DYNAMIC_METHODS, EXTERNAL_METHODS,
+                                  activation_stats, baseline_variants, min_budget)
 from tomoe_core.budget import account
 from tomoe_core.convert import conversion_digest, load_converted, read_metadata
 from tomoe_core.data import cache_dir, text_windows
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=8, help="held-out windows (default: %(default)s)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
-    p.add_argument("--dynamic-calibration-tokens", type=int, default=4096,
+    p.add_argument("--dynamic-calibration-tokens", type=int, default=DYNAMIC_CALIBRATION_TOKENS,
                    help="calibration tokens of the per-token thresholds (teal, cats; one batched pass per budget; "
                         "default: %(default)s)")
     p.add_argument("--no-conversions", action="store_true", help="baselines only")

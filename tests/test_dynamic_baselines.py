@@ -1,13 +1,17 @@
 """Per-token, training-free baselines (oracle top-k, TEAL-style, CATS-style) on tiny models of every family:
 dense at budget 1, the budget met on calibration text, honest per-token counts, the model left as it was."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tomoe_core import MaskedModel
+from tomoe_core.cli import main
+from tomoe_core.models import load_tokenizer
 from tomoe_core.families import adapter_for
-from tomoe_core.baselines import (DYNAMIC_METHODS, DynamicMLP, DynamicSparsity, baseline_variants, budget_of_oracle,
-                                  min_budget)
+from tomoe_core.baselines import (DYNAMIC_METHODS, DynamicMLP, DynamicSparsity, activation_stats, baseline_variants,
+                                  budget_of_oracle, min_budget)
 from tiny_models import FAMILIES, tiny_ids, tiny_model
 
 
@@ -108,3 +112,32 @@ def test_cats_refuses_a_budget_below_its_gate_and_teal_needs_calibration():
         baseline_variants(masked, ["teal"], 0.5, None)
     plain = MaskedModel(tiny_model("phi"), num_experts=1)
     assert 0.5 < min_budget(plain, "cats") < 0.52  # act(fc1 x) with its bias is about half a plain MLP
+
+
+def test_thresholds_default_to_the_text_the_activation_statistics_came_from():
+    """`python -m tomoe_core evaluate` passes only `stats`: the thresholds are set on their calibration text."""
+    masked = MaskedModel(tiny_model("qwen2"), num_experts=1)
+    calib = tiny_ids(batch=3, length=32, seed=4)
+    stats = activation_stats(masked, calib)
+    with torch.no_grad():
+        (from_stats, ratio), = baseline_variants(masked, ["teal"], 0.6, stats).values()
+        (explicit, _), = baseline_variants(masked, ["teal"], 0.6, None, calibration_ids=calib).values()
+    assert ratio == pytest.approx(0.6, abs=2e-3)
+    assert [m.thresholds for m in from_stats.mlps] == [m.thresholds for m in explicit.mlps]
+
+
+def test_evaluate_command_runs_the_per_token_baselines(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))
+    dense = tmp_path / "dense"
+    tiny_model("llama", vocab_size=49152).save_pretrained(dense)
+    load_tokenizer().save_pretrained(dense)
+    words = "the river city museum painted seven old bridges near a quiet harbour while students argued".split()
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(words[(i * 5 + j * 3) % len(words)] for j in range(150)) + "."
+                                  for i in range(30)))
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(dense), "--text", str(text), "--window", "64", "--max-windows", "2",
+                 "--budget", "0.6", "--baselines", "oracle,teal,cats", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"dense", "oracle", "teal", "cats"}
+    assert all(results[m]["kl_to_dense"] > 0 for m in ("oracle", "teal", "cats"))

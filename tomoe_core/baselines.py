@@ -37,8 +37,15 @@ METHODS = ("magnitude", "wanda-sp", "flap")  # static masks through MaskedModel
 EXTERNAL_METHODS = ("torch-pruning",)  # a pruned copy of the dense model
 
 
+class ActivationStats(list):
+    """Per layer {"mean", "sq"} of the intermediate channels, and the calibration ids (B, T) they come from:
+    the per-token baselines calibrate their thresholds on the same text."""
+
+    calibration_ids: torch.Tensor
+
+
 @torch.no_grad()
-def activation_stats(masked: MaskedModel, calibration_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+def activation_stats(masked: MaskedModel, calibration_ids: torch.Tensor) -> ActivationStats:
     """Per layer: mean and mean square of every intermediate channel over calibration tokens."""
     sums = [None] * len(masked.mlps)
     count = [0]
@@ -59,7 +66,9 @@ def activation_stats(masked: MaskedModel, calibration_ids: torch.Tensor) -> list
     finally:
         for h in handles:
             h.remove()
-    return [{"mean": (s / count[0]).float(), "sq": (q / count[0]).float()} for s, q in sums]
+    stats = ActivationStats({"mean": (s / count[0]).float(), "sq": (q / count[0]).float()} for s, q in sums)
+    stats.calibration_ids = calibration_ids
+    return stats
 
 
 def channel_scores(masked: MaskedModel, method: str, stats: list[dict] | None) -> list[torch.Tensor]:
@@ -177,6 +186,9 @@ def torch_pruning_copy(masked: MaskedModel, budget: float, example_ids: torch.Te
 # calibration text is the target. Active weights are counted per token: the MLP weights (and biases)
 # the token's kept entries need.
 DYNAMIC_METHODS = ("oracle", "teal", "cats")
+# Thresholds are set in one batched pass; this many calibration tokens pin a layer's kept fraction
+# far more finely than the text-to-text variation of the kept fraction on held-out windows.
+DYNAMIC_CALIBRATION_TOKENS = 4096
 ALL_METHODS = METHODS + DYNAMIC_METHODS + EXTERNAL_METHODS
 
 
@@ -359,9 +371,12 @@ def baseline_variants(masked: MaskedModel, methods, budget: float, stats: list[d
     Static methods share `masked` (they set its masks on every call); torch-pruning gets its
     own pruned copy. `stats` from `activation_stats` (needed by wanda-sp and flap).
     Per-token methods (DYNAMIC_METHODS) return a `DynamicSparsity`, calibrated on `calibration_ids`
-    (B, T) (teal, cats); their ratio is the one measured on the calibration text, and the callable's
-    `active_ratio` is the one measured on whatever it has run since.
+    (B, T) (teal, cats; default: the first DYNAMIC_CALIBRATION_TOKENS of the text `stats` came from);
+    their ratio is the one measured on the calibration text, and the callable's `active_ratio` is the
+    one measured on whatever it has run since.
     """
+    if calibration_ids is None and getattr(stats, "calibration_ids", None) is not None:
+        calibration_ids = stats.calibration_ids[:max(1, DYNAMIC_CALIBRATION_TOKENS // stats.calibration_ids.shape[1])]
     out = {}
     for method in methods:
         if method in EXTERNAL_METHODS:
@@ -373,7 +388,8 @@ def baseline_variants(masked: MaskedModel, methods, budget: float, stats: list[d
             if method == "oracle":
                 ratio = budget_of_oracle(masked, budget)
             elif calibration_ids is None:
-                raise ValueError(f"baseline {method} needs calibration token ids (calibration_ids) for its thresholds")
+                raise ValueError(f"baseline {method} needs calibration text for its thresholds: pass calibration_ids "
+                                 f"or stats from activation_stats")
             else:
                 ratio = variant.calibrate(calibration_ids)
             out[method] = variant, ratio
