@@ -307,19 +307,20 @@ class DynamicSparsity:
         if method not in DYNAMIC_METHODS:
             raise ValueError(f"unknown per-token baseline {method!r}; choose from {', '.join(DYNAMIC_METHODS)}")
         self.model, self.adapter, self.method, self.budget = masked.model, masked.adapter, method, budget
-        self.originals = [self.adapter.mlp(layer) for layer in self.adapter.layers(self.model)]
         self.mlps = [DynamicMLP(method, m.weights, budget, c) for m, c in zip(masked.mlps, masked.channel_costs)]
         self.calibration_ratio: float | None = None
 
     @contextlib.contextmanager
     def installed(self):
         layers = self.adapter.layers(self.model)
+        originals = [self.adapter.mlp(layer) for layer in layers]
+        assert not any(isinstance(m, DynamicMLP) for m in originals), "a per-token baseline is already installed"
         try:
             for layer, mlp in zip(layers, self.mlps):
                 self.adapter.set_mlp(layer, mlp)
             yield self.model
         finally:
-            for layer, original in zip(layers, self.originals):
+            for layer, original in zip(layers, originals):
                 self.adapter.set_mlp(layer, original)
 
     @torch.no_grad()
