@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from routing_fixtures import converted, routing_cache  # noqa: F401
 from tomoe_core.conllu import read_conllu
 from tomoe_core.data import TextSourceError, load_documents
 
@@ -78,3 +79,20 @@ def test_load_documents_reads_conllu():
     docs = load_documents(str(SAMPLE))
     assert [d.title for d in docs] == ["sample-bridge", "sample-bees"]
     assert docs[1].text == read_conllu(SAMPLE)[1].text
+
+
+def test_trace_command_keeps_the_gold_tags_in_the_log(converted, routing_cache, capsys):
+    from tomoe_core import queries
+    from tomoe_core.cli import main
+    from tomoe_core.trace import read_run_meta
+
+    assert main(["trace", str(converted), "--text", str(SAMPLE), "--seq-len", "32", "--run-id", "cli-gold",
+                 "--quiet"]) == 0
+    assert "gold UPOS, XPOS, deprel and head distance" in capsys.readouterr().out
+    assert queries.has_gold("cli-gold") and not queries.has_annotation("cli-gold")  # spaCy comes later, on demand
+    labels = queries.token_labels("cli-gold", label="gold_deprel")
+    assert {"root", "nsubj", "det", "punct"} <= set(labels.pos)
+    heads = queries.token_labels("cli-gold", label="gold_head")
+    assert "0" in set(heads.pos) and {int(h) for h in heads.pos} <= set(range(-12, 13))
+    meta = read_run_meta("cli-gold")
+    assert meta["text"]["source"] == str(SAMPLE) and meta["annotations"]["gold_upos"]["source"] == str(SAMPLE)

@@ -16,6 +16,11 @@ gets the annotation of its syntactic head, the word of the range whose HEAD lies
 range (the first one if several do). Empty nodes (IDs like 8.1) have no surface form and are
 skipped.
 
+`add_gold_columns(run)` puts a traced treebank's annotation into the routing log: each token
+takes its gold word by the alignment rule of `tomoe_core.align` (the one spaCy's words use) and
+gets the columns of GOLD_COLUMNS. `python -m tomoe_core trace --text FILE.conllu` does it right
+after the trace.
+
 Treebanks: https://universaldependencies.org (e.g. UD_English-EWT, the `*-ud-test.conllu` file).
 """
 from __future__ import annotations
@@ -162,3 +167,57 @@ def read_conllu(path: str | Path) -> list[ConlluDocument]:
         for w in doc.words:  # the reconstruction and the spans must agree: a bug otherwise
             assert doc.text[w.start:w.end] == w.form, (doc.title, w)
     return docs
+
+
+# -- gold columns of a routing log ------------------------------------------------------------------
+GOLD_COLUMNS = {  # log column -> what it holds
+    "gold_word": "the treebank's surface token (a multiword token as written)",
+    "gold_upos": "gold universal POS",
+    "gold_xpos": "gold language-specific POS (null where the treebank has none)",
+    "gold_deprel": "gold dependency relation (with subtype, e.g. nsubj:pass)",
+    "gold_head": "head distance HEAD - ID in words as text ('0' = root, '-2' = head two words left)",
+}
+
+
+def gold_source(run) -> Path | None:
+    """The CoNLL-U file a run was traced on (its recorded text source), or None when it was
+    traced on something else. A relative path is read from the repository root, as traced there."""
+    from .paths import REPO_ROOT
+    from .trace import read_run_meta
+
+    source = (read_run_meta(run).get("text") or {}).get("source")
+    if not source or not is_conllu(source):
+        return None
+    path = Path(source)
+    return path if path.is_absolute() or path.exists() else REPO_ROOT / path
+
+
+def add_gold_columns(run, conllu: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Add the gold annotation of the CoNLL-U file a run was traced on (or `conllu`) to its log:
+    the columns of GOLD_COLUMNS, each token taking its gold word by the same alignment rule as
+    spaCy's words. The file must still hold the traced text: every traced document's text is
+    compared with the one stored in the run."""
+    from .align import add_aligned_columns
+    from .io import sha256_file
+    from .trace import has_columns, run_dir
+
+    folder = run_dir(run)
+    if has_columns(folder, tuple(GOLD_COLUMNS)) and not overwrite:
+        return folder
+    path = Path(conllu) if conllu is not None else gold_source(folder)
+    if path is None:
+        raise ValueError(f"run {folder.name} was not traced on a .conllu file: pass the CoNLL-U file it was traced on")
+    if not path.is_file():
+        raise ValueError(f"CoNLL-U file {path} (the run's text source) is gone: restore it to add gold tags")
+    gold = read_conllu(path)
+
+    def words_of(doc_id, text, _token_spans):
+        if doc_id >= len(gold) or gold[doc_id].text != text:
+            raise ValueError(f"{path} no longer holds the traced text (document {doc_id} differs): "
+                             "trace the file again")
+        return gold[doc_id].words
+
+    columns = {"gold_word": lambda w: w.form, "gold_upos": lambda w: w.upos, "gold_xpos": lambda w: w.xpos,
+               "gold_deprel": lambda w: w.deprel, "gold_head": lambda w: str(w.head_distance)}
+    info = {"source": str(path), "sha256": sha256_file(path), "columns": GOLD_COLUMNS}
+    return add_aligned_columns(folder, columns, words_of, info)

@@ -29,8 +29,8 @@ def add_trace_parser(subparsers) -> None:
     p.add_argument("conversion", type=Path, help="converted model folder (made by `python -m tomoe_core convert`)")
     p.add_argument("--text", default="wiki",
                    help="'wiki' (the default corpus), a .txt file (blank-line-separated documents), a folder "
-                        "of .txt files, or a .conllu file (a Universal Dependencies treebank; its gold tags are "
-                        "added by `python -m analysis.routing_report RUN` or the Experts page) (default: %(default)s)")
+                        "of .txt files, or a .conllu file (a Universal Dependencies treebank: its gold UPOS, XPOS, "
+                        "deprel and head distance go into the log too) (default: %(default)s)")
     p.add_argument("--split", default="heldout", choices=("heldout", "calibration"),
                    help="part of the default corpus to trace (default: %(default)s)")
     p.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
@@ -56,6 +56,7 @@ def run_trace_command(args, argv: list[str] | None = None) -> int:
     import os
 
     from .cli import progress_bar
+    from .conllu import add_gold_columns, is_conllu
     from .trace import read_run_meta, trace_run
 
     first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
@@ -67,6 +68,9 @@ def run_trace_command(args, argv: list[str] | None = None) -> int:
                          progress=progress, command=command, compare_untraced=args.compare_untraced)
     if not first_rank:
         return 0
+    if not args.prompts and is_conllu(args.text):  # a treebank: its gold annotation goes into the log now
+        add_gold_columns(path, args.text)
+        print(f"gold UPOS, XPOS, deprel and head distance of {args.text} added to the log")
     meta = read_run_meta(path)
     timing = meta["timing"]
     print(f"{path}\n{meta['tokens']} tokens x {meta['num_layers']} layers = {meta['rows']} rows traced in "
