@@ -1,7 +1,7 @@
 """Where the batch-1 decode time of a MoE MLP goes: the profile behind the speed benchmark's MLP ratio.
 
-    python -m benchmarks.mlp_profile                      # trained p=0.5 conversion, packed layout, 1 thread
-    python -m benchmarks.mlp_profile --layout core+extras --steps 32 --repeats 9
+    python -m benchmarks.mlp_profile                      # trained p=0.5 conversion, indexed layout, 1 thread
+    python -m benchmarks.mlp_profile --layout packed --steps 32 --repeats 9
 
 One process, one thread, thread CPU time, every variant timed in turn in every repeat (medians
 and ratios to dense). For one decode step (every layer's MLP on its own captured input, one
@@ -9,7 +9,8 @@ token) it separates:
   * dense:          the dense model's MLP modules;
   * moe:            the materialised MoE layers (router + expert choice + expert matmuls);
   * moe-fixed:      the same with every token sent to expert 0 (routing cost without its choice);
-  * expert-matmuls: only the chosen experts' three matmuls (the floor for this layout);
+  * expert-matmuls: only the chosen experts' three matmuls (the floor for this layout; for the
+                    indexed layout its two gather kernels and the activation);
   * router:         only the routers and the argmax;
   * half-dense:     the dense weights' first p * I channels, as plain matmuls (what p of the
                     dense MLP costs with no MoE machinery at all).
@@ -18,6 +19,7 @@ and prints a torch.profiler table of the MoE step, so a missed target shows its 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--budget", type=float, default=0.5, help="trained conversion of this budget (default: 0.5)")
     p.add_argument("--conversion", type=Path, default=None, help="conversion folder (default: by --budget)")
-    p.add_argument("--layout", default="packed")
+    p.add_argument("--layout", default="indexed")
     p.add_argument("--steps", type=int, default=16, help="decode steps (tokens) per timing (default: 16)")
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     width = round(args.budget * dense_mlps[0].up_proj.weight.shape[0])
     half = [(m.gate_proj.weight[:width].clone(), m.up_proj.weight[:width].clone(),
              m.down_proj.weight[:, :width].clone()) for m in dense_mlps]
-    chosen = [[int(m.choose_experts(m.router(x.view(1, -1)))[0]) for m, x in zip(moe_mlps, step)] for step in steps]
+    chosen = [[m.choose_experts(m.router(x.view(1, -1))) for m, x in zip(moe_mlps, step)] for step in steps]  # (1,) each
     chosen_of = {id(step[0]): ks for step, ks in zip(steps, chosen)}
 
     def run_dense(step):
@@ -83,7 +85,10 @@ def main(argv=None) -> int:
 
     def run_matmuls(step):
         for m, x, k in zip(moe_mlps, step, chosen_of[id(step[0])]):
-            m._block_forward(m._expert_block(k), x.view(1, -1))
+            if m.layout == "indexed":
+                m._indexed_forward(x.view(1, -1), k)
+            else:
+                m._block_forward(m._expert_block(int(k)), x.view(1, -1))
 
     def run_router(step):
         for m, x in zip(moe_mlps, step):
@@ -101,6 +106,7 @@ def main(argv=None) -> int:
             times[name].append(_timer(fn, steps))
     dense_ms = statistics.median(times["dense"])
     print(f"{args.model} | conversion {Path(folder).name} (p={meta['budget']}) | layout {moe.layout} | "
+          f"loadavg {[round(x, 2) for x in os.getloadavg()]} | "
           f"{args.steps} decode steps x {len(moe_mlps)} layers | 1 thread, thread CPU time, {args.repeats} repeats")
     print(f"{'variant':<16}{'ms/step':>10}{'x dense':>9}   (paired ratio range)")
     for name, ts in times.items():

@@ -1,36 +1,46 @@
 """Speed benchmark: the dense model against every MoE layout at several budgets, side by side.
 
-    python -m benchmarks.speed                       # CPU, SmolLM2-135M, budgets 0.3 0.5 0.7, 1 thread
-    python -m benchmarks.speed --threads 2 --budgets 0.5
+    python -m benchmarks.speed                       # CPU, SmolLM2-135M, budgets 0.3 0.5 0.7, 1 thread, batch 1 and 8
+    python -m benchmarks.speed --budgets 0.5 --threads 1 2
+    python -m benchmarks.speed --budgets 0.5 --layouts indexed packed
     python -m benchmarks.gpu_speed                   # CUDA, bf16, batch 1 and 16 (prepared for a GPU box)
     python -m benchmarks.speed --dry-run             # tiny random model: exercises the code in seconds
 
-In one process, every repeat runs every variant in turn (so drifting load hits all alike);
-the tables report medians over repeats and ratios to dense. On CPU with one thread the clock
-is the thread's CPU time, so time the benchmark sits preempted by other jobs does not count
-(their memory-bandwidth use still does); --clock wall for wall time:
+Built for a shared machine. In one process, every repeat runs every variant in turn, so drifting
+load hits all alike, and every ratio to dense is taken within one repeat (paired): the tables give
+its median over repeats and its interquartile range [q1-q3]. The 1-minute load average is sampled
+at every repeat and stored; when it exceeded the CPU count (other jobs competing for the cores
+and for memory bandwidth) the run prints a WARNING: trust the ratios' ranges, not one figure.
+Thread counts (--threads 1 2) run one after the other in the same process. On CPU with one
+thread the clock is the thread's CPU time, so time the benchmark sits preempted by other jobs
+does not count (their memory-bandwidth use still does); wall time otherwise (--clock wall forces it):
   * MLP decode:  the MLPs alone, every layer on its own captured input, one token per sequence
                  (batch B), ms per decode step summed over layers;
   * MLP prefill: the same on a T-token prompt;
   * decode:      end-to-end greedy decode with a KV cache, new tokens/s (prompt excluded);
   * prefill:     one forward over a T-token prompt, tokens/s;
-  * memory:      resident MLP weight bytes (union weights + the layout's copies), relative to
-                 the dense MLP; and the peak memory of a fresh process that loads only that
-                 variant and runs the prefill and the decode (CPU: peak RSS after loading, via
-                 /proc/self/clear_refs, so it includes the Python/torch runtime; CUDA: max allocated).
+  * memory:      resident MLP weight bytes (union weights + the layout's copies and tables),
+                 relative to the dense MLP; and the peak memory of a fresh process that loads only
+                 that variant and runs the prefill and the decode (CPU: peak RSS after loading, via
+                 /proc/self/clear_refs, so it includes the Python/torch runtime; CUDA: max allocated),
+                 measured once per variant and batch size, with the first thread count.
 Variants: per budget one conversion. The trained conversion from cache/conversions is used
 where its budget matches ("trained"); other budgets get "untrained" masks (cluster init,
 thresholded to the budget, no training): right for speed, meaningless for quality.
 Greedy tokens of every layout are checked equal to the shared layout of the same conversion.
 
 Writes cache/results/speed_benchmark[-cuda].json:
-  {kind: "speed", machine, contention: {loadavg, other_jobs}, model, dtype, device, settings,
-   rows: [{name, batch, budget (1.0 for dense), source, layout (null for dense), core_fraction,
-           union_fraction (of the dense intermediate size, mean over layers), mlp_bytes,
-           mlp_bytes_vs_dense, mlp_decode_ms, mlp_decode_vs_dense, mlp_prefill_ms,
-           mlp_prefill_vs_dense, decode_tokens_per_s, decode_speedup, prefill_tokens_per_s,
-           prefill_speedup (prefill fields: batch 1 only, else null), peak_memory_mb,
-           peak_memory_kind, same_tokens_as_shared, repeats: raw timings}]}
+  {kind: "speed", machine, contention: {loadavg (at the end), loadavg_samples (1-minute, one per
+   repeat), loadavg_max, high (bool), other_jobs}, model, dtype, device, settings,
+   rows: [{name, threads, batch, budget (1.0 for dense), source, layout (null for dense),
+           gather_backend (indexed only), core_fraction, union_fraction (of the dense
+           intermediate size, mean over layers), mlp_bytes, mlp_bytes_vs_dense, mlp_decode_ms,
+           mlp_decode_vs_dense, mlp_prefill_ms, mlp_prefill_vs_dense, decode_tokens_per_s,
+           decode_speedup, prefill_tokens_per_s, prefill_speedup (prefill fields: batch 1 only,
+           else null), <each ratio>_iqr: [q1, q3] of the paired ratios, peak_memory_mb,
+           peak_rss_vs_dense, peak_memory_kind, same_tokens_as_shared, repeats: raw timings,
+           loadavg: per repeat}]}
+Medians (ms, tokens/s) are over repeats; ratios are medians of per-repeat ratios.
 """
 from __future__ import annotations
 
@@ -52,6 +62,7 @@ from tomoe_core.families import adapter_for
 from tomoe_core.io import atomic_write_json, safe_name
 from tomoe_core.masked import MaskedModel
 from tomoe_core.pipeline import conversions_dir, machine_info
+from tomoe_core.gather_kernels import backend as gather_backend
 from tomoe_core.routing import LAYOUTS, MoEMLP
 from tomoe_core.train import ConversionConfig
 
@@ -182,8 +193,15 @@ def time_prefill(model, ids: torch.Tensor, device) -> float:
     return ids.numel() / (_clock() - t0)
 
 
-def contention() -> dict:
-    """Load average and other heavy Python jobs while the benchmark ran (figures are only as clean as this)."""
+def loadavg_1min() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def contention(samples: list[float]) -> dict:
+    """Load average and other heavy Python jobs while the benchmark ran (figures are only as clean as this).
+
+    samples: the 1-minute load average at every repeat; `high` when its median exceeded the CPU
+    count, i.e. other jobs kept the cores (and the memory bus) busy for much of the run."""
     try:
         ps = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True,
                             timeout=5).stdout.splitlines()[1:]
@@ -192,7 +210,18 @@ def contention() -> dict:
     me = os.getpid()
     jobs = [line.strip()[:120] for line in ps if "python" in line and int(line.split()[0]) != me
             and float(line.split()[1]) > 20]
-    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "other_jobs": jobs}
+    high = bool(samples) and statistics.median(samples) > (os.cpu_count() or 1)
+    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "loadavg_samples": samples,
+            "loadavg_max": max(samples) if samples else None, "high": high, "other_jobs": jobs}
+
+
+def paired_ratios(values: list[float], dense: list[float]) -> tuple[float, list[float]]:
+    """Median and [q1, q3] of the per-repeat ratios values[r] / dense[r]."""
+    ratios = [v / d for v, d in zip(values, dense)]
+    if len(ratios) == 1:
+        return ratios[0], [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), [q1, q3]
 
 
 # -- the run -----------------------------------------------------------------------------------------------
@@ -222,7 +251,7 @@ def build_variants(args, dense, calibration_ids, log) -> list[dict]:
             moe, _, _ = load_converted(folder, device=args.device, layout="shared", load_tokenizer=False)
             source = "untrained masks"
         moe = moe.to(device=args.device, dtype=args.torch_dtype).eval()
-        for layout in LAYOUTS:
+        for layout in args.layouts:
             variants.append({"name": f"p={budget:g} {layout}", "budget": budget, "source": source, "layout": layout,
                              "model": moe, "folder": folder})
     return variants
@@ -277,9 +306,9 @@ def memory_probe(spec: dict) -> dict:
     return out
 
 
-def run_memory_probe(v: dict, args, batch: int) -> dict | None:
+def run_memory_probe(v: dict, args, batch: int, threads: int) -> dict | None:
     spec = {"folder": str(v["folder"]) if v["folder"] else None, "model": args.model, "layout": v["layout"] or "shared",
-            "device": args.device, "dtype": args.dtype, "threads": args.threads or 1, "batch": batch,
+            "device": args.device, "dtype": args.dtype, "threads": threads, "batch": batch,
             "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--memory-probe", json.dumps(spec)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=900)
@@ -290,29 +319,60 @@ def run_memory_probe(v: dict, args, batch: int) -> dict | None:
     return json.loads(lines[-1])
 
 
-def choose_clock(args) -> str:
+def choose_clock(args, threads: int) -> str:
     """Thread CPU time on CPU with one thread (all of torch's work runs in this thread, so time
     spent preempted by other jobs does not count; memory-bandwidth contention still does);
     wall time otherwise (GPU, several threads)."""
     if args.clock != "auto":
         return args.clock
-    return "thread" if torch.device(args.device).type == "cpu" and args.threads == 1 else "wall"
+    return "thread" if torch.device(args.device).type == "cpu" and threads == 1 else "wall"
+
+
+CLOCK_NAMES = {"wall": "wall time", "thread": "thread CPU time (one thread; preemption excluded)"}
+TIMED = ("mlp_decode", "mlp_prefill", "decode", "prefill")
+
+
+def measure(args, variants, text, dense, device, threads: int, batch: int, loads: list[float], log) -> dict:
+    """Interleaved repeats of every variant at one thread count and batch size. -> raw results by name"""
+    prompt = text[: batch * args.prompt_tokens].view(batch, args.prompt_tokens).to(device)
+    long_prompt = text[: args.prefill_tokens].view(1, -1).to(device)
+    inputs = capture_mlp_inputs(dense, text[: batch * args.mlp_steps].view(batch, args.mlp_steps).to(device))
+    decode_steps = [[x[:, s:s + 1] for x in inputs] for s in range(args.mlp_steps)]  # steps x L x (B, 1, D)
+    prefill_steps = [capture_mlp_inputs(dense, long_prompt)]
+    results = {v["name"]: {**{k: [] for k in TIMED}, "tokens": None, "loadavg": []} for v in variants}
+    for r in range(args.repeats):
+        for v in variants:
+            model = v["model"]
+            if v["layout"] is not None:
+                model.set_layout(v["layout"])
+            res = results[v["name"]]
+            mlps = layer_mlps(model)
+            res["mlp_decode"].append(time_mlps(mlps, decode_steps, device))
+            if batch == 1:
+                res["mlp_prefill"].append(time_mlps(mlps, prefill_steps, device))
+                res["prefill"].append(time_prefill(model, long_prompt, device))
+            speed, tokens = greedy_decode(model, prompt, args.new_tokens, device)
+            res["decode"].append(speed)
+            res["tokens"] = tokens
+            res["loadavg"].append(loadavg_1min())
+        loads.append(loadavg_1min())
+        log(f"[speed] threads {threads}, batch {batch}: repeat {r + 1}/{args.repeats} done, loadavg {loads[-1]}")
+    return results
 
 
 @torch.no_grad()
 def run(args, log=print) -> dict:
     global _clock
     device = torch.device(args.device)
-    clock = choose_clock(args)
-    if clock == "thread" and (device.type != "cpu" or args.threads != 1):
-        raise ValueError("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
-    _clock = CLOCKS[clock]
+    for threads in args.threads:
+        if args.clock == "thread" and (device.type != "cpu" or threads != 1):
+            raise ValueError("--clock thread measures one CPU thread: use it with --device cpu --threads 1")
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
     if args.dry_run:
         dense = tiny_dense().to(device=device, dtype=args.torch_dtype)
         calibration = torch.randint(3, 512, (2, 64))
-        text = torch.randint(3, 512, (args.prompt_tokens * args.batch_sizes[-1] * 4,))
+        text = torch.randint(3, 512, (args.prompt_tokens * max(args.batch_sizes) * 4 + args.prefill_tokens,))
         model_name = "tiny random llama (dry run)"
     else:
         from tomoe_core.models import load_dense
@@ -324,99 +384,115 @@ def run(args, log=print) -> dict:
         model_name = args.model
     variants = build_variants(args, dense, calibration, log)
     dense_mlp_bytes = mlp_bytes(layer_mlps(dense))
-    rows = []
-    for batch in args.batch_sizes:
-        prompt = text[: batch * args.prompt_tokens].view(batch, args.prompt_tokens).to(device)
-        long_prompt = text[: args.prefill_tokens].view(1, -1).to(device)
-        inputs = capture_mlp_inputs(dense, text[: batch * args.mlp_steps].view(batch, args.mlp_steps).to(device))
-        decode_steps = [[x[:, s:s + 1] for x in inputs] for s in range(args.mlp_steps)]  # steps x L x (B, 1, D)
-        prefill_steps = [capture_mlp_inputs(dense, long_prompt)]
-        results = {v["name"]: {"mlp_decode": [], "mlp_prefill": [], "decode": [], "prefill": [], "tokens": None}
-                   for v in variants}
-        for r in range(args.repeats):
+    inter = [adapter_for(dense).mlp_weights(x).intermediate_size for x in layer_mlps(dense)]
+    rows, loads, clocks, probes = [], [loadavg_1min()], {}, {}
+    for threads in args.threads:
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        clock = choose_clock(args, threads)
+        clocks[threads] = CLOCK_NAMES[clock]
+        _clock = CLOCKS[clock]
+        for batch in args.batch_sizes:
+            results = measure(args, variants, text, dense, device, threads, batch, loads, log)
+            d = results["dense"]
             for v in variants:
-                model = v["model"]
+                name, model = v["name"], v["model"]
                 if v["layout"] is not None:
                     model.set_layout(v["layout"])
-                res = results[v["name"]]
-                mlps = layer_mlps(model)
-                res["mlp_decode"].append(time_mlps(mlps, decode_steps, device))
-                if batch == 1:
-                    res["mlp_prefill"].append(time_mlps(mlps, prefill_steps, device))
-                    res["prefill"].append(time_prefill(model, long_prompt, device))
-                speed, tokens = greedy_decode(model, prompt, args.new_tokens, device)
-                res["decode"].append(speed)
-                res["tokens"] = tokens
-            log(f"[speed] batch {batch}: repeat {r + 1}/{args.repeats} done")
-        med = {name: {k: statistics.median(x) if x else None for k, x in res.items()
-                      if k in ("mlp_decode", "mlp_prefill", "decode", "prefill")} for name, res in results.items()}
-        for v in variants:
-            name, model = v["name"], v["model"]
-            if v["layout"] is not None:
-                model.set_layout(v["layout"])
-            m = med[name]
-            d = med["dense"]
-            moe_mlps = [x for x in layer_mlps(model) if isinstance(x, MoEMLP)]
-            inter = [adapter_for(dense).mlp_weights(x).intermediate_size for x in layer_mlps(dense)]
-            shared_tokens = results.get(f"p={v['budget']:g} shared", {}).get("tokens")
-            bytes_now = mlp_bytes(layer_mlps(model))
-            probe = None if args.dry_run or args.no_memory else run_memory_probe(v, args, batch)
-            peak = (probe or {}).get("peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes")
-            rows.append({
-                "name": name, "batch": batch, "budget": v["budget"], "source": v["source"], "layout": v["layout"],
-                "core_fraction": (statistics.mean(x.core_size() / i for x, i in zip(moe_mlps, inter))
-                                  if moe_mlps else None),
-                "union_fraction": statistics.mean(x.union_size / i for x, i in zip(moe_mlps, inter)) if moe_mlps else None,
-                "mlp_bytes": bytes_now, "mlp_bytes_vs_dense": bytes_now / dense_mlp_bytes,
-                "mlp_decode_ms": m["mlp_decode"] * 1e3, "mlp_decode_vs_dense": m["mlp_decode"] / d["mlp_decode"],
-                "mlp_prefill_ms": m["mlp_prefill"] * 1e3 if m["mlp_prefill"] else None,
-                "mlp_prefill_vs_dense": m["mlp_prefill"] / d["mlp_prefill"] if m["mlp_prefill"] else None,
-                "decode_tokens_per_s": m["decode"], "decode_speedup": m["decode"] / d["decode"],
-                "prefill_tokens_per_s": m["prefill"], "prefill_speedup": m["prefill"] / d["prefill"] if m["prefill"] else None,
-                "peak_memory_mb": peak / 2**20 if peak else None,
-                "peak_memory_kind": None if not peak else ("CUDA max allocated, fresh process" if device.type == "cuda"
-                                                          else "peak RSS of a fresh process during prefill + decode"),
-                "same_tokens_as_shared": None if v["layout"] is None else results[name]["tokens"] == shared_tokens,
-                "repeats": {k: results[name][k] for k in ("mlp_decode", "mlp_prefill", "decode", "prefill")},
-            })
+                res = results[name]
+                med = {k: statistics.median(res[k]) if res[k] else None for k in TIMED}
+                ratio = {k: paired_ratios(res[k], d[k]) if res[k] else (None, None) for k in TIMED}
+                moe_mlps = [x for x in layer_mlps(model) if isinstance(x, MoEMLP)]
+                shared_tokens = results.get(f"p={v['budget']:g} shared", {}).get("tokens")
+                bytes_now = mlp_bytes(layer_mlps(model))
+                if (name, batch) not in probes:  # once per variant and batch: with the first thread count
+                    probes[name, batch] = None if args.dry_run or args.no_memory else run_memory_probe(v, args, batch, threads)
+                peak = (probes[name, batch] or {}).get("peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes")
+                rows.append({
+                    "name": name, "threads": threads if device.type == "cpu" else None, "batch": batch,
+                    "budget": v["budget"], "source": v["source"], "layout": v["layout"],
+                    "gather_backend": gather_backend(moe_mlps[0].up) if v["layout"] == "indexed" else None,
+                    "core_fraction": (statistics.mean(x.core_size() / i for x, i in zip(moe_mlps, inter))
+                                      if moe_mlps else None),
+                    "union_fraction": statistics.mean(x.union_size / i for x, i in zip(moe_mlps, inter)) if moe_mlps else None,
+                    "mlp_bytes": bytes_now, "mlp_bytes_vs_dense": bytes_now / dense_mlp_bytes,
+                    "mlp_decode_ms": med["mlp_decode"] * 1e3, "mlp_decode_vs_dense": ratio["mlp_decode"][0],
+                    "mlp_decode_vs_dense_iqr": ratio["mlp_decode"][1],
+                    "mlp_prefill_ms": med["mlp_prefill"] * 1e3 if med["mlp_prefill"] else None,
+                    "mlp_prefill_vs_dense": ratio["mlp_prefill"][0], "mlp_prefill_vs_dense_iqr": ratio["mlp_prefill"][1],
+                    "decode_tokens_per_s": med["decode"], "decode_speedup": ratio["decode"][0],
+                    "decode_speedup_iqr": ratio["decode"][1],
+                    "prefill_tokens_per_s": med["prefill"], "prefill_speedup": ratio["prefill"][0],
+                    "prefill_speedup_iqr": ratio["prefill"][1],
+                    "peak_memory_mb": peak / 2**20 if peak else None,
+                    "peak_memory_kind": None if not peak else ("CUDA max allocated, fresh process" if device.type == "cuda"
+                                                              else "peak RSS of a fresh process during prefill + decode"),
+                    "same_tokens_as_shared": None if v["layout"] is None or shared_tokens is None
+                    else res["tokens"] == shared_tokens,
+                    "repeats": {k: res[k] for k in TIMED}, "loadavg": res["loadavg"],
+                })
+    dense_peaks = {(r["threads"], r["batch"]): r["peak_memory_mb"] for r in rows if r["layout"] is None}
+    for r in rows:
+        dense_peak = dense_peaks.get((r["threads"], r["batch"]))
+        r["peak_rss_vs_dense"] = r["peak_memory_mb"] / dense_peak if r["peak_memory_mb"] and dense_peak else None
     return {
-        "kind": "speed", "machine": machine_info(str(device)), "contention": contention(), "model": model_name,
+        "kind": "speed", "machine": machine_info(str(device)), "contention": contention(loads), "model": model_name,
         "dtype": str(args.torch_dtype).replace("torch.", ""), "device": str(device),
         "settings": {"threads": args.threads if device.type == "cpu" else None, "repeats": args.repeats,
-                     "clock": {"wall": "wall time", "thread": "thread CPU time (one thread; preemption excluded)"}[clock],
-                     "batch_sizes": args.batch_sizes, "prompt_tokens": args.prompt_tokens,
+                     "clock": clocks, "batch_sizes": args.batch_sizes, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                      "mlp_decode_steps": args.mlp_steps, "experts": args.experts, "budgets": args.budgets,
-                     "dry_run": args.dry_run},
+                     "layouts": args.layouts, "dry_run": args.dry_run},
         "rows": rows,
     }
 
 
+def _ratio(x: float | None, iqr: list | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f} [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr else f"{x:.3f}"
+
+
 def format_table(result: dict) -> str:
-    s = result["settings"]
-    lines = [f"model {result['model']} | {result['device']} {result['dtype']} | threads {s['threads']} | "
-             f"clock: {s.get('clock', 'wall time')} | "
-             f"{s['repeats']} repeats (medians) | decode: {s['prompt_tokens']}-token prompt + {s['new_tokens']} new | "
-             f"prefill: {s['prefill_tokens']} tokens",
+    s, c = result["settings"], result["contention"]
+    threads = s["threads"] if isinstance(s["threads"], list) else [s["threads"]]
+    clock = s.get("clock", "wall time")
+    lines = [f"model {result['model']} | {result['device']} {result['dtype']} | threads {threads} | "
+             f"clock: {clock if isinstance(clock, str) else ', '.join(f'{t} thr: {n}' for t, n in clock.items())} | "
+             f"{s['repeats']} interleaved repeats: medians, ratios = median [IQR] of per-repeat ratios to dense | "
+             f"decode: {s['prompt_tokens']}-token prompt + {s['new_tokens']} new | prefill: {s['prefill_tokens']} tokens",
              f"machine: {result['machine']['platform']}, {result['machine']['cpu_count']} CPUs"
              + (f", {result['machine']['gpu']}" if "gpu" in result["machine"] else ""),
-             f"contention: loadavg {result['contention']['loadavg']}, other jobs: "
-             f"{result['contention']['other_jobs'] or 'none'}"]
-    for batch in s["batch_sizes"]:
-        lines.append(f"\nbatch {batch}")
-        lines.append(f"{'variant':<22}{'source':<18}{'core/union':>11}{'MLP dec ms':>11}{'x dense':>8}"
-                     f"{'MLP pre ms':>11}{'x dense':>8}{'dec tok/s':>10}{'speedup':>8}{'pre tok/s':>10}{'speedup':>8}"
-                     f"{'MLP MB':>8}{'x dense':>8}{'peak MB':>9}{'same':>6}")
-        for r in (r for r in result["rows"] if r["batch"] == batch):
-            cu = f"{r['core_fraction']:.2f}/{r['union_fraction']:.2f}" if r["core_fraction"] is not None else "-"
-            fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-            lines.append(
-                f"{r['name']:<22}{r['source'][:17]:<18}{cu:>11}{r['mlp_decode_ms']:>11.2f}{r['mlp_decode_vs_dense']:>8.3f}"
-                f"{fmt(r['mlp_prefill_ms'], '.1f'):>11}{fmt(r['mlp_prefill_vs_dense'], '.3f'):>8}"
-                f"{r['decode_tokens_per_s']:>10.1f}{r['decode_speedup']:>8.3f}{fmt(r['prefill_tokens_per_s'], '.0f'):>10}"
-                f"{fmt(r['prefill_speedup'], '.3f'):>8}{r['mlp_bytes'] / 2**20:>8.0f}{r['mlp_bytes_vs_dense']:>8.2f}"
-                f"{fmt(r['peak_memory_mb'], '.0f'):>9}"
-                f"{'' if r['same_tokens_as_shared'] is None else ('yes' if r['same_tokens_as_shared'] else 'NO'):>6}")
+             f"contention: 1-min loadavg per repeat {c.get('loadavg_samples')} (max {c.get('loadavg_max')}), "
+             f"at the end {c['loadavg']}; other jobs: {c['other_jobs'] or 'none'}"]
+    if c.get("high"):
+        lines.append(f"WARNING: high contention (median 1-min load average above the {result['machine']['cpu_count']} "
+                     "CPUs): other jobs shared the cores and memory bandwidth; read the IQRs, rerun when quieter")
+    for t in threads:
+        for batch in s["batch_sizes"]:
+            rows = [r for r in result["rows"] if r["batch"] == batch and r.get("threads", t) in (t, None)]
+            if not rows:
+                continue
+            lines.append(f"\nthreads {t}, batch {batch}")
+            lines.append(f"{'variant':<22}{'core/union':>11}{'MLP dec ms':>11}{'x dense [IQR]':>21}"
+                         f"{'MLP pre ms':>11}{'x dense [IQR]':>21}{'dec tok/s':>10}{'speedup [IQR]':>21}"
+                         f"{'pre tok/s':>10}{'speedup [IQR]':>21}{'MLP MB':>8}{'x dense':>8}{'peak MB':>9}"
+                         f"{'x dense':>8}{'same':>6}")
+            for r in rows:
+                cu = f"{r['core_fraction']:.2f}/{r['union_fraction']:.2f}" if r["core_fraction"] is not None else "-"
+                fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+                lines.append(
+                    f"{r['name']:<22}{cu:>11}{r['mlp_decode_ms']:>11.2f}"
+                    f"{_ratio(r['mlp_decode_vs_dense'], r.get('mlp_decode_vs_dense_iqr')):>21}"
+                    f"{fmt(r['mlp_prefill_ms'], '.1f'):>11}{_ratio(r['mlp_prefill_vs_dense'], r.get('mlp_prefill_vs_dense_iqr')):>21}"
+                    f"{r['decode_tokens_per_s']:>10.1f}{_ratio(r['decode_speedup'], r.get('decode_speedup_iqr')):>21}"
+                    f"{fmt(r['prefill_tokens_per_s'], '.0f'):>10}{_ratio(r['prefill_speedup'], r.get('prefill_speedup_iqr')):>21}"
+                    f"{r['mlp_bytes'] / 2**20:>8.0f}{r['mlp_bytes_vs_dense']:>8.2f}{fmt(r['peak_memory_mb'], '.0f'):>9}"
+                    f"{fmt(r.get('peak_rss_vs_dense'), '.2f'):>8}"
+                    f"{'' if r['same_tokens_as_shared'] is None else ('yes' if r['same_tokens_as_shared'] else 'NO'):>6}")
+    sources = sorted({r["source"] for r in result["rows"] if r["layout"]})
+    lines.append(f"\nsources: {'; '.join(sources)}; indexed backend: "
+                 f"{sorted({r['gather_backend'] for r in result['rows'] if r.get('gather_backend')})}")
     return "\n".join(lines)
 
 
@@ -433,10 +509,13 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--untrained-only", action="store_true", help="ignore trained conversions in cache/conversions")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1],
+                   help="CPU thread counts, measured one after the other in this run (default: 1)")
     p.add_argument("--clock", choices=("auto", "wall", "thread"), default="auto",
                    help="auto: thread CPU time on CPU with one thread, else wall time (default: %(default)s)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="decode batch sizes (default: 1)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default: 1 8)")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                   help="MoE layouts to time (default: all); greedy tokens are compared with shared's when it runs")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)

@@ -12,19 +12,33 @@ from tomoe_core.routing import LAYOUTS
 
 def test_speed_dry_run_measures_dense_and_every_layout(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    assert speed.main(["--dry-run", "--budgets", "0.5", "--output", str(out)]) == 0
+    assert speed.main(["--dry-run", "--budgets", "0.5", "--threads", "1", "2", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["kind"] == "speed" and result["settings"]["dry_run"]
-    rows = result["rows"]
-    assert [r["layout"] for r in rows] == [None, *LAYOUTS]
-    dense = rows[0]
-    assert dense["decode_speedup"] == 1.0 and dense["mlp_decode_vs_dense"] == 1.0
-    for r in rows:
-        assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and r["mlp_bytes"] > 0
-    for r in rows[1:]:
-        assert r["same_tokens_as_shared"] is True  # float32: every layout decodes the same tokens
-    assert rows[2]["mlp_bytes"] > rows[1]["mlp_bytes"]  # packed copies cost memory
-    assert "MLP dec ms" in capsys.readouterr().out
+    assert result["settings"]["batch_sizes"] == [1, 8] and result["settings"]["threads"] == [1, 2]
+    for threads in (1, 2):
+        for batch in (1, 8):
+            rows = [r for r in result["rows"] if r["threads"] == threads and r["batch"] == batch]
+            assert [r["layout"] for r in rows] == [None, *LAYOUTS]
+            dense = rows[0]
+            assert dense["decode_speedup"] == 1.0 and dense["mlp_decode_vs_dense"] == 1.0
+            assert dense["mlp_decode_vs_dense_iqr"] == [1.0, 1.0]
+            for r in rows:
+                assert r["decode_tokens_per_s"] > 0 and r["mlp_bytes"] > 0
+                assert (r["prefill_tokens_per_s"] > 0) == (batch == 1)
+                q1, q3 = r["decode_speedup_iqr"]
+                assert q1 <= r["decode_speedup"] <= q3
+                assert len(r["loadavg"]) == result["settings"]["repeats"]
+            for r in rows[1:]:
+                assert r["same_tokens_as_shared"] is True  # float32: every layout decodes the same tokens
+            by_layout = {r["layout"]: r for r in rows}
+            assert by_layout["packed"]["mlp_bytes"] > 2 * by_layout["indexed"]["mlp_bytes"]  # packed copies cost memory
+            assert by_layout["indexed"]["mlp_bytes_vs_dense"] < 1.2  # one copy (+ index tables, heavy at hidden size 64)
+            assert by_layout["indexed"]["gather_backend"] in ("cpu-c", "torch")
+    c = result["contention"]
+    assert len(c["loadavg_samples"]) == 1 + 2 * 2 * result["settings"]["repeats"] and isinstance(c["high"], bool)
+    printed = capsys.readouterr().out
+    assert "MLP dec ms" in printed and "threads 2, batch 8" in printed and "loadavg" in printed
 
 
 def test_gpu_script_dry_run_runs_on_cpu_in_bf16(tmp_path):

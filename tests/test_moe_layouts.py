@@ -5,9 +5,13 @@ gather kernels), many tokens (sorted by expert, one matmul per used expert), cor
 top of each. The indexed layout runs with its fastest backend (the C kernel on CPU where a
 compiler exists) and with the pure-torch fallback.
 """
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +391,44 @@ def test_cuda_indexed_layout_matches_masked_model(dtype):
         finally:
             MoEMLP.gather_backend = None
         torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+TRITON_CHECK = """
+import torch
+from tomoe_core import gather_kernels as gk, gather_triton as gt
+assert gt.AVAILABLE
+g = torch.Generator().manual_seed(0)
+for gated in (True, False):
+    for dtype in (torch.float32, torch.bfloat16):
+        E, U, D, T = 11, 203, 100, 3  # sizes that are not multiples of the block sizes
+        masks = torch.rand(E, U, generator=g) < 0.4
+        bits = (masks.long() << torch.arange(E)[:, None]).sum(0)
+        widths = masks.sum(1)
+        table = torch.zeros(E, int(widths.max()), dtype=torch.long)
+        valid = torch.zeros(E, int(widths.max()), dtype=dtype)
+        for k in range(E):
+            table[k, : widths[k]] = masks[k].nonzero().squeeze(-1)
+            valid[k, : widths[k]] = 1
+        gate = torch.randn(U, D, generator=g).to(dtype) if gated else None
+        up, down_t = torch.randn(U, D, generator=g).to(dtype), torch.randn(U, D, generator=g).to(dtype)
+        x, expert = torch.randn(T, D, generator=g).to(dtype), torch.randint(E, (T,), generator=g)
+        ref_g, ref_u = gk.gate_up(gate, up, x, expert, bits, masks.to(dtype), use="torch")
+        out_g, out_u = gt.gate_up(gate, up, x, expert, bits)
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(out_u.to(dtype), ref_u, **tol)
+        if gated:
+            torch.testing.assert_close(out_g.to(dtype), ref_g, **tol)
+        a = torch.randn(T, U, generator=g).to(dtype) * masks.to(dtype)[expert]
+        ref_y = gk.down(down_t, a, expert, bits, table, valid, use="torch")
+        torch.testing.assert_close(gt.down(down_t, a, expert, bits).to(dtype), ref_y, **tol)
+print("triton kernels match")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter runs the kernels on CPU)")
+def test_triton_kernels_match_the_torch_reference_in_the_interpreter():
+    """The CUDA kernels' logic, run by Triton's CPU interpreter (no GPU needed; slow, so tiny sizes)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "triton kernels match" in proc.stdout, proc.stderr[-2000:]
