@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,7 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
                      "summary": clusters.summary().to_dict(orient="records"),
                      "experts": clusters.experts.to_dict(orient="records")},
         "gold": gold, "between_texts": between,
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
         "seconds": {"tagging": round(t_tag, 1), "statistics": round(time.perf_counter() - t1, 1)},
     }
 
@@ -141,6 +144,9 @@ def format_report(report: dict) -> str:
         lines.append(f"against run {between['run']} (text {(between.get('text') or {}).get('source')}): adjusted Rand "
                      f"{between['adjusted_rand']:.2f} between the two clusterings at k = {between['k']} over "
                      f"{between['experts_compared']} experts; k chosen there on its own: {between['k_chosen_there']}")
+    machine, seconds = report.get("machine") or {}, report.get("seconds") or {}
+    lines.append(f"machine {machine.get('platform')} ({machine.get('cpu_count')} CPUs); tagging "
+                 f"{seconds.get('tagging')} s, statistics {seconds.get('statistics')} s; seed {report.get('seed')}")
     gold = report.get("gold")
     if gold:
         lines.append(f"gold tags from {gold['source']}: spaCy UPOS agrees with gold UPOS on {gold['agreement']:.1%} "
