@@ -8,9 +8,9 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from analysis import routing_figures as figs
-from analysis.experts import (cluster_experts, clustering_agreement, expert_profile_matrix, lift_table, name_cluster, name_follows_rows,
-                              nmi_from_contingency, nmi_per_layer, p_floor, permutations_for, pos_profiles,
-                              token_conditioned_counts)
+from analysis.experts import (cluster_experts, clustering_agreement, expert_profile_matrix, layer_nmi, lift_table,
+                              name_cluster, name_follows_rows, nmi_from_contingency, nmi_per_layer, p_floor,
+                              permutations_for, pos_profiles, token_conditioned_counts)
 from routing_fixtures import annotated_run, converted, routing_cache, tokenizer, traced_run  # noqa: F401
 from tomoe_core import queries
 
@@ -34,6 +34,15 @@ def _labels(n=6000, layers=3, structured=(True, False, True), seed=0):
 
 def _counts(labels):
     return labels.groupby(["layer", "expert", "pos"]).size().rename("tokens").reset_index()
+
+
+def test_layer_nmi_equals_sklearn_on_string_labels():
+    labels = _labels()
+    fast = layer_nmi(labels)
+    for row in fast.itertuples():
+        layer = labels[labels.layer == row.layer]
+        assert row.nmi == pytest.approx(normalized_mutual_info_score(layer.pos, layer.expert), abs=1e-12)
+    assert fast.nmi.tolist() == pytest.approx(nmi_per_layer(labels, permutations=1).nmi.tolist(), abs=1e-12)
 
 
 def test_nmi_from_contingency_equals_sklearn():
