@@ -14,6 +14,7 @@ DEFAULT_TOKENS_PER_S = 110.0  # SmolLM2-135M p = 0.5, one process, 2 shared CPU 
 DEFAULT_LOAD_S = 8.0  # loading the converted model and tokenising, same machine
 START_S = 8.0  # starting Python and importing torch, before run.json's clock starts
 TARGET_SECONDS = 60.0
+MIN_TOKENS = 1000  # traces shorter than this do not count towards the throughput
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,14 @@ class TraceSpeed:
 
 def trace_speed(runs: list[dict], conversion: str | Path | None = None, num_layers: int | None = None,
                 latest: int = 3) -> TraceSpeed:
-    """Median throughput of the `latest` single-process CPU traces of `conversion` (or, failing
-    that, of any conversion with `num_layers` layers) in `runs` (`trace.list_runs()`, newest first)."""
-    def usable(run):
+    """Median throughput of the `latest` single-process CPU traces of at least MIN_TOKENS tokens of
+    `conversion` (or, failing that, of any conversion with `num_layers` layers) in `runs`
+    (`trace.list_runs()`, newest first)."""
+
+    def usable(run):  # short traces (a few prompts) are dominated by fixed costs: they would mislead
         timing = run.get("timing") or {}
         return (timing.get("tokens_per_s") and timing.get("load_s") is not None
-                and (run.get("world_size") or 1) == 1
+                and (run.get("tokens") or 0) >= MIN_TOKENS and (run.get("world_size") or 1) == 1
                 and str((run.get("machine") or {}).get("device", "cpu")).startswith("cpu"))
 
     def median(values):

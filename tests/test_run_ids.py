@@ -37,16 +37,17 @@ def test_trace_cli_refuses_a_run_id_of_dotdot(capsys):
     assert parser.parse_args(["trace", "conv", "--run-id", "a b"]).run_id == "a_b"
 
 
-def _run(conversion, tokens_per_s, load_s, layers=30, device="cpu", world=1):
-    return {"conversion": f"/x/{conversion}", "num_layers": layers, "world_size": world,
+def _run(conversion, tokens_per_s, load_s, layers=30, device="cpu", world=1, tokens=3000):
+    return {"conversion": f"/x/{conversion}", "num_layers": layers, "world_size": world, "tokens": tokens,
             "machine": {"device": device}, "timing": {"tokens_per_s": tokens_per_s, "load_s": load_s}}
 
 
 def test_trace_speed_uses_the_latest_traces_of_the_conversion():
-    runs = [_run("a", 100, 10), _run("b", 500, 2), _run("a", 120, 6), _run("a", 80, 8), _run("a", 1, 1),
-            _run("a", 1000, 1, device="cuda"), _run("a", 900, 1, world=2)]
+    runs = [_run("a", 30, 1, tokens=127), _run("a", 100, 10), _run("b", 500, 2), _run("a", 120, 6), _run("a", 80, 8),
+            _run("a", 1, 1), _run("a", 1000, 1, device="cuda"), _run("a", 900, 1, world=2)]
     speed = trace_speed(runs, "/elsewhere/a")
-    assert (speed.tokens_per_s, speed.load_s) == (100, 8) and "this conversion" in speed.basis  # median of 3 latest CPU
+    # median of the 3 latest CPU traces; the 127-token one is left out
+    assert (speed.tokens_per_s, speed.load_s) == (100, 8) and "this conversion" in speed.basis
     other = trace_speed(runs, "c", num_layers=30)
     assert other.tokens_per_s == 120 and "30-layer" in other.basis  # median of the 3 latest 30-layer traces
     assert trace_speed([], "a").tokens_per_s == DEFAULT_TOKENS_PER_S
