@@ -335,9 +335,12 @@ def speed_rows(results: dict[str, dict]) -> pd.DataFrame:
     for source, res in results.items():
         if res.get("kind") != "speed":
             continue
-        machine = _machine_label(res.get("machine") or {}, res.get("dtype"))
+        machine = res.get("machine") or {}
         for r in res.get("rows") or []:
-            rows.append({"model": str(res.get("model")), "machine": machine, "layout": r.get("layout") or "dense",
+            # one file may hold several thread counts (`--threads 1 2`): each row names its own
+            threads = {"torch_threads": r["threads"]} if r.get("threads") else {}
+            rows.append({"model": str(res.get("model")), "machine": _machine_label({**machine, **threads}, res.get("dtype")),
+                         "layout": r.get("layout") or "dense",
                          "batch": r.get("batch", 1), "budget": r.get("budget"),
                          "decode_tokens_per_s": r.get("decode_tokens_per_s"),
                          "prefill_tokens_per_s": r.get("prefill_tokens_per_s"),
