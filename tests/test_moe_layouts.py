@@ -27,6 +27,7 @@ GATHER_MIN_TOKENS = 32  # the shared layout's gather path, reachable with tiny i
 @pytest.fixture(autouse=True)
 def low_gather_threshold(monkeypatch):
     monkeypatch.setattr(MoEMLP, "shared_gather_min_tokens", GATHER_MIN_TOKENS)
+    monkeypatch.setattr(MoEMLP, "indexed_grouped_min_tokens", GATHER_MIN_TOKENS)
 
 
 def expert_masks(model: MaskedModel, seed: int = 0) -> list[torch.Tensor]:
