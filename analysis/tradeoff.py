@@ -8,9 +8,18 @@ splits the parameters multiplied per token into attention, MLP, lm_head and othe
 scales with the budget p:  active(p) = attention + p * mlp_dense + lm_head + other,  and
 FLOPs(p) = 2 * (attention + p * mlp_dense + lm_head) + attention-score FLOPs at the stated context.
 
-Bandwidth-bound decode estimate (batch 1). Decoding one token reads every active weight once,
-so tokens/s <= memory bandwidth / (active parameters * bytes per parameter). KV-cache reads,
-kernel launch overheads and compute limits are ignored: a ceiling, labelled as an estimate.
+Speed and memory (the cost cards) come from one speed benchmark file (`python -m benchmarks.speed`,
+one file per machine: dense and every budget measured in one run, same protocol), at the layout,
+thread count and batch size chosen on the page. Between measured budgets they are interpolated
+(linear in p); outside the measured range they are a labelled estimate, linear through the two
+nearest measurements with dense counting as p = 1; at p = 1 they are the dense model's.
+Cost per million tokens = price per hour / (tokens/s * 3600) * 1e6, at that speed. Other models
+and hardware are projected by `analysis.projection`, labelled as such.
+
+Quality (the quality cards) is measured, interpolated between measured budgets (log-perplexity
+linear in p), dense at p = 1, or, outside the measured range, the nearest measurement shown as
+outside the measured range, the nearest measurement, its own budget named on the card.
+Last-word accuracy (LAMBADA-style) is shown where the quality benchmark measured it.
 
 Per-token baselines (quality benchmark). TEAL- and CATS-style sparsity pick a different set of MLP
 weights for every token by magnitude thresholds, with no training (kind "dynamic, training-free");
@@ -66,51 +75,21 @@ class CostModel:
                 "context": self.context}
 
 
-# -- hardware and cost ---------------------------------------------------------------------------
+# -- cost ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Hardware:
-    name: str
-    bandwidth_gb_s: float  # peak memory bandwidth, vendor data sheet
-    price_per_hour: float  # a typical on-demand cloud price in USD; the user edits it
-
-
-HARDWARE = (
-    Hardware("NVIDIA H100 SXM 80GB", 3350, 2.50),
-    Hardware("NVIDIA H200 141GB", 4800, 3.50),
-    Hardware("NVIDIA A100 SXM 80GB", 2039, 1.50),
-    Hardware("NVIDIA L4 24GB", 300, 0.70),
-    Hardware("NVIDIA T4 16GB", 320, 0.35),
-    Hardware("Apple M2 Max", 400, 0.0),
-    Hardware("Server CPU, 8-channel DDR5", 300, 1.00),
-)
-BYTES_PER_PARAM = {"bf16 / fp16": 2.0, "fp32": 4.0, "int8": 1.0, "4-bit": 0.5625}  # q4: 4.5 bits with scales
-
-
-def bandwidth_bound_tokens_per_s(active_params: float, bytes_per_param: float, bandwidth_gb_s: float) -> float:
-    """Batch-1 decode ceiling: every active weight is read once per token."""
-    return bandwidth_gb_s * 1e9 / (active_params * bytes_per_param)
-
-
-def weights_memory_mb(cost: CostModel, bytes_per_param: float) -> float:
-    """Weights held in memory by the shared layout: every union channel once (ToMoE keeps nearly all
-    channels, so about the dense size); lm_head counted apart only when it is not tied to the embeddings."""
-    tied = cost.lm_head == cost.embeddings
-    stored = cost.embeddings + cost.attention + cost.mlp_dense + cost.other + (0 if tied else cost.lm_head)
-    return stored * bytes_per_param / 2**20
-
-
-def cost_per_million_tokens(tokens_per_s: float, price_per_hour: float) -> float:
-    if not tokens_per_s or tokens_per_s <= 0:
-        return math.nan
+def cost_per_million_tokens(tokens_per_s: float | None, price_per_hour: float) -> float | None:
+    """USD per million generated tokens at `tokens_per_s`; None where undefined (no speed, a price
+    below 0). A price of 0 gives 0: the page says so rather than dividing by a dense cost of 0."""
+    if tokens_per_s is None or not tokens_per_s > 0 or price_per_hour is None or price_per_hour < 0:
+        return None
     return price_per_hour / (tokens_per_s * 3600) * 1e6
 
 
 # -- quality points from result files ------------------------------------------------------------
 
 POINT_COLUMNS = ["eval_set", "model", "variant", "kind", "method", "budget", "perplexity", "kl_to_dense",
-                 "top1_agreement", "active_params", "source", "conversion"]
+                 "top1_agreement", "last_word_accuracy", "active_params", "source", "conversion"]
 ABLATION_PREFIXES = ("tomoe-random", "tomoe-fixed")
 
 
@@ -182,7 +161,8 @@ def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]
         rows.append({"eval_set": label, "model": model, "variant": variant, "kind": kind,
                      "method": TOMOE_METHOD_LABELS.get(variant, variant), "budget": b,
                      "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
-                     "top1_agreement": r.get("top1_agreement"), "active_params": active,
+                     "top1_agreement": r.get("top1_agreement"),
+                     "last_word_accuracy": r.get("last_word_accuracy"), "active_params": active,
                      "source": source, "conversion": conv_name if kind in ("tomoe", "ablation", "fallback") else None})
     return rows
 
@@ -190,9 +170,6 @@ def _evaluate_rows(source: str, res: dict, cost: CostModel | None) -> list[dict]
 _BENCHMARK_KINDS = {"tomoe": "tomoe", "fallback": "fallback", "ablation": "ablation", "baseline": "baseline",
                     "external-baseline": "baseline", "dynamic, training-free": "dynamic, training-free",
                     "ceiling": "ceiling"}
-# per-token baselines of the quality benchmark: a different channel set per token, no training; the
-# oracle needs every activation to choose its channels, so it is a ceiling, not something one can run
-DYNAMIC_LABELS = {"teal": "TEAL-style", "cats": "CATS-style", "oracle": "oracle per-token top-k channels"}
 # how a ToMoE row of the quality benchmark reached its budget (benchmarks.quality `method`)
 TOMOE_METHOD_LABELS = {"tomoe": "ToMoE", "tomoe-conditioned": "ToMoE, budget-conditioned",
                        "tomoe-threshold-moved": "ToMoE, threshold moved (no retraining)"}
@@ -206,6 +183,7 @@ def _benchmark_rows(source: str, res: dict, cost: CostModel | None) -> list[dict
         rows.append({"eval_set": label, "model": model, "variant": "dense", "kind": "dense", "method": "dense",
                      "budget": 1.0, "perplexity": dense["perplexity"], "kl_to_dense": dense.get("kl_to_dense", 0.0),
                      "top1_agreement": dense.get("top1_agreement", 1.0),
+                     "last_word_accuracy": dense.get("last_word_accuracy"),
                      "active_params": cost.dense_params if cost else None, "source": source, "conversion": None})
     for r in res["rows"]:
         kind = _BENCHMARK_KINDS.get(str(r.get("kind")), "baseline")
@@ -214,7 +192,7 @@ def _benchmark_rows(source: str, res: dict, cost: CostModel | None) -> list[dict
         rows.append({"eval_set": label, "model": model, "variant": method, "kind": kind,
                      "method": TOMOE_METHOD_LABELS.get(method, method), "budget": r.get("budget"),
                      "perplexity": r.get("perplexity"), "kl_to_dense": r.get("kl_to_dense"),
-                     "top1_agreement": r.get("top1_agreement"),
+                     "top1_agreement": r.get("top1_agreement"), "last_word_accuracy": r.get("last_word_accuracy"),
                      "active_params": cost.active_params(float(ratio)) if cost and ratio is not None else None,
                      "source": source, "conversion": r.get("conversion")})
     return rows
@@ -238,26 +216,44 @@ class QualityAtBudget:
     label: str  # where the numbers come from: measured, interpolated, nearest
     exact: bool
     best_baseline: dict | None  # {"method", "perplexity", "budget"} at the nearest baseline budget
+    status: str = "measured"  # "dense", "measured", "interpolated", "nearest" (outside the measured range), "missing"
+    budget: float | None = None  # the budget the numbers belong to (the nearest measured one for "nearest")
+    last_word_accuracy: float | None = None  # where the evaluation measured it
+    dense_last_word_accuracy: float | None = None
 
 
-def _interpolate(lo: pd.Series, hi: pd.Series, budget: float, key: str, log: bool = False) -> float:
+def _interpolate(lo: pd.Series, hi: pd.Series, budget: float, key: str, log: bool = False) -> float | None:
     t = (budget - lo["budget"]) / (hi["budget"] - lo["budget"])
+    if pd.isna(lo.get(key)) or pd.isna(hi.get(key)):
+        return None
     a, b = float(lo[key]), float(hi[key])
     if log:
         return math.exp((1 - t) * math.log(a) + t * math.log(b))
     return (1 - t) * a + t * b
 
 
+def _value(row: pd.Series, key: str) -> float | None:
+    v = row.get(key)
+    return None if v is None or pd.isna(v) else float(v)
+
+
 def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: float = 0.011,
                       conversion: str | None = None) -> QualityAtBudget:
-    """ToMoE quality at `budget` in one evaluation set: measured, interpolated between measured
-    budgets (log-perplexity linear in p), or the nearest measurement, and the label saying which.
+    """ToMoE quality at `budget` in one evaluation set: the dense model's at p = 1, measured,
+    interpolated between measured budgets (log-perplexity linear in p), or outside the measured range
+    the nearest measurement (status "nearest", `budget` naming its own budget), and the label saying which.
 
     Where budget-conditioned conversions were measured, the slider reads one of their curves: the
     named `conversion`'s, else the best-ranked curve whose measured span covers `budget`."""
     pts = points[points["eval_set"] == eval_set]
     dense = pts[pts["kind"] == "dense"]
     dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else None
+    dense_lwa = _value(dense.iloc[0], "last_word_accuracy") if not dense.empty else None
+    best = _best_baseline(pts, budget, tol)
+    if budget >= 1.0 - 1e-9 and dense_ppl is not None:
+        d = dense.iloc[0]
+        return QualityAtBudget(dense_ppl, _value(d, "kl_to_dense") or 0.0, _value(d, "top1_agreement") or 1.0,
+                               dense_ppl, "the dense model (p = 1)", True, None, "dense", 1.0, dense_lwa, dense_lwa)
     tomoe = pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
     conditioned = conditioned_curves(tomoe)
     kind = ""
@@ -266,15 +262,16 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
         name = conversion if conversion in conditioned else (covering or list(conditioned))[0]
         tomoe, kind = conditioned[name], "conditioned "
     tomoe = tomoe.sort_values("perplexity").drop_duplicates("budget").sort_values("budget")
-    best = _best_baseline(pts, budget, tol)
     if tomoe.empty:
-        return QualityAtBudget(None, None, None, dense_ppl, "no ToMoE measurement in this evaluation set", False, best)
+        return QualityAtBudget(None, None, None, dense_ppl, "no ToMoE measurement in this evaluation set", False, best,
+                               "missing", None, None, dense_lwa)
     dist = (tomoe["budget"] - budget).abs()
     near = tomoe.loc[dist.idxmin()]
     if dist.min() <= tol:
-        return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
+        return QualityAtBudget(float(near["perplexity"]), _value(near, "kl_to_dense"), _value(near, "top1_agreement"),
                                dense_ppl, f"measured: {kind}{near['conversion'] or near['variant']} "
-                                          f"(p = {near['budget']:g})", True, best)
+                                          f"(p = {near['budget']:g})", True, best, "measured", float(near["budget"]),
+                               _value(near, "last_word_accuracy"), dense_lwa)
     below, above = tomoe[tomoe["budget"] < budget], tomoe[tomoe["budget"] > budget]
     if not below.empty and not above.empty:
         lo, hi = below.iloc[-1], above.iloc[0]
@@ -282,10 +279,14 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
                                _interpolate(lo, hi, budget, "kl_to_dense"),
                                _interpolate(lo, hi, budget, "top1_agreement"), dense_ppl,
                                f"interpolated between measured {kind}p = {lo['budget']:g} and p = {hi['budget']:g}"
-                               + (f" ({lo['conversion']})" if kind else ""), False, best)
-    return QualityAtBudget(float(near["perplexity"]), float(near["kl_to_dense"]), float(near["top1_agreement"]),
-                           dense_ppl, f"not measured at p = {budget:g}: nearest {kind}conversion is p = "
-                                      f"{near['budget']:g}" + (f" ({near['conversion']})" if kind else ""), False, best)
+                               + (f" ({lo['conversion']})" if kind else ""), False, best, "interpolated", budget,
+                               _interpolate(lo, hi, budget, "last_word_accuracy"), dense_lwa)
+    span = f"{tomoe['budget'].min():g}-{tomoe['budget'].max():g}"
+    return QualityAtBudget(float(near["perplexity"]), _value(near, "kl_to_dense"), _value(near, "top1_agreement"),
+                           dense_ppl, f"p = {budget:g} is outside the measured range (p = {span}): these are the "
+                                      f"numbers of the nearest measured {kind}conversion, p = {near['budget']:g}"
+                                      + (f" ({near['conversion']})" if kind else ""), False, best, "nearest",
+                           float(near["budget"]), _value(near, "last_word_accuracy"), dense_lwa)
 
 
 def conditioned_curves(points: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -324,28 +325,36 @@ def _best_baseline(pts: pd.DataFrame, budget: float, tol: float) -> dict | None:
 
 # -- speed results -------------------------------------------------------------------------------
 
+# The files `python -m benchmarks.speed` (and `benchmarks.gpu_speed`) write: one per machine, dense and
+# every budget measured in one run under one protocol. The cards read one of these, never a mix.
+SPEED_FILES = ("speed_benchmark.json", "speed_benchmark-cuda.json")
+SPEED_COLUMNS = ["model", "machine", "layout", "threads", "batch", "budget", "decode_tokens_per_s",
+                 "decode_speedup_iqr", "prefill_tokens_per_s", "peak_memory_mb", "peak_memory_kind", "source"]
 
-SPEED_COLUMNS = ["model", "machine", "layout", "batch", "budget", "decode_tokens_per_s", "prefill_tokens_per_s",
-                 "peak_memory_mb", "peak_memory_kind", "source"]
+
+def speed_sources(results: dict[str, dict]) -> list[str]:
+    """Names of the speed benchmark files among `results` (local before shipped, as `list_results` keys them)."""
+    names = [n for n, r in results.items() if r.get("kind") == "speed" and n.rsplit("/", 1)[-1] in SPEED_FILES]
+    return sorted(names, key=lambda n: (n.startswith("shipped/"), SPEED_FILES.index(n.rsplit("/", 1)[-1])))
 
 
-def speed_rows(results: dict[str, dict]) -> pd.DataFrame:
-    """Measured speed rows of speed-benchmark files (`kind: speed`, `python -m benchmarks.speed`)."""
+def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFrame:
+    """Measured rows of one speed benchmark file (`source`, default the first of `speed_sources`)."""
+    sources = speed_sources(results)
+    source = source if source in sources else (sources[0] if sources else None)
     rows = []
-    for source, res in results.items():
-        if res.get("kind") != "speed":
-            continue
-        machine = res.get("machine") or {}
-        for r in res.get("rows") or []:
-            # one file may hold several thread counts (`--threads 1 2`): each row names its own
-            threads = {"torch_threads": r["threads"]} if r.get("threads") else {}
-            rows.append({"model": str(res.get("model")), "machine": _machine_label({**machine, **threads}, res.get("dtype")),
-                         "layout": r.get("layout") or "dense",
-                         "batch": r.get("batch", 1), "budget": r.get("budget"),
-                         "decode_tokens_per_s": r.get("decode_tokens_per_s"),
-                         "prefill_tokens_per_s": r.get("prefill_tokens_per_s"),
-                         "peak_memory_mb": r.get("peak_memory_mb"), "peak_memory_kind": r.get("peak_memory_kind"),
-                         "source": source})
+    res = results.get(source) or {}
+    machine = res.get("machine") or {}
+    settings_threads = (res.get("settings") or {}).get("threads")
+    for r in res.get("rows") or []:
+        threads = r.get("threads") or (settings_threads if isinstance(settings_threads, int) else None) \
+            or machine.get("torch_threads")
+        rows.append({"model": str(res.get("model")), "machine": _machine_label(machine, res.get("dtype")),
+                     "layout": r.get("layout") or "dense", "threads": threads, "batch": r.get("batch", 1),
+                     "budget": r.get("budget"), "decode_tokens_per_s": r.get("decode_tokens_per_s"),
+                     "decode_speedup_iqr": r.get("decode_speedup_iqr"),
+                     "prefill_tokens_per_s": r.get("prefill_tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
+                     "peak_memory_kind": r.get("peak_memory_kind"), "source": source})
     return pd.DataFrame(rows, columns=SPEED_COLUMNS)
 
 
@@ -353,159 +362,318 @@ def _machine_label(machine: dict, dtype: str | None = None) -> str:
     if machine.get("gpu"):
         label = str(machine["gpu"])
     elif machine.get("cpu_count"):
-        label = f"CPU, {machine['cpu_count']} cores, {machine.get('torch_threads')} torch threads"
+        label = f"CPU, {machine['cpu_count']} cores"
     else:
         label = str(machine.get("platform", "unknown machine"))
     return f"{label}, {dtype}" if dtype else label
 
 
-@dataclass
-class Measured:
-    tokens_per_s: float | None
-    peak_memory_mb: float | None
-    label: str  # machine, layout, budget the numbers were measured at, or how they were interpolated
-
-
-def measured_speed(speed: pd.DataFrame, budget: float, tol: float = 0.011) -> Measured | None:
-    """Batch-1 decode speed at `budget` from the fastest measured layout: measured within `tol`,
-    interpolated between the nearest measured budgets, or None outside them."""
+def speed_choices(speed: pd.DataFrame) -> dict[str, list]:
+    """The layouts (dense excluded), thread counts and batch sizes a speed file measured."""
     if speed is None or speed.empty:
+        return {"layouts": [], "threads": [], "batches": []}
+    layouts = [lay for lay in dict.fromkeys(speed["layout"]) if lay != "dense"]
+    return {"layouts": layouts, "threads": sorted(int(t) for t in speed["threads"].dropna().unique()),
+            "batches": sorted(int(b) for b in speed["batch"].dropna().unique())}
+
+
+@dataclass
+class CurveValue:
+    value: float | None
+    status: str  # "dense", "measured", "interpolated", "estimate" or "missing"
+    how: str  # in words: which measurements gave the value
+
+
+def curve_value(points: list[tuple[float, float]], dense: float | None, budget: float,
+                tol: float = 0.011) -> CurveValue:
+    """A quantity measured at some budgets (and for dense at p = 1) read at `budget`: dense at p = 1,
+    measured within `tol`, linear between measured budgets ("interpolated"), and outside the measured
+    range an "estimate": linear through the two nearest points, dense counting as p = 1 (so between the
+    highest measured budget and 1 it moves towards dense). Never a neighbour's value as this budget's."""
+    pts = sorted((float(b), float(v)) for b, v in points if b is not None and v is not None and not pd.isna(v))
+    if budget >= 1.0 - 1e-9:
+        return CurveValue(dense, "dense", "the dense model") if dense is not None else \
+            CurveValue(None, "missing", "dense not measured")
+    if not pts:
+        return CurveValue(None, "missing", "no measurement of this layout")
+    near = min(pts, key=lambda bv: abs(bv[0] - budget))
+    if abs(near[0] - budget) <= tol:
+        return CurveValue(near[1], "measured", f"measured at p = {near[0]:g}")
+    lo, hi = pts[0][0], pts[-1][0]
+    if lo < budget < hi:
+        a = max(bv for bv in pts if bv[0] < budget)
+        b = min(bv for bv in pts if bv[0] > budget)
+        return CurveValue(_line(a, b, budget), "interpolated", f"interpolated between measured p = {a[0]:g} and {b[0]:g}")
+    span = f"p = {lo:g}" if lo == hi else f"p = {lo:g}-{hi:g}"
+    anchors = pts + ([(1.0, float(dense))] if dense is not None else [])
+    if len(anchors) < 2:
+        return CurveValue(None, "missing", f"outside the measured range ({span}) and nothing to estimate from")
+    a, b = (anchors[0], anchors[1]) if budget < lo else (anchors[-2], anchors[-1])
+    value = max(_line(a, b, budget), 0.05 * min(abs(a[1]), abs(b[1])))
+    through = "dense (p = 1)" if b[0] == 1.0 and dense is not None else f"p = {b[0]:g}"
+    return CurveValue(value, "estimate", f"estimate outside the measured range ({span}): linear through "
+                                         f"p = {a[0]:g} and {through}")
+
+
+def _line(a: tuple[float, float], b: tuple[float, float], x: float) -> float:
+    t = (x - a[0]) / (b[0] - a[0])
+    return (1 - t) * a[1] + t * b[1]
+
+
+@dataclass
+class SpeedAtBudget:
+    tokens_per_s: CurveValue
+    memory_mb: CurveValue
+    dense_tokens_per_s: float | None
+    dense_memory_mb: float | None
+    setting: str  # machine, layout, threads, batch, file
+    speedup_iqr: list | None = None  # [q1, q3] of the paired per-repeat speed ratios to dense, where measured
+    memory_kind: str | None = None  # what the peak memory is (peak RSS of a fresh process ...)
+
+
+def speed_at_budget(speed: pd.DataFrame, budget: float, layout: str, threads: int | None, batch: int,
+                    tol: float = 0.011) -> SpeedAtBudget:
+    """Greedy-decode tokens/s (all sequences of the batch) and peak memory of one layout at one thread count
+    and batch size, from one speed file (`speed_rows`), at any budget (`curve_value`). Peak memory was
+    measured once per variant and batch (the benchmark's first thread count): it is taken from any
+    thread count's row."""
+    sel = speed[(speed["batch"].fillna(1).astype(int) == int(batch))]
+    at_threads = sel if threads is None else sel[sel["threads"] == threads]
+    dense_t = at_threads[at_threads["layout"] == "dense"]["decode_tokens_per_s"].dropna()
+    dense_m = sel[sel["layout"] == "dense"]["peak_memory_mb"].dropna()
+    conv = at_threads[at_threads["layout"] == layout]
+    mem = sel[sel["layout"] == layout].dropna(subset=["peak_memory_mb"]).drop_duplicates("budget")
+    dense_tps = float(dense_t.iloc[0]) if not dense_t.empty else None
+    dense_mb = float(dense_m.iloc[0]) if not dense_m.empty else None
+    tps = curve_value(list(zip(conv["budget"], conv["decode_tokens_per_s"])), dense_tps, budget, tol)
+    memory = curve_value(list(zip(mem["budget"], mem["peak_memory_mb"])), dense_mb, budget, tol)
+    machine = speed["machine"].iloc[0] if not speed.empty else "?"
+    source = speed["source"].iloc[0] if not speed.empty else "?"
+    thread_words = "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
+    setting = f"{machine}, {layout} layout{thread_words}, batch {batch}; {source}"
+    iqr = None
+    if tps.status == "measured":
+        at = conv[(conv["budget"] - budget).abs() <= tol]["decode_speedup_iqr"]
+        iqr = at.iloc[0] if not at.empty and isinstance(at.iloc[0], (list, tuple)) else None
+    kinds = sel["peak_memory_kind"].dropna()
+    return SpeedAtBudget(tps, memory, dense_tps, dense_mb, setting, iqr, str(kinds.iloc[0]) if not kinds.empty else None)
+
+
+def relative_delta(value: float | None, reference: float | None, what: str = "vs dense") -> str | None:
+    """'+17% vs dense' / '-29% vs dense' (the sign decides the colour st.metric gives it), 'same as dense'
+    within half a percent, or None where there is nothing to compare."""
+    if value is None or reference is None or not reference or any(map(math.isnan, (value, reference))):
         return None
-    rows = speed.dropna(subset=["budget", "decode_tokens_per_s"])
-    rows = rows[rows["batch"].fillna(1) == rows["batch"].fillna(1).min()]
-    if rows.empty:
-        return None
-    best = (rows.sort_values("decode_tokens_per_s", ascending=False).drop_duplicates("budget")
-            .sort_values("budget").reset_index(drop=True))
-    machine = best["machine"].iloc[0]
-    dist = (best["budget"] - budget).abs()
-    if dist.min() <= tol:
-        r = best.loc[dist.idxmin()]
-        mem = None if pd.isna(r["peak_memory_mb"]) else float(r["peak_memory_mb"])
-        kind = f" ({r['peak_memory_kind']})" if isinstance(r["peak_memory_kind"], str) else ""
-        return Measured(float(r["decode_tokens_per_s"]), mem,
-                        f"measured on {machine}: batch-1 greedy decode, fastest layout ({r['layout']}) at "
-                        f"p = {r['budget']:g}; memory{kind}; {r['source']}")
-    below, above = best[best["budget"] < budget], best[best["budget"] > budget]
-    if below.empty or above.empty:
-        return None
-    lo, hi = below.iloc[-1], above.iloc[0]
-    t = (budget - lo["budget"]) / (hi["budget"] - lo["budget"])
-    tps = (1 - t) * lo["decode_tokens_per_s"] + t * hi["decode_tokens_per_s"]
-    mems = [lo["peak_memory_mb"], hi["peak_memory_mb"]]
-    mem = None if any(pd.isna(m) for m in mems) else (1 - t) * mems[0] + t * mems[1]
-    return Measured(float(tps), mem, f"interpolated between measurements on {machine} at p = {lo['budget']:g} "
-                                     f"({lo['layout']}) and p = {hi['budget']:g} ({hi['layout']}); {lo['source']}")
+    change = value / reference - 1
+    return f"same {what.removeprefix('vs ')}" if abs(change) < 0.005 else f"{change:+.0%} {what}"
+
+
+def metric_delta(value: float | None, reference: float | None, lower_is_better: bool) -> dict:
+    """`delta` and `delta_color` for st.metric: green only for a saving or a gain (lower cost, memory,
+    FLOPs, perplexity; higher speed), red for a loss, grey when equal or not comparable."""
+    text = relative_delta(value, reference)
+    if text is None or text.startswith("same"):
+        return {"delta": text, "delta_color": "off"}
+    return {"delta": text, "delta_color": "inverse" if lower_is_better else "normal"}
+
+
+def format_mb(mb: float | None) -> str:
+    if mb is None or (isinstance(mb, float) and math.isnan(mb)):
+        return "—"
+    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:,.0f} MiB"
 
 
 # -- figures -------------------------------------------------------------------------------------
 
 KIND_STYLE = {
-    "dense": dict(color="#1f2937", symbol="star", size=16),
-    "tomoe": dict(color="#4338ca", symbol="circle", size=12),
+    "dense": dict(color="#1f2937", symbol="star", size=18),
+    "tomoe": dict(color="#4338ca", symbol="circle", size=11),
     "ablation": dict(color="#a5b4fc", symbol="circle-open", size=10),
-    "conditioned": dict(color="#7c3aed", symbol="star-diamond", size=12),
+    "conditioned": dict(color="#7c3aed", symbol="star-diamond", size=13),
+    "other-conditioned": dict(color="#c4b5fd", symbol="star-diamond-open", size=9),
     "fallback": dict(color="#c4b5fd", symbol="circle-dot", size=10),
     "dynamic": dict(color="#0e7490", symbol="hexagon", size=10),
     "ceiling": dict(color="#6b7280", symbol="line-ew-open", size=12),
 }
 DYNAMIC_STYLES = {"teal": dict(color="#0e7490", symbol="hexagon", size=10),
                   "cats": dict(color="#be185d", symbol="pentagon", size=10)}
-BASELINE_COLORS = ["#d97706", "#059669", "#dc2626", "#0891b2", "#9333ea", "#65a30d"]
-BASELINE_SYMBOLS = ["square", "diamond", "triangle-up", "cross", "x", "pentagon"]
+BASELINE_STYLES = {"wanda-sp": dict(color="#d97706", symbol="square", size=10),
+                   "flap": dict(color="#059669", symbol="diamond", size=11),
+                   "magnitude": dict(color="#dc2626", symbol="triangle-up", size=10),
+                   "torch-pruning": dict(color="#9333ea", symbol="x", size=10)}
+BASELINE_COLORS = ["#0891b2", "#65a30d", "#b45309", "#7c2d12"]
+BASELINE_SYMBOLS = ["cross", "pentagon", "triangle-down", "hourglass"]
+# legend names a reader knows; the result files' method names stay in the hover text
+METHOD_NAMES = {"wanda-sp": "Wanda-sp (static pruning)", "flap": "FLAP (static pruning)",
+                "magnitude": "Magnitude (static pruning)", "torch-pruning": "Torch-Pruning (static pruning)",
+                "teal": "TEAL-style (training-free, per token)", "cats": "CATS-style (training-free, per token)",
+                "oracle": "Oracle per-token top-k (ceiling)"}
+CATASTROPHIC_RATIO = 10.0  # a method worse than this multiple of dense perplexity at every budget it was measured
+CLIP_RATIO = 100.0  # with catastrophic methods shown, the axis stops here and worse points sit on its edge
 
 
-def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
-    """Points not dominated (fewer or equal active params and lower perplexity), by active params."""
-    pts = points.dropna(subset=["active_params", "perplexity"]).sort_values(["active_params", "perplexity"])
+def method_name(variant: str) -> str:
+    return METHOD_NAMES.get(variant, variant)
+
+
+def pareto_front(points: pd.DataFrame, y: str = "perplexity") -> pd.DataFrame:
+    """Points not dominated (fewer or equal active params and lower `y`), by active params."""
+    pts = points.dropna(subset=["active_params", y]).sort_values(["active_params", y])
     front, best = [], math.inf
     for idx, row in pts.iterrows():
-        if row["perplexity"] < best:
+        if row[y] < best:
             front.append(idx)
-            best = row["perplexity"]
+            best = row[y]
     return pts.loc[front]
 
 
+def catastrophic_methods(points: pd.DataFrame, dense_perplexity: float | None,
+                         ratio: float = CATASTROPHIC_RATIO) -> list[str]:
+    """Baselines whose perplexity exceeds `ratio` x dense at every budget measured (magnitude pruning, say)."""
+    if not dense_perplexity:
+        return []
+    base = points[points["kind"].isin(("baseline", "dynamic, training-free"))].dropna(subset=["perplexity"])
+    worst = base.groupby("variant")["perplexity"].min()
+    return sorted(worst[worst > ratio * dense_perplexity].index)
+
+
 def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: float | None = None,
-                  cost: CostModel | None = None) -> go.Figure:
-    """Held-out perplexity (log) against active parameters per token: dense, every ToMoE conversion,
-    its routing ablations, every static pruning baseline, the per-token training-free baselines and the
-    per-token oracle as a labelled ceiling (left off the Pareto front), with the front and the slider's budget."""
+                  cost: CostModel | None = None, show_catastrophic: bool = False,
+                  conversion: str | None = None) -> go.Figure:
+    """Perplexity relative to dense (log axis) against active parameters per token: dense (marked),
+    ToMoE (the budget-conditioned conversion the cards read, dedicated conversions per budget), static
+    pruning and per-token training-free baselines, and the per-token oracle as a dashed ceiling; the
+    Pareto front over the series shown (never the ceiling, the ablations or hidden series). Baselines
+    worse than CATASTROPHIC_RATIO x dense everywhere are left out unless `show_catastrophic`; then the
+    axis is clipped at CLIP_RATIO x dense and worse points sit on its edge (their hover gives the value)."""
     pts = points if eval_set is None else points[points["eval_set"] == eval_set]
     pts = pts.dropna(subset=["active_params", "perplexity"])
+    dense_ppl = float(pts.loc[pts["kind"] == "dense", "perplexity"].iloc[0]) if (pts["kind"] == "dense").any() else None
+    pts = pts.assign(ratio=pts["perplexity"] / dense_ppl if dense_ppl else pts["perplexity"])
+    dense_rows = pts[pts["kind"] == "dense"]
+    hidden = set() if show_catastrophic else set(catastrophic_methods(pts, dense_ppl))
+    clip = CLIP_RATIO if dense_ppl else math.inf
     fig = go.Figure()
 
     def hover(df: pd.DataFrame) -> list[str]:
-        return [f"<b>{r.variant}</b>{' · ' + r.conversion if isinstance(r.conversion, str) else ''}<br>"
-                f"budget p = {r.budget:g}<br>active params {r.active_params / 1e6:.1f} M<br>"
-                f"perplexity {r.perplexity:.2f}<br>KL to dense {r.kl_to_dense:.3f}<br>"
-                f"top-1 agreement {r.top1_agreement:.1%}<br><i>{r.source}</i>" for r in df.itertuples()]
+        def num(r: dict, key: str):
+            v = r.get(key)
+            return None if v is None or pd.isna(v) else float(v)
 
-    groups = [("Dense", pts[pts["kind"] == "dense"], KIND_STYLE["dense"], True),
-              ("ToMoE", pts[(pts["kind"] == "tomoe") & (pts["variant"] != "tomoe-conditioned")]
-               .sort_values("active_params"), KIND_STYLE["tomoe"], True),
-              *_conditioned_groups(pts),
-              ("ToMoE, threshold moved (no retraining)", pts[pts["kind"] == "fallback"].sort_values("active_params"),
-               KIND_STYLE["fallback"], "legendonly"),
-              ("ToMoE, random or fixed routing (ablation)", pts[pts["kind"] == "ablation"], KIND_STYLE["ablation"],
-               "legendonly")]
-    baselines = sorted(pts.loc[pts["kind"] == "baseline", "variant"].unique())
-    for i, method in enumerate(baselines):
-        style = dict(color=BASELINE_COLORS[i % len(BASELINE_COLORS)], symbol=BASELINE_SYMBOLS[i % 6], size=11)
-        groups.append((f"static pruning: {method}", pts[pts["variant"] == method].sort_values("active_params"),
-                       style, True))
+        out = []
+        for r in df.to_dict("records"):
+            name = r.get("method") if r.get("kind") == "tomoe" and isinstance(r.get("method"), str) else \
+                method_name(str(r.get("variant")))
+            kl, top1, lwa = num(r, "kl_to_dense"), num(r, "top1_agreement"), num(r, "last_word_accuracy")
+            out.append(
+                f"<b>{name}</b>{' · ' + r['conversion'] if isinstance(r.get('conversion'), str) else ''}<br>"
+                f"budget p = {r['budget']:g}<br>active params {r['active_params'] / 1e6:.1f} M<br>"
+                f"perplexity {r['perplexity']:,.2f}" + (f" ({r['ratio']:,.2f}x dense)" if dense_ppl else "")
+                + (f"<br>KL to dense {kl:.3f}" if kl is not None else "")
+                + (f"<br>top-1 agreement {top1:.1%}" if top1 is not None else "")
+                + (f"<br>last-word accuracy {lwa:.1%}" if lwa is not None else "")
+                + (f"<br><i>{r['source']}</i>" if isinstance(r.get("source"), str) else ""))
+        return out
+
+    curves = conditioned_curves(pts)
+    main = conversion if conversion in curves else next(iter(curves), None)
+    others = pd.concat([c for n, c in curves.items() if n != main]) if len(curves) > 1 else pts.iloc[:0]
+    dedicated = pts[(pts["kind"] == "tomoe") & (pts["variant"] != "tomoe-conditioned")]
+    groups = [  # (legend name, rows, style, visible, draw a line, on the front)
+        ("Dense", dense_rows, KIND_STYLE["dense"], True, False, True),
+        ("ToMoE (one conversion, any budget)", curves[main].sort_values("active_params") if main else pts.iloc[:0],
+         KIND_STYLE["conditioned"], True, True, True),
+        ("ToMoE (one conversion per budget)", dedicated.sort_values("active_params"), KIND_STYLE["tomoe"], True,
+         False, True),
+        ("ToMoE, other budget-conditioned conversions", others, KIND_STYLE["other-conditioned"], "legendonly",
+         False, False),
+        ("ToMoE, threshold moved (no retraining)", pts[pts["kind"] == "fallback"], KIND_STYLE["fallback"],
+         "legendonly", False, False),
+        ("ToMoE, random or fixed routing (ablation)", pts[pts["kind"] == "ablation"], KIND_STYLE["ablation"],
+         "legendonly", False, False)]
+    baselines = sorted(pts.loc[pts["kind"] == "baseline", "variant"].unique(),
+                       key=lambda m: (m not in BASELINE_STYLES, list(BASELINE_STYLES).index(m) if m in BASELINE_STYLES
+                                      else 0, m))
+    for i, method in enumerate(m for m in baselines if m not in hidden):
+        style = BASELINE_STYLES.get(method) or dict(color=BASELINE_COLORS[i % len(BASELINE_COLORS)],
+                                                    symbol=BASELINE_SYMBOLS[i % len(BASELINE_SYMBOLS)], size=10)
+        groups.append((method_name(method), pts[pts["variant"] == method].sort_values("active_params"), style, True,
+                       True, True))
     for method in sorted(pts.loc[pts["kind"] == "dynamic, training-free", "variant"].unique()):
-        groups.append((f"dynamic, training-free: {DYNAMIC_LABELS.get(method, method)}",
-                       pts[pts["variant"] == method].sort_values("active_params"),
-                       DYNAMIC_STYLES.get(method, KIND_STYLE["dynamic"]), True))
+        if method not in hidden:
+            groups.append((method_name(method), pts[pts["variant"] == method].sort_values("active_params"),
+                           DYNAMIC_STYLES.get(method, KIND_STYLE["dynamic"]), True, True, True))
     for method in sorted(pts.loc[pts["kind"] == "ceiling", "variant"].unique()):
-        groups.append((f"ceiling: {DYNAMIC_LABELS.get(method, method)} (not a runnable method)",
-                       pts[pts["variant"] == method].sort_values("active_params"), KIND_STYLE["ceiling"], True))
-    for name, df, style, visible in groups:
+        groups.append((method_name(method) if method in METHOD_NAMES else f"{method} (ceiling)",
+                       pts[pts["variant"] == method].sort_values("active_params"), KIND_STYLE["ceiling"], True, True,
+                       False))
+    on_front = []
+    for name, df, style, visible, line, front in groups:
         if df.empty:
             continue
-        lines = name.startswith("ToMoE,") and "ablation" not in name or name == "ToMoE" or \
-            name.startswith(("static", "dynamic", "ceiling")) and len(df) > 1
+        y = df["ratio"].clip(upper=clip)
+        ceiling = name.startswith("Oracle") or name.endswith("(ceiling)")
         fig.add_trace(go.Scatter(
-            x=df["active_params"] / 1e6, y=df["perplexity"], name=name, visible=visible,
-            mode="lines+markers" if lines and len(df) > 1 else "markers",
-            marker=dict(color=style["color"], symbol=style["symbol"], size=style["size"],
-                        line=dict(width=1, color="white")),
-            line=dict(color=style["color"], width=2 if name == "ToMoE" else 1,
-                      dash=None if name == "ToMoE" else "dash" if name.startswith("ceiling") else "dot"),
+            x=df["active_params"] / 1e6, y=y, name=name, visible=visible,
+            mode="lines+markers" if line and len(df) > 1 else "markers",
+            marker=dict(color=style["color"], size=style["size"], line=dict(width=1, color="white"),
+                        symbol=[style["symbol"] if r <= clip else "triangle-up" for r in df["ratio"]]),
+            line=dict(color=style["color"], width=2.5 if name.startswith("ToMoE") else 1.2,
+                      dash="dash" if ceiling else None if name.startswith("ToMoE") else "dot"),
             hovertext=hover(df), hoverinfo="text"))
-    if not (ceiling := pts[pts["kind"] == "ceiling"]).empty:  # label the ceiling where it ends, on the chart
-        end = ceiling.loc[ceiling["active_params"].idxmin()]
-        fig.add_annotation(x=end["active_params"] / 1e6, y=math.log10(end["perplexity"]), text="ceiling",
+        if front and visible is True:
+            on_front.append(df)
+    if dense_ppl:
+        fig.add_hline(y=1.0, line=dict(color=KIND_STYLE["dense"]["color"], width=1, dash="dot"),
+                      annotation_text=f"dense (perplexity {dense_ppl:.2f})", annotation_position="bottom left")
+    if not (ceiling_rows := pts[pts["kind"] == "ceiling"]).empty:  # label the ceiling where it ends, on the chart
+        end = ceiling_rows.loc[ceiling_rows["active_params"].idxmin()]
+        fig.add_annotation(x=end["active_params"] / 1e6, y=math.log10(min(end["ratio"], clip)), text="ceiling",
                            showarrow=False, yshift=-12, font=dict(color=KIND_STYLE["ceiling"]["color"], size=11))
-    front = pareto_front(pts[~pts["kind"].isin(("ablation", "fallback", "ceiling"))])
+    front = pareto_front(pd.concat(on_front), y="ratio") if on_front else pts.iloc[:0]
     if len(front) > 1:
-        fig.add_trace(go.Scatter(x=front["active_params"] / 1e6, y=front["perplexity"], name="Pareto front",
-                                 mode="lines", line=dict(color="rgba(67,56,202,0.25)", width=10), hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=front["active_params"] / 1e6, y=front["ratio"].clip(upper=clip),
+                                 name="Pareto front (of the series shown)", mode="lines", line_shape="hv",
+                                 line=dict(color="rgba(67,56,202,0.22)", width=6), hoverinfo="skip"))
     if budget is not None and cost is not None:
-        x = cost.active_params(budget) / 1e6
-        fig.add_vline(x=x, line=dict(color="#4338ca", dash="dash", width=1.5),
+        fig.add_vline(x=cost.active_params(budget) / 1e6, line=dict(color="#4338ca", dash="dash", width=1.5),
                       annotation_text=f"p = {budget:.2f}", annotation_position="top")
+    shown = pts[~pts["variant"].isin(hidden)]["ratio"].clip(upper=clip)
     fig.update_layout(
-        xaxis_title="active parameters per token (millions)", yaxis_title="held-out perplexity (log scale)",
-        yaxis_type="log", height=440, margin=dict(l=10, r=10, t=40, b=10), hovermode="closest",
+        xaxis_title="active parameters per token (millions)",
+        yaxis_title="perplexity relative to dense (x dense, log scale)" if dense_ppl else "perplexity (log scale)",
+        yaxis_type="log", height=460, margin=dict(l=10, r=10, t=40, b=10), hovermode="closest",
         legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), template="plotly_white")
-    fig.update_yaxes(**log_ticks(pts["perplexity"]))
+    fig.update_yaxes(**ratio_ticks(shown) if dense_ppl else log_ticks(shown))
+    if hidden:
+        fig.add_annotation(text=f"hidden: {', '.join(method_name(m) for m in hidden)} (over "
+                                f"{CATASTROPHIC_RATIO:g}x dense perplexity at every budget)",
+                           showarrow=False, xref="paper", yref="paper", x=1, y=1.06, xanchor="right",
+                           font=dict(size=11, color="#6b7280"))
+    if show_catastrophic and dense_ppl and (pts["ratio"] > clip).any():
+        fig.add_annotation(text=f"axis clipped at {clip:g}x dense: triangles mark worse points (hover for values)",
+                           showarrow=False, xref="paper", yref="paper", x=0, y=1.06, xanchor="left",
+                           font=dict(size=11, color="#6b7280"))
     if pts.empty:
         fig.add_annotation(text="no quality results yet: run `python -m tomoe_core evaluate CONVERSION`",
                            showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig
 
 
-def _conditioned_groups(pts: pd.DataFrame) -> list[tuple]:
-    """One chart series per conditioned conversion (the best one drawn in full colour, others fainter)."""
-    curves = conditioned_curves(pts)
-    if len(curves) == 1:
-        return [("ToMoE, one budget-conditioned conversion", next(iter(curves.values())).sort_values("active_params"),
-                 KIND_STYLE["conditioned"], True)]
-    return [(f"ToMoE, budget-conditioned: {name}", df.sort_values("active_params"),
-             KIND_STYLE["conditioned"] if i == 0 else {**KIND_STYLE["conditioned"], "color": "#c4b5fd", "size": 9},
-             True) for i, (name, df) in enumerate(curves.items())]
+def ratio_ticks(values: pd.Series) -> dict:
+    """Ticks of a ratio-to-dense log axis, labelled '1x', '1.5x', '2x', '5x' ..."""
+    vals = pd.to_numeric(values, errors="coerce").dropna()
+    vals = vals[vals > 0]
+    if vals.empty:
+        return {}
+    hi = max(float(vals.max()), 1.0)
+    candidates = [1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000] if hi <= 1000 else \
+        [10 ** e for e in range(0, int(math.log10(hi)) + 2)]
+    if hi > 12:
+        candidates = [c for c in candidates if c not in (1.25, 3)]
+    lo = min(float(vals.min()), 1.0)
+    ticks = [t for t in candidates if lo / 1.3 <= t <= hi * 1.3]
+    return {"tickvals": ticks, "ticktext": [f"{t:g}x" for t in ticks]}
 
 
 def log_ticks(values: pd.Series) -> dict:
@@ -531,3 +699,18 @@ def format_flops(n: float) -> str:
 
 def format_usd(x: float) -> str:
     return "—" if x is None or math.isnan(x) else (f"${x:,.2f}" if x >= 10 else f"${x:.3g}")
+
+
+def tomoe_curve(points: pd.DataFrame, eval_set: str, conversion: str | None = None) -> pd.DataFrame:
+    """The measured ToMoE quality curve the cards read (the chosen or best budget-conditioned conversion,
+    else the best dedicated conversion per budget): columns budget, perplexity, ratio (to dense)."""
+    pts = points[points["eval_set"] == eval_set]
+    dense = pts[pts["kind"] == "dense"]
+    tomoe = pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
+    curves = conditioned_curves(tomoe)
+    if curves:
+        tomoe = curves[conversion] if conversion in curves else next(iter(curves.values()))
+    tomoe = tomoe.sort_values("perplexity").drop_duplicates("budget").sort_values("budget")
+    out = tomoe[["budget", "perplexity"]].reset_index(drop=True)
+    dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else math.nan
+    return out.assign(ratio=out["perplexity"] / dense_ppl)

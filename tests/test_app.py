@@ -69,22 +69,21 @@ def test_root_streamlit_config_is_the_one_in_force():
 def test_budget_explorer_slider_moves_every_cost_kpi(cache_env):
     at = run_page()
     assert at.title.values[0] == "Budget explorer"
-    at.selectbox(key="hardware").set_value(tradeoff.HARDWARE[0].name).run()  # an estimate (no measurement)
     slider = at.slider(key="budget")
     assert slider.value == 0.5  # opens at the conversion's budget
-    assert at.selectbox(key="hardware") and at.number_input(key=f"price::{at.selectbox(key='hardware').value}")
     before = metrics(at)
     assert before["Perplexity"] == "40.00"
-    assert len(at.get("plotly_chart")) == 1
+    assert before["Last-word accuracy"] == "25.0%"  # the benchmark's last_word_accuracy, where it has one
+    assert len(at.get("plotly_chart")) == 2  # the Pareto chart and the projection's measured-quality chart
     slider.set_value(0.7).run()
     assert not at.exception
     after = metrics(at)
-    for label in ("Active params", "FLOPs / token", "Tokens/s (est.)", "$/M tokens (est.)"):
+    for label in ("Active params", "FLOPs / token", "Tokens/s", "$/M tokens", "Memory"):
         assert before[label] != after[label], label
     assert after["Perplexity"] == "30.00"  # the p = 0.7 result
     slider.set_value(0.6).run()
     assert "interpolated" in " ".join(at.caption.values)
-    assert 30.0 < float(metrics(at)["Perplexity"]) < 40.0
+    assert 30.0 < float(metrics(at)["Perplexity (interpolated)"]) < 40.0
 
 
 @pytest.fixture()
@@ -150,29 +149,42 @@ def test_budget_explorer_chooses_among_conditioned_conversions_and_skips_rebudge
     assert any(b.label.startswith("Materialise second-cond") for b in at.button)
 
 
-def test_budget_explorer_price_changes_cost(cache_env):
+def test_budget_explorer_price_changes_cost_and_a_zero_price_is_a_message(cache_env):
     at = run_page()
-    at.selectbox(key="hardware").set_value(tradeoff.HARDWARE[0].name).run()
-    key = f"price::{at.selectbox(key='hardware').value}"
-    before = metrics(at)["$/M tokens (est.)"]
-    at.number_input(key=key).set_value(10.0).run()
-    assert metrics(at)["$/M tokens (est.)"] != before
+    before = metrics(at)["$/M tokens"]
+    at.number_input(key="price_per_hour").set_value(10.0).run()
+    assert metrics(at)["$/M tokens"] != before
+    at.number_input(key="price_per_hour").set_value(0.0).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert metrics(at)["$/M tokens"] == "—"
+    assert any("price per hour is 0" in i.value for i in at.info), [i.value for i in at.info]
+    assert metrics(at)["Tokens/s"] == "120"  # every card after it still renders
 
 
-def test_budget_explorer_uses_measured_speed_where_it_exists(cache_env):
+def test_budget_explorer_reads_one_speed_file_at_the_chosen_layout(cache_env):
     at = run_page()
-    measured = [o for o in at.selectbox(key="hardware").options if o.startswith("measured: ")]
-    assert measured == ["measured: CPU, 2 cores, 1 torch threads, float32"]
-    assert at.selectbox(key="hardware").value == measured[0]  # the measurement is the default
-    assert not at.exception
+    assert at.selectbox(key="layout").options == ["indexed", "packed"]  # the layouts the file measured
+    assert at.selectbox(key="batch").options == ["1", "8"]
     shown = metrics(at)
-    assert shown["Tokens/s"] == "130" and shown["Memory"] == "1,200 MB"  # the fastest layout at p = 0.5
-    assert "measured on CPU" in " ".join(at.caption.values)
+    assert shown["Tokens/s"] == "120" and shown["Memory"] == "950 MiB"  # indexed at p = 0.5, batch 1
+    assert shown["$/M tokens"] == "$0.231"  # $0.10/h / (120 tokens/s x 3600) x 1e6
+    at.selectbox(key="layout").set_value("packed").run()
+    shown = metrics(at)
+    assert shown["Tokens/s"] == "130" and shown["Memory"] == "1.17 GiB"  # the faster layout shows its memory
+    assert any(m.label == "Memory" and m.proto.delta.startswith("+33%") for m in at.metric)
     at.slider(key="budget").set_value(0.6).run()
-    assert metrics(at)["Tokens/s"] == "122"  # halfway between 130 and 115
-    assert "interpolated between measurements" in " ".join(at.caption.values)
+    assert metrics(at)["Tokens/s (interpolated)"] == "122"  # halfway between 130 and 115
+    assert "interpolated between measured p = 0.5 and 0.7" in " ".join(at.caption.values)
     at.slider(key="budget").set_value(0.2).run()
-    assert metrics(at)["Tokens/s"] == "—"
+    shown = metrics(at)
+    assert "Tokens/s (estimate)" in shown and "Memory (estimate)" in shown  # never 0.5's value as 0.2's
+    assert "outside the measured range" in " ".join(at.caption.values)
+    at.slider(key="budget").set_value(1.0).run()
+    shown = metrics(at)
+    assert shown["Tokens/s (dense)"] == "100" and shown["Memory (dense)"] == "900 MiB"
+    assert shown["Perplexity (dense)"] == "26.60"  # dense, not the nearest conversion
+    at.selectbox(key="batch").set_value("8").run()
+    assert metrics(at)["Tokens/s (dense)"] == "400"
 
 
 def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(cache_env):
@@ -410,10 +422,10 @@ def test_cost_model_reproduces_the_conversion_accounting():
     assert cost.flops_per_token(1.0) - cost.flops_per_token(0.5) == 2 * 400
 
 
-def test_bandwidth_bound_estimate_and_cost():
-    tps = tradeoff.bandwidth_bound_tokens_per_s(1e9, 2, 2000)  # 2 GB read per token at 2 TB/s
-    assert tps == pytest.approx(1000)
+def test_cost_per_million_tokens_and_a_free_machine():
     assert tradeoff.cost_per_million_tokens(1000, 3.6) == pytest.approx(1.0)
+    assert tradeoff.cost_per_million_tokens(1000, 0.0) == 0.0
+    assert tradeoff.cost_per_million_tokens(None, 1.0) is None and tradeoff.cost_per_million_tokens(0.0, 1.0) is None
 
 
 def _points(budgets_ppl):
@@ -450,7 +462,7 @@ def test_slider_reads_the_conditioned_curve_when_one_exists():
     assert "conditioned" in between.label and 35.0 < between.perplexity < 50.0
     fig = tradeoff.pareto_figure(pts, "s")
     names = {t.name for t in fig.data}
-    assert {"ToMoE, one budget-conditioned conversion", "ToMoE, threshold moved (no retraining)"} <= names
+    assert {"ToMoE (one conversion, any budget)", "ToMoE, threshold moved (no retraining)"} <= names
     front = tradeoff.pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
     assert 90.0 not in front["perplexity"].tolist()
 
@@ -476,7 +488,9 @@ def test_two_conditioned_conversions_are_never_mixed():
     assert list(tradeoff.conditioned_curves(both))[0] == "high"  # 4 budgets measured
     assert "(log)" in tradeoff.quality_at_budget(both, "s", 0.45).label  # "high" starts at 0.6
     names = [t.name for t in tradeoff.pareto_figure(pts, "s").data]
-    assert "ToMoE, budget-conditioned: log" in names and "ToMoE, budget-conditioned: uniform" in names
+    assert "ToMoE (one conversion, any budget)" in names and "ToMoE, other budget-conditioned conversions" in names
+    main = next(t for t in tradeoff.pareto_figure(pts, "s").data if t.name == "ToMoE (one conversion, any budget)")
+    assert "log" in main.hovertext[0]  # the best curve is the one drawn in full
 
 
 def test_rebudgeted_copies_join_their_source_curve():
@@ -501,7 +515,11 @@ def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
     assert len(costs) == 1  # conversion and results name the same dense model
     fig = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())))
     names = {t.name for t in fig.data}
-    assert {"Dense", "ToMoE", "static pruning: magnitude", "static pruning: wanda-sp"} <= names
+    assert {"Dense", "ToMoE (one conversion per budget)", "Wanda-sp (static pruning)", "FLAP (static pruning)"} <= names
+    assert "Magnitude (static pruning)" not in names  # 50x dense everywhere: off by default
+    shown = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())),
+                                   show_catastrophic=True)
+    assert "Magnitude (static pruning)" in {t.name for t in shown.data}
 
 
 def test_catalog_cache_root_matches_the_engine(monkeypatch, tmp_path):

@@ -1,12 +1,11 @@
 """Budget explorer (landing page): slide the active-parameter budget, see cost against quality."""
 import json
-import math
 from pathlib import Path
 
 import streamlit as st
 
 from analysis import tradeoff
-from app import ui
+from app import projection_panel, ui
 
 st.title("Budget explorer")
 st.caption("What a smaller active-parameter budget costs in quality and saves in compute and money. "
@@ -17,7 +16,7 @@ cat = ui.read_catalog()
 ui.show_problems(cat.problems)
 costs = tradeoff.cost_models(cat.conversions, cat.results)
 points = tradeoff.quality_points(cat.results, costs)
-speed = tradeoff.speed_rows(cat.results)
+speed_all = tradeoff.speed_rows(cat.results)
 
 if not costs:
     st.info("No conversion yet, so there is no cost model to explore. Start one on the **Runs** page, or run "
@@ -26,13 +25,14 @@ if not costs:
     st.stop()
 
 models = sorted(costs)
-default_model = next((c.model for c in cat.conversions if c.model in costs), models[0])
+# the model with the most measurements opens the page (a local experiment with one result does not)
+default_model = max(models, key=lambda m: (int((points["model"] == m).sum()) + int((speed_all["model"] == m).sum()),
+                                           any(c.model == m for c in cat.conversions)))
 ui.keep("model", default_model if default_model in costs else models[0])
 if st.session_state["model"] not in costs:
     st.session_state["model"] = models[0]
 budgets = sorted({c.budget for c in cat.conversions if c.model == st.session_state["model"] and c.budget})
 ui.keep("budget", float(budgets[0]) if budgets else 0.5)
-ui.keep("precision", next(iter(tradeoff.BYTES_PER_PARAM)))
 
 controls, cards = st.columns([1, 3], gap="large")
 with controls:
@@ -41,50 +41,46 @@ with controls:
     cost = costs[st.session_state["model"]]
     st.slider("Active MLP budget p", min_value=0.1, max_value=1.0, step=0.05, key="budget",
               help="Fraction of the MLP parameters each token uses (the conversion's budget). Attention, "
-                   "lm_head and norms are always active.")
+                   "lm_head and norms are always active. p = 1 is the dense model.")
     budget = float(st.session_state["budget"])
+    sources = tradeoff.speed_sources(cat.results)
+    if sources:
+        ui.keep("speed_source", sources[0])
+        if st.session_state["speed_source"] not in sources:
+            st.session_state["speed_source"] = sources[0]
+        if len(sources) > 1:
+            st.selectbox("Speed measurement (one file per machine)", sources, key="speed_source")
+    speed = tradeoff.speed_rows(cat.results, st.session_state.get("speed_source"))
     speed = speed[speed["model"] == st.session_state["model"]]
-    measured_machines = sorted(speed["machine"].dropna().unique()) if not speed.empty else []
-    options = [f"measured: {m}" for m in measured_machines] + [h.name for h in tradeoff.HARDWARE]
-    ui.keep("hardware", options[0])  # a measured machine first, where a speed benchmark exists
-    if st.session_state["hardware"] not in options:
-        st.session_state["hardware"] = options[0]
-    st.selectbox("Hardware", options, key="hardware",
-                 help="A measured machine uses the speed benchmark; other hardware gets a bandwidth-bound estimate.")
-    hw = next((h for h in tradeoff.HARDWARE if h.name == st.session_state["hardware"]), None)
-    ui.keep(f"price::{st.session_state['hardware']}", hw.price_per_hour if hw else 1.0)
-    st.number_input("GPU-hour price (USD)", min_value=0.0, step=0.1, format="%.2f",
-                    key=f"price::{st.session_state['hardware']}")
-    price = float(st.session_state[f"price::{st.session_state['hardware']}"])
-    if hw is not None:
-        ui.keep(f"bandwidth::{hw.name}", float(hw.bandwidth_gb_s))
-        st.number_input("Memory bandwidth (GB/s)", min_value=1.0, step=50.0, key=f"bandwidth::{hw.name}")
-        st.selectbox("Weight precision", list(tradeoff.BYTES_PER_PARAM), key="precision")
+    choices = tradeoff.speed_choices(speed)
+    for key, options in (("layout", choices["layouts"]), ("threads", choices["threads"]), ("batch", choices["batches"])):
+        if options:
+            ui.keep(key, options[0])
+            if st.session_state[key] not in options:
+                st.session_state[key] = options[0]
+    if choices["layouts"]:
+        st.selectbox("MoE layout", choices["layouts"], key="layout",
+                     help="How the converted model stores its experts (the layouts the speed file measured): "
+                          "speed and memory below are this layout's. indexed / shared keep one copy of the "
+                          "weights; packed copies each expert's weights (faster on some machines, about E x p x "
+                          "the MLP memory).")
+        st.selectbox("Torch threads", choices["threads"], key="threads")
+        st.selectbox("Batch (sequences decoded together)", choices["batches"], key="batch")
+    ui.keep("price_per_hour", 0.10)
+    st.number_input("Price of this machine per hour (USD)", min_value=0.0, step=0.05, format="%.2f",
+                    key="price_per_hour", help="Yours to set: a 2-vCPU cloud machine costs roughly $0.05-0.10 "
+                                               "an hour, a GPU $0.5-4 (see the projection below).")
+    price = float(st.session_state["price_per_hour"])
 
 kpi = cost.at_budget(budget)
-bytes_per_param = tradeoff.BYTES_PER_PARAM[st.session_state["precision"]]
-if hw is not None:
-    bandwidth = float(st.session_state[f"bandwidth::{hw.name}"])
-    tps = tradeoff.bandwidth_bound_tokens_per_s(kpi["active_params"], bytes_per_param, bandwidth)
-    dense_tps = tradeoff.bandwidth_bound_tokens_per_s(kpi["dense_params"], bytes_per_param, bandwidth)
-    speed_label = (f"estimate, not a measurement: batch-1 decode bound by memory bandwidth, {bandwidth:,.0f} GB/s / "
-                   f"({kpi['active_params'] / 1e6:.1f} M active weights x {bytes_per_param:g} bytes)")
-    memory_mb = tradeoff.weights_memory_mb(cost, bytes_per_param)
-    memory_label = (f"estimate: weights only, shared layout (one copy of the union channels, about the dense size), "
-                    f"{st.session_state['precision']}")
-else:
-    machine = st.session_state["hardware"].removeprefix("measured: ")
-    rows = speed[speed["machine"] == machine]
-    measured = tradeoff.measured_speed(rows, budget)
-    dense_measured = tradeoff.measured_speed(rows, 1.0)
-    tps = measured.tokens_per_s if measured else None
-    dense_tps = dense_measured.tokens_per_s if dense_measured else None
-    speed_label = measured.label if measured else f"not measured at p = {budget:g} on {machine}"
-    memory_mb = measured.peak_memory_mb if measured else None
-    memory_label = measured.label if measured else speed_label
-usd = tradeoff.cost_per_million_tokens(tps, price) if tps else math.nan
-dense_usd = tradeoff.cost_per_million_tokens(dense_tps, price) if dense_tps else math.nan
+at_speed = (tradeoff.speed_at_budget(speed, budget, st.session_state["layout"], st.session_state["threads"],
+                                     st.session_state["batch"]) if choices["layouts"] else None)
+tps = at_speed.tokens_per_s.value if at_speed else None
+dense_tps = at_speed.dense_tokens_per_s if at_speed else None
+usd = tradeoff.cost_per_million_tokens(tps, price)
+dense_usd = tradeoff.cost_per_million_tokens(dense_tps, price)
 
+points = points[points["model"] == st.session_state["model"]]
 sets = tradeoff.eval_sets(points)
 ui.keep("eval_set", sets[0] if sets else None)
 if sets and st.session_state["eval_set"] not in sets:
@@ -101,46 +97,91 @@ if conditioned:
 chosen = st.session_state["conditioned_conversion"] if len(conditioned) > 1 else None
 quality = tradeoff.quality_at_budget(points, st.session_state["eval_set"], budget, conversion=chosen) if sets else None
 
+SUFFIX = {"interpolated": " (interpolated)", "estimate": " (estimate)", "dense": " (dense)", "missing": ""}
+
+
+def fmt_tps(x):
+    return "—" if x is None else f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
 with cards:
-    estimate = "" if hw is None else " (est.)"
-    row1 = st.columns(4)
+    row1 = st.columns(5)
     row1[0].metric("Active params", tradeoff.format_params(kpi["active_params"]),
                    f"{kpi['active_ratio']:.1%} of dense", delta_color="off", delta_arrow="off", border=True,
                    help=f"parameters multiplied per token: attention + p x MLP + lm_head + norms/routers; dense: "
                         f"{tradeoff.format_params(kpi['dense_params'])} (embedding lookups excluded)")
     row1[1].metric("FLOPs / token", tradeoff.format_flops(kpi["flops_per_token"]),
-                   f"{kpi['flops_per_token'] / kpi['dense_flops'] - 1:+.1%} vs dense", delta_color="inverse",
-                   border=True, help=f"2 x active multiply-adds + attention scores at a {kpi['context']}-token context")
-    row1[2].metric(f"Tokens/s{estimate}", "—" if not tps else f"{tps:,.0f}",
-                   None if not (tps and dense_tps) else f"{tps / dense_tps:.2f}x dense", border=True, help=speed_label)
-    row1[3].metric(f"$/M tokens{estimate}", tradeoff.format_usd(usd),
-                   None if math.isnan(usd) or math.isnan(dense_usd) else f"{usd / dense_usd - 1:+.0%} vs dense",
-                   delta_color="inverse", border=True,
-                   help=f"GPU-hour price / tokens per hour; {speed_label}")
-    row2 = st.columns(4)
-    row2[0].metric(f"Memory{estimate}", "—" if not memory_mb else f"{memory_mb:,.0f} MB", border=True,
-                   help=memory_label)
+                   **tradeoff.metric_delta(kpi["flops_per_token"], kpi["dense_flops"], lower_is_better=True),
+                   border=True,
+                   help=f"2 x active multiply-adds + attention scores at a {kpi['context']}-token context")
+    if at_speed is None:
+        missing = ("no speed benchmark of this model: run `python -m benchmarks.speed` (one file per machine); "
+                   "the projection below estimates other hardware")
+        for col, label in zip(row1[2:], ("Tokens/s", "Memory", "$/M tokens")):
+            col.metric(label, "—", border=True, help=missing)
+        st.caption(f"Speed, memory and cost: {missing}.")
+    else:
+        t, m = at_speed.tokens_per_s, at_speed.memory_mb
+        spread = (f"; paired ratio to dense over repeats: median {tps / dense_tps:.2f}x, IQR "
+                  f"{at_speed.speedup_iqr[0]:.2f}-{at_speed.speedup_iqr[1]:.2f}x"
+                  if at_speed.speedup_iqr and tps and dense_tps else "")
+        row1[2].metric(f"Tokens/s{SUFFIX.get(t.status, '')}", fmt_tps(t.value),
+                       **tradeoff.metric_delta(t.value, dense_tps, lower_is_better=False), border=True,
+                       help=f"greedy decode, new tokens per second over all {st.session_state['batch']} sequence(s); "
+                            f"{t.how}; {at_speed.setting}{spread}")
+        row1[3].metric(f"Memory{SUFFIX.get(m.status, '')}", tradeoff.format_mb(m.value),
+                       **tradeoff.metric_delta(m.value, at_speed.dense_memory_mb, lower_is_better=True),
+                       border=True,
+                       help=f"{at_speed.memory_kind or 'peak memory'} of the {st.session_state['layout']} layout "
+                            f"at batch {st.session_state['batch']}; {m.how}; dense "
+                            f"{tradeoff.format_mb(at_speed.dense_memory_mb)}; {at_speed.setting}")
+        if price <= 0:
+            row1[4].metric("$/M tokens", "—", border=True, help="the price per hour is 0: enter a price to see costs")
+        else:
+            row1[4].metric(f"$/M tokens{SUFFIX.get(t.status, '')}", tradeoff.format_usd(usd),
+                           **tradeoff.metric_delta(usd, dense_usd, lower_is_better=True), border=True,
+                           help=f"price per hour / (tokens/s x 3600) x 1e6 at ${price:.2f}/h and the tokens/s "
+                                f"beside it ({t.how})")
+        st.caption(f"Speed and memory at p = {budget:g}: tokens/s {t.how}; memory {m.how}. "
+                   f"Measured on {at_speed.setting}.")
+        if price <= 0:
+            st.info("The price per hour is 0, so every budget costs $0 per million tokens: enter what this "
+                    "machine costs you to compare costs.", icon=":material/payments:")
+    q_row = st.columns(4)
     if quality and quality.perplexity is not None:
+        q_suffix = {"interpolated": " (interpolated)", "dense": " (dense)",
+                    "nearest": f" at p = {quality.budget:g} (nearest measured)"}.get(quality.status, "")
         q_help = f"{quality.label}; evaluation set: {st.session_state['eval_set']}"
-        ppl_delta = (f"{quality.perplexity / quality.dense_perplexity - 1:+.0%} vs dense"
-                     if quality.dense_perplexity else None)
         q_help += f"; dense perplexity {quality.dense_perplexity:.2f}" if quality.dense_perplexity else ""
-        suffix = " (nearest)" if "nearest" in quality.label else ""
-        row2[1].metric(f"Perplexity{suffix}", f"{quality.perplexity:.2f}", ppl_delta, delta_color="inverse",
-                       border=True, help=f"held-out perplexity; {q_help}")
-        row2[2].metric(f"KL to dense{suffix}", f"{quality.kl_to_dense:.3f}", border=True,
-                       help=f"KL(dense || ToMoE) of the next-token distribution, nats per token; {q_help}")
-        row2[3].metric(f"Top-1 agreement{suffix}", f"{quality.top1_agreement:.1%}", border=True,
-                       help=f"share of positions where ToMoE's most likely next token is the dense model's; {q_help}")
+        q_row[0].metric(f"Perplexity{q_suffix}", f"{quality.perplexity:.2f}",
+                        **tradeoff.metric_delta(quality.perplexity, quality.dense_perplexity, lower_is_better=True),
+                        border=True, help=f"held-out perplexity; {q_help}")
+        q_row[1].metric(f"Top-1 agreement{q_suffix}",
+                        "—" if quality.top1_agreement is None else f"{quality.top1_agreement:.1%}", border=True,
+                        help=f"share of positions where the model's most likely next token is the dense model's; {q_help}")
+        if quality.last_word_accuracy is not None:
+            lwa, dense_lwa = quality.last_word_accuracy, quality.dense_last_word_accuracy
+            q_row[2].metric(f"Last-word accuracy{q_suffix}", f"{lwa:.1%}",
+                            None if quality.status == "dense" or dense_lwa is None else
+                            f"{(lwa - dense_lwa) * 100:+.1f} pts vs dense", delta_color="normal", border=True,
+                            help="share of held-out passages whose last word the model predicts exactly (LAMBADA-"
+                                 f"style){'; dense ' + format(dense_lwa, '.1%') if dense_lwa is not None else ''}; "
+                                 f"{q_help}")
+        else:
+            q_row[2].metric("Last-word accuracy", "—", border=True,
+                            help="not in this evaluation set's result file (measured by `python -m benchmarks.quality` "
+                                 "where it records last_word_accuracy)")
+        q_row[3].metric(f"KL to dense{q_suffix}", "—" if quality.kl_to_dense is None else f"{quality.kl_to_dense:.3f}",
+                        border=True, help=f"KL(dense || model) of the next-token distribution, nats per token; {q_help}")
         source = quality.label
         if quality.best_baseline:
             b = quality.best_baseline
             verdict = "better" if quality.perplexity < b["perplexity"] else "worse"
-            source += (f". Best static pruning at p = {b['budget']:g}: {b['method']}, perplexity "
-                       f"{b['perplexity']:.2f}; ToMoE is {verdict}")
+            source += (f". Best static pruning at p = {b['budget']:g}: {tradeoff.method_name(b['method'])}, "
+                       f"perplexity {b['perplexity']:.2f}; ToMoE is {verdict}")
         st.caption(f"Quality: {source}.")
     else:
-        for col, label in zip(row2[1:], ("Perplexity", "KL to dense", "Top-1 agreement")):
+        for col, label in zip(q_row, ("Perplexity", "Top-1 agreement", "Last-word accuracy", "KL to dense")):
             col.metric(label, "—", border=True, help="no ToMoE quality result at this budget yet")
         note = "no evaluation yet" if quality is None else quality.label
         if quality and quality.best_baseline:
@@ -148,7 +189,6 @@ with cards:
             note += f". Best static pruning at p = {b['budget']:g}: {b['method']}, perplexity {b['perplexity']:.2f}"
         st.caption(f"Quality: {note}. Measure ToMoE with `python -m tomoe_core evaluate cache/conversions/NAME` "
                    "or `python -m benchmarks.quality`.")
-    st.caption(f"Speed and cost: {speed_label}.")
 
 if conditioned:
     conv = conditioned[st.session_state["conditioned_conversion"]]
@@ -181,7 +221,16 @@ if conditioned:
 st.subheader("Quality against active parameters")
 if len(sets) > 1:
     st.selectbox("Evaluation set (perplexities are comparable only within one)", sets, key="eval_set")
-st.plotly_chart(tradeoff.pareto_figure(points, st.session_state["eval_set"], budget, cost), key="pareto")
+ui.keep("show_catastrophic", False)
+shown_points = points[points["eval_set"] == st.session_state["eval_set"]] if sets else points
+catastrophic = tradeoff.catastrophic_methods(shown_points, quality.dense_perplexity if quality else None)
+st.toggle("Show catastrophic baselines", key="show_catastrophic",
+          help=f"methods worse than {tradeoff.CATASTROPHIC_RATIO:g}x the dense perplexity at every budget measured "
+               f"(here: {', '.join(map(tradeoff.method_name, catastrophic)) or 'none'}); shown, they clip the axis "
+               f"at {tradeoff.CLIP_RATIO:g}x dense")
+st.plotly_chart(tradeoff.pareto_figure(points, st.session_state["eval_set"], budget, cost,
+                                       show_catastrophic=st.session_state["show_catastrophic"], conversion=chosen),
+                key="pareto")
 shown_kinds = set(points.loc[points["eval_set"] == st.session_state["eval_set"], "kind"]) if sets else set()
 if shown_kinds & {"dynamic, training-free", "ceiling"}:
     st.caption("Dynamic, training-free (TEAL-, CATS-style): magnitude thresholds pick different MLP weights for "
@@ -194,6 +243,13 @@ with st.expander("Measured points and how the numbers are computed"):
     if not points.empty:
         st.dataframe(points[points["eval_set"] == st.session_state["eval_set"]].drop(columns=["eval_set"]),
                      hide_index=True)
+
+if sets:
+    curve = tradeoff.tomoe_curve(points, st.session_state["eval_set"], chosen)
+    curve_label = f"ToMoE on {Path(st.session_state['model']).name}, {st.session_state['eval_set'].split(' · ', 1)[-1]}"
+else:
+    curve, curve_label = None, "no measurement yet"
+projection_panel.render(budget, curve, curve_label, st.session_state.get("layout"))
 
 recipes = tuple(sorted(c.name for c in cat.conversions if not c.materialised))
 if recipes:  # a fresh clone: get the shipped conversion ready for Compare while the user reads this page
