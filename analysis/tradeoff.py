@@ -465,7 +465,7 @@ def relative_delta(value: float | None, reference: float | None, what: str = "vs
     if value is None or reference is None or not reference or any(map(math.isnan, (value, reference))):
         return None
     change = value / reference - 1
-    return f"same {what.removeprefix('vs ')}" if abs(change) < 0.005 else f"{change:+.0%} {what}"
+    return f"same as {what.removeprefix('vs ')}" if abs(change) < 0.005 else f"{change:+.0%} {what}"
 
 
 def metric_delta(value: float | None, reference: float | None, lower_is_better: bool) -> dict:

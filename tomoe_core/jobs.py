@@ -55,6 +55,13 @@ class Job:
         return jobs_dir() / f"{self.id}.rc"
 
 
+# A background job leaves the studio a core: one torch/OpenMP thread, and threads that sleep rather than
+# spin while they wait (two processes with two spinning threads each on two cores slowed Compare 3-20x).
+# `start_job(env=...)` overrides these (a GPU box may want more).
+JOB_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                  "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def jobs_dir() -> Path:
     return cache_dir() / "jobs"
 
@@ -102,7 +109,7 @@ def _start(kind, argv, label, output, progress_log, total, extra, env) -> Job:
     log_path = folder / f"{job_id}.log"
     rc_path = folder / f"{job_id}.rc"
     wrapper = '"$@"; echo $? > "$TOMOE_JOB_RC"'
-    full_env = {**os.environ, **(env or {}), "TOMOE_JOB_RC": str(rc_path), "PYTHONUNBUFFERED": "1",
+    full_env = {**os.environ, **JOB_THREAD_ENV, **(env or {}), "TOMOE_JOB_RC": str(rc_path), "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(["/bin/sh", "-c", wrapper, "sh", *argv], stdout=log, stderr=subprocess.STDOUT,
