@@ -22,6 +22,13 @@ The JSON is rewritten after every budget, so a partial run leaves valid partial 
 (a new conversion, a new budget or method); with --no-conversions it also keeps the earlier
 run's conversion rows as they are.
 
+Beside perplexity every row (and dense) has its last-word accuracy (`tomoe_core.lastword`: a
+LAMBADA-style task from the same held-out split, scored as lm-eval scores a loglikelihood task) on
+the same --last-word-items items (default 200; 0 skips it). Reused rows without it (or measured on
+other items) get it computed, only it, when their variant can be rebuilt here (every baseline; a
+conversion row when its folder is in cache/conversions with the same digest); others are left
+without it.
+
 Output: cache/results/quality_benchmark.json and quality_benchmark.html (plotly, self-contained).
 JSON schema (schema_version 1):
   kind            "quality-benchmark"
@@ -29,8 +36,10 @@ JSON schema (schema_version 1):
   model, text     dense model name; evaluation text ("wiki (held-out split)")
   window, windows tokens per window, number of windows; tokens: predicted tokens per variant
   machine         tomoe_core.pipeline.machine_info(); seconds: wall time; command: how it was run
-  settings        {budgets, methods, calibration_text, calibration_tokens, complete: bool}
-  dense           {perplexity, kl_to_dense (0), top1_agreement (1)}
+  settings        {budgets, methods, calibration_text, calibration_tokens, complete: bool,
+                   last_word: {items, text, version, seed, min_letters, min_sentence_words,
+                   max_context_words} (the item rule, tomoe_core.lastword.rule()) or null}
+  dense           {perplexity, kl_to_dense (0), top1_agreement (1), last_word_*}
   rows            one per (budget, variant):
                   {budget: nominal p, method: "tomoe" | "tomoe-conditioned" | "tomoe-threshold-moved" |
                    "tomoe-random-routing" | "magnitude" | "wanda-sp" | "flap" | "torch-pruning" |
@@ -44,7 +53,10 @@ JSON schema (schema_version 1):
                    active_mlp_ratio: measured (ToMoE: widest expert per layer; static baselines: kept
                    fraction; per-token baselines: mean MLP weights used per token on the held-out windows),
                    calibration_active_ratio, calibration_tokens (teal, cats: measured on their calibration text),
-                   perplexity, kl_to_dense, top1_agreement, seconds}
+                   perplexity, kl_to_dense, top1_agreement, seconds,
+                   last_word_accuracy: fraction of the items whose every target token is the greedy choice
+                   (lm-eval's acc), last_word_items: items scored, last_word_loglikelihood: mean target
+                   log-likelihood (nats), last_word_seconds (rows lacking them could not be rebuilt)}
   comparison      one per (budget, conversion): {budget, conversion, tomoe_perplexity, best_baseline,
                    best_baseline_perplexity, perplexity_ratio (best baseline / ToMoE, > 1: ToMoE wins),
                    tomoe_kl, best_baseline_kl, tomoe_wins, per_method: {method: baseline ppl / ToMoE ppl}}
@@ -70,8 +82,10 @@ from tomoe_core.baselines import (ALL_METHODS, DYNAMIC_CALIBRATION_TOKENS, DYNAM
 from tomoe_core.budget import account
 from tomoe_core.convert import conversion_digest, load_converted, read_metadata
 from tomoe_core.data import cache_dir, text_windows
-from tomoe_core.evaluate import evaluate_variants, logits_fn
+from tomoe_core.evaluate import LogitsFn, evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
+from tomoe_core.lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
+from tomoe_core.lastword import rule as last_word_rule
 from tomoe_core.masked import MaskedModel
 from tomoe_core.models import load_dense
 from tomoe_core.pipeline import budget_source, calibrated_gap, conversions_dir, machine_info, materialise_at
@@ -124,8 +138,14 @@ def conditioned_vs_dedicated(rows: list[dict]) -> list[dict]:
     return out
 
 
+LAST_WORD_FIELDS = ("last_word_accuracy", "last_word_items", "last_word_loglikelihood", "last_word_seconds")
+
+
 def reusable_rows(path: Path, result: dict) -> dict[tuple, dict]:
-    """Rows of an earlier result on the same model, text, windows and calibration, by (budget, method, digest)."""
+    """Rows of an earlier result on the same model, text, windows and calibration, by (budget, method, digest).
+
+    Their last-word fields are dropped when the earlier run scored other items (another count or rule)
+    than this one (result["settings"]["last_word"]; None: this run scores none, earlier fields stay)."""
     if not path.exists():
         return {}
     try:
@@ -135,7 +155,20 @@ def reusable_rows(path: Path, result: dict) -> dict[tuple, dict]:
     same = all(old.get(k) == result[k] for k in ("kind", "schema_version", "model", "text", "window", "windows", "tokens"))
     if not same or old.get("settings", {}).get("calibration_tokens") != result["settings"]["calibration_tokens"]:
         return {}
-    return {(r["budget"], r["method"], r.get("conversion_digest")): r for r in old.get("rows", [])}
+    rows = old.get("rows", [])
+    wanted = result["settings"].get("last_word")
+    if wanted is not None and old["settings"].get("last_word") != wanted:
+        rows = [{k: v for k, v in r.items() if k not in LAST_WORD_FIELDS} for r in rows]
+    return {(r["budget"], r["method"], r.get("conversion_digest")): r for r in rows}
+
+
+def routed(moe, method: str) -> LogitsFn:
+    """A conversion as ids -> logits: its learned routing, or (the ablation) a random expert per token,
+    reseeded on every call so a variant sees the same draws however often it runs."""
+    if method == "tomoe-random-routing":
+        gen = torch.Generator()
+        return logits_fn(moe, lambda: (gen.manual_seed(0), moe.set_routing("random", gen)))
+    return logits_fn(moe, lambda: moe.set_routing(None))
 
 
 @torch.no_grad()
@@ -158,21 +191,87 @@ def run(args, log=print) -> dict:
     # read once (a clear error now rather than after an hour of evaluation)
     metas = {folder: read_metadata(folder) for folder in [*conditioned, *fallback]}
     budgets = sorted({round(b, 4) for b in args.budgets} | set(conv_budgets))
-    stats = None  # activation statistics, computed when a calibrated baseline first needs them
     result = {
         "kind": "quality-benchmark", "schema_version": SCHEMA_VERSION, "model": args.model,
         "text": "wiki (held-out split)", "window": args.window, "windows": int(held.shape[0]),
         "tokens": int(held.shape[0] * (held.shape[1] - 1)), "machine": machine_info(args.device),
         "command": "python -m benchmarks.quality " + " ".join(shlex.quote(a) for a in args.argv),
         "settings": {"budgets": budgets, "methods": methods, "calibration_text": "wiki (calibration split)",
-                     "calibration_tokens": args.calibration_tokens, "complete": False},
+                     "calibration_tokens": args.calibration_tokens, "complete": False, "last_word": None},
         "dense": None, "rows": [], "comparison": [], "seconds": None,
     }
+    last_word = None  # the last-word items as token ids, the same for every variant
+    if args.last_word_items:
+        last_word = encode_items(tokenizer, load_items("wiki", "heldout", args.last_word_items))
+        result["settings"]["last_word"] = {"items": len(last_word), "text": "wiki (held-out split)", **last_word_rule()}
+        log(f"[quality] last-word accuracy on {len(last_word)} items of the held-out split")
     reuse = reusable_rows(args.output, result) if args.reuse else {}
     if reuse:
-        result["dense"] = json.loads(args.output.read_text())["dense"]
+        old = json.loads(args.output.read_text())
+        result["dense"] = old["dense"]
+        if last_word is None:  # nothing scored in this run: the earlier rows' items stand
+            result["settings"]["last_word"] = old["settings"].get("last_word")
+        elif old["settings"].get("last_word") != result["settings"]["last_word"]:
+            result["dense"] = {k: v for k, v in old["dense"].items() if k not in LAST_WORD_FIELDS}
         log(f"[quality] reusing {len(reuse)} rows of {args.output}")
-    dynamic_calib = None  # calibration windows of the per-token baselines, loaded when first needed
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    def last_word_fields(fn: LogitsFn) -> dict:
+        score = score_last_words(fn, last_word, device=args.device, pad_id=pad_id)
+        return {**score.fields(), "last_word_seconds": round(score.seconds, 2)}
+
+    def lacks_last_word(row: dict | None) -> bool:
+        return last_word is not None and row is not None and row.get("last_word_items") != len(last_word)
+
+    dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
+    dense_last_word = last_word_fields(dense_fn) if last_word is not None and (
+        result["dense"] is None or lacks_last_word(result["dense"])) else {}
+    if result["dense"] is not None:
+        result["dense"].update(dense_last_word)
+    calibration = {}  # activation statistics and the per-token baselines' windows, loaded when first needed
+    dynamic_tokens = max(1, args.dynamic_calibration_tokens // 512) * 512
+
+    def activation_statistics():
+        if "stats" not in calibration:
+            n = max(1, args.calibration_tokens // 512)
+            calib = text_windows(tokenizer, "wiki", "calibration", tag, 512, n)
+            log(f"[quality] activation statistics on {n * 512} calibration tokens")
+            calibration["stats"] = activation_stats(masked, calib.to(args.device))
+        return calibration["stats"]
+
+    def dynamic_calibration():
+        if "dynamic" not in calibration:
+            calibration["dynamic"] = text_windows(tokenizer, "wiki", "calibration", tag, 512, dynamic_tokens // 512)
+        return calibration["dynamic"]
+
+    def baselines(methods: list[str], budget: float) -> dict:
+        stats = activation_statistics() if any(m in ("wanda-sp", "flap") for m in methods) else None
+        dynamic = dynamic_calibration() if any(m in ("teal", "cats") for m in methods) else None
+        return baseline_variants(masked, methods, budget, stats, held[:1, :64], calibration_ids=dynamic)
+
+    def add_last_word(rows: list[dict], budget: float) -> None:
+        """Last-word fields for reused rows that lack them, where their variant can be rebuilt."""
+        for row in (r for r in rows if lacks_last_word(r)):
+            method, name = row["method"], row.get("conversion")
+            folder = conversions_dir() / name if name else None
+            if name is None and method in ALL_METHODS and min_budget(masked, method) < budget:
+                fn = baselines([method], budget)[method][0]
+            elif (folder is not None and (folder / "tomoe.json").exists()
+                  and conversion_digest(read_metadata(folder)) == row.get("conversion_digest")):
+                if method in ("tomoe", "tomoe-random-routing"):
+                    moe = load_converted(folder, device=args.device, layout="prefill", load_tokenizer=False)[0]
+                else:  # conditioned or threshold-moved: materialised as the row was
+                    moe = materialise_at(folder, budget, device=args.device, layout="memory", log=log,
+                                         anchor_gap=row.get("anchor_gap", 0.0))[0]
+                fn = routed(moe, method)
+            else:
+                log(f"[quality] p={budget:g} {row['label']}: cannot be rebuilt here, left without last-word accuracy")
+                continue
+            row.update(last_word_fields(fn))
+            masked.set_masks(None)
+            log(f"[quality] p={budget:g} {row['label']}: last-word accuracy {row['last_word_accuracy']:.3f} "
+                f"(reused row, {row['last_word_seconds']:.0f} s)")
+
     for budget in budgets:
         t0 = time.time()
         variants, info = {}, {}
@@ -186,12 +285,10 @@ def run(args, log=print) -> dict:
             moe, _, meta = load_converted(folder, device=args.device, layout="prefill", load_tokenizer=False)
             ratio = account(moe).mlp_active_ratio
             common = {"conversion": folder.name, "conversion_digest": conversion_digest(meta), "active_mlp_ratio": ratio}
-            variants[f"tomoe:{folder.name}"] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
+            variants[f"tomoe:{folder.name}"] = routed(moe, "tomoe")
             info[f"tomoe:{folder.name}"] = {"method": "tomoe", "kind": "tomoe", "label": f"ToMoE ({folder.name})",
                                             "budget_source": "trained", **common}
-            gen = torch.Generator()
-            variants[f"random:{folder.name}"] = logits_fn(
-                moe, lambda moe=moe, gen=gen: (gen.manual_seed(0), moe.set_routing("random", gen)))
+            variants[f"random:{folder.name}"] = routed(moe, "tomoe-random-routing")
             info[f"random:{folder.name}"] = {"method": "tomoe-random-routing", "kind": "ablation",
                                              "label": f"ToMoE, random expert per token ({folder.name})", **common}
         derived = [(f, "tomoe-conditioned") for f in conditioned if budget_source(metas[f], budget) == "conditioned"]
@@ -207,7 +304,7 @@ def run(args, log=print) -> dict:
             moe, meta, seconds = materialise_at(folder, budget, device=args.device, layout="memory", log=log,
                                                 anchor_gap=gap)
             key = f"{method}:{folder.name}"
-            variants[key] = logits_fn(moe, lambda moe=moe: moe.set_routing(None))
+            variants[key] = routed(moe, method)
             source = meta["budget_source"]
             info[key] = {"method": method, "kind": "tomoe" if method == "tomoe-conditioned" else "fallback",
                          "label": f"ToMoE {source} ({folder.name})", "conversion": folder.name,
@@ -215,7 +312,6 @@ def run(args, log=print) -> dict:
                          "budget_source": source, "materialise_seconds": round(seconds, 2)}
             if method == "tomoe-conditioned":
                 info[key].update(anchor_gap=gap, generated_at=meta["mask_calibration"]["generated_at"])
-        dynamic_tokens = max(1, args.dynamic_calibration_tokens // 512) * 512
         todo = [m for m in methods if (budget, m, None) not in reuse
                 or reuse[(budget, m, None)].get("calibration_tokens", dynamic_tokens) != dynamic_tokens]
         result["rows"] += [reuse[(budget, m, None)] for m in methods if m not in todo]
@@ -223,38 +319,34 @@ def run(args, log=print) -> dict:
             log(f"[quality] {m} cannot reach p = {budget:g} (it always computes {min_budget(masked, m):.3f} of the "
                 f"MLP weights): no row")
             todo.remove(m)
-        if dynamic_calib is None and any(m in ("teal", "cats") for m in todo):
-            dynamic_calib = text_windows(tokenizer, "wiki", "calibration", tag, 512, dynamic_tokens // 512)
-        if stats is None and any(m in ("wanda-sp", "flap") for m in todo):
-            n = max(1, args.calibration_tokens // 512)
-            calib = text_windows(tokenizer, "wiki", "calibration", tag, 512, n)
-            log(f"[quality] activation statistics on {n * 512} calibration tokens")
-            stats = activation_stats(masked, calib.to(args.device))
-        for method, (fn, ratio) in baseline_variants(masked, todo, budget, stats, held[:1, :64],
-                                                     calibration_ids=dynamic_calib).items():
+        for method, (fn, ratio) in baselines(todo, budget).items():
             variants[method] = fn
             info[method] = {"method": method, "kind": BASELINE_KINDS.get(method, "baseline"),
                             "label": BASELINE_LABELS.get(method, method), "conversion": None,
                             "conversion_digest": None, "active_mlp_ratio": ratio}
             if method in DYNAMIC_METHODS and method != "oracle":
-                info[method].update(calibration_active_ratio=ratio, calibration_tokens=int(dynamic_calib.numel()))
-        if not variants:
-            continue
-        dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
-        res = evaluate_variants(dense_fn, variants, held, device=args.device)
-        masked.set_masks(None)
-        log(f"[quality] dense perplexity {res['dense'].perplexity:.4f} on these windows")
-        if result["dense"] is None:
-            d = res["dense"]
-            result["dense"] = {"perplexity": d.perplexity, "kl_to_dense": d.kl_to_dense, "top1_agreement": d.top1_agreement}
-        for name, r in res.items():
-            if name == "dense":
-                continue
-            if name in DYNAMIC_METHODS:  # what the held-out tokens used, not the calibration's
-                info[name]["active_mlp_ratio"] = variants[name].active_ratio
-            result["rows"].append({"budget": budget, **info[name], "perplexity": r.perplexity,
-                                   "kl_to_dense": r.kl_to_dense, "top1_agreement": r.top1_agreement,
-                                   "seconds": round(r.seconds, 2)})
+                info[method].update(calibration_active_ratio=ratio,
+                                    calibration_tokens=int(dynamic_calibration().numel()))
+        add_last_word([r for r in result["rows"] if r["budget"] == budget], budget)  # all reused so far
+        if variants:
+            res = evaluate_variants(dense_fn, variants, held, device=args.device)
+            masked.set_masks(None)
+            log(f"[quality] dense perplexity {res['dense'].perplexity:.4f} on these windows")
+            if result["dense"] is None:
+                d = res["dense"]
+                result["dense"] = {"perplexity": d.perplexity, "kl_to_dense": d.kl_to_dense,
+                                   "top1_agreement": d.top1_agreement, **dense_last_word}
+            for name, r in res.items():
+                if name == "dense":
+                    continue
+                if name in DYNAMIC_METHODS:  # what the held-out tokens used, not the calibration's (nor the items')
+                    info[name]["active_mlp_ratio"] = variants[name].active_ratio
+                row = {"budget": budget, **info[name], "perplexity": r.perplexity, "kl_to_dense": r.kl_to_dense,
+                       "top1_agreement": r.top1_agreement, "seconds": round(r.seconds, 2)}
+                if last_word is not None:
+                    row.update(last_word_fields(variants[name]))
+                    masked.set_masks(None)
+                result["rows"].append(row)
         result["comparison"] = compare(result["rows"])
         result["conditioned_vs_dedicated"] = conditioned_vs_dedicated(result["rows"])
         result["seconds"] = round(time.time() - t_start, 1)
@@ -302,6 +394,7 @@ def quality_figure(result: dict) -> go.Figure:
                  "torch-pruning": "torch-pruning (external, group magnitude)", **BASELINE_LABELS}.get(method, method)
         hover = [f"{r['label']}<br>budget {r['budget']:g}, active MLP {r['active_mlp_ratio']:.3f}<br>"
                  f"ppl {r['perplexity']:.2f}, KL {r['kl_to_dense']:.3f}, top-1 agr {r['top1_agreement']:.3f}"
+                 + (f", last-word acc {r['last_word_accuracy']:.3f}" if "last_word_accuracy" in r else "")
                  for r in rows]
         for col, key in ((1, "perplexity"), (2, "kl_to_dense")):
             fig.add_trace(go.Scatter(x=[r["active_mlp_ratio"] for r in rows], y=[r[key] for r in rows], mode=mode,
@@ -321,20 +414,27 @@ def quality_figure(result: dict) -> go.Figure:
     return fig
 
 
+def _last_word(row: dict) -> str:
+    return f"{row['last_word_accuracy']:.3f}" if "last_word_accuracy" in row else "-"
+
+
 def format_table(result: dict) -> str:
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    dense = result["dense"]
+    items = (result["settings"].get("last_word") or {}).get("items")
     lines = [f"model {result['model']}, text {result['text']}, {result['windows']} windows x {result['window']} "
              f"tokens, machine {result['machine']['platform']} ({result['machine']['cpu_count']} CPUs)",
-             f"dense perplexity {result['dense']['perplexity']:.2f}",
-             "perplexity (KL to dense) [active MLP ratio]",
-             f"{'budget':>6}  " + "".join(f"{m[:24]:>26}" for m in methods)]
+             f"dense perplexity {dense['perplexity']:.2f}, last-word accuracy {_last_word(dense)}"
+             + (f" ({items} items)" if items else ""),
+             "perplexity (KL to dense) [active MLP ratio] last-word accuracy ('-': not measured)",
+             f"{'budget':>6}  " + "".join(f"{m[:30]:>32}" for m in methods)]
     for budget in result["settings"]["budgets"]:
         cells = []
         for m in methods:
             rs = [r for r in result["rows"] if r["budget"] == budget and r["method"] == m]
-            cells.append(" / ".join(f"{r['perplexity']:.1f} ({r['kl_to_dense']:.2f}) [{r['active_mlp_ratio']:.2f}]"
-                                    for r in rs) or "-")
-        lines.append(f"{budget:>6g}  " + "".join(f"{c:>26}" for c in cells))
+            cells.append(" / ".join(f"{r['perplexity']:.1f} ({r['kl_to_dense']:.2f}) [{r['active_mlp_ratio']:.2f}] "
+                                    f"{_last_word(r)}" for r in rs) or "-")
+        lines.append(f"{budget:>6g}  " + "".join(f"{c:>32}" for c in cells))
     for c in result.get("comparison", []):
         verdict = "ToMoE wins" if c["tomoe_wins"] else "ToMoE loses"
         lines.append(f"p={c['budget']:g} {c['conversion']}: {verdict}: ToMoE ppl {c['tomoe_perplexity']:.2f} vs best "
@@ -361,6 +461,9 @@ def main(argv=None) -> int:
                    help="calibration tokens of the per-token thresholds (teal, cats; one batched pass per budget; "
                         "default: %(default)s)")
     p.add_argument("--no-conversions", action="store_true", help="baselines only")
+    p.add_argument("--last-word-items", type=int, default=DEFAULT_ITEMS,
+                   help="last-word accuracy on this many items of the held-out split (LAMBADA-style, "
+                        "tomoe_core.lastword; 0: skip; default: %(default)s)")
     p.add_argument("--fallback-from", nargs="*", default=[], metavar="NAME",
                    help="single-budget conversions (folder names in cache/conversions) to re-threshold to every "
                         "other budget: the no-retraining fallback")
@@ -381,6 +484,8 @@ def main(argv=None) -> int:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
     if any(not 0 < b <= 1 for b in args.budgets):
         p.error("budgets are fractions in (0, 1]")
+    if args.last_word_items < 0:
+        p.error("--last-word-items is a count of items (0 skips the metric)")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args)
