@@ -154,3 +154,30 @@ def test_default_model_gets_a_sane_share_of_last_words_and_fast():
     assert 0.2 <= score.accuracy <= 0.6, score.accuracy
     assert -8 < score.loglikelihood < -1, score.loglikelihood
     assert score.seconds < 60
+
+
+def test_evaluate_command_reports_last_word_accuracy_per_variant(tmp_path, monkeypatch):
+    import json
+
+    from tomoe_core.cli import main
+
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))
+    dense = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(dense)
+    tiny_tokenizer(adds_bos=True).save_pretrained(dense)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT + "\n\n" + PARAGRAPH)
+    out = tmp_path / "eval.json"
+    common = ["evaluate", "--model", str(dense), "--text", str(text), "--window", "32", "--max-windows", "1",
+              "--baselines", "magnitude", "--budget", "0.5", "--output", str(out)]
+    assert main([*common, "--last-word-items", "4"]) == 0
+    result = json.loads(out.read_text())
+    assert result["last_word"]["items"] == 4 and result["last_word"]["version"] == lastword.RULE_VERSION
+    for name in ("dense", "magnitude"):
+        row = result["results"][name]
+        assert row["last_word_items"] == 4 and 0 <= row["last_word_accuracy"] <= 1 and row["last_word_loglikelihood"] < 0
+    assert main([*common, "--last-word-items", "0"]) == 0
+    result = json.loads(out.read_text())
+    assert result["last_word"] is None and "last_word_accuracy" not in result["results"]["dense"]
+    with pytest.raises(SystemExit):
+        main([*common, "--last-word-items", "-1"])

@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .lastword import DEFAULT_ITEMS
 from .train import BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, ConversionConfig
 
 _DEFAULTS = ConversionConfig()
@@ -89,6 +90,13 @@ def _add_convert(sub):
                         "(default: 4)")
 
 
+def _item_count(text: str) -> int:
+    count = int(text)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a number of items, 0 or more (0 skips the metric)")
+    return count
+
+
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="perplexity, KL and agreement: dense vs conversion vs static baselines",
                        description="Evaluate on held-out text: the dense model, a conversion with learned routing, "
@@ -103,6 +111,9 @@ def _add_evaluate(sub):
     p.add_argument("--baselines", default="magnitude,wanda-sp",
                    help="comma-separated baselines: magnitude, wanda-sp, flap, torch-pruning, or none (default: %(default)s)")
     p.add_argument("--no-routing-modes", action="store_true", help="skip the random and fixed-expert runs")
+    p.add_argument("--last-word-items", type=_item_count, default=DEFAULT_ITEMS,
+                   help="last-word accuracy (LAMBADA-style: greedy decoding must give every token of a sentence's "
+                        "last word) on this many items of the text's held-out split; 0: skip (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--output", type=Path, default=None, help="JSON result path (default: cache/results/eval-NAME.json)")
 
@@ -227,7 +238,8 @@ def _run(args, argv) -> int:
     if args.command == "evaluate":
         baselines = () if args.baselines == "none" else tuple(b.strip() for b in args.baselines.split(",") if b.strip())
         result = _evaluate_with_progress(args.conversion, args.model, args.text, args.window, args.max_windows,
-                                         baselines, args.budget, not args.no_routing_modes, args.device)
+                                         baselines, args.budget, not args.no_routing_modes, args.device,
+                                         last_word_items=args.last_word_items)
         name = args.conversion.name if args.conversion else f"baselines-p{result['budget']}"
         _print_eval(result, name, args.output)
         return 0

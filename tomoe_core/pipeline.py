@@ -18,6 +18,8 @@ from .convert import (check_same_vocabulary, conversion_digest, dense_model_of, 
 from .data import cache_dir, cached_stream, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
+from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
+from .lastword import rule as last_word_rule
 from .masked import MaskedModel
 from .models import load_dense
 from .train import ConversionConfig, default_train_gap, finalize_masks, layer_stats, train_conversion
@@ -398,8 +400,9 @@ def rebudget(conversion: Path, budget: float, output: Path | None = None, log=pr
 def run_evaluation(conversion: Path | None, model_name: str | None = None, text: str = "wiki",
                    window: int | None = None, max_windows: int | None = 16, baselines=("magnitude", "wanda-sp"),
                    budget: float | None = None, routing_modes=True, device="cpu", calibration_tokens: int = 16384,
-                   progress=None, log=print) -> dict:
-    """Dense vs conversion (learned / random / best fixed routing) vs static baselines, same windows."""
+                   progress=None, log=print, last_word_items: int = DEFAULT_ITEMS) -> dict:
+    """Dense vs conversion (learned / random / best fixed routing) vs static baselines, same windows; and
+    every variant's last-word accuracy on `last_word_items` items of the text's held-out split (0: none)."""
     meta = read_metadata(conversion) if conversion else {}
     model_name = model_name or (dense_model_of(conversion, meta) if conversion else "smollm2-135m")
     budget = budget if budget is not None else meta.get("budget", 0.5)
@@ -428,12 +431,24 @@ def run_evaluation(conversion: Path | None, model_name: str | None = None, text:
     dense_fn = logits_fn(masked, lambda: masked.set_masks(None))
     t0 = time.time()
     results = evaluate_variants(dense_fn, variants, held, device=device, progress=progress)
+    results = {k: v.as_dict() for k, v in results.items()}
+    items = load_items(text, "heldout", last_word_items) if last_word_items else []
+    if last_word_items and not items:
+        log(f"[evaluate] {text} (held-out split) has no sentence that ends in a word of "
+            f"{last_word_rule()['min_letters']}+ letters: no last-word accuracy")
+    if items:
+        encoded = encode_items(tokenizer, items)
+        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+        for name, fn in {"dense": dense_fn, **variants}.items():
+            results[name].update(score_last_words(fn, encoded, device=device, pad_id=pad_id).fields())
+        masked.set_masks(None)
     out = {
         "kind": "quality", "model": model_name, "conversion": str(conversion) if conversion else None,
         "conversion_digest": conversion_digest(meta) if meta else None, "budget": budget,
         "text": f"{text} (held-out split)", "window": window, "windows": int(held.shape[0]),
         "tokens": int(held.numel()), "machine": machine_info(device), "seconds": round(time.time() - t0, 1),
-        "results": {k: v.as_dict() for k, v in results.items()},
+        "results": results,
+        "last_word": {"items": len(items), "text": f"{text} (held-out split)", **last_word_rule()} if items else None,
     }
     if meta:
         out["budget_source"] = meta.get("budget_source", "trained")
@@ -471,9 +486,14 @@ def format_quality_table(result: dict) -> str:
     lines = [f"model {result['model']}, text {result['text']}, {result['windows']} windows x {result['window']} "
              f"tokens, budget {result['budget']}, machine: {result['machine']['platform']} "
              f"({result['machine']['cpu_count']} CPUs, {result['machine']['device']})",
-             f"{'variant':<16}{'perplexity':>12}{'KL':>10}{'top-1 agr':>11}"]
+             f"{'variant':<16}{'perplexity':>12}{'KL':>10}{'top-1 agr':>11}{'last-word acc':>15}"]
     for name, r in result["results"].items():
-        lines.append(f"{name:<16}{r['perplexity']:>12.2f}{r['kl_to_dense']:>10.4f}{r['top1_agreement']:>11.4f}")
+        last_word = f"{r['last_word_accuracy']:.3f}" if "last_word_accuracy" in r else "-"
+        lines.append(f"{name:<16}{r['perplexity']:>12.2f}{r['kl_to_dense']:>10.4f}{r['top1_agreement']:>11.4f}"
+                     f"{last_word:>15}")
+    if result.get("last_word"):
+        lines.append(f"last-word accuracy: {result['last_word']['items']} items of {result['last_word']['text']} "
+                     "(every token of a sentence's last word greedy, as lm-eval's acc)")
     return "\n".join(lines)
 
 
