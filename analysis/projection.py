@@ -111,6 +111,7 @@ DEVICE_PRESETS = {d.name: d for d in (
 LAYOUTS = {"indexed": "one copy of the weights; each token gathers its expert's rows",
            "shared": "one copy of the weights; experts index into the union",
            "packed": "each expert's weights stored contiguously: about E x p x the MLP memory"}
+LAYOUT_COPIES = {"indexed": "one copy", "shared": "one copy", "packed": "E x p copies"}
 BYTES_PER_PARAM = {"bf16 / fp16": 2.0, "fp32": 4.0, "int8": 1.0, "4-bit": 0.5625}  # q4: 4.5 bits with scales
 COPY_FREE = ("indexed", "shared", "core+extras")  # core+extras: nearly one copy (the extras are small)
 

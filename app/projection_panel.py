@@ -11,6 +11,11 @@ UPLOAD = "Upload a config.json"
 
 
 def render(budget: float, measured_curve: pd.DataFrame, measured_label: str, layout: str | None) -> None:
+    with st.container(key="projection"):
+        _render(budget, measured_curve, measured_label, layout)
+
+
+def _render(budget: float, measured_curve: pd.DataFrame, measured_label: str, layout: str | None) -> None:
     st.subheader("Your model, your hardware (projection)")
     st.caption("A **projection** from formulas, not a measurement: active parameters, weight memory, and "
                "bandwidth- and compute-bound decode speed of a ToMoE conversion of the model shape you pick at the "
@@ -49,7 +54,8 @@ def render(budget: float, measured_curve: pd.DataFrame, measured_label: str, lay
         device = projection.with_overrides(preset, values["bw"], values["tflops"], values["price"])
         layouts = list(projection.LAYOUTS)
         ui.keep("proj_layout", layout if layout in layouts else layouts[0])
-        st.selectbox("Layout", layouts, key="proj_layout", format_func=lambda k: f"{k}: {projection.LAYOUTS[k]}")
+        st.selectbox("Layout", layouts, key="proj_layout", format_func=lambda k: f"{k} ({projection.LAYOUT_COPIES[k]})",
+                     help="; ".join(f"{k}: {v}" for k, v in projection.LAYOUTS.items()))
         ui.keep("proj_precision", next(iter(projection.BYTES_PER_PARAM)))
         st.selectbox("Weight precision", list(projection.BYTES_PER_PARAM), key="proj_precision")
         ui.keep("proj_experts", 8)
@@ -89,40 +95,40 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
         return tradeoff.metric_delta(value, reference, lower_is_better)
 
     row = st.columns(4)
-    row[0].metric("Active params (projection)", f"{one.active_params / 1e9:.2f} B",
+    row[0].metric("Active params", f"{one.active_params / 1e9:.2f} B",
                   f"{one.active_params / one.dense_params:.0%} of dense", delta_color="off", delta_arrow="off",
-                  border=True, help="L x (attention + p x MLP + router) + lm_head; dense "
+                  border=True, help="projection: L x (attention + p x MLP + router) + lm_head; dense "
                                     f"{one.dense_params / 1e9:.2f} B of {shape.total_params / 1e9:.2f} B parameters")
-    row[1].metric(f"Weight memory, {layout} (projection)", f"{one.weight_bytes / 1e9:,.1f} GB",
+    row[1].metric(f"Weights ({layout})", f"{one.weight_bytes / 1e9:,.1f} GB",
                   **delta(one.weight_bytes, one.dense_weight_bytes), border=True,
-                  help="one-copy layouts: every weight once; packed: E x p x the MLP. "
+                  help="projection: one-copy layouts: every weight once; packed: E x p x the MLP. "
                        f"{projection.fits(many.weight_bytes, many.kv_cache_bytes, device)} at batch {batch}")
-    row[2].metric("Tokens/s, batch 1 (projection)", tps(one.tokens_per_s),
-                  **delta(one.tokens_per_s, one.dense_tokens_per_s, False), border=True, help=f"min(bandwidth-bound {tps(one.bandwidth_tokens_per_s)}, compute-bound "
+    row[2].metric("Tokens/s, batch 1", tps(one.tokens_per_s),
+                  **delta(one.tokens_per_s, one.dense_tokens_per_s, False), border=True, help=f"projection: min(bandwidth-bound {tps(one.bandwidth_tokens_per_s)}, compute-bound "
                                     f"{tps(one.compute_tokens_per_s)}): {one.bound}-bound; dense {tps(one.dense_tokens_per_s)}")
-    row[3].metric(f"Tokens/s, batch {batch} (projection)", tps(many.tokens_per_s),
+    row[3].metric(f"Tokens/s, batch {batch}", tps(many.tokens_per_s),
                   **delta(many.tokens_per_s, many.dense_tokens_per_s, False), border=True,
-                  help=f"min(bandwidth-bound {tps(many.bandwidth_tokens_per_s)}, compute-bound "
+                  help=f"projection: min(bandwidth-bound {tps(many.bandwidth_tokens_per_s)}, compute-bound "
                        f"{tps(many.compute_tokens_per_s)}): {many.bound}-bound; {batch} tokens touch "
                        f"{projection.expected_experts_touched(batch, experts):.1f} of {experts} experts per layer on "
                        f"average; dense {tps(many.dense_tokens_per_s)}")
     row = st.columns(4)
     if price <= 0:
-        row[0].metric("$/1M tokens, batch 1 (projection)", "—", border=True, help="the price per hour is 0")
-        row[1].metric(f"$/1M tokens, batch {batch} (projection)", "—", border=True, help="the price per hour is 0")
+        row[0].metric("$/1M tok., batch 1", "—", border=True, help="projection: the price per hour is 0")
+        row[1].metric(f"$/1M tok., batch {batch}", "—", border=True, help="projection: the price per hour is 0")
     else:
-        row[0].metric("$/1M tokens, batch 1 (projection)", usd(one.usd_per_million(price)),
+        row[0].metric("$/1M tok., batch 1", usd(one.usd_per_million(price)),
                       **delta(one.usd_per_million(price), one.dense_usd_per_million(price)),
-                      border=True, help=f"${price:.2f}/h / (tokens/s x 3600) x 1e6; dense "
+                      border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6; dense "
                                         f"{usd(one.dense_usd_per_million(price))}")
-        row[1].metric(f"$/1M tokens, batch {batch} (projection)", usd(many.usd_per_million(price)),
+        row[1].metric(f"$/1M tok., batch {batch}", usd(many.usd_per_million(price)),
                       **delta(many.usd_per_million(price), many.dense_usd_per_million(price)),
-                      border=True, help=f"dense {usd(many.dense_usd_per_million(price))}")
-    row[2].metric("KV cache (projection)", f"{many.kv_cache_bytes / 1e9:,.2f} GB", border=True,
-                  help=f"2 x L x KV heads x head dim x {context} tokens x {batch} sequences")
-    row[3].metric("FLOPs / token (projection)", f"{one.flops_per_token / 1e9:,.1f} G",
+                      border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6; dense {usd(many.dense_usd_per_million(price))}")
+    row[2].metric("KV cache", f"{many.kv_cache_bytes / 1e9:,.2f} GB", border=True,
+                  help=f"projection: 2 x L x KV heads x head dim x {context} tokens x {batch} sequences")
+    row[3].metric("FLOPs / token", f"{one.flops_per_token / 1e9:,.1f} G",
                   **delta(one.flops_per_token, one.dense_flops_per_token), border=True,
-                  help="2 x active parameters + attention scores at the context")
+                  help="projection: 2 x active parameters + attention scores at the context")
     st.caption(f"Projection for {shape.name} ({shape.layers} layers, hidden {shape.hidden}, MLP {shape.intermediate}, "
                f"{shape.heads} / {shape.kv_heads} heads, vocabulary {shape.vocab:,}) on {device.name} "
                f"({device.bandwidth_gb_s:,.0f} GB/s, {device.tflops:g} TFLOP/s, ${price:.2f}/h): ceilings of an ideal "

@@ -105,9 +105,24 @@ def assert_no_exception(page, where: str) -> None:
         assert bad not in text, f"{bad!r} on {where}"
 
 
-def kpi(page, label: str) -> str:
-    card = page.locator('[data-testid="stMetric"]', has_text=label).first
-    return card.locator('[data-testid="stMetricValue"]').inner_text()
+def kpi(page, label: str, scope: str = '[data-testid="stMain"]') -> str:
+    """The value of the metric card whose label is exactly `label` (a projection card's label only starts alike)."""
+    return page.evaluate(
+        """([scope, label]) => { const cards = [...document.querySelector(scope)
+              .querySelectorAll('[data-testid="stMetric"]')];
+            const card = cards.find(m => m.querySelector('[data-testid="stMetricLabel"]').innerText.trim() === label);
+            return card ? card.querySelector('[data-testid="stMetricValue"]').innerText : null; }""",
+        [scope, label])
+
+
+def choose(page, scope, label: str, option: str) -> None:
+    """Pick `option` in the selectbox labelled `label` inside `scope` and wait for the rerun."""
+    box = scope.locator('[data-testid="stSelectbox"]', has_text=label).first
+    box.scroll_into_view_if_needed()
+    box.locator("input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+    time.sleep(0.5)
+    wait_idle(page)
 
 
 def shot(page, name: str) -> None:
@@ -152,7 +167,8 @@ def test_budget_slider_moves_kpis_and_every_page_renders(studio, browser):
         page.keyboard.press("ArrowRight")
     page.wait_for_function(
         """([label, old]) => [...document.querySelectorAll('[data-testid="stMetric"]')]
-             .some(m => m.innerText.includes(label) && !m.innerText.includes(old))""",
+             .some(m => m.querySelector('[data-testid="stMetricLabel"]').innerText.trim() === label
+                        && !m.innerText.includes(old))""",
         arg=["Active params", before["Active params"]], timeout=30_000)
     elapsed = time.perf_counter() - t0
     wait_idle(page)
@@ -209,4 +225,40 @@ def test_budget_slider_moves_kpis_and_every_page_renders(studio, browser):
     assert_no_exception(page, "Runs")
     assert page.get_by_role("button", name="Start conversion").count() == 1
     shot(page, "05-runs")
+    page.close()
+
+
+def test_projection_panel_projects_a_preset_and_an_uploaded_config(studio, browser, tmp_path):
+    """Your model, your hardware: a preset shape on a preset device, then an uploaded config.json."""
+    import json
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(studio + "/")
+    panel = page.locator(".st-key-projection")
+    panel.get_by_role("heading", name="Your model, your hardware (projection)").wait_for(timeout=120_000)
+    wait_idle(page)
+    scope = ".st-key-projection"
+    assert kpi(page, "Active params", scope) == "4.69 B"  # Llama-3.1-8B at the page's p = 0.5
+    assert "projection" in panel.inner_text().lower() and "published" in panel.inner_text()
+
+    choose(page, panel, "Model shape", "Llama-3.1-70B")
+    choose(page, panel, "Hardware", "NVIDIA L4 24GB")
+    assert kpi(page, "Active params", scope) != "4.69 B"
+    assert "needs" in panel.inner_text()  # 70 B weights do not fit one 24 GB card: the panel says so
+    assert_no_exception(page, "projection panel with a preset")
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+                                  "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "vocab_size": 128256, "tie_word_embeddings": True}))
+    choose(page, panel, "Model shape", "Upload a config.json")
+    panel.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(config))
+    page.wait_for_function("() => document.querySelector('.st-key-projection').innerText.includes('hidden 2048')",
+                           timeout=60_000)
+    wait_idle(page)
+    assert kpi(page, "Active params", scope) == "0.83 B"  # Llama-3.2-1B's shape at p = 0.5
+    assert_no_exception(page, "projection panel with an uploaded config.json")
+    panel.scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    panel.screenshot(path=str(ARTIFACTS / "06-projection.png"))
     page.close()

@@ -108,7 +108,8 @@ def test_curve_value_is_dense_measured_interpolated_or_a_labelled_estimate():
 def test_metric_deltas_are_green_only_for_savings():
     assert tradeoff.metric_delta(0.85, 1.0, lower_is_better=False) == {"delta": "-15% vs dense", "delta_color": "normal"}
     assert tradeoff.metric_delta(1.17, 1.0, lower_is_better=True) == {"delta": "+17% vs dense", "delta_color": "inverse"}
-    assert tradeoff.metric_delta(1.001, 1.0, lower_is_better=True) == {"delta": "same as dense", "delta_color": "off"}
+    assert tradeoff.metric_delta(1.001, 1.0, lower_is_better=True) == {"delta": "same as dense", "delta_color": "off",
+                                                                        "delta_arrow": "off"}
     assert tradeoff.metric_delta(1.0, 0.0, lower_is_better=True)["delta"] is None
     assert tradeoff.metric_delta(None, 1.0, lower_is_better=True)["delta"] is None
 
@@ -145,3 +146,9 @@ def test_last_word_accuracy_is_shown_where_measured_and_optional(with_lwa):
     shown = tradeoff.pareto_figure(points, s, show_catastrophic=True)
     mag = next(t for t in shown.data if t.name == "Magnitude (static pruning)")
     assert max(mag.y) == tradeoff.CLIP_RATIO  # 250x dense sits on the clipped axis' edge
+
+
+def test_pareto_front_treats_near_equal_active_params_as_equal():
+    df = pd.DataFrame({"active_params": [100.0, 100.05, 120.0], "perplexity": [80.0, 20.0, 10.0]})
+    assert tradeoff.pareto_front(df)["perplexity"].tolist() == [80.0, 20.0, 10.0]
+    assert tradeoff.pareto_front(df, x_tol=0.005)["perplexity"].tolist() == [20.0, 10.0]

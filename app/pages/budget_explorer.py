@@ -34,7 +34,7 @@ if st.session_state["model"] not in costs:
 budgets = sorted({c.budget for c in cat.conversions if c.model == st.session_state["model"] and c.budget})
 ui.keep("budget", float(budgets[0]) if budgets else 0.5)
 
-controls, cards = st.columns([1, 3], gap="large")
+controls, cards = st.columns([1, 4], gap="large")
 with controls:
     if len(models) > 1:
         st.selectbox("Dense model", models, key="model", format_func=lambda m: Path(m).name)
@@ -105,7 +105,8 @@ def fmt_tps(x):
 
 
 with cards:
-    row1 = st.columns(5)
+    speed_cols, size_cols = st.columns(3), st.columns(3)  # speed with its memory and cost, then what p removes
+    row1 = [*size_cols[:2], *speed_cols]
     row1[0].metric("Active params", tradeoff.format_params(kpi["active_params"]),
                    f"{kpi['active_ratio']:.1%} of dense", delta_color="off", delta_arrow="off", border=True,
                    help=f"parameters multiplied per token: attention + p x MLP + lm_head + norms/routers; dense: "
@@ -150,7 +151,7 @@ with cards:
     q_row = st.columns(4)
     if quality and quality.perplexity is not None:
         q_suffix = {"interpolated": " (interpolated)", "dense": " (dense)",
-                    "nearest": f" at p = {quality.budget:g} (nearest measured)"}.get(quality.status, "")
+                    "nearest": f" (p = {quality.budget:g}, nearest)"}.get(quality.status, "")
         q_help = f"{quality.label}; evaluation set: {st.session_state['eval_set']}"
         q_help += f"; dense perplexity {quality.dense_perplexity:.2f}" if quality.dense_perplexity else ""
         q_row[0].metric(f"Perplexity{q_suffix}", f"{quality.perplexity:.2f}",
