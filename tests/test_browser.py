@@ -238,7 +238,10 @@ def test_projection_panel_projects_a_preset_and_an_uploaded_config(studio, brows
     panel.get_by_role("heading", name="Your model, your hardware (projection)").wait_for(timeout=120_000)
     wait_idle(page)
     scope = ".st-key-projection"
-    assert kpi(page, "Active params", scope) == "4.69 B"  # Llama-3.1-8B at the page's p = 0.5
+    panel.locator('[data-testid="stMetricValue"]').first.wait_for(timeout=60_000)
+    labels = page.evaluate("""(scope) => [...document.querySelector(scope).querySelectorAll(
+        '[data-testid="stMetricLabel"]')].map(l => l.innerText)""", scope)
+    assert kpi(page, "Active params", scope) == "4.69 B", labels  # Llama-3.1-8B at the page's p = 0.5
     assert "projection" in panel.inner_text().lower() and "published" in panel.inner_text()
 
     choose(page, panel, "Model shape", "Llama-3.1-70B")
