@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# a materialised conversion holds one of these (save_pretrained shards big models behind an index)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def cache_root() -> Path:
@@ -123,8 +125,9 @@ def list_conversions(conversions: Path | None = None, shipped: Path | None = Non
             if problem:
                 problems.append(problem)
                 continue
-            if materialised and not (folder / "model.safetensors").exists():
-                problems.append(Problem(str(folder), "has tomoe.json but no model.safetensors: incomplete"))
+            if materialised and not any((folder / f).exists() for f in WEIGHT_FILES):
+                problems.append(Problem(str(folder), "has tomoe.json but no model.safetensors "
+                                        "(or sharded index): incomplete"))
                 continue
             found[folder.name] = Conversion(folder.name, folder, meta, materialised)
     return list(found.values()), problems

@@ -538,6 +538,14 @@ def test_catalog_reports_broken_conversions(tmp_path):
     (tmp_path / "conversions" / "nometa" / "x").write_text("")
     convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "none")
     assert convs == [] and {Path(p.path).name for p in problems} == {"tomoe.json", "nometa"}
+    for name, weights in (("noweights", None), ("sharded", "model.safetensors.index.json")):
+        (tmp_path / "conversions" / name).mkdir()
+        (tmp_path / "conversions" / name / "tomoe.json").write_text('{"budget": 0.5}')
+        if weights:
+            (tmp_path / "conversions" / name / weights).write_text("{}")
+    convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "none")
+    assert [c.name for c in convs] == ["sharded"]  # save_pretrained's sharded folders are complete
+    assert "noweights" in {Path(p.path).name for p in problems}
 
 
 def test_catalog_says_how_each_conversion_reached_its_budget():

@@ -59,3 +59,11 @@ def test_default_trace_size_finishes_in_about_a_minute():
     assert tokens % 500 == 0 and 50 <= speed.seconds(tokens) <= 60 < speed.seconds(tokens + 500)
     assert speed.seconds(0) == START_S + 8.0
     assert TraceSpeed(1.0, 100.0, "slow").tokens_for(60) == 500  # never below one step
+
+
+def test_the_trace_api_refuses_a_run_id_of_dotdot_before_loading_anything(cache):
+    from tomoe_core.trace import trace_run
+
+    with pytest.raises(PathNotAllowedError, match="not a plain name"):
+        trace_run("no-such-conversion", run_id="..")
+    assert not (cache / "routing").exists() or not any((cache / "routing").iterdir())

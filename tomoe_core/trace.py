@@ -48,6 +48,7 @@ import torch
 from .data import DEFAULT_CORPUS, Document, TextSourceError, cache_dir, load_documents, special_prefix
 from .io import atomic_dir, atomic_write_json, file_lock, safe_name, sha256_file
 from .routing import RoutingPoint
+from .paths import routing_run_id
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = b"tomoe.routing_schema_version"
@@ -724,7 +725,7 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
     """
     t_start = time.perf_counter()
     source_name = "prompts" if prompts else str(source)
-    run_id = safe_name(run_id) if run_id else default_run_id(model_folder, source_name)
+    run_id = routing_run_id(run_id) if run_id else default_run_id(model_folder, source_name)
     root = Path(root) if root is not None else routing_root()
     final = root / f"run_id={run_id}"
     rank, world, own_group = _join_ranks()
