@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Collection
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -238,10 +239,12 @@ def _value(row: pd.Series, key: str) -> float | None:
 
 
 def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: float = 0.011,
-                      conversion: str | None = None) -> QualityAtBudget:
+                      conversion: str | None = None, available: Collection[str] | None = None) -> QualityAtBudget:
     """ToMoE quality at `budget` in one evaluation set: the dense model's at p = 1, measured,
     interpolated between measured budgets (log-perplexity linear in p), or outside the measured range
     the nearest measurement (status "nearest", `budget` naming its own budget), and the label saying which.
+    `available`: the conversions the user has (by folder name); when given, ToMoE rows of any other
+    conversion are ignored, so every number on a card belongs to a model the user can open.
 
     Where budget-conditioned conversions were measured, the slider reads one of their curves: the
     named `conversion`'s, else the best-ranked curve whose measured span covers `budget`."""
@@ -255,6 +258,8 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
         return QualityAtBudget(dense_ppl, _value(d, "kl_to_dense") or 0.0, _value(d, "top1_agreement") or 1.0,
                                dense_ppl, "the dense model (p = 1)", True, None, "dense", 1.0, dense_lwa, dense_lwa)
     tomoe = pts[pts["kind"] == "tomoe"].dropna(subset=["budget", "perplexity"])
+    if available is not None:
+        tomoe = tomoe[tomoe["conversion"].isin(set(available))]
     conditioned = conditioned_curves(tomoe)
     kind = ""
     if conditioned:  # one conversion serves every budget: the slider reads one conversion's curve
@@ -263,7 +268,8 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
         tomoe, kind = conditioned[name], "conditioned "
     tomoe = tomoe.sort_values("perplexity").drop_duplicates("budget").sort_values("budget")
     if tomoe.empty:
-        return QualityAtBudget(None, None, None, dense_ppl, "no ToMoE measurement in this evaluation set", False, best,
+        return QualityAtBudget(None, None, None, dense_ppl, "no ToMoE measurement in this evaluation set"
+                               + (" of a conversion you have" if available is not None else ""), False, best,
                                "missing", None, None, dense_lwa)
     dist = (tomoe["budget"] - budget).abs()
     near = tomoe.loc[dist.idxmin()]

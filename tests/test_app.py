@@ -467,6 +467,19 @@ def test_slider_reads_the_conditioned_curve_when_one_exists():
     assert 90.0 not in front["perplexity"].tolist()
 
 
+def test_cards_quote_only_conversions_the_user_has():
+    rows = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
+             "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": "elsewhere", "active_params": 100 * b}
+            for b, p in ((0.4, 40.0), (0.5, 33.0), (0.6, 26.0))]
+    pts = pd.concat([_points([(0.5, 60.0)]), pd.DataFrame(rows)], ignore_index=True)
+    assert tradeoff.quality_at_budget(pts, "s", 0.5).perplexity == 33.0  # without a catalog: every measurement
+    mine = tradeoff.quality_at_budget(pts, "s", 0.5, available={"c0.5"})
+    assert mine.perplexity == 60.0 and "c0.5" in mine.label and "elsewhere" not in mine.label
+    assert tradeoff.quality_at_budget(pts, "s", 0.4, available={"c0.5"}).status == "nearest"
+    none = tradeoff.quality_at_budget(pts, "s", 0.5, available=set())
+    assert none.perplexity is None and "conversion you have" in none.label
+
+
 def test_two_conditioned_conversions_are_never_mixed():
     rows = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
              "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": name, "active_params": 100 * b, "source": "q.json"}

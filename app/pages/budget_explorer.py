@@ -95,7 +95,11 @@ if conditioned:
     if st.session_state["conditioned_conversion"] not in conditioned:
         st.session_state["conditioned_conversion"] = next(iter(conditioned))
 chosen = st.session_state["conditioned_conversion"] if len(conditioned) > 1 else None
-quality = tradeoff.quality_at_budget(points, st.session_state["eval_set"], budget, conversion=chosen) if sets else None
+# cards quote only conversions the user has (materialised, shipped, or the source of a rebudgeted copy)
+have = {c.name for c in cat.conversions} | {Path(c.meta["derived_from"]).name for c in cat.conversions
+                                           if c.meta.get("derived_from")}
+quality = (tradeoff.quality_at_budget(points, st.session_state["eval_set"], budget, conversion=chosen, available=have)
+           if sets else None)
 
 SUFFIX = {"interpolated": " (interpolated)", "estimate": " (estimate)", "dense": " (dense)", "missing": ""}
 
