@@ -1,17 +1,44 @@
-"""Command line: python -m tomoe_core convert | evaluate | generate | account | export | trace."""
+"""Command line: python -m tomoe_core convert | evaluate | generate | rebudget | calibrate-anchor | account |
+export | trace (`python -m tomoe_core COMMAND --help` for each)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import sys
+import types
+import typing
+from dataclasses import fields
 from pathlib import Path
 
+from .config import ADVANCED, ESSENTIALS, GROUPS, ConversionConfig
 from .lastword import DEFAULT_ITEMS
-from .train import BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, ConversionConfig
+from .progress import progress_bar
 
-_DEFAULTS = ConversionConfig()
+
+def config_options() -> list[tuple[str, str, tuple[str, ...], dict]]:
+    """(field name, group, flags, argparse keywords) of every ConversionConfig field with a `convert` option,
+    from the field's metadata (config.option) and annotation: a bool is a flag, a tuple a fixed-length list."""
+    hints = typing.get_type_hints(ConversionConfig)
+    options = []
+    for f in fields(ConversionConfig):
+        if "cli" not in f.metadata:
+            continue
+        meta = dict(f.metadata["cli"])
+        group, flags = meta.pop("group"), meta.pop("flags") or ("--" + f.name.replace("_", "-"),)
+        kwargs = {"dest": f.name, "default": f.default, **meta}
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))  # Optional[X]: X
+        if hint is bool:
+            kwargs["action"] = "store_false" if f.default else "store_true"
+        elif typing.get_origin(hint) is tuple:
+            args = typing.get_args(hint)
+            kwargs.update(type=args[0], nargs=len(args))
+        else:
+            kwargs["type"] = hint
+        options.append((f.name, group, flags, kwargs))
+    return options
 
 
 def _add_convert(sub):
@@ -19,75 +46,19 @@ def _add_convert(sub):
                        description="Convert a dense causal LM to a ToMoE mixture-of-experts. The dense weights stay "
                                    "frozen; a hypernetwork and per-layer routers are trained by distillation. "
                                    "Rerunning the same command resumes from the last checkpoint.")
-    p.add_argument("--model", default=_DEFAULTS.model,
-                   help="built-in name (smollm2-135m, gemma3-270m), local HF checkpoint folder, .gguf file or hub id "
-                        "(default: %(default)s)")
-    p.add_argument("--budget", "-p", type=float, default=_DEFAULTS.budget,
-                   help="fraction of MLP parameters active per token, in (0, 1] (default: %(default)s)")
-    p.add_argument("--train-gap", type=float, default=None,
-                   help="single budget: train the experts for --budget minus this, then widen them to --budget by "
-                        "the mask threshold (default: 0.1 for budgets of 0.5 and more, where it measured better, 0 below and "
-                        "with --prune-attention; 0 trains at the budget itself; not with --budget-range, which "
-                        "calibrates its anchor instead)")
-    p.add_argument("--budget-range", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="train one budget-conditioned conversion for every budget in [LO, HI] (e.g. 0.3 1.0); "
-                        "--budget is then the one the saved model is materialised at, and `rebudget` "
-                        "materialises any other in seconds")
-    p.add_argument("--budget-sampling", choices=BUDGET_SAMPLING, default=None,
-                   help="with --budget-range: how training steps spread over the range: uniform in p, log "
-                        f"(uniform in log p) or inverse (uniform in 1/p; most steps on low budgets) "
-                        f"(default: {DEFAULT_BUDGET_SAMPLING})")
-    p.add_argument("--experts", "-e", type=int, default=_DEFAULTS.num_experts, help="experts per layer (default: %(default)s)")
-    p.add_argument("--prune-attention", action="store_true",
-                   help="the paper's second stage: also prune attention (static Q/K head dims in rotary pairs, "
-                        "per-token V/O experts); --budget then counts MLP + q/k/v/o projection weights "
-                        "(llama, mistral, qwen2 families)")
-    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--tokens-per-step", type=int, default=_DEFAULTS.tokens_per_step,
-                   help="calibration tokens per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=_DEFAULTS.seq_len, help="tokens per calibration window (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--lam", type=float, default=_DEFAULTS.lam, help="budget penalty weight (default: %(default)s)")
-    p.add_argument("--union-weight", type=float, default=_DEFAULTS.union_weight,
-                   help="weight of the union-coverage term (default: %(default)s)")
-    p.add_argument("--load-balance-weight", type=float, default=_DEFAULTS.load_balance_weight,
-                   help="weight of the load-balance term (default: %(default)s)")
-    p.add_argument("--init", choices=("cluster", "offset"), default=_DEFAULTS.init,
-                   help="cluster: routers and experts start from k-means clusters of each layer's MLP inputs; "
-                        "offset: the paper's init, all channels on (default: %(default)s)")
-    p.add_argument("--no-init-balance", dest="init_balance", action="store_false",
-                   help="cluster init: keep k-means' unequal cluster sizes instead of giving every expert an "
-                        "equal share of the calibration tokens")
-    p.add_argument("--prior-scale", type=float, default=_DEFAULTS.prior_scale,
-                   help="cluster init: magnitude of the experts' prior mask logits; smaller lets training move "
-                        "the masks further from the k-means heuristic (default: %(default)s)")
-    p.add_argument("--regularise", choices=("deterministic", "sampled"), default=_DEFAULTS.regularise,
-                   help="masks the budget and union terms see: the noise-free ones inference uses, or the "
-                        "noisy sampled ones as in the paper (default: %(default)s)")
-    p.add_argument("--noise-anneal", type=float, default=_DEFAULTS.noise_anneal,
-                   help="mask noise decays to 0 over this fraction of the steps; 0 keeps it (default: %(default)s)")
-    p.add_argument("--mask-noise", type=float, default=None,
-                   help="amplitude of the logistic mask noise at step 0 (default: --prior-scale / 3, or 1 with "
-                        "--init offset: noise that flips about 5 %% of the prior's entries)")
-    p.add_argument("--distill", choices=("kl", "ce"), default=_DEFAULTS.distill,
-                   help="kl: forward KL to the dense model; ce: next-token cross-entropy (default: %(default)s)")
-    p.add_argument("--text", default=_DEFAULTS.text,
-                   help="calibration text: 'wiki' (default corpus), a .txt file, a folder, or hf:NAME")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="random seed (default: %(default)s)")
-    p.add_argument("--micro-batches", type=int, default=_DEFAULTS.micro_batches,
-                   help="split each step's batch into this many shards of data and noise; under torchrun the "
-                        "processes share them, so use a multiple of the process count (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=_DEFAULTS.checkpoint_every,
-                   help="steps between checkpoints (default: %(default)s)")
-    p.add_argument("--device", default=_DEFAULTS.device, help="cpu or cuda[:N] (default: %(default)s)")
-    p.add_argument("--output", type=Path, default=None,
-                   help="output folder (default: cache/conversions/MODEL-pBUDGET-eEXPERTS)")
-    p.add_argument("--evaluate", action="store_true", help="evaluate the saved conversion afterwards")
-    p.add_argument("--anchor-windows", type=int, default=None,
-                   help="with --budget-range: validation windows of the held-out text (after the first 60, which "
-                        "evaluate reports on) on which the finished conversion measures how far below each budget "
-                        "to generate its experts before widening them (see calibrate-anchor); 0 skips it "
-                        "(default: 4)")
+    groups = {title: p.add_argument_group(title, description) for title, description in GROUPS.items()}
+    for _, group, flags, kwargs in config_options():
+        groups[group].add_argument(*flags, **kwargs)
+    # options of the run rather than settings of the conversion (not in ConversionConfig or the checkpoint)
+    essentials, advanced = groups[ESSENTIALS], groups[ADVANCED]
+    essentials.add_argument("--output", type=Path, default=None,
+                            help="output folder (default: cache/conversions/MODEL-pBUDGET-eEXPERTS)")
+    essentials.add_argument("--evaluate", action="store_true", help="evaluate the saved conversion afterwards")
+    advanced.add_argument("--anchor-windows", type=int, default=None,
+                          help="with --budget-range: validation windows of the held-out text (after the first 60, "
+                               "which evaluate reports on) on which the finished conversion measures how far below "
+                               "each budget to generate its experts before widening them (see calibrate-anchor); "
+                               "0 skips it (default: 4)")
 
 
 def _item_count(text: str) -> int:
@@ -216,16 +187,7 @@ def _run(args, argv) -> int:
     from . import pipeline
 
     if args.command == "convert":
-        cfg = ConversionConfig(budget=args.budget, budget_range=args.budget_range, train_gap=args.train_gap,
-                               budget_sampling=args.budget_sampling, num_experts=args.experts, steps=args.steps,
-                               tokens_per_step=args.tokens_per_step, seq_len=args.seq_len, lr=args.lr, lam=args.lam,
-                               union_weight=args.union_weight, load_balance_weight=args.load_balance_weight,
-                               init=args.init, init_balance=args.init_balance, prior_scale=args.prior_scale,
-                               noise_anneal=args.noise_anneal, mask_noise=args.mask_noise,
-                               regularise=args.regularise, distill=args.distill, text=args.text,
-                               seed=args.seed, micro_batches=args.micro_batches,
-                               checkpoint_every=args.checkpoint_every, device=args.device,
-                               model=args.model, prune_attention=args.prune_attention)
+        cfg = ConversionConfig(**{name: getattr(args, name) for name, *_ in config_options()})
         command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
         out = pipeline.run_conversion(cfg, args.output, command=command, anchor_windows=args.anchor_windows)
         from .train import dist_info
@@ -297,27 +259,6 @@ def _run(args, argv) -> int:
 
         return run_trace_command(args, argv)
     raise AssertionError(args.command)
-
-
-@contextlib.contextmanager
-def progress_bar(desc: str, unit: str, enabled: bool = True):
-    """A tqdm bar on stderr, yielded as a `progress(done, total)` callback (None when not enabled),
-    the shape every long engine call takes."""
-    if not enabled:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=None, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True)
-
-    def progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        yield progress
-    finally:
-        bar.close()
 
 
 def _evaluate_with_progress(*args, **kwargs) -> dict:

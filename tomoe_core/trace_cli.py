@@ -55,7 +55,7 @@ def add_trace_parser(subparsers) -> None:
 def run_trace_command(args, argv: list[str] | None = None) -> int:
     import os
 
-    from .cli import progress_bar
+    from .progress import progress_bar
     from .conllu import add_gold_columns, is_conllu
     from .trace import read_run_meta, trace_run
 

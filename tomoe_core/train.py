@@ -20,7 +20,7 @@ import io
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,135 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 
+from .config import (  # noqa: F401  (re-exported: tomoe_core.train.ConversionConfig and co. keep working)
+    BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, TRAIN_GAP, TRAIN_GAP_FROM, ConversionConfig, default_train_gap)
 from .data import windows
 from .hypernet import logistic_noise, straight_through_sigmoid
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .masked import MaskedModel
-
-
-# A single-budget conversion trains this far below its budget and widens to it, from TRAIN_GAP_FROM up.
-# Measured on SmolLM2-135M (README, "Train below the budget"): at p = 0.5 training at 0.4 and widening was
-# 7 % better on 60 held-out windows, at 0.7 training at 0.5 was 8 % better on 8, at 0.4 training at 0.32
-# was 16 % worse on 8. Below TRAIN_GAP_FROM the default trains at the budget itself.
-TRAIN_GAP = 0.1
-TRAIN_GAP_FROM = 0.5
-
-
-def default_train_gap(budget: float, budget_range=None, prune_attention: bool = False) -> float:
-    """train_gap when none is given: TRAIN_GAP for an MLP-only single-budget conversion at a budget of
-    TRAIN_GAP_FROM or more; 0 below it, with a budget range (it calibrates its anchor after training) or
-    with attention pruning (not measured)."""
-    if budget_range is not None or prune_attention or budget < TRAIN_GAP_FROM - 1e-9:
-        return 0.0
-    return TRAIN_GAP
-
-
-@dataclass
-class ConversionConfig:
-    budget: float = 0.5  # fraction of prunable MLP parameters active per token (conditioned: the saved model's)
-    budget_range: tuple[float, float] | None = None  # (lo, hi): one budget-conditioned hypernetwork for all p
-    # how a conditioned run spreads its steps over the range: "uniform" in p, "log" (uniform in log p, the
-    # default with a range) or "inverse" (uniform in 1/p); the last two spend more steps on low budgets,
-    # which have the most to learn. None without a range.
-    budget_sampling: str | None = None
-    # single budget: train the experts for budget - train_gap, then widen them to the budget by the mask
-    # threshold (the paper's runs end that way too: their masks drift below the budget and the final
-    # calibration widens them). The saved model is at `budget`. None: `default_train_gap` (0.1 from p = 0.5
-    # up, 0 below, with a budget range or with attention pruning).
-    train_gap: float | None = None
-    num_experts: int = 8  # experts per layer
-    steps: int = 400  # optimiser steps (CPU default: about 30 min for SmolLM2-135M on 2 cores)
-    tokens_per_step: int = 512  # calibration tokens per step
-    seq_len: int = 256  # tokens per calibration window; batch = tokens_per_step // seq_len
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    lam: float = 16.0  # budget penalty weight
-    union_weight: float = 3.0
-    load_balance_weight: float = 1.0
-    mask_tau: float = 0.4
-    router_tau: float = 0.4
-    offset: float = 3.0  # initial mask logit when init == "offset" (paper)
-    init: str = "cluster"  # "cluster": routers/experts from k-means of MLP inputs; "offset": paper init
-    init_tokens: int = 8192  # calibration tokens for cluster init
-    init_balance: bool = True  # cluster init: router biases give every expert an equal share of tokens
-    # cluster init: magnitude of the prior mask logits (+s on each expert's channels, -s elsewhere). A large
-    # prior saturates the straight-through sigmoid (slope ~ sigmoid'(s / mask_tau)), so the masks barely move
-    # from the k-means heuristic (+-3, the first default: 4.6 % of the entries moved in 400 steps); a small
-    # one lets distillation reshape them.
-    prior_scale: float = 1.0
-    noise_anneal: float = 0.7  # mask noise decays linearly to 0 over this fraction of steps (0: never anneal)
-    # amplitude of the logistic mask noise at step 0. Noise of amplitude a flips a prior entry of +-s with
-    # probability 1 / (1 + exp(s / a)): a = s / 3 (the default: prior_scale / 3, or offset / 3 with the
-    # paper's init) flips ~5 % of them, as amplitude 1 did on the +-3 prior; amplitude 1 on a +-1 prior
-    # flips 27 % and costs quality at every budget.
-    mask_noise: float | None = None
-    # which masks the budget and union terms see: "deterministic" (noise-free, what inference uses) or
-    # "sampled" (the noisy training masks, as in the paper; the deterministic masks may then drift off budget)
-    regularise: str = "deterministic"
-    distill: str = "kl"  # "kl" (forward KL to dense) or "ce" (next-token cross-entropy)
-    micro_batches: int = 1  # the step's batch in this many shards of data and noise; processes split them
-    seed: int = 0
-    checkpoint_every: int = 50
-    device: str = "cpu"
-    model: str = "smollm2-135m"
-    text: str = "wiki"
-    # the paper's second stage: also prune q/k (static rotary pairs) and v/o (per-token experts); the budget
-    # then counts MLP + q/k/v/o projection weights (llama, mistral, qwen2)
-    prune_attention: bool = False
-
-    def __post_init__(self):
-        if not 0 < self.budget <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
-        if self.num_experts < 1:
-            raise ValueError(f"num_experts must be at least 1, got {self.num_experts}")
-        if self.budget_range is not None:
-            lo, hi = self.budget_range = tuple(float(b) for b in self.budget_range)
-            if not 0 < lo < hi <= 1:
-                raise ValueError(f"budget range must satisfy 0 < lo < hi <= 1, got {lo} {hi}")
-            if not lo <= self.budget <= hi:
-                raise ValueError(f"budget {self.budget} (the one the saved model is materialised at) must lie "
-                                 f"inside the budget range {lo} {hi}")
-        if self.train_gap is None:
-            self.train_gap = default_train_gap(self.budget, self.budget_range, self.prune_attention)
-        if not 0 <= self.train_gap < self.budget:
-            raise ValueError(f"train_gap must be >= 0 and below the budget {self.budget}, got {self.train_gap}")
-        if self.train_gap and self.budget_range is not None:
-            raise ValueError("train_gap is for single-budget conversions; a budget-conditioned one calibrates how "
-                             "far below each budget to generate its experts after training (anchor calibration)")
-        if self.budget_sampling is not None and self.budget_sampling not in BUDGET_SAMPLING:
-            raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {self.budget_sampling!r}")
-        if self.budget_range is None and self.budget_sampling is not None:
-            raise ValueError(f"budget sampling {self.budget_sampling!r} spreads steps over a budget range: "
-                             "give one (--budget-range LO HI) or leave the sampling out")
-        if self.budget_range is not None and self.budget_sampling is None:
-            self.budget_sampling = DEFAULT_BUDGET_SAMPLING
-        if self.prune_attention and self.budget_range is not None:
-            raise ValueError("prune_attention does not support a budget range (budget-conditioned conversion) yet; "
-                             "train attention pruning at one budget, or leave prune_attention off")
-        if not self.prior_scale > 0:
-            raise ValueError(f"prior_scale must be positive, got {self.prior_scale}")
-        if self.mask_noise is None:
-            self.mask_noise = (self.offset if self.init == "offset" else self.prior_scale) / 3
-        if not self.mask_noise >= 0:
-            raise ValueError(f"mask_noise must be >= 0, got {self.mask_noise}")
-        if self.steps < 1 or self.tokens_per_step < self.seq_len:
-            raise ValueError("steps must be >= 1 and tokens_per_step >= seq_len")
-        if self.regularise not in ("deterministic", "sampled"):
-            raise ValueError(f"regularise must be 'deterministic' or 'sampled', got {self.regularise!r}")
-        if self.init not in ("cluster", "offset") or self.distill not in ("kl", "ce"):
-            raise ValueError("init must be 'cluster' or 'offset' and distill 'kl' or 'ce'")
-        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
-            raise ValueError(f"micro_batches ({self.micro_batches}) must divide the batch of "
-                             f"{self.batch_size} windows (tokens_per_step // seq_len)")
-
-    @property
-    def train_budget(self) -> float:
-        """The budget a single-budget run trains its experts for (`budget - train_gap`)."""
-        return self.budget - self.train_gap
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens_per_step // self.seq_len
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -215,10 +92,6 @@ def budget_quantile(sampling: str, lo: float, hi: float, u: float) -> float:
     if sampling == "inverse":
         return 1.0 / (1.0 / lo + u * (1.0 / hi - 1.0 / lo))
     raise ValueError(f"budget_sampling must be one of {', '.join(BUDGET_SAMPLING)}, got {sampling!r}")
-
-
-BUDGET_SAMPLING = ("uniform", "log", "inverse")
-DEFAULT_BUDGET_SAMPLING = "log"  # of a budget range; conversions saved before the option existed used "uniform"
 
 
 def noise_scale(cfg: ConversionConfig, step: int) -> float:
