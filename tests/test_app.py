@@ -33,14 +33,7 @@ def studio_cache(tmp_path_factory):
 @pytest.fixture
 def cache_env(studio_cache, monkeypatch, tmp_path):
     """The fixture cache, and no shipped recipes (the repository's would pull in the real model)."""
-    import tomoe_core.pipeline
-
-    monkeypatch.setenv("TOMOE_CACHE", str(studio_cache))
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    monkeypatch.setattr(catalog, "shipped_root", lambda: empty)
-    monkeypatch.setattr(tomoe_core.pipeline, "shipped_dir", lambda: empty)
-    return studio_cache
+    return studio_fixture.use_studio_cache(studio_cache, monkeypatch, tmp_path)
 
 
 def run_page(page: str | None = None, timeout: float = 120) -> AppTest:

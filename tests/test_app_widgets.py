@@ -16,7 +16,6 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import studio_fixture  # noqa: E402
-from analysis import catalog  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app" / "main.py")
@@ -36,14 +35,7 @@ def widget_cache(tmp_path_factory):
 
 @pytest.fixture
 def env(widget_cache, monkeypatch, tmp_path):
-    import tomoe_core.pipeline
-
-    monkeypatch.setenv("TOMOE_CACHE", str(widget_cache))
-    empty = tmp_path / "shipped"
-    empty.mkdir()
-    monkeypatch.setattr(catalog, "shipped_root", lambda: empty)
-    monkeypatch.setattr(tomoe_core.pipeline, "shipped_dir", lambda: empty)
-    return widget_cache
+    return studio_fixture.use_studio_cache(widget_cache, monkeypatch, tmp_path)
 
 
 def _spread(options: list, n: int = MAX_OPTIONS) -> list:
