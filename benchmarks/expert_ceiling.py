@@ -212,12 +212,14 @@ def run(args, log=print) -> dict:
     held = text_windows(tokenizer, "wiki", "heldout", tag, 512, args.windows)
     xs = mlp_inputs(dense, adapter, calibration)
     log(f"[ceiling] {xs[0].shape[0]} calibration tokens per layer ({time.time() - t_start:.0f} s)")
-    variants, info, fits = {}, {}, {}
+    variants, info = {}, {}
+    if args.probe == "predictor":  # one predictor ranks the channels at every budget
+        predictors, predictor_fit = fit_predictor(masked, xs, args.rank, args.steps, args.seed, log)
+        overhead = predictor_overhead(predictors[0][0], args.rank)
     for budget in args.budgets:
         if args.probe == "codebook":
             for e in args.experts:
                 layers, diag = fit_codebook(masked, xs, budget, e, args.steps, args.seed, log)
-                fits[(budget, e)] = diag
                 for route in ("oracle", "router"):
                     name = f"p{budget}-E{e}-{route}"
                     mods = [CodebookMLP(w, masks, r, route) for w, masks, r in layers]
@@ -225,13 +227,11 @@ def run(args, log=print) -> dict:
                     info[name] = {"probe": "codebook", "budget": budget, "experts": e, "route": route,
                                   "fit": diag}
         else:
-            layers, diag = fit_predictor(masked, xs, args.rank, args.steps, args.seed, log)
-            overhead = predictor_overhead(layers[0][0], args.rank)
             name = f"p{budget}-rank{args.rank}"
-            mods = [PredictedMLP(w, p, budget - overhead) for w, p in layers]
+            mods = [PredictedMLP(w, p, budget - overhead) for w, p in predictors]
             variants[name] = lambda ids, mods=mods: _run(dense, adapter, mods, ids)
             info[name] = {"probe": "predictor", "budget": budget, "rank": args.rank, "overhead": overhead,
-                          "kept_channels": budget - overhead, "fit": diag}
+                          "kept_channels": budget - overhead, "fit": predictor_fit}
     results = evaluate_variants(logits_fn(dense), variants, held)
     rows = [{**info[n], "variant": n, "perplexity": r.perplexity, "kl_to_dense": r.kl_to_dense,
              "top1_agreement": r.top1_agreement} for n, r in results.items() if n != "dense"]
