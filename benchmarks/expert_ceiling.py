@@ -39,7 +39,7 @@ from tomoe_core.evaluate import evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_json
 from tomoe_core.masked import MaskedModel
 from tomoe_core.models import load_dense
-from tomoe_core.pipeline import machine_info
+from tomoe_core.machine import machine_info
 from tomoe_core.routing import mlp_intermediate
 
 

@@ -35,7 +35,7 @@ JSON schema (schema_version 1):
   schema_version  1
   model, text     dense model name; evaluation text ("wiki (held-out split)")
   window, windows tokens per window, number of windows; tokens: predicted tokens per variant
-  machine         tomoe_core.pipeline.machine_info(); seconds: wall time; command: how it was run
+  machine         tomoe_core.machine.machine_info(); seconds: wall time; command: how it was run
   settings        {budgets, methods, calibration_text, calibration_tokens, complete: bool,
                    last_word: {items, text, version, seed, min_letters, min_sentence_words,
                    max_context_words} (the item rule, tomoe_core.lastword.rule()) or null}
@@ -86,9 +86,10 @@ from tomoe_core.evaluate import LogitsFn, evaluate_variants, logits_fn
 from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
 from tomoe_core.lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from tomoe_core.lastword import rule as last_word_rule
+from tomoe_core.machine import machine_info
 from tomoe_core.masked import MaskedModel
 from tomoe_core.models import load_dense
-from tomoe_core.pipeline import budget_source, calibrated_gap, conversions_dir, machine_info, materialise_at
+from tomoe_core.pipeline import budget_source, calibrated_gap, conversions_dir, materialise_at
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # kind of each baseline row; the studio groups its chart by kind

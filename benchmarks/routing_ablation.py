@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tomoe_core.data import cache_dir
 from tomoe_core.io import atomic_write_json
-from tomoe_core.pipeline import machine_info, run_conversion, run_evaluation
+from tomoe_core.machine import machine_info
+from tomoe_core.pipeline import run_conversion, run_evaluation
 from tomoe_core.train import ConversionConfig
 
 RECIPES = {

@@ -60,8 +60,9 @@ from tomoe_core.convert import load_converted, materialise, read_metadata, save_
 from tomoe_core.data import cache_dir, cached_stream
 from tomoe_core.families import adapter_for
 from tomoe_core.io import atomic_write_json, safe_name
+from tomoe_core.machine import machine_info
 from tomoe_core.masked import MaskedModel
-from tomoe_core.pipeline import conversions_dir, machine_info
+from tomoe_core.pipeline import conversions_dir
 from tomoe_core.gather_kernels import backend as gather_backend
 from tomoe_core.routing import LAYOUTS, MoEMLP
 from tomoe_core.train import ConversionConfig

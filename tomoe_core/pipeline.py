@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,22 +18,10 @@ from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
 from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from .lastword import rule as last_word_rule
+from .machine import machine_info
 from .masked import MaskedModel
 from .models import load_dense
 from .train import ConversionConfig, default_train_gap, finalize_masks, layer_stats, train_conversion
-
-
-def machine_info(device: str = "cpu") -> dict:
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return info
 
 
 def conversions_dir() -> Path:

@@ -779,7 +779,7 @@ def _write_run_meta(tmp: Path, plan: TracePlan, ranks: list[dict], *, t_start: f
                     batch_size: int, layout: str, device: str, command: str | None) -> None:
     """run.json of a run whose parts (from one rank or several) are all in `tmp`."""
     from .convert import conversion_digest
-    from .pipeline import machine_info
+    from .machine import machine_info
 
     wall = time.perf_counter() - t_loaded
     rows, tokens = sum(r["rows"] for r in ranks), sum(r["tokens"] for r in ranks)

@@ -31,7 +31,7 @@ SYNTHETIC_POS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "NOUN", "NUM", "PAR
 
 
 def _machine(device: str = "cpu") -> dict:
-    from .pipeline import machine_info
+    from .machine import machine_info
 
     return machine_info(device)
 
