@@ -103,7 +103,3 @@ def materialise_shipped(log) -> list[Path]:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a user can cause (bad input, missing or corrupt files): shown as messages."""
     return (ValueError, FileNotFoundError, OSError, KeyError)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -18,7 +18,7 @@ from torch import nn
 
 from .budget import active_ratio, channel_cost
 from .families import adapter_for
-from .hypernet import HyperNetwork, straight_through_sigmoid
+from .hypernet import HyperNetwork
 from .routing import MaskedMLP, mlp_intermediate
 
 # With attention pruning (opt-in) every mask list holds 3 L tensors: L MLP expert masks (E, I),
@@ -180,14 +180,6 @@ class MaskedModel(nn.Module):
             qk.append(z[:, i:i + p].mean(0, keepdim=True) + getattr(self, f"attn_qk_base_{l}"))  # (1, P): static
             vo.append(z[:, i + p:] + getattr(self, f"attn_vo_base_{l}"))  # (E, C)
         return mlp + qk + vo
-
-    def relaxed_masks(self, tau: float, noise: list[torch.Tensor] | None = None,
-                      budget: float | None = None) -> list[torch.Tensor]:
-        """Straight-through masks (hard forward, sigmoid backward), optionally with logit noise."""
-        logits = self.mask_logits(budget)
-        if noise is not None:
-            logits = [z + n for z, n in zip(logits, noise)]
-        return [straight_through_sigmoid(z, tau) for z in logits]
 
     @torch.no_grad()
     def deterministic_masks(self, shift: float = 0.0, budget: float | None = None) -> list[torch.Tensor]:
