@@ -23,6 +23,21 @@ def _visible(token: str) -> str:
     return html.escape(token).replace("\n", "↵")
 
 
+def budget_options(budget_range: tuple[float, float], default: float | None, step: float = 0.05) -> list[float]:
+    """Budgets offered for a budget-conditioned conversion: every `step` inside its range, plus its own."""
+    lo, hi = budget_range
+    n = int(round((hi - lo) / step))
+    options = {round(lo + i * step, 4) for i in range(n + 1) if lo + i * step <= hi + 1e-9}
+    if default is not None and lo - 1e-9 <= float(default) <= hi + 1e-9:
+        options.add(round(float(default), 4))
+    return sorted(options)
+
+
+def run_label(conversion: str, budget: float | None) -> str:
+    """How a generation names the model that made it."""
+    return conversion if budget is None else f"{conversion} at p = {budget:g}"
+
+
 def diverging_positions(dense_ids: list[int], moe_ids: list[int]) -> set[int]:
     """Positions where the two continuations hold different tokens (or only one has a token)."""
     n = max(len(dense_ids), len(moe_ids))
@@ -88,7 +103,7 @@ def generated_routing(moe, tokenizer, prompt: str, new_ids: list[int], device="c
     import torch
 
     from tomoe_core.evaluate import encode_prompt
-    from tomoe_core.trace import capture_routing
+    from tomoe_core.capture import capture_routing
 
     prompt_ids = encode_prompt(tokenizer, prompt, moe)[0].tolist()
     ids = torch.tensor([prompt_ids + list(new_ids)], device=device)
@@ -97,3 +112,20 @@ def generated_routing(moe, tokenizer, prompt: str, new_ids: list[int], device="c
     experts, probs = records.stacked()  # (L, T)
     p = len(prompt_ids)
     return experts[:, p:], probs[:, p:]
+
+
+def continuation_html(row: dict) -> str:
+    """One prompt's dense and converted continuations side by side; the converted text is marked from
+    the first character where it leaves the dense text."""
+    dense, moe = row.get("dense", ""), row.get("moe", "")
+    common = next((i for i, (a, b) in enumerate(zip(dense, moe)) if a != b), min(len(dense), len(moe)))
+    prompt = f'<span style="color:#6b7280">{html.escape(row.get("prompt", ""))}</span>'
+    kl = row.get("mean_kl")
+    kl_text = "" if kl is None else f' <span style="color:#6b7280;font-size:0.85em">(mean KL {kl:.2f})</span>'
+    moe_html = html.escape(moe[:common])
+    if common < len(moe):
+        moe_html += f'<span style="color:#b91c1c;text-decoration:underline">{html.escape(moe[common:])}</span>'
+    cell = 'style="padding:4px 8px;vertical-align:top;width:50%"'
+    return (f'<table style="width:100%;border-collapse:collapse;font-size:0.92em"><tr>'
+            f'<td {cell}><b>Dense</b><br>{prompt}{html.escape(dense)}</td>'
+            f'<td {cell}><b>ToMoE</b>{kl_text}<br>{prompt}{moe_html}</td></tr></table>')

@@ -202,3 +202,37 @@ def test_a_single_budget_checkpoint_from_before_train_gap_says_how_to_resume(tin
                          log=lambda *a: None)
     assert json.loads((out / "tomoe.json").read_text())["tokens_seen"] == 3 * 128
     assert pipeline.default_conversion_name(ConversionConfig(prune_attention=True)).endswith("-p0.5-e8")
+
+
+def test_a_shipped_conditioned_conversion_rebuilds_the_same_model(tiny_setup, monkeypatch, capsys):
+    dense, text, tmp = tiny_setup
+    cfg = ConversionConfig(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64,
+                           init_tokens=512, budget=0.5, budget_range=(0.3, 1.0), num_experts=4)
+    out = run_conversion(cfg, tmp / "cond", show_tqdm=False, log=lambda *a: None, anchor_windows=0)
+    shipped = tmp / "shipped"
+    monkeypatch.setattr(pipeline, "shipped_dir", lambda: shipped)
+    assert main(["ship", str(out)]) == 0
+    recipe = shipped / "cond"
+    assert str(recipe) in capsys.readouterr().out
+    # the hypernetwork and metadata only: no dense weights, no tokenizer
+    assert sorted(p.name for p in recipe.iterdir()) == ["hypernet.safetensors", "tomoe.json", "training_log.jsonl"]
+    assert pipeline.is_conditioned_recipe(recipe)
+    # a fresh clone materialises it at its budget: the very weights that were measured, hypernetwork beside
+    (target,) = pipeline.ensure_shipped_conversions(log=lambda *a: None)
+    original, rebuilt = (json.loads((f / "tomoe.json").read_text()) for f in (out, target))
+    assert rebuilt["weights_sha256"] == original["weights_sha256"]
+    assert rebuilt["rebuilt_from_recipe"] and "hypernet_sha256" not in rebuilt
+    assert (target / "hypernet.safetensors").exists()
+    model, info, _ = materialise_at(target, 0.7, log=lambda *a: None)
+    assert info["budget_source"] == "conditioned" and abs(account(model).mlp_active_ratio - 0.7) <= 0.02
+    # every budget straight from the shipped folder too (what Compare does before the copy exists)
+    _model, info, _ = materialise_at(recipe, 0.4, log=lambda *a: None)
+    assert info["budget_source"] == "conditioned"
+    # a damaged hypernetwork is refused with a reason, not materialised into a wrong model
+    import shutil
+    shutil.rmtree(target)
+    data = bytearray((recipe / "hypernet.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (recipe / "hypernet.safetensors").write_bytes(bytes(data))
+    with pytest.raises(pipeline.ConvertedModelError, match="checksum"):
+        pipeline.ensure_shipped_conversions(log=lambda *a: None)

@@ -133,6 +133,16 @@ def _add_calibrate_anchor(sub):
     p.add_argument("--dry-run", action="store_true", help="measure and print, but leave tomoe.json as it is")
 
 
+def _add_ship(sub):
+    p = sub.add_parser("ship", help="copy what a conversion adds to the dense model into cache/shipped/ (for git)",
+                       description="A fresh clone materialises what is under cache/shipped/ on first use. A "
+                                   "single-budget conversion ships as a recipe (routers and channel index lists); "
+                                   "a budget-conditioned one ships its hypernetwork, so every budget of its range "
+                                   "is available. The dense weights are never copied.")
+    p.add_argument("conversion", type=Path, help="converted model folder")
+    p.add_argument("--name", default=None, help="folder name under cache/shipped/ (default: the conversion's)")
+
+
 def _add_account(sub):
     p = sub.add_parser("account", help="active parameters and FLOPs per token of a dense or converted model")
     p.add_argument("model", help="converted folder, or a dense model name/path")
@@ -165,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_rebudget(sub)
     _add_calibrate_anchor(sub)
+    _add_ship(sub)
     _add_account(sub)
     _add_export(sub)
     from .trace_cli import add_trace_parser
@@ -233,6 +244,11 @@ def _run(args, argv) -> int:
         return 0
     if args.command == "rebudget":
         print(pipeline.rebudget(args.conversion, args.budget, args.output))
+        return 0
+    if args.command == "ship":
+        target = pipeline.ship_conversion(args.conversion, args.name)
+        size = sum(f.stat().st_size for f in target.iterdir())
+        print(f"{target} ({size / 2**20:.1f} MiB)")
         return 0
     if args.command == "account":
         from .budget import account

@@ -11,11 +11,12 @@ import torch
 
 from .baselines import activation_stats, baseline_variants
 from .budget import account
-from .convert import (check_same_vocabulary, conversion_digest, dense_model_of, load_converted, materialise,
+from .convert import (ConvertedModelError, check_same_vocabulary, conversion_digest, dense_model_of, load_converted,
+                      materialise,
                       materialise_from_recipe, read_metadata, save_converted, save_recipe)
 from .data import cache_dir, cached_stream, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
-from .io import atomic_write_bytes, atomic_write_json, file_lock, safe_name
+from .io import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock, safe_name, sha256_file
 from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from .lastword import rule as last_word_rule
 from .machine import machine_info
@@ -488,29 +489,68 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "cache" / "shipped"
 
 
+def is_conditioned_recipe(folder: Path) -> bool:
+    """A shipped budget-conditioned conversion: its hypernetwork and routers, no dense weights."""
+    return (Path(folder) / HYPERNET_FILE).exists() and not (Path(folder) / "model.safetensors").exists()
+
+
 def ensure_shipped_conversions(log=print) -> list[Path]:
-    """Materialise every shipped recipe into cache/conversions/ if it is not there yet (seconds)."""
+    """Materialise every shipped recipe into cache/conversions/ if it is not there yet (seconds).
+
+    A single-budget recipe is rebuilt from its index lists; a conditioned recipe is materialised at
+    its default budget and keeps its hypernetwork beside the weights, so every other budget of its
+    range materialises in memory in seconds (`materialise_at`)."""
     out = []
     for recipe in sorted(p for p in shipped_dir().glob("*") if (p / "tomoe.json").exists()):
         target = conversions_dir() / recipe.name
         with file_lock(target):
             if not (target / "tomoe.json").exists():
-                meta = read_metadata(recipe)
-                dense, tokenizer = load_dense(meta["model"], log=log)
-                moe = materialise_from_recipe(recipe, dense)
-                meta = {**meta, "rebuilt_from_recipe": str(recipe.relative_to(shipped_dir().parent.parent))}
-                meta.pop("recipe_sha256", None)
-                save_converted(moe, target, tokenizer, meta)
-                _copy_artefact(recipe / TRAINING_LOG, target / TRAINING_LOG)
-                log(f"[tomoe] materialised shipped conversion {recipe.name} into {target}")
+                _materialise_recipe(recipe, target, log)
         out.append(target)
     return out
 
 
+def _materialise_recipe(recipe: Path, target: Path, log) -> None:
+    meta = read_metadata(recipe)
+    dense, tokenizer = load_dense(meta["model"], log=log)
+    meta = {**meta, "rebuilt_from_recipe": str(recipe.relative_to(shipped_dir().parent.parent))}
+    if is_conditioned_recipe(recipe):
+        expected = meta.pop("hypernet_sha256", None)
+        if sha256_file(recipe / HYPERNET_FILE) != expected:
+            raise ConvertedModelError(f"{recipe / HYPERNET_FILE} does not match its checksum in tomoe.json: the "
+                                      "clone is incomplete (git lfs?) or the file was changed")
+        moe, _, seconds = materialise_at(recipe, float(meta["budget"]), layout="memory", dense=dense, log=log)
+        with atomic_dir(target) as tmp:  # weights and hypernetwork appear together
+            save_converted(moe, tmp, tokenizer, meta)
+            _copy_artefact(recipe / HYPERNET_FILE, tmp / HYPERNET_FILE)
+            _copy_artefact(recipe / TRAINING_LOG, tmp / TRAINING_LOG)
+    else:
+        moe = materialise_from_recipe(recipe, dense)
+        meta.pop("recipe_sha256", None)
+        save_converted(moe, target, tokenizer, meta)
+        _copy_artefact(recipe / TRAINING_LOG, target / TRAINING_LOG)
+    log(f"[tomoe] materialised shipped conversion {recipe.name} into {target}")
+
+
 def ship_conversion(conversion: Path, name: str | None = None) -> Path:
-    """Copy a conversion's recipe (routers + index lists, no dense weights) into cache/shipped/."""
+    """Copy what a conversion adds to the dense model into cache/shipped/ (small enough for git).
+
+    Single budget: a recipe (routers + index lists, about 2 MB for SmolLM2-135M). Budget-conditioned:
+    its hypernetwork and routers (every budget of its range; 28 MB for SmolLM2-135M in float32, kept
+    exact so the shipped model is the measured one) and its anchor gaps, in tomoe.json."""
+    conversion = Path(conversion)
+    meta = read_metadata(conversion)
+    target = shipped_dir() / (name or conversion.name)
+    if meta.get("budget_range") and not meta.get("derived_from"):
+        source = hypernet_path(conversion)
+        with atomic_dir(target) as tmp:
+            _copy_artefact(source, tmp / HYPERNET_FILE)
+            _copy_artefact(conversion / TRAINING_LOG, tmp / TRAINING_LOG)
+            shipped = {k: v for k, v in meta.items() if k not in ("weights_sha256", "weight_files", "saved_at")}
+            shipped["hypernet_sha256"] = sha256_file(tmp / HYPERNET_FILE)
+            atomic_write_json(tmp / "tomoe.json", shipped)
+        return target
     model, _tok, meta = load_converted(conversion, layout="memory", load_tokenizer=False)
-    target = shipped_dir() / (name or Path(conversion).name)
     save_recipe(model, target, meta)
-    _copy_artefact(Path(conversion) / TRAINING_LOG, target / TRAINING_LOG)
+    _copy_artefact(conversion / TRAINING_LOG, target / TRAINING_LOG)
     return target

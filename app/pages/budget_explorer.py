@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis import tradeoff
+from analysis import compare_view, continuations, tradeoff
 from app import projection_panel, ui
 
 st.title("Budget explorer")
@@ -87,7 +87,7 @@ if sets and st.session_state["eval_set"] not in sets:
     st.session_state["eval_set"] = sets[0]
 # budget-conditioned conversions here (not their rebudgeted copies, which have no hypernetwork), best curve first
 conditioned = {c.name: c for c in cat.conversions if c.budget_range and not c.meta.get("derived_from")
-               and c.model == st.session_state["model"] and c.materialised}
+               and c.model == st.session_state["model"]}
 order = list(tradeoff.conditioned_curves(points[points["eval_set"] == st.session_state["eval_set"]])) if sets else []
 conditioned = dict(sorted(conditioned.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 if conditioned:
@@ -194,6 +194,17 @@ with cards:
             note += f". Best static pruning at p = {b['budget']:g}: {b['method']}, perplexity {b['perplexity']:.2f}"
         st.caption(f"Quality: {note}. Measure ToMoE with `python -m tomoe_core evaluate cache/conversions/NAME` "
                    "or `python -m benchmarks.quality`.")
+
+texts = continuations.continuations_at(cat.results, budget, st.session_state["model"], have)
+if texts and budget < 1.0 - 1e-9:
+    where = (f"p = {texts.budget:g}" if texts.exact else
+             f"p = {texts.budget:g}, the nearest precomputed budget to {budget:g}")
+    with st.expander(f"What the text looks like at {where}", expanded=False):
+        st.caption(f"Greedy continuations ({texts.new_tokens} tokens) of fixed prompts by the dense model and "
+                   f"`{texts.conversion}` at {where}, computed in advance by `python -m benchmarks.continuations` "
+                   f"({texts.source}). Red marks where the converted model's text leaves the dense model's.")
+        for row in texts.rows:
+            st.html(compare_view.continuation_html(row))
 
 if conditioned:
     conv = conditioned[st.session_state["conditioned_conversion"]]

@@ -24,6 +24,18 @@ st.selectbox("Conversion", list(by_name), key="conversion",
              format_func=lambda n: f"{n}  (p = {by_name[n].budget}, {by_name[n].meta.get('num_experts')} experts"
                                    f"{'' if by_name[n].materialised else ', rebuilt on first use'})")
 conv = by_name[st.session_state["conversion"]]
+budget = None  # a budget-conditioned conversion runs at any budget of its range (materialised in seconds)
+if conv.budget_range:
+    options = compare_view.budget_options(conv.budget_range, conv.budget)
+    ui.keep("compare_budget", conv.budget)
+    if st.session_state["compare_budget"] not in options:
+        st.session_state["compare_budget"] = min(options, key=lambda b: abs(b - (conv.budget or 0.5)))
+    st.select_slider("Budget p (fraction of MLP weights each token uses)", options, key="compare_budget",
+                     help=f"{conv.name} was trained for every budget in {conv.budget_range[0]:g}..."
+                          f"{conv.budget_range[1]:g}; budgets other than {conv.budget:g} are materialised in memory "
+                          "the first time (seconds).")
+    budget = float(st.session_state["compare_budget"])
+label = compare_view.run_label(conv.name, budget)
 
 ui.keep("prompt", "The history of the Roman Empire begins")
 ui.keep("max_new_tokens", 30)
@@ -34,10 +46,17 @@ with st.form("generate"):
 
 
 def generate(conv) -> dict | None:
-    from tomoe_core.evaluate import PromptError, compare_generation
+    from tomoe_core.evaluate import PromptError
 
     with st.status("Generating...", expanded=True) as status:
         try:
+            if budget is not None and (abs(budget - float(conv.budget)) > 1e-9 or not conv.materialised):
+                st.write(f"Loading the dense model `{conv.model}`...")
+                dense, tokenizer = ui.dense_model(conv.model)
+                st.write(f"Materialising `{conv.name}` at p = {budget:g} from its hypernetwork...")
+                digest = str(conv.meta.get("weights_sha256") or conv.meta.get("hypernet_sha256"))
+                moe, _meta, _seconds = ui.model_at_budget(str(conv.path), budget, digest)
+                return _generate_with(moe, dense, tokenizer, status)
             if not conv.materialised:
                 st.write("Rebuilding the shipped conversion from the dense model (first use only; the dense model's "
                          "first load dequantises it, about 30 s)...")
@@ -49,11 +68,7 @@ def generate(conv) -> dict | None:
             dense, tokenizer = ui.dense_model(conv.model)
             st.write(f"Loading the converted model `{conv.name}`...")
             moe, _tok, _meta = ui.converted_model(str(conv.path), str(conv.meta.get("weights_sha256")))
-            st.write(f"Generating {st.session_state['max_new_tokens']} tokens greedily with both models...")
-            prompt = st.session_state["prompt"]
-            result = compare_generation(dense, moe, tokenizer, prompt, int(st.session_state["max_new_tokens"]))
-            st.write("Recording the converted model's routing of its tokens...")
-            experts, probs = compare_view.generated_routing(moe, tokenizer, prompt, result["moe_ids"])
+            return _generate_with(moe, dense, tokenizer, status)
         except PromptError as err:
             status.update(label="Check the prompt", state="error")
             st.error(f"Prompt: {err}")
@@ -67,9 +82,19 @@ def generate(conv) -> dict | None:
             st.error(f"Could not load or run `{conv.name}` ({err.__class__.__name__}: {str(err).splitlines()[0][:300]}). "
                      f"If the conversion was saved by an older version, convert it again.")
             return None
-        status.update(label="Generated", state="complete", expanded=False)
-    return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": conv.name,
-            "prompt": prompt}
+    return None
+
+
+def _generate_with(moe, dense, tokenizer, status) -> dict:
+    from tomoe_core.evaluate import compare_generation
+
+    st.write(f"Generating {st.session_state['max_new_tokens']} tokens greedily with both models...")
+    prompt = st.session_state["prompt"]
+    result = compare_generation(dense, moe, tokenizer, prompt, int(st.session_state["max_new_tokens"]))
+    st.write("Recording the converted model's routing of its tokens...")
+    experts, probs = compare_view.generated_routing(moe, tokenizer, prompt, result["moe_ids"])
+    status.update(label="Generated", state="complete", expanded=False)
+    return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": label, "prompt": prompt}
 
 
 if submitted:
@@ -78,8 +103,8 @@ if submitted:
 result = st.session_state.get("compare_result")
 if not result:
     st.stop()
-if result["conversion"] != conv.name:
-    st.caption(f"Showing the last result, from `{result['conversion']}`: press Generate to run `{conv.name}`.")
+if result["conversion"] != label:
+    st.caption(f"Showing the last result, from `{result['conversion']}`: press Generate to run `{label}`.")
 
 num_layers = len(result["experts"])
 ui.keep("compare_layer", num_layers // 2)
