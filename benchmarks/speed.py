@@ -25,8 +25,9 @@ does not count (their memory-bandwidth use still does); wall time otherwise (--c
                  /proc/self/clear_refs, so it includes the Python/torch runtime; CUDA: max allocated),
                  measured once per variant and batch size, with the first thread count.
 Variants: per budget one conversion. The trained conversion from cache/conversions is used
-where its budget matches ("trained"); other budgets get "untrained" masks (cluster init,
-thresholded to the budget, no training): right for speed, meaningless for quality.
+where its budget matches ("trained"); else a budget-conditioned conversion whose range holds the
+budget, materialised at it ("trained, conditioned"); other budgets get "untrained" masks (cluster
+init, thresholded to the budget, no training): right for speed, meaningless for quality.
 Greedy tokens of every layout are checked equal to the shared layout of the same conversion.
 
 Writes cache/results/speed_benchmark[-cuda].json:
@@ -62,7 +63,7 @@ from tomoe_core.families import adapter_for
 from tomoe_core.io import atomic_write_json, safe_name
 from tomoe_core.machine import machine_info
 from tomoe_core.masked import MaskedModel
-from tomoe_core.pipeline import conversions_dir
+from tomoe_core.pipeline import conversions_dir, materialise_at
 from tomoe_core.gather_kernels import backend as gather_backend
 from tomoe_core.routing import LAYOUTS, MoEMLP
 from tomoe_core.train import ConversionConfig
@@ -235,16 +236,33 @@ def tiny_dense(vocab: int = 512):
     return LlamaForCausalLM(cfg).eval()
 
 
+def conditioned_covering(folders, budget: float) -> Path | None:
+    """The first budget-conditioned conversion (with its hypernetwork) whose range holds `budget`."""
+    for folder in folders:
+        meta = read_metadata(folder)
+        rng = meta.get("budget_range")
+        if rng and not meta.get("derived_from") and rng[0] - 1e-9 <= budget <= rng[1] + 1e-9:
+            return folder
+    return None
+
+
 def build_variants(args, dense, calibration_ids, log) -> list[dict]:
     trained = {} if args.dry_run else trained_conversions(args.model, args.conversions)
     variants = [{"name": "dense", "budget": 1.0, "source": "dense", "layout": None, "model": dense, "folder": None}]
     for budget in args.budgets:
         key = round(budget, 4)
-        folder = None
+        folder, conditioned, materialised = None, None, False
+        if not (args.dry_run or args.untrained_only) and key not in trained:
+            conditioned = conditioned_covering(list(trained.values()), budget)
         if key in trained and not args.untrained_only:
             log(f"[speed] budget {budget}: trained conversion {trained[key]}")
             folder, source = trained[key], f"trained ({trained[key].name})"
             moe, _, _ = load_converted(folder, device=args.device, layout="shared", load_tokenizer=False)
+        elif conditioned is not None:
+            log(f"[speed] budget {budget}: budget-conditioned conversion {conditioned}, materialised at {budget:g}")
+            folder, source, materialised = conditioned, f"trained, conditioned ({conditioned.name})", True
+            moe, _, _ = materialise_at(conditioned, budget, device=args.device, layout="shared",
+                                       dense=copy.deepcopy(dense).float(), log=lambda *a: None)
         elif args.dry_run:
             moe, source = untrained_conversion(dense, budget, args.experts, calibration_ids), "untrained masks"
         else:
@@ -254,7 +272,7 @@ def build_variants(args, dense, calibration_ids, log) -> list[dict]:
         moe = moe.to(device=args.device, dtype=args.torch_dtype).eval()
         for layout in args.layouts:
             variants.append({"name": f"p={budget:g} {layout}", "budget": budget, "source": source, "layout": layout,
-                             "model": moe, "folder": folder})
+                             "model": moe, "folder": folder, "materialise": materialised})
     return variants
 
 
@@ -277,7 +295,11 @@ def memory_probe(spec: dict) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
-    if spec["folder"]:
+    if spec["folder"] and spec.get("materialise"):  # a budget-conditioned conversion at another budget
+        model, _, _ = materialise_at(Path(spec["folder"]), spec["budget"], device=str(device), layout=spec["layout"],
+                                     log=lambda *a: None)
+        model = model.to(dtype=dtype)
+    elif spec["folder"]:
         model, _, _ = load_converted(spec["folder"], device=device, layout=spec["layout"], load_tokenizer=False)
         model = model.to(dtype=dtype)
     else:
@@ -308,7 +330,8 @@ def memory_probe(spec: dict) -> dict:
 
 
 def run_memory_probe(v: dict, args, batch: int, threads: int) -> dict | None:
-    spec = {"folder": str(v["folder"]) if v["folder"] else None, "model": args.model, "layout": v["layout"] or "shared",
+    spec = {"folder": str(v["folder"]) if v["folder"] else None, "materialise": v.get("materialise", False),
+            "budget": v["budget"], "model": args.model, "layout": v["layout"] or "shared",
             "device": args.device, "dtype": args.dtype, "threads": threads, "batch": batch,
             "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--memory-probe", json.dumps(spec)],
@@ -357,7 +380,9 @@ def measure(args, variants, text, dense, device, threads: int, batch: int, loads
             res["tokens"] = tokens
             res["loadavg"].append(loadavg_1min())
         loads.append(loadavg_1min())
-        log(f"[speed] threads {threads}, batch {batch}: repeat {r + 1}/{args.repeats} done, loadavg {loads[-1]}")
+        total = len(args.threads) * len(args.batch_sizes) * args.repeats  # the last counter is the job's progress
+        log(f"[speed] threads {threads}, batch {batch}: repeat {r + 1} of {args.repeats} done, loadavg {loads[-1]} "
+            f"({len(loads) - 1}/{total} repeats)")
     return results
 
 
@@ -541,7 +566,9 @@ def main(argv=None, description: str = __doc__, defaults: dict | None = None) ->
     if args.conversions and (args.dry_run or args.untrained_only):
         parser.error("--conversions times trained conversions; it cannot be combined with --dry-run or --untrained-only")
     if args.budgets is None:
-        args.budgets = sorted(trained_conversions(args.model, args.conversions)) if args.conversions else [0.3, 0.5, 0.7]
+        named = trained_conversions(args.model, args.conversions) if args.conversions else {}
+        extra = {0.3, 0.5, 0.7} if any(conditioned_covering([f], b) for f in named.values() for b in (0.3, 0.7)) else set()
+        args.budgets = sorted(set(named) | extra) if args.conversions else [0.3, 0.5, 0.7]
     if args.dry_run:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             args.device = "cpu"

@@ -129,3 +129,16 @@ def test_speed_times_the_named_conversions_not_the_newest(tmp_path, monkeypatch)
         speed.trained_conversions("m", ["a-p0.5", "b-p0.5"])
     with pytest.raises(SystemExit, match="converted from 'm', not 'other'"):
         speed.trained_conversions("other", ["a-p0.5"])
+
+
+def test_speed_times_a_budget_conditioned_conversion_inside_its_range(tmp_path):
+    def folder(name, **meta):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tomoe.json").write_text(json.dumps({"model": "m", "budget": 0.5, **meta}))
+        return tmp_path / name
+    single = folder("single")
+    copy = folder("copy", budget_range=[0.3, 1.0], derived_from="any")  # a rebudgeted copy has no hypernetwork
+    cond = folder("cond", budget_range=[0.4, 0.8])
+    assert speed.conditioned_covering([single, copy, cond], 0.7) == cond
+    assert speed.conditioned_covering([single, copy, cond], 0.3) is None
+    assert speed.conditioned_covering([single], 0.5) is None

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 DEFAULT_CORPUS = "wiki"
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -113,6 +112,8 @@ def token_stream(tokenizer, docs: list[Document], max_tokens: int | None = None)
     """Documents tokenised and joined with the EOS token between them. -> (n_tokens,) int64.
 
     No special prefix (BOS) here: `windows` puts it at the start of every window, never mid-window."""
+    import torch
+
     sep = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in docs:
@@ -150,6 +151,8 @@ def windows(stream: torch.Tensor, length: int, max_windows: int | None = None,
             prefix: list[int] | tuple[int, ...] = ()) -> torch.Tensor:
     """Non-overlapping windows of `length` tokens: `prefix` (the tokenizer's BOS, if any; see
     `special_prefix`) then `length - len(prefix)` tokens of the stream. The tail is dropped. -> (n, length)"""
+    import torch
+
     body = length - len(prefix)
     if body < 1:
         raise TextSourceError(f"windows of {length} tokens leave no room for text after the {len(prefix)} prefix tokens")
@@ -178,6 +181,8 @@ def cache_dir() -> Path:
 
 def cached_stream(tokenizer, source: str, split: str, max_tokens: int | None, tag: str) -> torch.Tensor:
     """Token stream cached under cache/tokens (tokenising the wiki extract takes ~20 s)."""
+    import torch
+
     from .io import atomic_write_bytes, safe_name
     import io
 

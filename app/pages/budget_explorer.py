@@ -5,7 +5,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis import compare_view, continuations, tradeoff
-from app import projection_panel, ui
+from app import projection_panel, speed_job, ui
 
 st.title("Budget explorer")
 st.caption("What a smaller active-parameter budget costs in quality and saves in compute and money. "
@@ -71,6 +71,7 @@ with controls:
                     key="price_per_hour", help="Yours to set: a 2-vCPU cloud machine costs roughly $0.05-0.10 "
                                                "an hour, a GPU $0.5-4 (see the projection below).")
     price = float(st.session_state["price_per_hour"])
+    speed_job.render(cat.conversions, st.session_state["model"])
 
 kpi = cost.at_budget(budget)
 at_speed = (tradeoff.speed_at_budget(speed, budget, st.session_state["layout"], st.session_state["threads"],
