@@ -136,7 +136,7 @@ def token_strip(tokens: pd.DataFrame, layer: int, per_line: int = 16, max_tokens
     """A document's tokens in reading order, each cell coloured by its expert at `layer`.
 
     tokens: columns position, token, layer, expert (router_prob, pos optional) —
-    `queries.document_tokens(run, doc_id)` or `tomoe_core.trace.route_text(...)`.
+    `queries.document_tokens(run, doc_id)`.
     """
     rows = tokens[tokens["layer"] == layer].sort_values("position").head(max_tokens)
     if rows.empty:

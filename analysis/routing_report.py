@@ -36,7 +36,7 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
                  tagger: str | None = None, alpha: float = 0.01, bootstrap: int = 100, k: int | None = None,
                  baseline: str = "layer", against: str | None = None) -> dict:
     from tomoe_core import queries
-    from tomoe_core.trace import read_run_meta, run_dir
+    from tomoe_core.routing_log import read_run_meta, run_dir
 
     from .experts import clustering_agreement, nmi_per_layer, permutations_for
     from .syntax import DEFAULT_TAGGER, annotate_gold, annotate_run, gold_source, tag_agreement

@@ -103,7 +103,7 @@ def annotate_run(run, nlp=None, tagger: str = DEFAULT_TAGGER, overwrite: bool = 
     without a word). Returns the run folder; an annotated run is left as it is unless `overwrite`."""
     import spacy
 
-    from tomoe_core.trace import has_columns, run_dir
+    from tomoe_core.routing_log import has_columns, run_dir
 
     folder = run_dir(run)
     if has_columns(folder) and not overwrite:

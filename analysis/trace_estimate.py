@@ -36,7 +36,7 @@ def trace_speed(runs: list[dict], conversion: str | Path | None = None, num_laye
                 latest: int = 3) -> TraceSpeed:
     """Median throughput of the `latest` single-process CPU traces of at least MIN_TOKENS tokens of
     `conversion` (or, failing that, of any conversion with `num_layers` layers) in `runs`
-    (`trace.list_runs()`, newest first)."""
+    (`routing_log.list_runs()`, newest first)."""
 
     def usable(run):  # short traces (a few prompts) are dominated by fixed costs: they would mislead
         timing = run.get("timing") or {}

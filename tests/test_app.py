@@ -319,13 +319,13 @@ def test_experts_page_tags_then_shows_roles_and_drills_down(cache_env):
 def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
     import shutil
 
-    import tomoe_core.trace as trace
+    import tomoe_core.routing_log as routing_log
 
     root = tmp_path / "routing"
     shutil.copytree(cache_env / "routing" / "run_id=tiny-prompts", root / "run_id=broken")
     part = next((root / "run_id=broken").glob("part-*.parquet"))
     part.write_bytes(part.read_bytes()[:100])  # truncated
-    monkeypatch.setattr(trace, "routing_root", lambda: root)
+    monkeypatch.setattr(routing_log, "routing_root", lambda: root)
     at = run_page("experts")
     assert at.error and "cannot be read" in at.error[0].value
 
@@ -333,12 +333,13 @@ def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
 def test_experts_page_gold_conllu_run_against_spacy(cache_env, tmp_path, monkeypatch):
     """A run traced on a CoNLL-U file: the page reads its gold tags into the log, and once spaCy has
     tagged it too, shows their agreement, NMI for both and NMI(expert; deprel)."""
+    import tomoe_core.routing_log as routing_log
     import tomoe_core.trace as trace
 
     root = tmp_path / "routing"
     trace.trace_run(cache_env / "conversions" / studio_fixture.CONVERSION,
                     source=str(ROOT / "tests" / "data" / "en_sample.conllu"), seq_len=64, run_id="gold", root=root)
-    monkeypatch.setattr(trace, "routing_root", lambda: root)
+    monkeypatch.setattr(routing_log, "routing_root", lambda: root)
     at = run_page("experts")
     assert at.selectbox(key="experts_run").value == "gold"
     assert at.radio(key="experts_tags").options == ["gold UPOS", "gold XPOS", "gold deprel"]  # before spaCy

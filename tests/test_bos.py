@@ -66,7 +66,9 @@ def test_no_prefix_keeps_windows_unchanged():
 @pytest.mark.parametrize("adds_bos", [True, False])
 def test_trace_feeds_the_prefix_and_logs_only_text_tokens(adds_bos, tmp_path, monkeypatch):
     from tomoe_core.convert import load_converted
-    from tomoe_core.trace import capture_routing, read_run_meta, trace_run
+    from tomoe_core.capture import capture_routing
+    from tomoe_core.routing_log import read_run_meta
+    from tomoe_core.trace import trace_run
     from tomoe_core import queries
 
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))

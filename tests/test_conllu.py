@@ -84,7 +84,7 @@ def test_load_documents_reads_conllu():
 def test_trace_command_keeps_the_gold_tags_in_the_log(converted, routing_cache, capsys):
     from tomoe_core import queries
     from tomoe_core.cli import main
-    from tomoe_core.trace import read_run_meta
+    from tomoe_core.routing_log import read_run_meta
 
     assert main(["trace", str(converted), "--text", str(SAMPLE), "--seq-len", "32", "--run-id", "cli-gold",
                  "--quiet"]) == 0

@@ -80,7 +80,7 @@ def test_extra_options_may_not_set_paths():
 
 
 def test_download_of_a_log_refuses_a_symlink_leading_outside(roots):
-    from tomoe_core import trace
+    from tomoe_core import routing_log
     from tomoe_core.io import atomic_write_json
 
     cache, _, outside = roots
@@ -88,11 +88,11 @@ def test_download_of_a_log_refuses_a_symlink_leading_outside(roots):
     run.mkdir(parents=True)
     (run / "part-00000.parquet").write_bytes(b"x")
     atomic_write_json(run / "run.json", {"run_id": "r", "files": {}})
-    assert [p.name for p in trace.run_files("r")] == ["part-00000.parquet", "run.json"]
-    assert len(trace.zip_run("r")) > 0
+    assert [p.name for p in routing_log.run_files("r")] == ["part-00000.parquet", "run.json"]
+    assert len(routing_log.zip_run("r")) > 0
     os.symlink(outside / "secret.txt", run / "documents.parquet")
     with pytest.raises(PathNotAllowedError, match="File documents.parquet of run_id=r .*outside"):
-        trace.zip_run("r")
+        routing_log.zip_run("r")
 
 
 def test_runs_page_refuses_paths_outside_with_a_message(cache_env):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from routing_fixtures import TEXTS, converted  # noqa: F401
-from tomoe_core.trace import RoutingLogError, list_runs, read_run_meta, verify_run
+from tomoe_core.routing_log import RoutingLogError, list_runs, read_run_meta, verify_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION = r"""

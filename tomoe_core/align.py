@@ -47,7 +47,7 @@ def run_tokens(folder: Path) -> tuple[dict, dict]:
     import duckdb
     import pyarrow.parquet as pq
 
-    from .trace import DOCUMENTS_FILE, PART_GLOB
+    from .routing_log import DOCUMENTS_FILE, PART_GLOB
 
     docs = pq.read_table(folder / DOCUMENTS_FILE, columns=["doc_id", "text"]).to_pydict()
     glob = str(folder / PART_GLOB).replace("'", "''")
@@ -62,7 +62,7 @@ def add_aligned_columns(folder: Path, columns: dict[str, Callable], words_of: Ca
     """Align every document's tokens to its words (`words_of(doc_id, text, token_spans)`, non-
     overlapping, in text order) and add one column per `columns` entry (name -> word -> str) to
     the run's log: the column of each token's aligned word, null for a token without one."""
-    from .trace import add_token_columns
+    from .routing_log import add_token_columns
 
     texts, spans = run_tokens(folder)
     doc_ids = spans["doc_id"]

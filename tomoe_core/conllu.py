@@ -183,7 +183,7 @@ def gold_source(run) -> Path | None:
     """The CoNLL-U file a run was traced on (its recorded text source), or None when it was
     traced on something else. A relative path is read from the repository root, as traced there."""
     from .paths import REPO_ROOT
-    from .trace import read_run_meta
+    from .routing_log import read_run_meta
 
     source = (read_run_meta(run).get("text") or {}).get("source")
     if not source or not is_conllu(source):
@@ -199,7 +199,7 @@ def add_gold_columns(run, conllu: str | Path | None = None, overwrite: bool = Fa
     compared with the one stored in the run."""
     from .align import add_aligned_columns
     from .io import sha256_file
-    from .trace import has_columns, run_dir
+    from .routing_log import has_columns, run_dir
 
     folder = run_dir(run)
     if has_columns(folder, tuple(GOLD_COLUMNS)) and not overwrite:

@@ -2,7 +2,7 @@
 
 `run` is a run id (folder cache/routing/run_id=<id>) or a run folder. The routing rows live in
 the run's part-*.parquet files. The part-of-speech columns `word` and `pos` are in the same
-rows once `analysis.syntax.annotate_run` has added them (see `tomoe_core.trace`): the
+rows once `analysis.syntax.annotate_run` has added them (see `tomoe_core.routing_log`): the
 expert x POS table is then one GROUP BY, with no join.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from .trace import PART_GLOB, RoutingLogError, has_columns, read_run_meta, run_dir
+from .routing_log import PART_GLOB, RoutingLogError, has_columns, read_run_meta, run_dir
 
 
 def _quote(path: Path | str) -> str:
@@ -115,7 +115,7 @@ def document_tokens(run, doc_id: int, layer: int | None = None, con=None) -> pd.
 
 def documents(run, con=None) -> pd.DataFrame:
     """The traced documents: doc_id, title, tokens (without their text)."""
-    from .trace import DOCUMENTS_FILE
+    from .routing_log import DOCUMENTS_FILE
 
     path = run_dir(run) / DOCUMENTS_FILE
     return _query(f"SELECT doc_id, title, tokens FROM read_parquet({_quote(path)}) ORDER BY doc_id", con=con)

@@ -1,29 +1,11 @@
-"""Routing capture (hooks -> records) and routing logs (records -> Parquet).
+"""Running a trace: a converted model over a text source -> a routing log (`tomoe_core.routing_log`).
 
-`capture_routing(model)` attaches forward hooks to every MoE layer's `RoutingPoint` and
-records, per layer, the chosen expert and its router probability for every token the model
-sees. The tensors stay on the model's device; `RoutingRecords.stacked()` moves them to the
-host in one copy per batch. The hooks are always removed when the block exits.
-
-`trace_run(...)` runs a converted model over a text source and writes a routing log
-(DESIGN.md section 5):
-
-  cache/routing/run_id=<id>/
-    part-00000.parquet ...   one row per (token, layer), `routing_schema()`: rows ordered by
-                             (doc_id, position, layer), so the per-token columns come in runs of
-                             L equal values and cost almost nothing; zstd, row groups of 1 M rows
-    documents.parquet        doc_id, title, text, tokens: the traced text, for word alignment
-    run.json                 model, conversion digest, budget, text source, date, versions,
-                             row count, timing, size and sha256 of every file
-
-Annotation columns (`word`, `pos`, dictionary-encoded strings, null for tokens without a word)
-are added to the part files by `add_token_columns`, which `analysis.syntax.annotate_run`
-calls: the expert x POS table is then a plain GROUP BY, with no join (10 M rows in well
-under a second on 2 cores, where a join on (doc_id, position) took several seconds).
-
-The run folder is built under a temporary name and renamed into place, under a file lock,
-so a reader sees a complete run or none. Under torchrun every rank traces its own shard of
-the text into the same temporary folder (`trace_run`).
+`trace_run(...)` tokenizes the text, cuts every document into windows, runs them through the
+model under `capture_routing` (`tomoe_core.capture`) and writes the rows, documents.parquet and
+run.json into a new run folder; the folder layout and the Parquet format are documented (and
+written) in `tomoe_core.routing_log`. The run folder is built under a temporary name and renamed
+into place, under a file lock, so a reader sees a complete run or none. Under torchrun every rank
+traces its own shard of the text into the same temporary folder (`trace_run`).
 
 Every sequence the model sees starts the way its tokenizer starts a text (`data.special_prefix`:
 BOS for Gemma, Llama, Mistral; nothing for SmolLM2, GPT-2, Qwen). The prefix tokens have no rows:
@@ -35,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,341 +26,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import DEFAULT_CORPUS, Document, TextSourceError, cache_dir, load_documents, special_prefix
-from .io import atomic_dir, atomic_write_json, file_lock, safe_name, sha256_file
-from .routing import RoutingPoint
+from .capture import capture_routing, routing_points
+from .data import DEFAULT_CORPUS, Document, TextSourceError, load_documents, special_prefix
+from .io import atomic_dir, atomic_write_json, file_lock
 from .paths import routing_run_id
-
-SCHEMA_VERSION = 1
-SCHEMA_VERSION_KEY = b"tomoe.routing_schema_version"
-RUN_META_FILE = "run.json"
-DOCUMENTS_FILE = "documents.parquet"
-PART_GLOB = "part-*.parquet"
-ANNOTATION_COLUMNS = ("word", "pos")
-ROW_GROUP_ROWS = 1 << 20  # DuckDB parallelises over row groups; ~1 M rows keeps both cores busy
-PART_ROWS = 1 << 22  # rows buffered before a part file is written (bounds memory on long runs)
+from .routing_log import (RUN_META_FILE, SCHEMA_VERSION, PartWriter, RoutingLogError, default_run_id, file_table,
+                          routing_root, write_documents)
 
 
-class RoutingLogError(ValueError):
-    pass
-
-
-# -- capture ----------------------------------------------------------------------------------------
-def routing_points(model) -> list[RoutingPoint]:
-    """The routing points of a converted (`moe_mlps`) or training-time (`mlps`) model, in layer order."""
-    if hasattr(model, "moe_mlps"):
-        mlps = list(model.moe_mlps)
-    elif hasattr(model, "mlps"):
-        mlps = list(model.mlps)
-    else:
-        mlps = [m for m in model.modules() if hasattr(m, "routing_point")]
-    points = [m.routing_point for m in mlps if isinstance(getattr(m, "routing_point", None), RoutingPoint)]
-    if not points:
-        raise RoutingLogError(f"{type(model).__name__} has no routing points: pass a converted ToMoE model "
-                              "(load_converted) or a MaskedModel")
-    return points
-
-
-class RoutingRecords:
-    """What `capture_routing` saw: per layer, the (expert, prob) tensors of every forward call.
-
-    A forward over (B, T) ids is one call of N = B * T tokens in row-major order. Under
-    `generate` with a KV cache the first call sees the prompt and each later call only the B
-    new tokens; `per_sequence` joins the calls back along time.
-    """
-
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
-        self.experts: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]  # L x calls x (N_c,)
-        self.probs: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-
-    def _hook(self, layer: int):
-        def hook(_module, _inputs, output):
-            expert_index, router_prob = output
-            self.experts[layer].append(expert_index.detach())
-            self.probs[layer].append(router_prob.detach())
-        return hook
-
-    @property
-    def num_calls(self) -> int:
-        return len(self.experts[0]) if self.num_layers else 0
-
-    def clear(self) -> None:
-        for lists in (self.experts, self.probs):
-            for calls in lists:
-                calls.clear()
-
-    def _check(self) -> None:
-        counts = {len(c) for c in self.experts}
-        if self.num_calls == 0:
-            raise RoutingLogError("no routing was recorded: run the model inside `with capture_routing(model)`")
-        assert len(counts) == 1, f"layers saw different numbers of calls: {counts}"
-
-    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
-        """All calls joined in call order: expert (L, N_total) int16, router_prob (L, N_total) float32.
-
-        One device -> host copy per array, however many layers and calls.
-        """
-        self._check()
-        experts = torch.stack([torch.cat(calls) for calls in self.experts]).to(torch.int16)  # (L, N)
-        probs = torch.stack([torch.cat(calls) for calls in self.probs]).float()  # (L, N)
-        return experts.cpu().numpy(), probs.cpu().numpy()
-
-    def per_sequence(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """For cached generation: expert and prob as (L, B, T_seen), calls joined along time.
-
-        T_seen counts the tokens that went through the model: the prompt and every generated
-        token but the last (generation stops before feeding it back).
-        """
-        self._check()
-        def join(calls):  # calls of (B * n_c,) -> (B, sum n_c)
-            return torch.cat([c.view(batch_size, -1) for c in calls], dim=1)
-        experts = torch.stack([join(c) for c in self.experts]).to(torch.int16)  # (L, B, T)
-        probs = torch.stack([join(c) for c in self.probs]).float()
-        return experts.cpu().numpy(), probs.cpu().numpy()
-
-
-@contextlib.contextmanager
-def capture_routing(model) -> Iterator[RoutingRecords]:
-    """Record expert choices and router probabilities of every MoE layer while the block runs.
-
-        with capture_routing(model) as records:
-            model(input_ids)
-        experts, probs = records.stacked()   # (L, B*T) each
-
-    Hooks are removed on exit, also when the block raises; outside the block the model pays
-    nothing (its routing points are not even called).
-    """
-    points = routing_points(model)
-    records = RoutingRecords(len(points))
-    handles = []
-    try:
-        for layer, point in enumerate(points):
-            handles.append(point.register_forward_hook(records._hook(layer)))
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# -- small in-memory helpers for the app --------------------------------------------------------------
-def token_strings(tokenizer, token_ids: Sequence[int]) -> list[str]:
-    """Readable text of each token id (a leading space stays a space, not 'Ġ')."""
-    return [tokenizer.decode([int(t)]) for t in token_ids]
-
-
-@torch.inference_mode()
-def route_text(model, tokenizer, text: str, device: str | torch.device = "cpu"):
-    """Routing of one text, without writing anything. -> pandas DataFrame with one row per
-    (token, layer): position, token_id, token, char_start, char_end, layer, expert, router_prob."""
-    import pandas as pd
-
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    ids = enc["input_ids"]
-    if not ids:
-        raise TextSourceError("the text produced no tokens: type some text")
-    prefix = special_prefix(tokenizer)
-    with capture_routing(model) as records:
-        model(input_ids=torch.tensor([prefix + ids], device=device))
-    experts, probs = records.stacked()  # (L, len(prefix) + T)
-    experts, probs = experts[:, len(prefix):], probs[:, len(prefix):]  # the prefix has no rows
-    num_layers, n = experts.shape
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int32).reshape(n, 2)
-    return pd.DataFrame({
-        "position": np.tile(np.arange(n, dtype=np.int32), num_layers),
-        "token_id": np.tile(np.asarray(ids, dtype=np.int32), num_layers),
-        "token": np.tile(np.asarray(token_strings(tokenizer, ids), dtype=object), num_layers),
-        "char_start": np.tile(offsets[:, 0], num_layers), "char_end": np.tile(offsets[:, 1], num_layers),
-        "layer": np.repeat(np.arange(num_layers, dtype=np.int16), n),
-        "expert": experts.ravel(), "router_prob": probs.ravel()})
-
-
-@torch.inference_mode()
-def generate_with_routing(model, tokenizer, prompt: str, max_new_tokens: int = 20,
-                          device: str | torch.device = "cpu"):
-    """Greedy generation with the KV cache, recording routing. -> (generated text, DataFrame).
-
-    The frame has one row per (token, layer) for every token that went through the model
-    (prompt + generated, except the last generated one), with `generated` marking new tokens.
-    """
-    import pandas as pd
-
-    text_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if not text_ids:
-        raise TextSourceError("the prompt is empty: type some text to continue")
-    prefix = special_prefix(tokenizer)
-    skip = len(prefix)  # the prefix (BOS) goes through the model but has no rows
-    ids = torch.tensor([prefix + text_ids], device=device)
-    with capture_routing(model) as records:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    experts, probs = records.per_sequence(1)  # (L, 1, T_seen)
-    experts, probs = experts[:, :, skip:], probs[:, :, skip:]
-    num_layers, _, seen = experts.shape
-    all_ids = out[0].tolist()
-    prompt_len = ids.shape[1]
-    seen_ids = all_ids[skip:skip + seen]
-    frame = pd.DataFrame({
-        "position": np.tile(np.arange(seen, dtype=np.int32), num_layers),
-        "token_id": np.tile(np.asarray(seen_ids, dtype=np.int32), num_layers),
-        "token": np.tile(np.asarray(token_strings(tokenizer, seen_ids), dtype=object), num_layers),
-        "generated": np.tile(np.arange(seen) >= prompt_len - skip, num_layers),
-        "layer": np.repeat(np.arange(num_layers, dtype=np.int16), seen),
-        "expert": experts[:, 0].ravel(), "router_prob": probs[:, 0].ravel()})
-    return tokenizer.decode(all_ids[prompt_len:]), frame
-
-
-# -- the routing log --------------------------------------------------------------------------------
-def routing_schema():
-    import pyarrow as pa
-
-    fields = [
-        pa.field("run_id", pa.dictionary(pa.int32(), pa.string())),  # one value per run; also the folder name
-        pa.field("doc_id", pa.int32()),
-        pa.field("position", pa.int32()),  # token index within its document
-        pa.field("token_id", pa.int32()),
-        pa.field("token", pa.dictionary(pa.int32(), pa.string())),
-        pa.field("char_start", pa.int32()),  # the token's character span in the document text
-        pa.field("char_end", pa.int32()),
-        pa.field("layer", pa.int16()),
-        pa.field("expert", pa.int16()),
-        pa.field("router_prob", pa.float32()),
-    ]
-    return pa.schema(fields, metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
-
-
-def routing_root() -> Path:
-    return cache_dir() / "routing"
-
-
-def run_dir(run: str | Path) -> Path:
-    """The folder of a run given its id or its folder."""
-    path = Path(run)
-    if path.is_dir() and (path / RUN_META_FILE).exists():
-        return path
-    candidate = routing_root() / f"run_id={run}"
-    if candidate.is_dir():
-        return candidate
-    raise RoutingLogError(f"no routing run {str(run)!r} (looked for {path} and {candidate}); "
-                          "list runs with tomoe_core.trace.list_runs() or create one with `python -m tomoe_core trace`")
-
-
-def read_run_meta(run: str | Path) -> dict:
-    path = run_dir(run) / RUN_META_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise RoutingLogError(f"{path} is unreadable ({err}); re-run the trace") from None
-
-
-def list_runs(root: str | Path | None = None) -> list[dict]:
-    """Metadata of every complete run under `root` (default cache/routing), newest first.
-
-    Each dict is the run's run.json plus `path`. Runs being written (temporary folders) are skipped.
-    """
-    root = Path(root) if root is not None else routing_root()
-    runs = []
-    for folder in sorted(root.glob("run_id=*")) if root.is_dir() else []:
-        meta_path = folder / RUN_META_FILE
-        if folder.is_dir() and meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except json.JSONDecodeError:
-                continue
-            runs.append({**meta, "path": str(folder)})
-    return sorted(runs, key=lambda m: m.get("created_at", ""), reverse=True)
-
-
-def verify_run(run: str | Path) -> None:
-    """Raise RoutingLogError when a file of the run is missing or differs from its recorded checksum."""
-    folder = run_dir(run)
-    for name, info in read_run_meta(folder)["files"].items():
-        path = folder / name
-        if not path.exists() or sha256_file(path) != info["sha256"]:
-            raise RoutingLogError(f"{path} is missing or modified since the trace; re-run the trace")
-
-
-def _file_table(folder: Path) -> dict:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(folder.iterdir()) if p.is_file() and p.name != RUN_META_FILE}
-
-
-def run_files(run) -> list[Path]:
-    """The files of a run, each confined to the routing folder (a symlink leading outside it is
-    refused with a PathNotAllowedError): what a download of the log may contain."""
-    from .paths import confined_files
-
-    return confined_files(run_dir(run), [routing_root()])
-
-
-def zip_run(run) -> bytes:
-    """The run's files as a zip (stored, not deflated: Parquet is compressed already)."""
-    import io
-    import zipfile
-
-    files = run_files(run)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for path in files:
-            zf.write(path, f"{run_dir(run).name}/{path.name}")
-    return buf.getvalue()
-
-
-def has_columns(run, names: Sequence[str] = ANNOTATION_COLUMNS) -> bool:
-    """Whether the run's part files carry these columns (the POS annotation, by default)."""
-    import pyarrow.parquet as pq
-
-    part = next(iter(sorted(run_dir(run).glob(PART_GLOB))), None)
-    return part is not None and set(names) <= set(pq.read_schema(part).names)
-
-
-def add_token_columns(run, doc_id: np.ndarray, position: np.ndarray, columns: dict[str, Sequence],
-                      info: dict | None = None) -> Path:
-    """Add per-token string columns (e.g. word, pos) to every (token, layer) row of a run.
-
-    doc_id, position: (n,) the tokens annotated; columns: name -> (n,) strings or None. Rows
-    of tokens not listed get nulls. The run is rebuilt beside itself and swapped in under its
-    lock (readers see the old run or the new one); run.json gains `annotations[name] = info`
-    and fresh checksums.
-    """
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder = run_dir(run)
-    key = (np.asarray(doc_id, np.int64) << 32) | np.asarray(position, np.int64)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    values = {name: pa.array(np.asarray(col, dtype=object)[order], pa.string()).dictionary_encode()
-              for name, col in columns.items()}
-    with file_lock(folder):
-        meta = read_run_meta(folder)
-        with atomic_dir(folder) as tmp:
-            for src in sorted(folder.iterdir()):
-                if src.is_file() and not src.match(PART_GLOB) and src.name != RUN_META_FILE:
-                    shutil.copy2(src, tmp / src.name)
-            for part in sorted(folder.glob(PART_GLOB)):
-                table = pq.read_table(part)
-                rows = (table["doc_id"].to_numpy().astype(np.int64) << 32) | table["position"].to_numpy()
-                at = np.minimum(np.searchsorted(key, rows), max(len(key) - 1, 0))
-                found = key[at] == rows if len(key) else np.zeros(len(rows), bool)
-                take = pa.array(np.where(found, at, 0), mask=~found)
-                for name, col in values.items():
-                    if name in table.schema.names:
-                        table = table.drop_columns([name])
-                    table = table.append_column(name, col.take(take).cast(pa.dictionary(pa.int32(), pa.string())))
-                write_part(table.replace_schema_metadata(table.schema.metadata), tmp / part.name)
-            meta.setdefault("annotations", {}).update({name: dict(info or {}) for name in columns})
-            files = _file_table(tmp)
-            for name, entry in files.items():
-                if "rows" in meta["files"].get(name, {}):
-                    entry["rows"] = meta["files"][name]["rows"]
-            meta["files"] = files
-            atomic_write_json(tmp / RUN_META_FILE, meta)
-    return folder
-
-
+# -- windows and batches ------------------------------------------------------------------------------
 @dataclass
 class _Window:
     doc_id: int
@@ -436,6 +91,11 @@ def _pad(batch: list[_Window], pad_id: int, device, prefix: Sequence[int] = ()
     return torch.from_numpy(ids).to(device), mask.to(device), valid
 
 
+def token_strings(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """Readable text of each token id (a leading space stays a space, not 'Ġ')."""
+    return [tokenizer.decode([int(t)]) for t in token_ids]
+
+
 class _TokenDictionary:
     """token_id -> index into a growing list of token strings (the Parquet dictionary)."""
 
@@ -452,55 +112,6 @@ class _TokenDictionary:
             self.index[new] = np.arange(len(self.strings), len(self.strings) + len(new), dtype=np.int32)
             self.strings.extend(token_strings(self.tokenizer, new.tolist()))
         return self.index[token_ids]
-
-
-def write_part(table, path: Path) -> None:
-    """Write one part file: zstd, large row groups, dictionaries for the small-cardinality and
-    run-length columns, byte-stream-split for the router probabilities (compresses ~20 % better)."""
-    import pyarrow.parquet as pq
-
-    dictionary = [f.name for f in table.schema if f.name != "router_prob"]
-    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS, compression="zstd", use_dictionary=dictionary,
-                   column_encoding={"router_prob": "BYTE_STREAM_SPLIT"})
-
-
-class _PartWriter:
-    """Buffers row batches and writes them as part-NNNNN.parquet files of large row groups
-    (part-rRRR-NNNNN.parquet for rank RRR of a multi-process trace)."""
-
-    def __init__(self, folder: Path, run_id: str, dictionary: _TokenDictionary, prefix: str = "part-"):
-        self.folder, self.run_id, self.dictionary, self.prefix = folder, run_id, dictionary, prefix
-        self.buffer: list[dict] = []
-        self.buffered = 0
-        self.parts: list[tuple[str, int]] = []
-        self.rows = 0
-
-    def add(self, columns: dict[str, np.ndarray]) -> None:
-        self.buffer.append(columns)
-        self.buffered += len(columns["layer"])
-        if self.buffered >= PART_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        import pyarrow as pa
-
-        if not self.buffered:
-            return
-        cols = {k: np.concatenate([c[k] for c in self.buffer]) for k in self.buffer[0]}
-        n = len(cols["layer"])
-        schema = routing_schema()
-        arrays = {
-            "run_id": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([self.run_id])),
-            "token": pa.DictionaryArray.from_arrays(pa.array(cols.pop("token_index")),
-                                                    pa.array(self.dictionary.strings, pa.string())),
-            **{k: pa.array(v) for k, v in cols.items()},
-        }
-        table = pa.Table.from_arrays([arrays[f.name].cast(f.type) for f in schema], schema=schema)
-        name = f"{self.prefix}{len(self.parts):05d}.parquet"
-        write_part(table, self.folder / name)
-        self.parts.append((name, n))
-        self.rows += n
-        self.buffer, self.buffered = [], 0
 
 
 def _batch_rows(batch: list[_Window], valid: np.ndarray, experts: np.ndarray, probs: np.ndarray,
@@ -522,6 +133,7 @@ def _batch_rows(batch: list[_Window], valid: np.ndarray, experts: np.ndarray, pr
     }
 
 
+# -- one process --------------------------------------------------------------------------------------
 @dataclass
 class TracePlan:
     """A loaded model and the batches a trace will run: shared by trace_run and the overhead benchmark."""
@@ -588,23 +200,6 @@ def _library_versions() -> dict:
             "duckdb": duckdb.__version__, "numpy": np.__version__, "tomoe_format": FORMAT_VERSION,
             "routing_schema": SCHEMA_VERSION}
 
-
-def _write_documents(folder: Path, docs: Sequence[Document], doc_tokens: Sequence[int]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"doc_id": pa.array([d.doc_id for d in docs], pa.int32()),
-                      "title": pa.array([d.title for d in docs], pa.string()),
-                      "text": pa.array([d.text for d in docs], pa.string()),
-                      "tokens": pa.array(list(doc_tokens), pa.int32())})
-    pq.write_table(table, folder / DOCUMENTS_FILE, compression="zstd")
-
-
-def default_run_id(model_folder: str | Path, source: str) -> str:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
-    return safe_name(f"{Path(model_folder).name}-{Path(source).name}-{stamp}")
-
-
 @torch.inference_mode()
 def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int, int], None] | None = None,
              compare_untraced: bool = False, part_prefix: str = "part-") -> dict:
@@ -616,7 +211,7 @@ def run_plan(plan: TracePlan, folder: Path, run_id: str, progress: Callable[[int
     (`record_s`) and writing Parquet (`write_s`).
     """
     dictionary = _TokenDictionary(plan.tokenizer, len(plan.tokenizer))
-    writer = _PartWriter(folder, run_id, dictionary, part_prefix)
+    writer = PartWriter(folder, run_id, dictionary, part_prefix)
     total = sum(len(w.ids) for w in plan.windows)  # this rank's share under torchrun
     sync = torch.cuda.synchronize if str(plan.device).startswith("cuda") else (lambda: None)
     done, forward_s, record_s, untraced_s = 0, 0.0, 0.0, 0.0
@@ -756,7 +351,7 @@ def trace_run(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: str
                              part_prefix=f"part-r{rank:03d}-" if world > 1 else "part-")
             ranks = _from_every_rank({**stats, "rank": rank}, world)
             if rank == 0:
-                _write_documents(tmp, plan.docs, plan.doc_tokens)
+                write_documents(tmp, plan.docs, plan.doc_tokens)
                 _write_run_meta(tmp, plan, ranks, t_start=t_start, t_loaded=t_loaded, run_id=run_id,
                                 model_folder=model_folder, source_name=source_name,
                                 split=None if prompts else split, max_tokens=max_tokens, seq_len=seq_len,
@@ -784,7 +379,7 @@ def _write_run_meta(tmp: Path, plan: TracePlan, ranks: list[dict], *, t_start: f
     wall = time.perf_counter() - t_loaded
     rows, tokens = sum(r["rows"] for r in ranks), sum(r["tokens"] for r in ranks)
     parts = [part for r in ranks for part in r["parts"]]
-    files = _file_table(tmp)
+    files = file_table(tmp)
     assert {name for name, _ in parts} <= set(files), "a rank's part file is missing from the run folder"
     for name, part_rows in parts:
         files[name]["rows"] = part_rows

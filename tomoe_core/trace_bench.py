@@ -41,7 +41,8 @@ def measure_overhead(conversion: str | Path, source: str = "wiki", max_tokens: i
                      keep_run_id: str | None = None) -> dict:
     """A trace with every batch also run untraced, side by side. -> figures (seconds, rows/s, bytes/row,
     overhead %). The log goes to a temporary folder unless `keep_run_id` names a run to keep."""
-    from .trace import read_run_meta, trace_run
+    from .routing_log import read_run_meta
+    from .trace import trace_run
 
     with tempfile.TemporaryDirectory() as tmp:
         path = trace_run(conversion, source, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
@@ -61,8 +62,8 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
     import pyarrow.parquet as pq
 
     from .io import atomic_dir, atomic_write_json, file_lock, sha256_file
-    from .trace import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, RoutingLogError, _PartWriter,
-                        add_token_columns, routing_root)
+    from .routing_log import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, PartWriter, RoutingLogError,
+                              add_token_columns, routing_root)
 
     rng = np.random.default_rng(seed)
     tokens = rows // layers
@@ -86,7 +87,7 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
         if final.exists() and not overwrite:
             raise RoutingLogError(f"{final} exists")
         with atomic_dir(final) as tmp:
-            writer = _PartWriter(tmp, run_id, _Strings)
+            writer = PartWriter(tmp, run_id, _Strings)
             chunk = 1 << 17
             for start in range(0, tokens, chunk):
                 sl = slice(start, min(start + chunk, tokens))

@@ -57,7 +57,8 @@ def run_trace_command(args, argv: list[str] | None = None) -> int:
 
     from .progress import progress_bar
     from .conllu import add_gold_columns, is_conllu
-    from .trace import read_run_meta, trace_run
+    from .routing_log import read_run_meta
+    from .trace import trace_run
 
     first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
     command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv) if argv else None

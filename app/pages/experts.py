@@ -13,7 +13,7 @@ st.caption("Pick a routing log (made on the **Runs** page or with `python -m tom
            "the clustering map, or pick one below, to see its most frequent tokens.")
 
 from analysis import routing_figures as figures  # noqa: E402
-from tomoe_core import queries, trace  # noqa: E402
+from tomoe_core import queries, routing_log as trace  # noqa: E402  (trace.* here: the routing log on disk)
 
 runs = trace.list_runs()
 if not runs:

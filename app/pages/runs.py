@@ -158,7 +158,7 @@ else:
 
 # -- routing logs ---------------------------------------------------------------------------------
 st.subheader("Routing logs")
-from tomoe_core import trace  # noqa: E402
+from tomoe_core import routing_log as trace  # noqa: E402  (trace.* here: the routing log on disk)
 
 runs = trace.list_runs()
 if not runs:
