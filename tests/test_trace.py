@@ -252,7 +252,7 @@ def test_expert_pos_query_joins_annotation(annotated_run):
 
 
 def test_synthetic_log_and_query_timing(routing_cache):
-    from tomoe_core.trace_bench import time_expert_pos, write_synthetic_log
+    from benchmarks.trace_bench import time_expert_pos, write_synthetic_log
 
     path = write_synthetic_log(rows=30 * 500, run_id="synthetic-small")
     meta = read_run_meta(path)
@@ -264,7 +264,7 @@ def test_synthetic_log_and_query_timing(routing_cache):
 
 
 def test_overhead_benchmark_runs_the_same_batches(converted, tmp_path, capsys):
-    from tomoe_core.trace_bench import main
+    from benchmarks.trace_bench import main
 
     text = tmp_path / "bench.txt"
     text.write_text("\n\n".join(TEXTS))

@@ -1,4 +1,4 @@
-"""Measurements of routing logs: `python -m tomoe_core.trace_bench overhead|synthetic|query`.
+"""Measurements of routing logs: `python -m benchmarks.trace_bench overhead|synthetic|query`.
 
   overhead CONVERSION [--max-tokens 100000]
       `trace_run(compare_untraced=True)`: every batch of held-out text runs with and without
@@ -31,7 +31,7 @@ SYNTHETIC_POS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "NOUN", "NUM", "PAR
 
 
 def _machine(device: str = "cpu") -> dict:
-    from .machine import machine_info
+    from tomoe_core.machine import machine_info
 
     return machine_info(device)
 
@@ -41,8 +41,8 @@ def measure_overhead(conversion: str | Path, source: str = "wiki", max_tokens: i
                      keep_run_id: str | None = None) -> dict:
     """A trace with every batch also run untraced, side by side. -> figures (seconds, rows/s, bytes/row,
     overhead %). The log goes to a temporary folder unless `keep_run_id` names a run to keep."""
-    from .routing_log import read_run_meta
-    from .trace import trace_run
+    from tomoe_core.routing_log import read_run_meta
+    from tomoe_core.trace import trace_run
 
     with tempfile.TemporaryDirectory() as tmp:
         path = trace_run(conversion, source, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
@@ -61,9 +61,9 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .io import atomic_dir, atomic_write_json, file_lock, sha256_file
-    from .routing_log import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, PartWriter, RoutingLogError,
-                              add_token_columns, routing_root)
+    from tomoe_core.io import atomic_dir, atomic_write_json, file_lock, sha256_file
+    from tomoe_core.routing_log import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, PartWriter, RoutingLogError,
+                                        add_token_columns, routing_root)
 
     rng = np.random.default_rng(seed)
     tokens = rows // layers
@@ -115,7 +115,7 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
 
 
 def time_expert_pos(run, repeats: int = 5) -> dict:
-    from . import queries
+    from tomoe_core import queries
 
     con = queries.connect()
     times, result = [], None
@@ -130,7 +130,7 @@ def time_expert_pos(run, repeats: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tomoe_core.trace_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.trace_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("overhead", help="tracing overhead: the same batches with and without routing capture")
