@@ -101,7 +101,11 @@ def variant_kind(variant: str) -> str:
         return "ablation"
     if variant.startswith("tomoe"):
         return "tomoe"
-    return "baseline"
+    return DYNAMIC_KINDS.get(variant, "baseline")
+
+
+# per-token baselines of `evaluate --baselines` (benchmarks.quality rows carry their kind themselves)
+DYNAMIC_KINDS = {"teal": "dynamic, training-free", "cats": "dynamic, training-free", "oracle": "ceiling"}
 
 
 def eval_set_label(result: dict) -> str:

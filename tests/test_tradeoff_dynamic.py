@@ -79,3 +79,8 @@ def test_budget_explorer_explains_the_per_token_points(tmp_path, monkeypatch):
     names = [t.get("name", "") for t in figure["data"]]
     assert "TEAL-style (training-free, per token)" in names
     assert "Oracle per-token top-k (ceiling)" in names
+
+
+def test_per_token_baselines_of_an_evaluate_file_are_not_static_pruning():
+    assert [tradeoff.variant_kind(v) for v in ("teal", "cats", "oracle", "wanda-sp", "tomoe-random", "dense")] == \
+        ["dynamic, training-free", "dynamic, training-free", "ceiling", "baseline", "ablation", "dense"]

@@ -80,7 +80,8 @@ def _add_evaluate(sub):
     p.add_argument("--window", type=int, default=None, help="window length (default: min(2048, model context))")
     p.add_argument("--max-windows", type=int, default=16, help="number of windows (default: %(default)s)")
     p.add_argument("--baselines", default="magnitude,wanda-sp",
-                   help="comma-separated baselines: magnitude, wanda-sp, flap, torch-pruning, or none (default: %(default)s)")
+                   help="comma-separated baselines: magnitude, wanda-sp, flap, torch-pruning (static); teal, cats "
+                        "(per-token, training-free), oracle (per-token ceiling); or none (default: %(default)s)")
     p.add_argument("--no-routing-modes", action="store_true", help="skip the random and fixed-expert runs")
     p.add_argument("--last-word-items", type=_item_count, default=DEFAULT_ITEMS,
                    help="last-word accuracy (LAMBADA-style: greedy decoding must give every token of a sentence's "
