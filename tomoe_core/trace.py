@@ -136,7 +136,7 @@ def _batch_rows(batch: list[_Window], valid: np.ndarray, experts: np.ndarray, pr
 # -- one process --------------------------------------------------------------------------------------
 @dataclass
 class TracePlan:
-    """A loaded model and the batches a trace will run: shared by trace_run and the overhead benchmark."""
+    """A loaded model and the batches a trace will run (`plan_trace`); `run_plan` runs them."""
     model: object
     tokenizer: object
     meta: dict
@@ -150,10 +150,6 @@ class TracePlan:
 
     def __post_init__(self):
         self.num_layers = len(routing_points(self.model))
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.doc_tokens)
 
     def batches(self):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
