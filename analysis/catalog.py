@@ -23,9 +23,9 @@ def cache_root() -> Path:
 
 
 def shipped_root() -> Path:
-    """Recipes committed to git (`tomoe_core.pipeline.shipped_dir`). TOMOE_STUDIO_SHIPPED points the
-    studio's listing elsewhere (the browser test uses an empty folder so the real model stays out)."""
-    root = os.environ.get("TOMOE_STUDIO_SHIPPED")
+    """Recipes and results committed to git; the same rule as `tomoe_core.data.shipped_dir` (a test keeps
+    them equal): TOMOE_SHIPPED or <repo>/cache/shipped (tests use an empty folder so the real model stays out)."""
+    root = os.environ.get("TOMOE_SHIPPED")
     return Path(root) if root else REPO_ROOT / "cache" / "shipped"
 
 

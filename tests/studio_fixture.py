@@ -127,14 +127,10 @@ def build(cache: Path, with_routing: bool = True) -> Path:
 def use_studio_cache(cache: Path, monkeypatch, tmp_path: Path) -> Path:
     """Point the studio and the engine at a fixture cache with no shipped recipes (the repository's
     would pull in the real model)."""
-    import tomoe_core.pipeline
-    from analysis import catalog
-
     monkeypatch.setenv("TOMOE_CACHE", str(cache))
     empty = tmp_path / "shipped"
     empty.mkdir()
-    monkeypatch.setattr(catalog, "shipped_root", lambda: empty)
-    monkeypatch.setattr(tomoe_core.pipeline, "shipped_dir", lambda: empty)
+    monkeypatch.setenv("TOMOE_SHIPPED", str(empty))
     return cache
 
 

@@ -530,8 +530,7 @@ def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
 
 
 def test_catalog_cache_root_matches_the_engine(monkeypatch, tmp_path):
-    from tomoe_core.data import cache_dir
-    from tomoe_core.pipeline import shipped_dir
+    from tomoe_core.data import cache_dir, shipped_dir
 
     assert catalog.cache_root() == cache_dir() and catalog.shipped_root() == shipped_dir()
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))

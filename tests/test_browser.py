@@ -42,7 +42,7 @@ def studio(tmp_path_factory):
     studio_fixture.build(cache)
     shipped = tmp_path_factory.mktemp("no-shipped")
     port = free_port()
-    env = {**os.environ, "TOMOE_CACHE": str(cache), "TOMOE_STUDIO_SHIPPED": str(shipped),
+    env = {**os.environ, "TOMOE_CACHE": str(cache), "TOMOE_SHIPPED": str(shipped),
            "TOKENIZERS_PARALLELISM": "false"}
     log = open(tmp_path_factory.mktemp("streamlit-log") / "streamlit.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",

@@ -272,3 +272,26 @@ def test_overhead_benchmark_runs_the_same_batches(converted, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["rows"] == out["tokens"] * out["layers"] and out["bytes_per_row"] > 0
     assert out["untraced_s"] > 0 and out["traced_s"] > 0 and "overhead_pct" in out
+
+
+def test_a_shipped_routing_log_is_listed_after_local_ones_and_shadowed_by_them(tmp_path, monkeypatch):
+    from tomoe_core import routing_log
+
+    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOMOE_SHIPPED", str(tmp_path / "shipped"))
+
+    def run(root, run_id, created):
+        folder = root / f"run_id={run_id}"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"run_id": run_id, "created_at": created, "tokens": 3}))
+        (folder / "part-00000.parquet").write_bytes(b"x")
+        return folder
+
+    shipped = run(tmp_path / "shipped" / "routing", "default", "2026-01-01")
+    run(tmp_path / "shipped" / "routing", "same", "2026-01-01")
+    local = run(tmp_path / "cache" / "routing", "same", "2026-02-01")
+    runs = {r["run_id"]: r for r in routing_log.list_runs()}
+    assert runs["default"]["shipped"] and runs["default"]["path"] == str(shipped)
+    assert not runs["same"]["shipped"] and runs["same"]["path"] == str(local)
+    assert routing_log.run_dir("default") == shipped and routing_log.run_dir("same") == local
+    assert [p.name for p in routing_log.run_files("default")] == ["part-00000.parquet", "run.json"]

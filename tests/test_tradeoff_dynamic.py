@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 import studio_fixture
-import tomoe_core.pipeline
 from analysis import catalog, tradeoff
 
 
@@ -69,8 +68,7 @@ def test_budget_explorer_explains_the_per_token_points(tmp_path, monkeypatch):
     monkeypatch.setenv("TOMOE_CACHE", str(cache))
     empty = tmp_path / "shipped"
     empty.mkdir()
-    monkeypatch.setattr(catalog, "shipped_root", lambda: empty)
-    monkeypatch.setattr(tomoe_core.pipeline, "shipped_dir", lambda: empty)
+    monkeypatch.setenv("TOMOE_SHIPPED", str(empty))
     at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app" / "main.py"), default_timeout=120).run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.title.values[0] == "Budget explorer"

@@ -179,6 +179,13 @@ def cache_dir() -> Path:
     return Path(root) if root else Path(__file__).resolve().parent.parent / "cache"
 
 
+def shipped_dir() -> Path:
+    """What a clone ships under cache/shipped/ (recipes, measured results, a routing log), in git.
+    TOMOE_SHIPPED points elsewhere (tests use an empty folder to keep the real model out)."""
+    root = os.environ.get("TOMOE_SHIPPED")
+    return Path(root) if root else Path(__file__).resolve().parent.parent / "cache" / "shipped"
+
+
 def cached_stream(tokenizer, source: str, split: str, max_tokens: int | None, tag: str) -> torch.Tensor:
     """Token stream cached under cache/tokens (tokenising the wiki extract takes ~20 s)."""
     import torch

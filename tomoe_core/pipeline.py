@@ -14,7 +14,7 @@ from .budget import account
 from .convert import (ConvertedModelError, check_same_vocabulary, conversion_digest, dense_model_of, load_converted,
                       materialise,
                       materialise_from_recipe, read_metadata, save_converted, save_recipe)
-from .data import cache_dir, cached_stream, special_prefix, text_windows, windows as make_windows
+from .data import cache_dir, cached_stream, shipped_dir, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
 from .io import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock, safe_name, sha256_file
 from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
@@ -484,11 +484,6 @@ def format_quality_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def shipped_dir() -> Path:
-    """Recipes committed to git so a fresh clone has a conversion to explore (cache/shipped/)."""
-    return Path(__file__).resolve().parent.parent / "cache" / "shipped"
-
-
 def is_conditioned_recipe(folder: Path) -> bool:
     """A shipped budget-conditioned conversion: its hypernetwork and routers, no dense weights."""
     return (Path(folder) / HYPERNET_FILE).exists() and not (Path(folder) / "model.safetensors").exists()
@@ -513,7 +508,7 @@ def ensure_shipped_conversions(log=print) -> list[Path]:
 def _materialise_recipe(recipe: Path, target: Path, log) -> None:
     meta = read_metadata(recipe)
     dense, tokenizer = load_dense(meta["model"], log=log)
-    meta = {**meta, "rebuilt_from_recipe": str(recipe.relative_to(shipped_dir().parent.parent))}
+    meta = {**meta, "rebuilt_from_recipe": os.path.relpath(recipe, Path(__file__).resolve().parent.parent)}
     if is_conditioned_recipe(recipe):
         expected = meta.pop("hypernet_sha256", None)
         if sha256_file(recipe / HYPERNET_FILE) != expected:

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import Document, cache_dir
+from .data import Document, cache_dir, shipped_dir
 from .io import atomic_dir, atomic_write_json, file_lock, safe_name, sha256_file
 
 SCHEMA_VERSION = 1
@@ -74,6 +74,11 @@ def routing_root() -> Path:
     return cache_dir() / "routing"
 
 
+def routing_roots() -> list[Path]:
+    """Where runs are found: the local cache/routing first, then the small log a clone ships (read-only)."""
+    return [routing_root(), shipped_dir() / "routing"]
+
+
 def default_run_id(model_folder: str | Path, source: str) -> str:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")[:-3]
     return safe_name(f"{Path(model_folder).name}-{Path(source).name}-{stamp}")
@@ -84,9 +89,10 @@ def run_dir(run: str | Path) -> Path:
     path = Path(run)
     if path.is_dir() and (path / RUN_META_FILE).exists():
         return path
+    for root in routing_roots():
+        if (root / f"run_id={run}").is_dir():
+            return root / f"run_id={run}"
     candidate = routing_root() / f"run_id={run}"
-    if candidate.is_dir():
-        return candidate
     raise RoutingLogError(f"no routing run {str(run)!r} (looked for {path} and {candidate}); list runs with "
                           "tomoe_core.routing_log.list_runs() or create one with `python -m tomoe_core trace`")
 
@@ -100,20 +106,25 @@ def read_run_meta(run: str | Path) -> dict:
 
 
 def list_runs(root: str | Path | None = None) -> list[dict]:
-    """Metadata of every complete run under `root` (default cache/routing), newest first.
+    """Metadata of every complete run under `root` (default: `routing_roots()`, a local run shadowing a
+    shipped one of the same id), newest first.
 
-    Each dict is the run's run.json plus `path`. Runs being written (temporary folders) are skipped.
+    Each dict is the run's run.json plus `path` and `shipped` (True for the clone's own log). Runs
+    being written (temporary folders) are skipped.
     """
-    root = Path(root) if root is not None else routing_root()
-    runs = []
-    for folder in sorted(root.glob("run_id=*")) if root.is_dir() else []:
-        meta_path = folder / RUN_META_FILE
-        if folder.is_dir() and meta_path.exists():
+    roots = [Path(root)] if root is not None else routing_roots()
+    runs, seen = [], set()
+    for r in roots:
+        for folder in sorted(r.glob("run_id=*")) if r.is_dir() else []:
+            meta_path = folder / RUN_META_FILE
+            if folder.name in seen or not folder.is_dir() or not meta_path.exists():
+                continue
             try:
                 meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError:
                 continue
-            runs.append({**meta, "path": str(folder)})
+            seen.add(folder.name)
+            runs.append({**meta, "path": str(folder), "shipped": root is None and r != routing_root()})
     return sorted(runs, key=lambda m: m.get("created_at", ""), reverse=True)
 
 
@@ -137,7 +148,7 @@ def run_files(run) -> list[Path]:
     refused with a PathNotAllowedError): what a download of the log may contain."""
     from .paths import confined_files
 
-    return confined_files(run_dir(run), [routing_root()])
+    return confined_files(run_dir(run), routing_roots())
 
 
 def zip_run(run) -> bytes:

@@ -13,9 +13,9 @@ st.caption("Pick a routing log (made on the **Runs** page or with `python -m tom
            "the clustering map, or pick one below, to see its most frequent tokens.")
 
 from analysis import routing_figures as figures  # noqa: E402
-from tomoe_core import queries, routing_log as trace  # noqa: E402  (trace.* here: the routing log on disk)
+from tomoe_core import queries, routing_log  # noqa: E402
 
-runs = trace.list_runs()
+runs = routing_log.list_runs()
 if not runs:
     st.info("No routing log yet. Start a trace on the **Runs** page, or run "
             "`python -m tomoe_core trace cache/conversions/NAME`.", icon="ℹ️")
@@ -27,7 +27,8 @@ ui.keep("experts_run", runs[0]["run_id"])
 if st.session_state["experts_run"] not in by_id:
     st.session_state["experts_run"] = runs[0]["run_id"]
 st.selectbox("Routing log", list(by_id), key="experts_run",
-             format_func=lambda r: f"{r}  ({by_id[r].get('tokens', '?'):,} tokens, p = {by_id[r].get('budget')})"
+             format_func=lambda r: f"{r}  ({by_id[r].get('tokens', '?'):,} tokens, p = {by_id[r].get('budget')}"
+             f"{', shipped with the clone' if by_id[r].get('shipped') else ''})"
              if isinstance(by_id[r].get("tokens"), int) else r)
 meta = by_id[st.session_state["experts_run"]]
 folder = Path(meta["path"])
@@ -162,10 +163,10 @@ def apply_selection(key: str, event, pick) -> None:
 
 
 try:
-    trace.verify_run(folder) if st.session_state.get("verified") != run_key else None
+    routing_log.verify_run(folder) if st.session_state.get("verified") != run_key else None
     st.session_state["verified"] = run_key
     load = cached("expert_load", run_key)
-except (trace.RoutingLogError, OSError, ValueError) as err:
+except (routing_log.RoutingLogError, OSError, ValueError) as err:
     st.error(f"This routing log cannot be read: {err}")
     st.stop()
 except Exception as err:  # DuckDB raises its own types on a corrupt Parquet file

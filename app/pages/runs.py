@@ -158,9 +158,9 @@ else:
 
 # -- routing logs ---------------------------------------------------------------------------------
 st.subheader("Routing logs")
-from tomoe_core import routing_log as trace  # noqa: E402  (trace.* here: the routing log on disk)
+from tomoe_core import routing_log  # noqa: E402
 
-runs = trace.list_runs()
+runs = routing_log.list_runs()
 if not runs:
     st.caption("No routing logs yet: start a trace below.")
 else:
@@ -177,12 +177,12 @@ else:
     chosen = col.selectbox("Routing log", run_ids, key="runs_log")
     folder = Path(next(r["path"] for r in runs if r["run_id"] == chosen))
     try:
-        files = trace.run_files(folder)  # confined to the routing folder: no symlink leads outside
+        files = routing_log.run_files(folder)  # confined to the routing folder: no symlink leads outside
     except ValueError as err:
         st.error(str(err))
     else:
         size_mb = sum(p.stat().st_size for p in files) / 2**20
-        button.download_button(f"Download ({size_mb:.1f} MB zip)", lambda: trace.zip_run(folder),
+        button.download_button(f"Download ({size_mb:.1f} MB zip)", lambda: routing_log.zip_run(folder),
                                file_name=f"{chosen}.zip", mime="application/zip", on_click="ignore")
 
 from analysis.trace_estimate import TARGET_SECONDS, describe, trace_speed  # noqa: E402
@@ -229,8 +229,8 @@ def start_trace() -> None:
             argv += ["--text", text_name]
         else:
             text_name = "wiki"
-        run_id = paths.routing_run_id(run_name) if run_name.strip() else trace.default_run_id(conv_path, text_name)
-        output = paths.confine_child(f"run_id={run_id}", trace.routing_root(), "Run id")
+        run_id = paths.routing_run_id(run_name) if run_name.strip() else routing_log.default_run_id(conv_path, text_name)
+        output = paths.confine_child(f"run_id={run_id}", routing_log.routing_root(), "Run id")
         if output.exists():
             st.error(f"Run id: a routing log `{run_id}` exists already: choose another run id.")
             return

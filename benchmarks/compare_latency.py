@@ -1,0 +1,78 @@
+"""How long the studio's Compare page takes to answer: dense and converted model generate side by side.
+
+    python -m benchmarks.compare_latency                          # the shipped default, 30 tokens, 3 repeats
+    python -m benchmarks.compare_latency --budget 0.7             # materialised at another budget first
+
+Does what a press of "Generate side by side" does once the models are loaded (the studio caches
+them): `compare_generation` (both greedy continuations and the per-token KL) plus the routing of the
+converted model's tokens, with torch's default thread count as in the studio process. Reports the
+median and range over repeats and the 1-minute load average, and names the other processes that
+were using the CPU, so a run beside a background job says so. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from analysis import compare_view
+from tomoe_core.convert import load_converted, read_metadata
+from tomoe_core.evaluate import compare_generation
+from tomoe_core.models import load_dense
+from tomoe_core.pipeline import conversions_dir, materialise_at
+
+PROMPT = "The history of the Roman Empire begins"
+
+
+def busy_processes(min_cpu_s: float = 1.0) -> list[str]:
+    """Other python processes of this user that have used CPU (Linux /proc), by command line."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if "python" in cmd and cpu_s >= min_cpu_s:
+            out.append(cmd[:120])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conversion", type=Path, default=conversions_dir() / "smollm2-135m-any-budget")
+    p.add_argument("--budget", type=float, default=None, help="materialise a budget-conditioned conversion here")
+    p.add_argument("--new-tokens", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    meta = read_metadata(args.conversion)
+    dense, tokenizer = load_dense(meta["model"], log=lambda *a: None)
+    if args.budget is not None:
+        moe, _, _ = materialise_at(args.conversion, args.budget, layout="memory", log=lambda *a: None)
+    else:
+        moe = load_converted(args.conversion, load_tokenizer=False)[0]
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = compare_generation(dense, moe, tokenizer, PROMPT, args.new_tokens)
+            compare_view.generated_routing(moe, tokenizer, PROMPT, res["moe_ids"])
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"conversion": args.conversion.name, "budget": args.budget or meta["budget"],
+                      "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
+                      "seconds_median": round(statistics.median(times), 2),
+                      "seconds_range": [round(min(times), 2), round(max(times), 2)],
+                      "loadavg_1min": os.getloadavg()[0], "other_python_processes": busy_processes()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Rebuild everything a fresh clone ships about the default conversion, from a trained conversion:
+#   bash scripts/ship_default.sh [CONVERSION]        (default: cache/conversions/smollm2-135m-any-budget)
+# Train it first (about 70 min on 2 CPU cores):
+#   python -m tomoe_core convert --budget-range 0.3 1.0 --budget 0.5 --output cache/conversions/smollm2-135m-any-budget
+# Each step below is one command of the repository; run alone, so the speed figures are this machine's
+# (the steps use one torch thread; the speed benchmark records the load average it saw).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+CONV=${1:-cache/conversions/smollm2-135m-any-budget}
+NAME=$(basename "$CONV")
+RESULTS=cache/shipped/results
+export OMP_NUM_THREADS=1
+
+# 1. the hypernetwork and metadata (every budget of the range), under cache/shipped/NAME
+$PY -m tomoe_core ship "$CONV"
+# 2. quality at every budget beside the baselines (rows of other conversions not in cache/conversions are dropped)
+$PY -m benchmarks.quality --reuse --threads 1 --output "$RESULTS/quality_benchmark.json"
+# 3. the 60-window evaluation of the default budget, with TEAL-style beside it
+$PY -m tomoe_core evaluate "$CONV" --window 512 --max-windows 60 --baselines wanda-sp,teal \
+    --output "$RESULTS/eval-$NAME-60x512.json"
+# 4. precomputed continuations per budget for the Budget explorer
+$PY -m benchmarks.continuations --conversion "$CONV" --output "$RESULTS/continuations.json"
+# 5. a small tagged routing log for the Experts page
+$PY -m tomoe_core trace "$CONV" --max-tokens 3000 --run-id "shipped-$NAME" --overwrite --quiet
+$PY -m analysis.routing_report "cache/routing/run_id=shipped-$NAME"
+rm -rf "cache/shipped/routing/run_id=shipped-$NAME"
+mkdir -p cache/shipped/routing
+cp -r "cache/routing/run_id=shipped-$NAME" cache/shipped/routing/
+# 6. speed and memory of dense and every budget (trained, materialised from the conditioned conversion)
+$PY -m benchmarks.speed --conversions "$NAME" --output "$RESULTS/speed_benchmark.json"
