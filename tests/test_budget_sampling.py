@@ -30,7 +30,7 @@ def test_steps_follow_the_named_density(sampling):
 
 
 def test_low_budget_share_grows_from_uniform_to_inverse():
-    # the shares of steps below p = 0.5 the README quotes (29 %, 42 %, 57 %), from the training schedule itself
+    # the shares of steps below p = 0.5 docs/GUIDE.md quotes (29 %, 42 %, 57 %), from the training schedule itself
     below = {s: sum(step_budget(ConversionConfig(budget_range=(0.3, 1.0), budget_sampling=s), i) < 0.5
                     for i in range(1000)) / 1000 for s in BUDGET_SAMPLING}
     assert below["uniform"] == pytest.approx(0.286, abs=0.005)
