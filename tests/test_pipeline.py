@@ -8,8 +8,9 @@ from tomoe_core import load_converted, pipeline
 from tomoe_core.budget import account
 from tomoe_core.cli import main
 from tomoe_core.models import load_tokenizer
-from tomoe_core.pipeline import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, materialise_at,
-                                 rebudget, run_conversion, run_evaluation)
+from tomoe_core.generation_budget import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, clamp_budget,
+                                          train_budget)
+from tomoe_core.pipeline import materialise_at, rebudget, run_conversion, run_evaluation
 from tomoe_core.train import ConversionConfig
 
 WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
@@ -124,6 +125,12 @@ def test_calibrated_gap_takes_the_nearest_calibrated_budget():
     assert calibrated_gap(gaps, 0.7) == 0.1 and calibrated_gap({"0.6": 0.1, "0.7": 0.2}, 0.65) == 0.1  # float-safe
     assert anchor_budget((0.3, 1.0), 0.9, anchor_gaps=gaps) == pytest.approx(0.7)
     assert anchor_budget((0.3, 1.0), 0.9, 0.0, anchor_gaps=gaps) == pytest.approx(0.9)  # an explicit gap wins
+
+
+def test_generation_budget_clamps_into_the_range_and_trains_single_budgets_below():
+    assert clamp_budget(0.2, (0.3, 1.0)) == 0.3 and clamp_budget(0.5, (0.3, 0.4)) == 0.4
+    assert clamp_budget(0.2, None) == 0.2
+    assert train_budget(0.5, 0.1) == pytest.approx(0.4) == ConversionConfig(budget=0.5, train_gap=0.1).train_budget
 
 
 def test_calibrate_anchor_cli_records_the_gaps_or_only_prints_them(tiny_setup, capsys):

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# the train gap's defaults live with the anchor gap's (re-exported: config.TRAIN_GAP and co. keep working)
+from .generation_budget import TRAIN_GAP, TRAIN_GAP_FROM, default_train_gap  # noqa: F401
+from .generation_budget import train_budget as _train_budget
+
 # `convert --help` groups, in the order it shows them
 ESSENTIALS = "essentials"
 RECIPE = "training recipe"
@@ -25,23 +29,6 @@ DEFAULT_BUDGET_SAMPLING = "log"  # of a budget range; conversions saved before t
 INITS = ("cluster", "offset")
 REGULARISE = ("deterministic", "sampled")
 DISTILL = ("kl", "ce")
-
-# A single-budget conversion trains this far below its budget and widens to it, from TRAIN_GAP_FROM up.
-# Measured on SmolLM2-135M (README, "Train below the budget"): at p = 0.5 training at 0.4 and widening was
-# 7 % better on 60 held-out windows, at 0.7 training at 0.5 was 8 % better on 8, at 0.4 training at 0.32
-# was 16 % worse on 8. Below TRAIN_GAP_FROM the default trains at the budget itself.
-TRAIN_GAP = 0.1
-TRAIN_GAP_FROM = 0.5
-
-
-def default_train_gap(budget: float, budget_range=None, prune_attention: bool = False) -> float:
-    """train_gap when none is given: TRAIN_GAP for an MLP-only single-budget conversion at a budget of
-    TRAIN_GAP_FROM or more; 0 below it, with a budget range (it calibrates its anchor after training) or
-    with attention pruning (not measured)."""
-    if budget_range is not None or prune_attention or budget < TRAIN_GAP_FROM - 1e-9:
-        return 0.0
-    return TRAIN_GAP
-
 
 def option(default, group: str, *flags: str, help: str, **argparse_kwargs):
     """A field with a `convert` option. flags: default `--field-name`; the type (and nargs for a tuple,
@@ -204,8 +191,8 @@ class ConversionConfig:
 
     @property
     def train_budget(self) -> float:
-        """The budget a single-budget run trains its experts for (`budget - train_gap`)."""
-        return self.budget - self.train_gap
+        """The budget a single-budget run trains its experts for (`budget - train_gap`, see generation_budget)."""
+        return _train_budget(self.budget, self.train_gap)
 
     @property
     def batch_size(self) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .budget import active_ratio, channel_cost
 from .families import adapter_for
+from .generation_budget import clamp_budget
 from .hypernet import HyperNetwork
 from .routing import MaskedMLP, mlp_intermediate
 
@@ -168,8 +169,7 @@ class MaskedModel(nn.Module):
         if self.conditioned:
             if budget is None:
                 raise ValueError("this conversion is budget-conditioned: say which budget to generate masks for")
-            lo, hi = self.budget_range
-            budget = min(max(budget, lo), hi)  # outside its range the nearest trained budget (then a shift)
+            budget = clamp_budget(budget, self.budget_range)  # outside its range the nearest trained budget
         z_all = self.hypernet(budget if self.conditioned else None)
         if self.attention is None:
             return [z + self.mask_base(l, budget) for l, z in enumerate(z_all)]  # L x (E, I)

@@ -16,13 +16,15 @@ from .convert import (ConvertedModelError, check_same_vocabulary, conversion_dig
                       materialise_from_recipe, read_metadata, save_converted, save_recipe)
 from .data import cache_dir, cached_stream, shipped_dir, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
+# which budget masks are generated at (re-exported: pipeline.anchor_budget and co. keep working)
+from .generation_budget import DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, default_train_gap  # noqa: F401
 from .io import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock, safe_name, sha256_file
 from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from .lastword import rule as last_word_rule
 from .machine import machine_info
 from .masked import MaskedModel
 from .models import load_dense
-from .train import ConversionConfig, default_train_gap, finalize_masks, layer_stats, train_conversion
+from .train import ConversionConfig, finalize_masks, layer_stats, train_conversion
 
 
 def conversions_dir() -> Path:
@@ -101,7 +103,8 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             "accounting": report.as_dict(), "machine": machine_info(cfg.device), "text": cfg.text,
         }
         if cfg.train_gap:
-            meta["train_budget"] = cfg.train_budget  # trained there, widened to `budget` by the threshold
+            # trained there, widened to `budget` by the threshold (tomoe.json's keys: see generation_budget)
+            meta["train_budget"] = cfg.train_budget
         if anchor:
             meta["anchor_gaps"] = anchor.pop("anchor_gaps")
             meta["anchor_calibration"] = anchor
@@ -154,39 +157,12 @@ def budget_source(meta: dict, budget: float) -> str:
     return "trained" if abs(budget - float(meta["budget"])) < 1e-9 else "threshold-moved"
 
 
-# How far below the requested budget a conditioned conversion generates its masks before the threshold
-# widens them to the budget, when the conversion carries no calibration of its own (`anchor_gaps` in
-# tomoe.json, written by `calibrate_anchor`): generate at the budget itself.
-DEFAULT_ANCHOR_GAP = 0.0
 # What `calibrate_anchor` tries: gaps per budget, on validation windows of the held-out text that come
 # after the first ANCHOR_SKIP_WINDOWS (those are what `evaluate` and benchmarks.quality report on).
 ANCHOR_GAPS = (0.0, 0.1, 0.2)
 ANCHOR_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ANCHOR_SKIP_WINDOWS = 60
 ANCHOR_WINDOWS = 4
-
-
-def calibrated_gap(anchor_gaps: dict | None, budget: float) -> float:
-    """The gap a conversion's calibration chose for the calibrated budget nearest to `budget`
-    (the lower one on a tie); DEFAULT_ANCHOR_GAP without a calibration."""
-    if not anchor_gaps:
-        return DEFAULT_ANCHOR_GAP
-    nearest = min(anchor_gaps, key=lambda b: (round(abs(float(b) - budget), 9), float(b)))
-    return float(anchor_gaps[nearest])
-
-
-def anchor_budget(budget_range, budget: float, anchor_gap: float | None = None,
-                  anchor_gaps: dict | None = None) -> float | None:
-    """The budget a conditioned conversion generates its masks for when materialised at `budget`:
-    max(lo, budget - gap), inside the range; None for a single-budget conversion. gap: `anchor_gap`
-    if given, else the calibrated gap (`anchor_gaps`, see `calibrated_gap`)."""
-    if budget_range is None:
-        return None
-    lo, hi = budget_range
-    gap = calibrated_gap(anchor_gaps, budget) if anchor_gap is None else anchor_gap
-    if gap < 0:
-        raise ValueError(f"anchor gap must be >= 0, got {gap}")
-    return min(max(lo, budget - gap), hi)
 
 
 def anchor_windows(tokenizer, model_name: str, text: str, window: int = 512, count: int = ANCHOR_WINDOWS,
@@ -361,7 +337,8 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     report = account(moe)
     seconds = time.time() - t0
     new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
-                "budget": budget, "budget_source": budget_source(meta, budget), "trained_budget": meta["budget"],
+                "budget": budget, "budget_source": budget_source(meta, budget),
+                "trained_budget": meta["budget"],  # the source conversion's budget (not `train_budget`)
                 "derived_from": str(conversion), "mask_calibration": calib, **mask_stats(masked, masks, budget),
                 "accounting": report.as_dict(), "materialise_seconds": round(seconds, 2)}
     return moe, new_meta, seconds

@@ -30,8 +30,9 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from .config import (  # noqa: F401  (re-exported: tomoe_core.train.ConversionConfig and co. keep working)
-    BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, TRAIN_GAP, TRAIN_GAP_FROM, ConversionConfig, default_train_gap)
+    BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, ConversionConfig)
 from .data import windows
+from .generation_budget import TRAIN_GAP, TRAIN_GAP_FROM, default_train_gap  # noqa: F401  (re-exported)
 from .hypernet import logistic_noise, straight_through_sigmoid
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .masked import MaskedModel
@@ -74,7 +75,7 @@ def step_budget(cfg: ConversionConfig, step: int) -> float:
     distributed runs agree on it; `budget_quantile` maps it onto the range by `cfg.budget_sampling`.
     """
     if cfg.budget_range is None:
-        return cfg.train_budget
+        return cfg.train_budget  # budget - train_gap (generation_budget.train_budget)
     lo, hi = cfg.budget_range
     return budget_quantile(cfg.budget_sampling, lo, hi, (0.5 + step * _GOLDEN) % 1.0)
 
@@ -359,8 +360,8 @@ def _truncate_log(path: Path, step: int) -> None:
 def finalize_masks(masked: MaskedModel, budget: float, generate_at: float | None = None) -> tuple[list[torch.Tensor], dict]:
     """Deterministic masks at the budget: global logit shift by bisection, then report.
 
-    generate_at: a conditioned hypernetwork generates the logits for this budget (default: `budget`)
-    and the shift moves them to `budget`."""
+    generate_at: a conditioned hypernetwork generates the logits for this budget (default: `budget`;
+    see generation_budget.anchor_budget) and the shift moves them to `budget`."""
     gen = budget if generate_at is None else generate_at
     raw = masked.deterministic_masks(0.0, gen)
     raw_ratio = float(masked.ratio_of(raw))
