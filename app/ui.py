@@ -100,6 +100,21 @@ def materialise_shipped(log) -> list[Path]:
     return ensure_shipped_conversions(log=log)
 
 
+@contextlib.contextmanager
+def fair_threads():
+    """Run the block with the torch threads other work leaves free (`tomoe_core.jobs.fair_thread_count`)."""
+    import torch
+
+    from tomoe_core import jobs
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(jobs.fair_thread_count())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a user can cause (bad input, missing or corrupt files): shown as messages."""
     return (ValueError, FileNotFoundError, OSError, KeyError)

@@ -5,7 +5,7 @@
 
 Does what a press of "Generate side by side" does once the models are loaded (the studio caches
 them): `compare_generation` (both greedy continuations and the per-token KL) plus the routing of the
-converted model's tokens, with torch's default thread count as in the studio process. Reports the
+converted model's tokens, with the thread count the studio uses (`--threads fair`). Reports the
 median and range over repeats and the 1-minute load average, and names the other processes that
 were using the CPU, so a run beside a background job says so. Prints one JSON line.
 """
@@ -23,6 +23,7 @@ import torch
 from analysis import compare_view
 from tomoe_core.convert import load_converted, read_metadata
 from tomoe_core.evaluate import compare_generation
+from tomoe_core.jobs import fair_thread_count
 from tomoe_core.models import load_dense
 from tomoe_core.pipeline import conversions_dir, materialise_at
 
@@ -52,7 +53,14 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None, help="materialise a budget-conditioned conversion here")
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", default="fair",
+                   help="torch threads: 'fair' (what the studio uses: the CPUs other work leaves free), "
+                        "'default' (torch's) or a number")
     args = p.parse_args(argv)
+    if args.threads == "fair":
+        torch.set_num_threads(fair_thread_count())
+    elif args.threads != "default":
+        torch.set_num_threads(int(args.threads))
     meta = read_metadata(args.conversion)
     dense, tokenizer = load_dense(meta["model"], log=lambda *a: None)
     if args.budget is not None:

@@ -62,6 +62,22 @@ JOB_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_
                   "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def fair_thread_count(cpus: int | None = None, load: float | None = None, running_jobs: int | None = None) -> int:
+    """Torch threads for interactive work (the studio's Compare, a trace it runs itself) beside other work.
+
+    The CPUs that other processes leave free: the 1-minute load average, or the registered running
+    jobs (one thread each) where the load average has not caught up with them yet; at least 1. On 2
+    cores with one conversion running, 2 threads spin against it and a 30-token Compare took 19.4 s
+    where 1 thread took 8.1 s (`python -m benchmarks.compare_latency`, docs/RESULTS.md).
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if load is None else load
+    if running_jobs is None:
+        running_jobs = sum(1 for j in list_jobs() if is_running(j))
+    return max(1, cpus - max(int(load + 0.5), running_jobs))
+
+
 def jobs_dir() -> Path:
     return cache_dir() / "jobs"
 

@@ -98,7 +98,8 @@ def _generate_with(moe, dense, tokenizer, status) -> dict:
 
 
 if submitted:
-    st.session_state["compare_result"] = generate(conv)
+    with ui.fair_threads():  # a background job keeps its core: spinning against it costs 2.4x here
+        st.session_state["compare_result"] = generate(conv)
 
 result = st.session_state.get("compare_result")
 if not result:
