@@ -11,7 +11,8 @@ import importlib
 _EXPORTS = {
     "ToMoEConfig": "convert", "ToMoEForCausalLM": "convert", "load_converted": "convert", "materialise": "convert",
     "save_converted": "convert", "SUPPORTED_FAMILIES": "families", "UnsupportedModelError": "families",
-    "adapter_for": "families", "MaskedModel": "masked", "DEFAULT_MODEL": "models", "load_dense": "models",
+    "adapter_for": "families", "MaskedModel": "masked", "Masks": "masks", "DEFAULT_MODEL": "models",
+    "load_dense": "models",
     "ConversionConfig": "config", "train_conversion": "train",
 }
 __all__ = sorted(_EXPORTS)

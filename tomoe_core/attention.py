@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import FamilyAdapter, adapter_for
-from .hypernet import gumbel_noise, straight_through_softmax
-from .routing import RoutedMixin, RoutingPoint
+from .routing import RoutedMixin, RouterStats, RoutingPoint
 
 ATTENTION_FAMILIES = ("llama", "mistral", "qwen2")
 _REFUSED = {
@@ -142,8 +141,7 @@ class MaskedAttention(RoutedMixin, nn.Module):
         self.train_routing = False
         self.router_tau = 0.4
         self.noise_generator: torch.Generator | None = None
-        self.last_router_probs: torch.Tensor | None = None  # (N, E), train_routing only
-        self.last_assignment: torch.Tensor | None = None  # (N, E), train_routing only
+        self.router_stats: RouterStats | None = None  # of the last forward, train_routing only
         self._token_masks: torch.Tensor | None = None  # (N, C) from the v_proj hook to the o_proj pre-hook
         self._projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         self._handles: list = []
@@ -173,18 +171,7 @@ class MaskedAttention(RoutedMixin, nn.Module):
             return None
         x = args[0]
         logits = self.router(x.reshape(-1, x.shape[-1])).float()  # (N, E)
-        masks = self.vo_masks.to(out.dtype)
-        if self.train_routing:
-            noise = gumbel_noise(logits.shape, self.noise_generator, logits.device)
-            assignment = straight_through_softmax(logits + noise, self.router_tau)  # (N, E)
-            self.last_router_probs = torch.softmax(logits, dim=-1)
-            self.last_assignment = assignment
-            token_masks = assignment.to(out.dtype) @ masks  # (N, C)
-            self.report_routing(logits, assignment.argmax(-1))
-        else:
-            idx = self.choose_experts(logits)
-            self.report_routing(logits, idx)
-            token_masks = masks[idx]  # (N, C)
+        token_masks = self.route_masks(logits, self.vo_masks.to(out.dtype))  # (N, C)
         self._token_masks = token_masks
         return out * token_masks.view(out.shape)
 

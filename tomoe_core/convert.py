@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .families import adapter_for
 from .io import atomic_dir, atomic_write_json, sha256_file
+from .masks import Masks
 from .modeling import (FORMAT_VERSION, ConvertedModelError, ToMoEConfig, ToMoEForCausalLM,  # noqa: F401 (re-exported)
                        available_memory_bytes, read_metadata, verify_weights)
 from .routing import MaskedMLP, MoEMLP
@@ -33,9 +34,10 @@ AutoConfig.register("tomoe", ToMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(ToMoEConfig, ToMoEForCausalLM, exist_ok=True)
 
 
-def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) -> ToMoEForCausalLM:
-    """Build the MoE model from a MaskedModel and its deterministic expert masks (L x (E, I)), with
-    attention pruning 3 L masks (MLP, then Q/K pairs, then V/O experts; see `MaskedModel.split_masks`)."""
+def materialise(masked, masks: Masks | list[torch.Tensor], budget: float | None = None) -> ToMoEForCausalLM:
+    """Build the MoE model from a MaskedModel and its deterministic masks: MLP experts (L x (E, I)) and,
+    with attention pruning, Q/K pairs and V/O experts (`Masks`, or its flat list)."""
+    masks = Masks.of(masks, len(masked.mlps))
     maskers = list(getattr(masked, "attention", None) or [])
     for a in maskers:  # their hooks must not be copied along with the projections they watch
         a.detach()
@@ -46,7 +48,7 @@ def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) 
             a.attach()
     adapter = adapter_for(base)
     specs = []
-    for layer, m in zip(adapter.layers(base), masks):
+    for layer, m in zip(adapter.layers(base), masks.mlp):
         masked_mlp = adapter.mlp(layer)
         assert isinstance(masked_mlp, MaskedMLP)
         w = adapter.mlp_weights(masked_mlp.dense_mlp)
@@ -55,18 +57,17 @@ def materialise(masked, masks: list[torch.Tensor], budget: float | None = None) 
         specs.append({"union_size": moe.union_size, "expert_widths": moe.expert_widths, "gated": w.gated,
                       "up_bias": w.up_bias is not None, "down_bias": w.down_bias is not None})
     attention_specs = None
-    if len(masks) > len(specs):
+    if masks.attention:
         from .attention import PrunedAttention
 
-        _mlp, qk, vo = masked.split_masks(masks)
         attention_specs = []
         for l, layer in enumerate(adapter.layers(base)):
-            pruned = PrunedAttention.from_masks(adapter.attention(layer), base.config, l, maskers[l].router, qk[l],
-                                                vo[l], adapter.model_type)
+            pruned = PrunedAttention.from_masks(adapter.attention(layer), base.config, l, maskers[l].router,
+                                                masks.qk[l], masks.vo[l], adapter.model_type)
             setattr(layer, adapter.attn_attr, pruned)
             attention_specs.append(pruned.spec())
     base_cfg = base.config.to_dict()
-    config = ToMoEConfig(base_config=base_cfg, num_experts=masks[0].shape[0], moe_layers=specs, budget=budget,
+    config = ToMoEConfig(base_config=base_cfg, num_experts=masks.mlp[0].shape[0], moe_layers=specs, budget=budget,
                          attention_layers=attention_specs)
     return ToMoEForCausalLM(config, model=base)
 

@@ -20,10 +20,31 @@ from .budget import active_ratio, channel_cost
 from .families import adapter_for
 from .generation_budget import clamp_budget
 from .hypernet import HyperNetwork
-from .routing import MaskedMLP, mlp_intermediate
+from .masks import Masks
+from .routing import MaskedMLP, RouterStats, mlp_intermediate
 
-# With attention pruning (opt-in) every mask list holds 3 L tensors: L MLP expert masks (E, I),
-# then L Q/K rotary-pair masks (1, P), then L V/O expert masks (E, C) (see attention.py).
+# Masks (and mask logits) travel as `Masks`: mlp L x (E, I), and with attention pruning (opt-in) also
+# qk L x (1, P) rotary-pair masks and vo L x (E, C) expert masks (see attention.py). Methods that take
+# masks also accept the flat list mlp + qk + vo (`Masks.of`).
+
+
+class BufferList(nn.Module):
+    """A list of buffers (torch has ParameterList, not this), registered as "0", "1", ...; they move
+    with the module (`.to`) and a list index reads the current tensor."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(str(i), t)
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._buffers[str(index)]
+
+    def __iter__(self):
+        return iter(self._buffers.values())
 
 
 class MaskedModel(nn.Module):
@@ -71,17 +92,17 @@ class MaskedModel(nn.Module):
         # budget-conditioned: one hypernetwork for every budget in this range (its input is p)
         self.budget_range = tuple(budget_range) if budget_range is not None else None
         self.hypernet = HyperNetwork(decoder_sizes, num_experts, seed=seed, conditioned=self.conditioned).to(device)
-        for l, size in enumerate(sizes):
-            self.register_buffer(f"mask_base_{l}", torch.full((num_experts, size), float(offset), device=device))
-            if self.conditioned:
-                # rank of each channel in each expert's cluster prior, as a fraction of I (-1: no rank
-                # prior, the constant mask_base applies); the prior at budget p is on where rank < p
-                self.register_buffer(f"mask_rank_{l}", torch.full((num_experts, size), -1.0, device=device))
+        # prior mask logits per layer (E, I): not parameters, but initialised (cluster_init) and saved
+        self.mask_bases = BufferList(torch.full((num_experts, size), float(offset), device=device) for size in sizes)
+        # conditioned: rank of each channel in each expert's cluster prior, as a fraction of I (-1: no rank
+        # prior, the constant mask base applies); the prior at budget p is on where rank < p
+        self.mask_ranks = BufferList(torch.full((num_experts, size), -1.0, device=device)
+                                     for size in (sizes if self.conditioned else []))
         self.register_buffer("prior_scale", torch.tensor(float(offset), device=device))
-        for l, a in enumerate(self.attention or []):
-            self.register_buffer(f"attn_qk_base_{l}", torch.full((1, a.shape.pairs), float(offset), device=device))
-            self.register_buffer(f"attn_vo_base_{l}", torch.full((num_experts, a.shape.value_channels), float(offset),
-                                                                 device=device))
+        shapes = [a.shape for a in self.attention or []]
+        self.attn_qk_bases = BufferList(torch.full((1, s.pairs), float(offset), device=device) for s in shapes)
+        self.attn_vo_bases = BufferList(torch.full((num_experts, s.value_channels), float(offset), device=device)
+                                        for s in shapes)
 
     @property
     def conditioned(self) -> bool:
@@ -102,10 +123,10 @@ class MaskedModel(nn.Module):
     def mask_base(self, layer: int, budget: float | None = None) -> torch.Tensor:
         """Prior mask logits (E, I) of a layer; a conditioned model's cluster prior depends on the budget."""
         if self.conditioned and budget is not None:
-            rank = getattr(self, f"mask_rank_{layer}")
+            rank = self.mask_ranks[layer]
             if bool((rank >= 0).all()):
                 return torch.where(rank < budget, self.prior_scale, -self.prior_scale)
-        return getattr(self, f"mask_base_{layer}")
+        return self.mask_bases[layer]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.hypernet.parameters()) + [p for m in self.routed_modules() for p in m.router.parameters()]
@@ -114,18 +135,11 @@ class MaskedModel(nn.Module):
         """Everything with a router: the masked MLPs, then (attention pruning) the attention maskers."""
         return list(self.mlps) + list(self.attention or [])
 
-    def split_masks(self, masks: list[torch.Tensor]):
-        """(MLP masks, Q/K pair masks or None, V/O masks or None) of a mask list."""
-        n = len(self.mlps)
-        if len(masks) == n:
-            return masks, None, None
-        assert self.attention is not None and len(masks) == 3 * n, f"{len(masks)} masks for {n} layers"
-        return masks[:n], masks[n:2 * n], masks[2 * n:]
-
-    def routed_masks(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The masks that have experts (MLP and V/O): the union term spreads them over all channels."""
-        mlp, _qk, vo = self.split_masks(masks)
-        return list(mlp) + list(vo or [])
+    def masks_of(self, masks: Masks | list[torch.Tensor]) -> Masks:
+        """`masks` (a Masks or the flat list of L or, with attention pruning, 3 L tensors) as Masks."""
+        masks = Masks.of(masks, len(self.mlps))
+        assert self.attention is not None or not masks.attention, "attention masks, but no attention pruning"
+        return masks
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything a conversion learns or initialises: hypernetwork, routers, mask bases."""
@@ -133,16 +147,16 @@ class MaskedModel(nn.Module):
         for l, m in enumerate(self.mlps):
             state[f"router.{l}.weight"] = m.router.weight
             state[f"router.{l}.bias"] = m.router.bias
-            state[f"mask_base.{l}"] = self.mask_base(l)
+            state[f"mask_base.{l}"] = self.mask_bases[l]
             if self.conditioned:
-                state[f"mask_rank.{l}"] = getattr(self, f"mask_rank_{l}")
+                state[f"mask_rank.{l}"] = self.mask_ranks[l]
         if self.conditioned:
             state["prior_scale"] = self.prior_scale
         for l, a in enumerate(self.attention or []):
             state[f"attn_router.{l}.weight"] = a.router.weight
             state[f"attn_router.{l}.bias"] = a.router.bias
-            state[f"attn_qk_base.{l}"] = getattr(self, f"attn_qk_base_{l}")
-            state[f"attn_vo_base.{l}"] = getattr(self, f"attn_vo_base_{l}")
+            state[f"attn_qk_base.{l}"] = self.attn_qk_bases[l]
+            state[f"attn_vo_base.{l}"] = self.attn_vo_bases[l]
         return {k: v.detach().contiguous() for k, v in state.items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -152,46 +166,49 @@ class MaskedModel(nn.Module):
             for l, m in enumerate(self.mlps):
                 m.router.weight.copy_(state[f"router.{l}.weight"])
                 m.router.bias.copy_(state[f"router.{l}.bias"])
-                self.mask_base(l).copy_(state[f"mask_base.{l}"])
+                self.mask_bases[l].copy_(state[f"mask_base.{l}"])
                 if self.conditioned:
-                    getattr(self, f"mask_rank_{l}").copy_(state[f"mask_rank.{l}"])
+                    self.mask_ranks[l].copy_(state[f"mask_rank.{l}"])
             if self.conditioned:
                 self.prior_scale.copy_(state["prior_scale"])
             for l, a in enumerate(self.attention or []):
                 a.router.weight.copy_(state[f"attn_router.{l}.weight"])
                 a.router.bias.copy_(state[f"attn_router.{l}.bias"])
-                getattr(self, f"attn_qk_base_{l}").copy_(state[f"attn_qk_base.{l}"])
-                getattr(self, f"attn_vo_base_{l}").copy_(state[f"attn_vo_base.{l}"])
+                self.attn_qk_bases[l].copy_(state[f"attn_qk_base.{l}"])
+                self.attn_vo_bases[l].copy_(state[f"attn_vo_base.{l}"])
 
     # -- masks ------------------------------------------------------------------------------
-    def mask_logits(self, budget: float | None = None) -> list[torch.Tensor]:
-        """Per layer (E, I) mask logits; a conditioned model needs the budget they are generated for."""
+    def mask_logits(self, budget: float | None = None) -> Masks:
+        """Mask logits of every layer (MLP (E, I); attention pruning: also Q/K (1, P), V/O (E, C)); a
+        conditioned model needs the budget they are generated for."""
         if self.conditioned:
             if budget is None:
                 raise ValueError("this conversion is budget-conditioned: say which budget to generate masks for")
             budget = clamp_budget(budget, self.budget_range)  # outside its range the nearest trained budget
         z_all = self.hypernet(budget if self.conditioned else None)
         if self.attention is None:
-            return [z + self.mask_base(l, budget) for l, z in enumerate(z_all)]  # L x (E, I)
+            return Masks([z + self.mask_base(l, budget) for l, z in enumerate(z_all)])  # L x (E, I)
         mlp, qk, vo = [], [], []
         for l, (z, a) in enumerate(zip(z_all, self.attention)):  # z: (E, I + P + C)
             i, p = self.intermediate_sizes[l], a.shape.pairs
             mlp.append(z[:, :i] + self.mask_base(l, budget))
-            qk.append(z[:, i:i + p].mean(0, keepdim=True) + getattr(self, f"attn_qk_base_{l}"))  # (1, P): static
-            vo.append(z[:, i + p:] + getattr(self, f"attn_vo_base_{l}"))  # (E, C)
-        return mlp + qk + vo
+            qk.append(z[:, i:i + p].mean(0, keepdim=True) + self.attn_qk_bases[l])  # (1, P): static
+            vo.append(z[:, i + p:] + self.attn_vo_bases[l])  # (E, C)
+        return Masks(mlp, qk, vo)
 
     @torch.no_grad()
-    def deterministic_masks(self, shift: float = 0.0, budget: float | None = None) -> list[torch.Tensor]:
+    def deterministic_masks(self, shift: float = 0.0, budget: float | None = None) -> Masks:
         """Inference masks: 1[logit + shift > 0], no noise."""
-        return [(z + shift > 0).float() for z in self.mask_logits(budget)]
+        return self.mask_logits(budget).map(lambda z: (z + shift > 0).float())
 
-    def ratio_of(self, masks: list[torch.Tensor]):
+    def ratio_of(self, masks: Masks | list[torch.Tensor]):
         """Active ratio implied by masks (widest expert per layer) over every prunable weight the masks
         cover (MLP; with attention pruning also q/k/v/o projections); differentiable."""
-        if len(masks) == len(self.mlps):
-            return active_ratio([m.sum(dim=1).max() for m in masks], self.channel_costs, self.intermediate_sizes)
-        return active_ratio([m.sum(dim=1).max() for m in masks], self.mask_costs, self.mask_sizes)
+        masks = self.masks_of(masks)
+        widths = [m.sum(dim=1).max() for m in masks]  # mlp, then qk, vo: the order of mask_costs
+        if not masks.attention:
+            return active_ratio(widths, self.channel_costs, self.intermediate_sizes)
+        return active_ratio(widths, self.mask_costs, self.mask_sizes)
 
     @torch.no_grad()
     def calibrate_shift(self, budget: float, iters: int = 60, generate_at: float | None = None) -> float:
@@ -201,24 +218,36 @@ class MaskedModel(nn.Module):
         lo, hi = -50.0, 50.0
         for _ in range(iters):
             mid = (lo + hi) / 2
-            r = float(self.ratio_of([(z + mid > 0).float() for z in logits]))
+            r = float(self.ratio_of(logits.map(lambda z: (z + mid > 0).float())))
             if r > budget:
                 hi = mid
             else:
                 lo = mid
         return lo  # largest shift whose ratio stays at or below the budget
 
-    def set_masks(self, masks: list[torch.Tensor] | None, train_routing: bool = False) -> None:
-        """L MLP masks, or (attention pruning) 3 L masks; None: the dense model."""
+    def set_masks(self, masks: Masks | list[torch.Tensor] | None, train_routing: bool = False) -> None:
+        """Masks to apply (MLP only, or with attention pruning also Q/K and V/O); None: the dense model.
+        train_routing: the routers mix the experts' masks by a straight-through Gumbel-softmax and keep
+        their statistics for `take_router_stats`."""
+        masks = None if masks is None else self.masks_of(masks)
         for l, m in enumerate(self.mlps):
-            m.expert_masks = None if masks is None else masks[l]
+            m.expert_masks = None if masks is None else masks.mlp[l]
             m.train_routing = train_routing and masks is not None
         if self.attention is not None:
-            _mlp, qk, vo = self.split_masks(masks) if masks is not None else (None, None, None)
+            attention = masks is not None and masks.attention
             for l, a in enumerate(self.attention):
-                a.qk_mask = None if qk is None else qk[l]
-                a.vo_masks = None if vo is None else vo[l]
-                a.train_routing = train_routing and vo is not None
+                a.qk_mask = masks.qk[l] if attention else None
+                a.vo_masks = masks.vo[l] if attention else None
+                a.train_routing = train_routing and attention
+
+    def take_router_stats(self) -> list[RouterStats]:
+        """The router statistics of the last `train_routing` forward, one per routed module (MLPs, then
+        attention), removed from the modules."""
+        stats = []
+        for m in self.routed_modules():
+            stats.append(m.router_stats)
+            m.router_stats = None
+        return stats
 
     def set_routing(self, override: int | str | None, generator: torch.Generator | None = None) -> None:
         for m in self.routed_modules():
@@ -300,9 +329,9 @@ class MaskedModel(nn.Module):
                 order = score.argsort(descending=True)
                 base[k, order[:width]] = prior_scale
                 rank[k, order] = torch.arange(len(order), device=dev, dtype=rank.dtype) / len(order)
-            self.mask_base(l).copy_(base)
+            self.mask_bases[l].copy_(base)
             if self.conditioned:
-                getattr(self, f"mask_rank_{l}").copy_(rank)
+                self.mask_ranks[l].copy_(rank)
             sizes.append(torch.bincount(labels, minlength=self.num_experts).tolist())
             if progress is not None:
                 progress(l + 1, len(self.mlps))
@@ -322,7 +351,7 @@ class MaskedModel(nn.Module):
 
         priors = energy_priors(self.model, list(self.attention), calibration_ids, budget)
         for l, (pairs, channels) in enumerate(priors):
-            qk, vo = getattr(self, f"attn_qk_base_{l}"), getattr(self, f"attn_vo_base_{l}")
+            qk, vo = self.attn_qk_bases[l], self.attn_vo_bases[l]
             qk.copy_(((2 * pairs - 1) * prior_scale).expand_as(qk))
             vo.copy_(((2 * channels - 1) * prior_scale).expand_as(vo))
 

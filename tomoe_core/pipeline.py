@@ -23,6 +23,7 @@ from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from .lastword import rule as last_word_rule
 from .machine import machine_info
 from .masked import MaskedModel
+from .masks import Masks
 from .models import load_dense
 from .train import ConversionConfig, finalize_masks, layer_stats, train_conversion
 
@@ -121,20 +122,20 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
     return output
 
 
-def mask_stats(masked: MaskedModel, masks: list, budget: float) -> dict:
+def mask_stats(masked: MaskedModel, masks: Masks, budget: float) -> dict:
     """tomoe.json's per-layer mask statistics: MLP expert widths, union and the fraction of (expert,
     channel) entries that differ from the initial prior at `budget` ("layers", with their mean in
     "moved_from_prior": how far training reshaped the experts) and, with attention pruning, the fraction
     of Q/K rotary pairs kept and V/O widths ("attention_layers")."""
-    mlp, qk, vo = masked.split_masks(masks)
-    out = {"layers": layer_stats(mlp)}
-    moved = [float(((m > 0) != (masked.mask_base(l, budget) > 0)).float().mean()) for l, m in enumerate(mlp)]
+    masks = masked.masks_of(masks)
+    out = {"layers": layer_stats(masks.mlp)}
+    moved = [float(((m > 0) != (masked.mask_base(l, budget) > 0)).float().mean()) for l, m in enumerate(masks.mlp)]
     for layer, frac in zip(out["layers"], moved):
         layer["moved_from_prior"] = round(frac, 4)
     out["moved_from_prior"] = round(sum(moved) / len(moved), 4)
     if masked.attention is not None:
         out["attention_layers"] = [{"qk_pairs": round(float(q.sum()) / q.numel(), 4), **layer_stats([v])[0]}
-                                   for q, v in zip(qk, vo)]
+                                   for q, v in zip(masks.qk, masks.vo)]
     return out
 
 

@@ -42,8 +42,15 @@ class RoutingPoint(nn.Module):
         return bool(self._forward_hooks)
 
 
+class RouterStats(NamedTuple):
+    """What a router did in one training forward (the load-balance loss reads it)."""
+
+    probs: torch.Tensor  # (N, E) router softmax
+    assignment: torch.Tensor  # (N, E) straight-through one-hot expert choice
+
+
 class RoutedMixin:
-    """Routing choice shared by the masked and the materialised MLP.
+    """Routing choice shared by the masked and the materialised MLP and attention.
 
     `routing_override`: None (learned argmax), "random" (uniform expert per token, from
     `random_generator`), or an int (that fixed expert for every token): the three ways the
@@ -68,6 +75,24 @@ class RoutedMixin:
             probs = torch.softmax(logits.float(), dim=-1)
             self.routing_point(expert_index, probs.gather(-1, expert_index.unsqueeze(-1)).squeeze(-1))
 
+    def route_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Each token's mask from its router logits (N, E) and the experts' masks (E, X) -> (N, X).
+
+        In `train_routing` mode (the masked modules while training) a straight-through Gumbel-softmax
+        mixes the experts' masks and the router's statistics are kept in `router_stats`
+        (`MaskedModel.take_router_stats`); otherwise each token takes its chosen expert's mask."""
+        if self.train_routing:
+            noise = gumbel_noise(logits.shape, self.noise_generator, logits.device)
+            assignment = straight_through_softmax(logits + noise, self.router_tau)  # (N, E)
+            self.router_stats = RouterStats(torch.softmax(logits, dim=-1), assignment)
+            token_masks = assignment.to(masks.dtype) @ masks  # (N, X)
+            self.report_routing(logits, assignment.argmax(-1))
+        else:
+            idx = self.choose_experts(logits)
+            self.report_routing(logits, idx)
+            token_masks = masks[idx]  # (N, X)
+        return token_masks
+
 
 class MaskedMLP(RoutedMixin, nn.Module):
     """A dense MLP whose intermediate channels are multiplied by the chosen expert's mask.
@@ -75,7 +100,7 @@ class MaskedMLP(RoutedMixin, nn.Module):
     `expert_masks` (E, I) is set from outside (hypernetwork output, a static baseline mask
     with E = 1, or None for the dense model). In `train_routing` mode the router uses a
     straight-through Gumbel-softmax and the router statistics of the last call are kept for
-    the load-balance loss; otherwise routing is a deterministic argmax.
+    the load-balance loss; otherwise routing is a deterministic argmax (`route_masks`).
     """
 
     def __init__(self, dense_mlp: nn.Module, weights: MLPWeights, num_experts: int, layer_idx: int):
@@ -91,8 +116,7 @@ class MaskedMLP(RoutedMixin, nn.Module):
         self.train_routing = False
         self.router_tau = 0.4
         self.noise_generator: torch.Generator | None = None
-        self.last_router_probs: torch.Tensor | None = None  # (N, E), train_routing only
-        self.last_assignment: torch.Tensor | None = None  # (N, E) one-hot, train_routing only
+        self.router_stats: RouterStats | None = None  # of the last forward, train_routing only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
@@ -100,18 +124,7 @@ class MaskedMLP(RoutedMixin, nn.Module):
         if self.expert_masks is not None:
             flat_x = x.reshape(-1, x.shape[-1])
             logits = self.router(flat_x).float()  # (N, E)
-            masks = self.expert_masks.to(h.dtype)
-            if self.train_routing:
-                noise = gumbel_noise(logits.shape, self.noise_generator, logits.device)
-                assignment = straight_through_softmax(logits + noise, self.router_tau)  # (N, E)
-                self.last_router_probs = torch.softmax(logits, dim=-1)
-                self.last_assignment = assignment
-                token_masks = assignment.to(h.dtype) @ masks  # (N, I)
-                self.report_routing(logits, assignment.argmax(-1))
-            else:
-                idx = self.choose_experts(logits)
-                self.report_routing(logits, idx)
-                token_masks = masks[idx]  # (N, I)
+            token_masks = self.route_masks(logits, self.expert_masks.to(h.dtype))  # (N, I)
             h = h * token_masks.view(h.shape)
         return F.linear(h, w.down, w.down_bias)
 

@@ -36,6 +36,7 @@ from .generation_budget import TRAIN_GAP, TRAIN_GAP_FROM, default_train_gap  # n
 from .hypernet import logistic_noise, straight_through_sigmoid
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .masked import MaskedModel
+from .masks import Masks
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -102,9 +103,9 @@ def noise_scale(cfg: ConversionConfig, step: int) -> float:
     return cfg.mask_noise * max(0.0, 1.0 - step / (cfg.noise_anneal * cfg.steps))
 
 
-def _mean_union(masked: MaskedModel, masks: list[torch.Tensor]) -> torch.Tensor:
+def _mean_union(masks: Masks) -> torch.Tensor:
     """Fraction of channels some expert keeps (soft: 1 - prod(1 - m)), averaged over the routed layers."""
-    return torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masked.routed_masks(masks)]).mean()
+    return torch.stack([(1 - torch.prod(1 - m, dim=0)).mean() for m in masks.routed]).mean()
 
 
 def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionConfig, step: int,
@@ -118,10 +119,12 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     scale = noise_scale(cfg, step)
     target = step_budget(cfg, step)
     logits = masked.mask_logits(target)
-    noise = [scale * logistic_noise(z.shape, gen, device) for z in logits] if scale > 0 else None
-    train_masks = [straight_through_sigmoid(z if noise is None else z + n, cfg.mask_tau) for z, n in
-                   zip(logits, noise or [None] * len(logits))]
-    det_masks = [straight_through_sigmoid(z, cfg.mask_tau) for z in logits]
+    if scale > 0:
+        noise = logits.map(lambda z: scale * logistic_noise(z.shape, gen, device))  # drawn in mlp, qk, vo order
+        train_masks = logits.map(lambda z, n: straight_through_sigmoid(z + n, cfg.mask_tau), noise)
+    else:
+        train_masks = logits.map(lambda z: straight_through_sigmoid(z, cfg.mask_tau))
+    det_masks = logits.map(lambda z: straight_through_sigmoid(z, cfg.mask_tau))
     masked.set_masks(train_masks, train_routing=True)
     for m in masked.routed_modules():
         m.noise_generator, m.router_tau = gen, cfg.router_tau
@@ -138,14 +141,13 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     reg_masks = det_masks if cfg.regularise == "deterministic" else train_masks
     ratio = masked.ratio_of(reg_masks)
     budget = cfg.lam * torch.log(ratio / target).abs()  # = lam * log(max(r, p) / min(r, p))
-    union = _mean_union(masked, reg_masks)
+    union = _mean_union(reg_masks)
     union_loss = cfg.union_weight * -torch.log(union.clamp_min(1e-6))
     lb_terms = []
-    for m in masked.routed_modules():
-        frac = m.last_assignment.detach().mean(0)  # (E,) tokens routed to k
-        prob = m.last_router_probs.mean(0)  # (E,) mean router probability
-        lb_terms.append(m.last_assignment.shape[1] * (frac * prob).sum())
-        m.last_assignment = m.last_router_probs = None
+    for stats in masked.take_router_stats():  # one per routed module
+        frac = stats.assignment.detach().mean(0)  # (E,) tokens routed to k
+        prob = stats.probs.mean(0)  # (E,) mean router probability
+        lb_terms.append(stats.assignment.shape[1] * (frac * prob).sum())
     load_balance = torch.stack(lb_terms).mean()
     total = distill + budget + union_loss + cfg.load_balance_weight * load_balance
     out = {"loss": total, "distill": distill, "budget_loss": budget, "union_loss": union_loss,
@@ -154,7 +156,7 @@ def conversion_losses(masked: MaskedModel, ids: torch.Tensor, cfg: ConversionCon
     if cfg.regularise == "sampled":  # what inference will see, to watch it drift from the regularised masks
         with torch.no_grad():
             out["det_ratio"] = masked.ratio_of(det_masks)
-            out["det_union"] = _mean_union(masked, det_masks)
+            out["det_union"] = _mean_union(det_masks)
     return out
 
 
@@ -357,7 +359,7 @@ def _truncate_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def finalize_masks(masked: MaskedModel, budget: float, generate_at: float | None = None) -> tuple[list[torch.Tensor], dict]:
+def finalize_masks(masked: MaskedModel, budget: float, generate_at: float | None = None) -> tuple[Masks, dict]:
     """Deterministic masks at the budget: global logit shift by bisection, then report.
 
     generate_at: a conditioned hypernetwork generates the logits for this budget (default: `budget`;
