@@ -24,7 +24,7 @@ $PY -m tomoe_core evaluate "$CONV" --window 512 --max-windows 60 --baselines wan
 $PY -m benchmarks.continuations --conversion "$CONV" --output "$RESULTS/continuations.json"
 # 5. a small tagged routing log for the Experts page
 $PY -m tomoe_core trace "$CONV" --max-tokens 3000 --run-id "shipped-$NAME" --overwrite --quiet
-$PY -m analysis.routing_report "cache/routing/run_id=shipped-$NAME"
+$PY -m analysis.routing_report "shipped-$NAME"
 rm -rf "cache/shipped/routing/run_id=shipped-$NAME"
 mkdir -p cache/shipped/routing
 cp -r "cache/routing/run_id=shipped-$NAME" cache/shipped/routing/
