@@ -1,7 +1,9 @@
-"""Studio tests with Streamlit's AppTest: every page renders without exceptions, its widgets exist,
-the budget slider moves the KPIs; plus the analysis functions behind the pages and the job runner.
+"""Studio page tests with Streamlit's AppTest: every page renders without exceptions, its widgets exist,
+the budget slider moves the KPIs. The analysis behind the pages is tested in test_tradeoff.py and
+test_catalog.py, the job runner in test_jobs.py.
 
-All pages run against a small cache/ (tests/studio_fixture.py) selected with TOMOE_CACHE.
+All pages run against a small cache/ (tests/studio_fixture.py) selected with TOMOE_CACHE (`cache_env`,
+conftest.py).
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,20 +21,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import studio_fixture  # noqa: E402
-from analysis import catalog, tradeoff  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def studio_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("studio-cache")
-    studio_fixture.build(cache)
-    return cache
-
-
-@pytest.fixture
-def cache_env(studio_cache, monkeypatch, tmp_path):
-    """The fixture cache, and no shipped recipes (the repository's would pull in the real model)."""
-    return studio_fixture.use_studio_cache(studio_cache, monkeypatch, tmp_path)
+from analysis import catalog  # noqa: E402
 
 
 def run_page(page: str | None = None, timeout: float = 120) -> AppTest:
@@ -178,16 +166,6 @@ def test_budget_explorer_reads_one_speed_file_at_the_chosen_layout(cache_env):
     assert shown["Perplexity (dense)"] == "26.60"  # dense, not the nearest conversion
     at.selectbox(key="batch").set_value("8").run()
     assert metrics(at)["Tokens/s (dense)"] == "400"
-
-
-def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(cache_env):
-    cat = catalog.read_catalog()
-    points = tradeoff.quality_points(cat.results, tradeoff.cost_models(cat.conversions, cat.results))
-    sets = tradeoff.eval_sets(points)
-    assert len(sets) == 2 and "4 x 256" in sets[0]  # the benchmark has the most points
-    bench = points[points["eval_set"] == sets[0]]
-    assert set(bench["variant"]) == {"dense", "tomoe", "magnitude", "wanda-sp", "flap"}
-    assert tradeoff.quality_at_budget(points, sets[0], 0.3).perplexity == 60.0
 
 
 def test_corrupt_result_file_is_reported_not_raised(cache_env):
@@ -400,230 +378,3 @@ def test_every_page_renders(cache_env):
     for page in (None, "compare", "experts", "runs"):
         at = run_page(page)
         assert at.title, page
-
-
-# -- analysis behind the pages --------------------------------------------------------------------
-ACC = {"embeddings": 1000, "lm_head": 1000, "attention": 300, "mlp_dense": 800, "mlp_active": 400,
-       "mlp_active_mean": 400, "other": 20, "mlp_active_ratio": 0.5, "active_total": 1720, "dense_total": 2120,
-       "active_ratio_vs_dense": 1720 / 2120, "flops_per_token": 2 * 1700 + 64, "context": 512}
-
-
-def test_cost_model_reproduces_the_conversion_accounting():
-    cost = tradeoff.CostModel.from_accounting("m", ACC)
-    assert cost.active_params(0.5) == ACC["active_total"]
-    assert cost.dense_params == ACC["dense_total"]
-    assert cost.flops_per_token(0.5) == ACC["flops_per_token"]
-    assert cost.flops_per_token(1.0) - cost.flops_per_token(0.5) == 2 * 400
-
-
-def test_cost_per_million_tokens_and_a_free_machine():
-    assert tradeoff.cost_per_million_tokens(1000, 3.6) == pytest.approx(1.0)
-    assert tradeoff.cost_per_million_tokens(1000, 0.0) == 0.0
-    assert tradeoff.cost_per_million_tokens(None, 1.0) is None and tradeoff.cost_per_million_tokens(0.0, 1.0) is None
-
-
-def _points(budgets_ppl):
-    rows = [{"eval_set": "s", "kind": "dense", "variant": "dense", "budget": 1.0, "perplexity": 10.0,
-             "kl_to_dense": 0.0, "top1_agreement": 1.0, "conversion": None}]
-    rows += [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe", "budget": b, "perplexity": p,
-              "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": f"c{b}"} for b, p in budgets_ppl]
-    return pd.DataFrame(rows)
-
-
-def test_quality_at_budget_measured_interpolated_nearest():
-    pts = _points([(0.4, 40.0), (0.6, 10.0 * 4 ** 0.0 + 10.0)])
-    assert tradeoff.quality_at_budget(pts, "s", 0.4).exact
-    mid = tradeoff.quality_at_budget(pts, "s", 0.5)
-    assert not mid.exact and "interpolated" in mid.label
-    assert mid.perplexity == pytest.approx((40.0 * 20.0) ** 0.5)  # log-linear midpoint
-    far = tradeoff.quality_at_budget(pts, "s", 0.9)
-    assert "nearest" in far.label and far.perplexity == 20.0
-
-
-def test_slider_reads_the_conditioned_curve_when_one_exists():
-    pts = _points([(0.5, 30.0)])
-    cond = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
-             "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": "cond", "active_params": 100 * b, "source": "q.json"}
-            for b, p in ((0.4, 50.0), (0.5, 35.0), (0.6, 25.0))]
-    moved = [{"eval_set": "s", "kind": "fallback", "variant": "tomoe-threshold-moved", "budget": 0.4,
-              "perplexity": 90.0, "kl_to_dense": 2.0, "top1_agreement": 0.3, "conversion": "c0.5",
-              "active_params": 40.0, "source": "q.json"}]
-    pts = pd.concat([pts.assign(active_params=[100.0, 50.0], source="q.json"), pd.DataFrame(cond + moved)],
-                    ignore_index=True)
-    at = tradeoff.quality_at_budget(pts, "s", 0.5)  # the dedicated 30.0 is better, but the slider is conditioned
-    assert at.exact and at.perplexity == 35.0 and "conditioned" in at.label
-    between = tradeoff.quality_at_budget(pts, "s", 0.45)
-    assert "conditioned" in between.label and 35.0 < between.perplexity < 50.0
-    fig = tradeoff.pareto_figure(pts, "s")
-    names = {t.name for t in fig.data}
-    assert {"ToMoE (one conversion, any budget)", "ToMoE, threshold moved (no retraining)"} <= names
-    front = tradeoff.pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
-    assert 90.0 not in front["perplexity"].tolist()
-
-
-def test_cards_quote_only_conversions_the_user_has():
-    rows = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
-             "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": "elsewhere", "active_params": 100 * b}
-            for b, p in ((0.4, 40.0), (0.5, 33.0), (0.6, 26.0))]
-    pts = pd.concat([_points([(0.5, 60.0)]), pd.DataFrame(rows)], ignore_index=True)
-    assert tradeoff.quality_at_budget(pts, "s", 0.5).perplexity == 33.0  # without a catalog: every measurement
-    mine = tradeoff.quality_at_budget(pts, "s", 0.5, available={"c0.5"})
-    assert mine.perplexity == 60.0 and "c0.5" in mine.label and "elsewhere" not in mine.label
-    assert tradeoff.quality_at_budget(pts, "s", 0.4, available={"c0.5"}).status == "nearest"
-    none = tradeoff.quality_at_budget(pts, "s", 0.5, available=set())
-    assert none.perplexity is None and "conversion you have" in none.label
-
-
-def test_two_conditioned_conversions_are_never_mixed():
-    rows = [{"eval_set": "s", "kind": "tomoe", "variant": "tomoe-conditioned", "budget": b, "perplexity": p,
-             "kl_to_dense": 1.0, "top1_agreement": 0.5, "conversion": name, "active_params": 100 * b, "source": "q.json"}
-            for name, curve in (("uniform", ((0.4, 50.0), (0.5, 30.0), (0.6, 25.0))),
-                                ("log", ((0.4, 40.0), (0.5, 33.0), (0.6, 26.0))))
-            for b, p in curve]
-    pts = pd.DataFrame(rows)
-    assert list(tradeoff.conditioned_curves(pts)) == ["log", "uniform"]  # lower mean log-perplexity first
-    at = tradeoff.quality_at_budget(pts, "s", 0.5)  # uniform's 30.0 is lower here, but the slider reads one curve
-    assert at.perplexity == 33.0 and "log" in at.label
-    between = tradeoff.quality_at_budget(pts, "s", 0.45)
-    assert "(log)" in between.label and 33.0 < between.perplexity < 40.0
-    assert tradeoff.quality_at_budget(pts, "s", 0.5, conversion="uniform").perplexity == 30.0  # the user's pick
-    # a curve measured only where the others are not is ranked on the budgets all share, and the slider
-    # reads a curve whose span covers the budget
-    extra = pd.DataFrame([{**rows[0], "conversion": "high", "budget": b, "perplexity": p, "active_params": 100 * b}
-                          for b, p in ((0.6, 20.0), (0.7, 15.0), (0.8, 12.0), (0.9, 11.0))])
-    both = pd.concat([pts, extra], ignore_index=True)
-    assert list(tradeoff.conditioned_curves(both))[0] == "high"  # 4 budgets measured
-    assert "(log)" in tradeoff.quality_at_budget(both, "s", 0.45).label  # "high" starts at 0.6
-    names = [t.name for t in tradeoff.pareto_figure(pts, "s").data]
-    assert "ToMoE (one conversion, any budget)" in names and "ToMoE, other budget-conditioned conversions" in names
-    main = next(t for t in tradeoff.pareto_figure(pts, "s").data if t.name == "ToMoE (one conversion, any budget)")
-    assert "log" in main.hovertext[0]  # the best curve is the one drawn in full
-
-
-def test_rebudgeted_copies_join_their_source_curve():
-    res = {"kind": "quality", "model": "m", "conversion": "/c/cond-at-p0.37", "budget": 0.37, "window": 64,
-           "windows": 2, "text": "t", "budget_source": "conditioned", "derived_from": "/c/cond",
-           "results": {"dense": {"perplexity": 10.0, "kl_to_dense": 0.0, "top1_agreement": 1.0},
-                       "tomoe": {"perplexity": 40.0, "kl_to_dense": 1.0, "top1_agreement": 0.5}}}
-    pts = tradeoff.quality_points({"e.json": res}, {})
-    row = pts[pts["variant"] == "tomoe-conditioned"].iloc[0]
-    assert row["conversion"] == "cond"
-
-
-def test_pareto_front_drops_dominated_points():
-    df = pd.DataFrame({"active_params": [1, 2, 3, 4], "perplexity": [50, 20, 30, 10]})
-    assert tradeoff.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]
-
-
-def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
-    cat = catalog.read_catalog()
-    costs = tradeoff.cost_models(cat.conversions, cat.results)
-    points = tradeoff.quality_points(cat.results, costs)
-    assert len(costs) == 1  # conversion and results name the same dense model
-    fig = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())))
-    names = {t.name for t in fig.data}
-    assert {"Dense", "ToMoE (one conversion per budget)", "Wanda-sp (static pruning)", "FLAP (static pruning)"} <= names
-    assert "Magnitude (static pruning)" not in names  # 50x dense everywhere: off by default
-    shown = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())),
-                                   show_catastrophic=True)
-    assert "Magnitude (static pruning)" in {t.name for t in shown.data}
-
-
-def test_catalog_cache_root_matches_the_engine(monkeypatch, tmp_path):
-    from tomoe_core.data import cache_dir, shipped_dir
-
-    assert catalog.cache_root() == cache_dir() and catalog.shipped_root() == shipped_dir()
-    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
-    assert catalog.cache_root() == cache_dir() == tmp_path
-
-
-def test_catalog_reports_broken_conversions(tmp_path):
-    (tmp_path / "conversions" / "half").mkdir(parents=True)
-    (tmp_path / "conversions" / "half" / "tomoe.json").write_text("{not json")
-    (tmp_path / "conversions" / "nometa").mkdir()
-    (tmp_path / "conversions" / "nometa" / "x").write_text("")
-    convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "none")
-    assert convs == [] and {Path(p.path).name for p in problems} == {"tomoe.json", "nometa"}
-    for name, weights in (("noweights", None), ("sharded", "model.safetensors.index.json")):
-        (tmp_path / "conversions" / name).mkdir()
-        (tmp_path / "conversions" / name / "tomoe.json").write_text('{"budget": 0.5}')
-        if weights:
-            (tmp_path / "conversions" / name / weights).write_text("{}")
-    convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "none")
-    assert [c.name for c in convs] == ["sharded"]  # save_pretrained's sharded folders are complete
-    assert "noweights" in {Path(p.path).name for p in problems}
-
-
-def test_catalog_says_how_each_conversion_reached_its_budget():
-    def source(**meta):
-        return catalog.Conversion("c", Path("c"), {"budget": 0.5, **meta}, True).summary()["budget source"]
-
-    assert source() == "trained"
-    assert source(budget_source="trained", train_budget=0.4) == "trained at 0.4, widened to 0.5"
-    assert source(budget_source="threshold-moved", train_budget=0.4) == "threshold-moved"
-    assert source(budget_range=[0.3, 1.0], settings={"budget_sampling": "log"}) == "conditioned on 0.3..1 (log sampling)"
-
-
-def test_catalog_reads_shipped_results_and_local_results_win(tmp_path):
-    (tmp_path / "results").mkdir()
-    (tmp_path / "shipped" / "results").mkdir(parents=True)
-    (tmp_path / "shipped" / "results" / "speed_benchmark.json").write_text('{"kind": "speed", "rows": []}')
-    (tmp_path / "shipped" / "results" / "quality_benchmark.json").write_text('{"kind": "quality-benchmark"}')
-    (tmp_path / "results" / "quality_benchmark.json").write_text('{"kind": "quality-benchmark", "local": 1}')
-    results, problems = catalog.list_results(tmp_path / "results", tmp_path / "shipped" / "results")
-    assert not problems
-    assert set(results) == {"quality_benchmark.json", "shipped/speed_benchmark.json"}
-    assert results["quality_benchmark.json"]["local"] == 1
-    convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "shipped")
-    assert convs == [] and problems == []  # shipped/results is not a conversion
-
-
-def test_job_runner_progress_exit_status_and_cancel(monkeypatch, tmp_path):
-    from tomoe_core import jobs
-
-    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
-    log = tmp_path / "log.jsonl"
-    script = ("import json, time\n"
-              f"for i in range(1, 200):\n    open({str(log)!r}, 'a').write(json.dumps({{'step': i}}) + '\\n')\n"
-              "    time.sleep(0.05)\n")
-    job = jobs.start_job("convert", jobs.python_argv("-c", script), "t", progress_log=log, total=199)
-    for _ in range(100):
-        if (jobs.progress(job)[0] or 0) >= 2:
-            break
-        time.sleep(0.05)
-    assert jobs.status(job) == "running" and jobs.progress(job)[0] >= 2
-    jobs.cancel(job)
-    time.sleep(0.3)
-    assert jobs.status(jobs.get_job(job.id)) == "cancelled"
-    failing = jobs.start_job("trace", jobs.python_argv("-c", "print('3/10'); raise SystemExit(3)"), "f")
-    for _ in range(100):
-        if jobs.status(failing) != "running":
-            break
-        time.sleep(0.05)
-    assert jobs.status(failing) == "failed" and jobs.exit_code(failing) == 3
-    assert jobs.progress(failing)[:2] == (3, 10)
-    assert [j.id for j in jobs.list_jobs()] == [failing.id, job.id]
-
-
-def test_background_jobs_run_with_one_torch_thread_and_passive_waits(monkeypatch, tmp_path):
-    """A job must leave the studio process a core: torch in the job sees one thread."""
-    from tomoe_core import jobs
-
-    monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the studio's own setting does not leak into its jobs
-    code = ("import os, torch; print('threads', torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], "
-            "os.environ['MKL_NUM_THREADS'])")
-    job = jobs.start_job("trace", jobs.python_argv("-c", code), "threads")
-    for _ in range(600):
-        if jobs.status(job) != "running":
-            break
-        time.sleep(0.1)
-    assert jobs.status(job) == "finished", jobs.log_tail(job)
-    assert "threads 1 PASSIVE 1" in jobs.log_tail(job)
-    gpu = jobs.start_job("trace", jobs.python_argv("-c", "import os; print('omp', os.environ['OMP_NUM_THREADS'])"),
-                         "override", env={"OMP_NUM_THREADS": "4"})
-    for _ in range(100):
-        if jobs.status(gpu) != "running":
-            break
-        time.sleep(0.1)
-    assert "omp 4" in jobs.log_tail(gpu)  # a caller that wants more threads says so

@@ -6,7 +6,6 @@ import os
 import pytest
 
 from tomoe_core import paths
-from test_app import cache_env, studio_cache  # noqa: F401  (the studio fixture cache)
 from tomoe_core.paths import PathNotAllowedError
 
 
