@@ -176,7 +176,7 @@ def test_corrupt_result_file_is_reported_not_raised(cache_env):
 
 def test_empty_cache_tells_the_user_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
-    monkeypatch.setattr(catalog, "shipped_root", lambda: tmp_path / "none")
+    monkeypatch.setenv("TOMOE_SHIPPED", str(tmp_path / "none"))  # nothing shipped either: no recipe, no log
     for page in (None, "compare", "experts", "runs"):
         at = run_page(page)
         if page in (None, "compare", "experts"):

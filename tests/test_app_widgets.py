@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-import studio_fixture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app" / "main.py")
@@ -24,18 +23,6 @@ SKIP_BUTTONS = ("Start conversion", "Start trace", "Cancel", "Remove")  # they s
 WIDGETS = ("slider", "select_slider", "number_input", "selectbox", "multiselect", "radio", "checkbox", "toggle",
            "text_input", "text_area", "button")
 MAX_OPTIONS = 6  # selectbox/radio options tried per widget: first, last and a few between
-
-
-@pytest.fixture(scope="module")
-def widget_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("widget-cache")
-    studio_fixture.build(cache)
-    return cache
-
-
-@pytest.fixture
-def env(widget_cache, monkeypatch, tmp_path):
-    return studio_fixture.use_studio_cache(widget_cache, monkeypatch, tmp_path)
 
 
 def _spread(options: list, n: int = MAX_OPTIONS) -> list:
@@ -130,7 +117,7 @@ def drive_page(page: str | None, budget_s: float = 240) -> list[tuple]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p or "budget_explorer")
-def test_every_widget_through_its_range_and_edges(env, page):
+def test_every_widget_through_its_range_and_edges(cache_env, page):  # conftest: the fixture cache
     driven = drive_page(page)
     print(page, len(driven), "values:", driven)
     assert len({(kind, label) for kind, label, _ in driven}) >= 2, driven
