@@ -91,6 +91,21 @@ def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_
     assert any("hypernet.safetensors" in e.value for e in at.error), [e.value for e in at.error]
 
 
+def test_measure_this_machine_starts_the_speed_benchmark_as_a_job(conditioned_cache, monkeypatch):
+    from tomoe_core import jobs
+
+    started = []
+    monkeypatch.setattr(jobs, "start_job", lambda kind, argv, label, output=None, **kw: started.append(
+        (kind, argv, label, output)))
+    at = run_page()
+    next(b for b in at.button if b.label == "Measure this machine").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    (kind, argv, label, output), = started
+    assert kind == "speed" and argv[1:3] == ["-m", "benchmarks.speed"]
+    assert argv[argv.index("--conversions") + 1] == studio_fixture.CONVERSION  # the conditioned one: every budget
+    assert Path(output) == conditioned_cache / "results" / "speed_benchmark.json" and "this machine" in label
+
+
 def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(conditioned_cache, monkeypatch):
     import tomoe_core.pipeline
 
