@@ -41,6 +41,7 @@ def trace_speed(runs: list[dict], conversion: str | Path | None = None, num_laye
     def usable(run):  # short traces (a few prompts) are dominated by fixed costs: they would mislead
         timing = run.get("timing") or {}
         return (timing.get("tokens_per_s") and timing.get("load_s") is not None
+                and not run.get("shipped")  # the clone's own log was traced on another machine
                 and (run.get("tokens") or 0) >= MIN_TOKENS and (run.get("world_size") or 1) == 1
                 and str((run.get("machine") or {}).get("device", "cpu")).startswith("cpu"))
 

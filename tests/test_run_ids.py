@@ -51,6 +51,8 @@ def test_trace_speed_uses_the_latest_traces_of_the_conversion():
     other = trace_speed(runs, "c", num_layers=30)
     assert other.tokens_per_s == 120 and "30-layer" in other.basis  # median of the 3 latest 30-layer traces
     assert trace_speed([], "a").tokens_per_s == DEFAULT_TOKENS_PER_S
+    shipped = {**_run("a", 5000, 1), "shipped": True}  # the clone's own log was traced on another machine
+    assert trace_speed([shipped], "a").tokens_per_s == DEFAULT_TOKENS_PER_S
 
 
 def test_default_trace_size_finishes_in_about_a_minute():
