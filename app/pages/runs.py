@@ -38,7 +38,8 @@ def _job_row(job) -> None:
             st.rerun(scope="app")
         if total:
             frac = min(1.0, (done or 0) / total)
-            text = f"{done or 0} / {total} {'steps' if job.kind == 'convert' else 'tokens'}"
+            unit = {"convert": "steps", "trace": "tokens", "speed": "repeats"}.get(job.kind, "done")
+            text = f"{done or 0} / {total} {unit}"
             if last:
                 text += (f" · loss {last.get('loss', float('nan')):.3f} · active ratio {last.get('det_ratio', last.get('ratio', 0)):.3f}"
                          f" · union {last.get('det_union', last.get('union', 0)):.3f} · {last.get('elapsed_s', 0) / 60:.1f} min")
