@@ -1,8 +1,9 @@
 """What is on disk: conversions (materialised or shipped as recipes) and result files.
 
-Reads JSON only, without importing torch or `tomoe_core` (that import costs about 6 s on
-the 2-core machines here), so the studio's landing page renders fast. A file that cannot
-be read becomes a `Problem` for the page to show, never an exception.
+Reads JSON only, without importing torch: the folder rules are `tomoe_core.conversion`'s and the cache
+folders `tomoe_core.data`'s, both torch-free (the engine's torch modules cost about 6 s on the 2-core
+machines here), so the studio's landing page renders fast. A file that cannot be read becomes a
+`Problem` for the page to show, never an exception.
 """
 from __future__ import annotations
 
@@ -11,54 +12,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tomoe_core import conversion as _conversion
+from tomoe_core.conversion import WEIGHT_FILES, Problem, read_json  # noqa: F401  (catalog.Problem and co.)
+from tomoe_core.data import cache_dir as cache_root  # noqa: F401  (TOMOE_CACHE or <repo>/cache)
+from tomoe_core.data import shipped_dir as shipped_root  # noqa: F401  (TOMOE_SHIPPED or <repo>/cache/shipped)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# a materialised conversion holds one of these (save_pretrained shards big models behind an index)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def cache_root() -> Path:
-    """Same rule as `tomoe_core.data.cache_dir` (a test keeps them equal): TOMOE_CACHE or <repo>/cache."""
-    root = os.environ.get("TOMOE_CACHE")
-    return Path(root) if root else REPO_ROOT / "cache"
-
-
-def shipped_root() -> Path:
-    """Recipes and results committed to git; the same rule as `tomoe_core.data.shipped_dir` (a test keeps
-    them equal): TOMOE_SHIPPED or <repo>/cache/shipped (tests use an empty folder so the real model stays out)."""
-    root = os.environ.get("TOMOE_SHIPPED")
-    return Path(root) if root else REPO_ROOT / "cache" / "shipped"
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-
-
-@dataclass
-class Conversion:
-    name: str
-    path: Path
-    meta: dict
-    materialised: bool  # False: a shipped recipe, rebuilt from the dense model on first use
-
-    @property
-    def budget(self) -> float | None:
-        return self.meta.get("budget")
-
-    @property
-    def model(self) -> str:
-        return str(self.meta.get("model", "?"))
-
-    @property
-    def accounting(self) -> dict | None:
-        return self.meta.get("accounting")
-
-    @property
-    def budget_range(self) -> tuple[float, float] | None:
-        """(lo, hi) of a budget-conditioned conversion: it materialises at any budget inside in seconds."""
-        rng = self.meta.get("budget_range")
-        return (float(rng[0]), float(rng[1])) if rng else None
+class Conversion(_conversion.Conversion):
+    """A conversion as the studio shows it: `tomoe_core.conversion.Conversion` and its summary row."""
 
     def budget_source(self) -> str:
         """How the conversion reached its budget, in words."""
@@ -90,47 +53,14 @@ def _minutes(seconds) -> float | None:
     return None if seconds is None else round(float(seconds) / 60, 1)
 
 
-def read_json(path: Path) -> tuple[dict | None, Problem | None]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None, Problem(str(path), "file is missing")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return None, Problem(str(path), f"cannot be read ({err.__class__.__name__}: {err}); it is corrupt or "
-                                        "half-written: rerun the command that made it, or delete it")
-    if not isinstance(data, dict):
-        return None, Problem(str(path), "is not a JSON object; rerun the command that made it")
-    return data, None
-
-
 def list_conversions(conversions: Path | None = None, shipped: Path | None = None
                      ) -> tuple[list[Conversion], list[Problem]]:
-    """Materialised conversions under cache/conversions plus shipped recipes not yet materialised."""
-    conversions = conversions or cache_root() / "conversions"
-    shipped = shipped or shipped_root()
-    found: dict[str, Conversion] = {}
-    problems: list[Problem] = []
-    for root, materialised in ((conversions, True), (shipped, False)):
-        if not root.is_dir():
-            continue
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if folder.name.endswith(".work") or folder.name in found or (not materialised and folder.name == "results"):
-                continue
-            meta_path = folder / "tomoe.json"
-            if not meta_path.exists():
-                if any(folder.iterdir()):
-                    problems.append(Problem(str(folder), "has no tomoe.json: not a finished conversion"))
-                continue
-            meta, problem = read_json(meta_path)
-            if problem:
-                problems.append(problem)
-                continue
-            if materialised and not any((folder / f).exists() for f in WEIGHT_FILES):
-                problems.append(Problem(str(folder), "has tomoe.json but no model.safetensors "
-                                        "(or sharded index): incomplete"))
-                continue
-            found[folder.name] = Conversion(folder.name, folder, meta, materialised)
-    return list(found.values()), problems
+    """Materialised conversions under cache/conversions plus shipped recipes not yet materialised (a
+    conversion of the same name hides its recipe); the rules of `tomoe_core.conversion.list_conversions`."""
+    found, problems = _conversion.list_conversions(conversions or cache_root() / "conversions")
+    recipes, more = _conversion.list_conversions(shipped or shipped_root(), require_weights=False,
+                                                 ignore={"results", *(c.name for c in found)})
+    return [Conversion(c.path, c.meta) for c in found + recipes], problems + more
 
 
 def list_results(results: Path | None = None, shipped: Path | None = None) -> tuple[dict[str, dict], list[Problem]]:

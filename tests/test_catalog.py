@@ -33,7 +33,7 @@ def test_catalog_reports_broken_conversions(tmp_path):
 
 def test_catalog_says_how_each_conversion_reached_its_budget():
     def source(**meta):
-        return catalog.Conversion("c", Path("c"), {"budget": 0.5, **meta}, True).summary()["budget source"]
+        return catalog.Conversion(Path("c"), {"budget": 0.5, **meta}).summary()["budget source"]
 
     assert source() == "trained"
     assert source(budget_source="trained", train_budget=0.4) == "trained at 0.4, widened to 0.5"

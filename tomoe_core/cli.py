@@ -202,8 +202,8 @@ def _run(args, argv) -> int:
         cfg = ConversionConfig(**{name: getattr(args, name) for name, *_ in config_options()})
         command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
         out = pipeline.run_conversion(cfg, args.output, command=command, anchor_windows=args.anchor_windows)
-        from .train import dist_info
-        if dist_info()[0] != 0:
+        from .ranks import is_rank0
+        if not is_rank0():
             return 0
         print(out)
         if args.evaluate and (out / "tomoe.json").exists():

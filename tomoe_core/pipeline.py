@@ -11,6 +11,9 @@ import torch
 
 from .baselines import activation_stats, baseline_variants
 from .budget import account
+# the folder rules (re-exported: pipeline.conversions_dir and co. keep working)
+from .conversion import (CHECKPOINT_STATE, HYPERNET_FILE, TRAINING_LOG, Conversion, conversions_dir,  # noqa: F401
+                         default_conversion_name, work_dir_of)
 from .convert import (ConvertedModelError, check_same_vocabulary, conversion_digest, dense_model_of, load_converted,
                       materialise,
                       materialise_from_recipe, read_metadata, save_converted, save_recipe)
@@ -25,20 +28,8 @@ from .machine import machine_info
 from .masked import MaskedModel
 from .masks import Masks
 from .models import load_dense
+from .ranks import dist_info
 from .train import ConversionConfig, finalize_masks, layer_stats, train_conversion
-
-
-def conversions_dir() -> Path:
-    return cache_dir() / "conversions"
-
-
-def default_conversion_name(cfg: ConversionConfig) -> str:
-    budget = f"{cfg.budget:g}" if cfg.budget_range is None else "{:g}-{:g}".format(*cfg.budget_range)
-    if cfg.budget_range is not None and cfg.budget_sampling != "uniform":
-        budget += f"-{cfg.budget_sampling}"
-    if cfg.train_gap != default_train_gap(cfg.budget, cfg.budget_range, cfg.prune_attention):
-        budget += f"-from{cfg.train_budget:g}"
-    return safe_name(f"{Path(cfg.model).name}-p{budget}-e{cfg.num_experts}")
 
 
 def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
@@ -53,7 +44,7 @@ def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(cfg.device)
-    return dist.get_rank(), world
+    return dist_info()
 
 
 def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=None, show_tqdm=True,
@@ -67,7 +58,7 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
     calibration text; rank 0 writes checkpoints, the log and the converted model.
     """
     output = Path(output) if output else conversions_dir() / default_conversion_name(cfg)
-    workdir = output.with_name(output.name + ".work")
+    workdir = work_dir_of(output)  # checkpoint and live log; the saved model goes to `output`
     t0 = time.time()
     rank, world = _init_distributed(cfg)
     if rank != 0:
@@ -110,9 +101,10 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             meta["anchor_gaps"] = anchor.pop("anchor_gaps")
             meta["anchor_calibration"] = anchor
         save_converted(moe, output, tokenizer, meta)
-        _copy_artefact(workdir / "log.jsonl", output / TRAINING_LOG)
+        saved = Conversion(output)
+        _copy_artefact(saved.progress_log, saved.training_log)
         # the trained hypernetwork + routers stay beside the model: other budgets re-threshold it
-        _copy_artefact(workdir / "checkpoint" / "trainable.safetensors", output / HYPERNET_FILE)
+        _copy_artefact(saved.checkpoint_dir / CHECKPOINT_STATE, output / HYPERNET_FILE)
         log(f"[tomoe] saved {output}: MLP active ratio {report.mlp_active_ratio:.4f} "
             f"(requested {cfg.budget}), whole model {report.active_ratio_vs_dense:.4f}, "
             f"{summary['tokens_seen']} tokens in {summary['train_seconds'] / 60:.1f} min")
@@ -137,10 +129,6 @@ def mask_stats(masked: MaskedModel, masks: Masks, budget: float) -> dict:
         out["attention_layers"] = [{"qk_pairs": round(float(q.sum()) / q.numel(), 4), **layer_stats([v])[0]}
                                    for q, v in zip(masks.qk, masks.vo)]
     return out
-
-
-HYPERNET_FILE = "hypernet.safetensors"
-TRAINING_LOG = "training_log.jsonl"
 
 
 def _copy_artefact(src: Path, dst: Path) -> None:
@@ -259,13 +247,7 @@ def _logged_calibration(masked, held, device, skip, log, budgets=ANCHOR_BUDGETS,
 
 def hypernet_path(conversion: Path) -> Path:
     """Where a conversion's trained hypernetwork and routers are (FileNotFoundError if nowhere)."""
-    state_path = conversion / HYPERNET_FILE
-    if not state_path.exists():
-        state_path = conversion.with_name(conversion.name + ".work") / "checkpoint" / "trainable.safetensors"
-    if not state_path.exists():
-        raise FileNotFoundError(f"{conversion} has no {HYPERNET_FILE} (shipped recipes keep only the final experts); "
-                                "re-run its convert command to get one")
-    return state_path
+    return Conversion(conversion).require_hypernet_path()
 
 
 def load_trainable(conversion: Path, dense) -> MaskedModel:
@@ -464,7 +446,7 @@ def format_quality_table(result: dict) -> str:
 
 def is_conditioned_recipe(folder: Path) -> bool:
     """A shipped budget-conditioned conversion: its hypernetwork and routers, no dense weights."""
-    return (Path(folder) / HYPERNET_FILE).exists() and not (Path(folder) / "model.safetensors").exists()
+    return Conversion(folder).is_conditioned_recipe
 
 
 def ensure_shipped_conversions(log=print) -> list[Path]:

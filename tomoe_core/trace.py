@@ -30,6 +30,7 @@ from .capture import capture_routing, routing_points
 from .data import DEFAULT_CORPUS, Document, TextSourceError, load_documents, special_prefix
 from .io import atomic_dir, atomic_write_json, file_lock
 from .paths import routing_run_id
+from .ranks import dist_info
 from .routing_log import (RUN_META_FILE, SCHEMA_VERSION, PartWriter, RoutingLogError, default_run_id, file_table,
                           routing_root, write_documents)
 
@@ -264,11 +265,11 @@ def _join_ranks() -> tuple[int, int, bool]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
+        return (*dist_info(), False)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, False
     dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), True
+    return (*dist_info(), True)
 
 
 def _from_rank0(obj, world: int):

@@ -53,14 +53,13 @@ def add_trace_parser(subparsers) -> None:
 
 
 def run_trace_command(args, argv: list[str] | None = None) -> int:
-    import os
-
     from .progress import progress_bar
+    from .ranks import is_rank0
     from .conllu import add_gold_columns, is_conllu
     from .routing_log import read_run_meta
     from .trace import trace_run
 
-    first_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    first_rank = is_rank0()  # under torchrun only rank 0 reports
     command = "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv) if argv else None
     with progress_bar("trace", "tok", enabled=not args.quiet and first_rank) as progress:
         path = trace_run(args.conversion, source=args.text, split=args.split, prompts=args.prompts,

@@ -31,12 +31,14 @@ from safetensors.torch import load_file, save_file
 
 from .config import (  # noqa: F401  (re-exported: tomoe_core.train.ConversionConfig and co. keep working)
     BUDGET_SAMPLING, DEFAULT_BUDGET_SAMPLING, ConversionConfig)
+from .conversion import CHECKPOINT_DIR, CHECKPOINT_STATE, PROGRESS_LOG, output_of_work_dir
 from .data import windows
 from .generation_budget import TRAIN_GAP, TRAIN_GAP_FROM, default_train_gap  # noqa: F401  (re-exported)
 from .hypernet import logistic_noise, straight_through_sigmoid
 from .io import atomic_dir, atomic_write_json, sha256_file
 from .masked import MaskedModel
 from .masks import Masks
+from .ranks import dist_info
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -171,22 +173,16 @@ class ConversionObjective(nn.Module):
         return conversion_losses(self.masked, ids, self.cfg, step, self.autocast_dtype, micro)
 
 
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 # -- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(folder: Path, masked: MaskedModel, opt: torch.optim.Optimizer, step: int,
                     cfg: ConversionConfig, extra: dict) -> None:
     with atomic_dir(folder) as tmp:
-        save_file(masked.trainable_state(), str(tmp / "trainable.safetensors"))
+        save_file(masked.trainable_state(), str(tmp / CHECKPOINT_STATE))
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
         (tmp / "optimizer.pt").write_bytes(buf.getvalue())
         meta = {"step": step, "config": asdict(cfg), **extra,
-                "sha256": {n: sha256_file(tmp / n) for n in ("trainable.safetensors", "optimizer.pt")}}
+                "sha256": {n: sha256_file(tmp / n) for n in (CHECKPOINT_STATE, "optimizer.pt")}}
         atomic_write_json(tmp / "state.json", meta)
 
 
@@ -207,7 +203,7 @@ def load_checkpoint(folder: Path, masked: MaskedModel, opt: torch.optim.Optimize
             raise CheckpointError(f"checkpoint file {folder / name} is missing or corrupt (checksum mismatch); "
                                   f"delete {folder} to start over")
     device = next(masked.model.parameters()).device
-    masked.load_trainable_state({k: v.to(device) for k, v in load_file(str(folder / "trainable.safetensors")).items()})
+    masked.load_trainable_state({k: v.to(device) for k, v in load_file(str(folder / CHECKPOINT_STATE)).items()})
     opt.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=device))
     return meta
 
@@ -239,7 +235,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
     device = torch.device(cfg.device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     opt = torch.optim.AdamW(masked.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt = workdir / "checkpoint"
+    ckpt = workdir / CHECKPOINT_DIR
     start, elapsed, init_info = 0, 0.0, {}
     _barrier(world)
     if (ckpt / "state.json").exists():
@@ -261,7 +257,7 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
     if world > 1:  # replicas of hypernetwork + routers; DDP broadcasts rank 0's state (incl. mask bases) here
         objective = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False)
     my_micro = list(range(rank, cfg.micro_batches, world))
-    log_path = workdir / "log.jsonl"
+    log_path = workdir / PROGRESS_LOG
     if rank == 0:
         _truncate_log(log_path, start)
     bar = tqdm(total=cfg.steps, initial=start, desc="convert", disable=not show_tqdm or rank != 0,
@@ -344,7 +340,7 @@ def _check_same_settings(saved: dict, cfg: ConversionConfig, ckpt: Path) -> None
         hint = ""
         if "train_gap" in diff and "train_gap" not in saved:
             hint = (f"; it was saved before --train-gap existed and trained at the budget: resume it with "
-                    f"--train-gap 0 --output {ckpt.parent.with_name(ckpt.parent.name.removesuffix('.work'))}")
+                    f"--train-gap 0 --output {output_of_work_dir(ckpt.parent)}")
         raise CheckpointError(f"checkpoint in {ckpt} was made with other settings {diff}; "
                               f"use the same settings or another output folder{hint}")
 
