@@ -18,7 +18,7 @@ def render(conversions: list[catalog.Conversion], model: str) -> None:
     from tomoe_core import jobs
 
     mine = [c for c in conversions if c.model == model and c.materialised]
-    conditioned = [c for c in mine if c.budget_range and not c.meta.get("derived_from")]
+    conditioned = [c for c in mine if c.is_conditioned]
     names = [conditioned[0].name] if conditioned else sorted({c.name for c in mine})[:3]
     running = _speed_jobs(jobs)
     if not running:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tomoe_core.conversion import Conversion
 from tomoe_core.convert import conversion_digest, load_converted, read_metadata
 from tomoe_core.data import cache_dir
 from tomoe_core.evaluate import compare_generation
@@ -46,7 +47,7 @@ def continuations(conversion: Path, budgets, prompts=PROMPTS, new_tokens: int = 
     t0 = time.time()
     meta = read_metadata(conversion)
     dense, tokenizer = load_dense(meta["model"], log=log)
-    conditioned = bool(meta.get("budget_range")) and not meta.get("derived_from")
+    conditioned = Conversion(conversion, meta).is_conditioned
     if not conditioned:
         budgets = [float(meta["budget"])]
     out = {"kind": "continuations", "model": meta["model"], "conversion": conversion.name,

@@ -80,6 +80,7 @@ from plotly.subplots import make_subplots
 from tomoe_core.baselines import (ALL_METHODS, DYNAMIC_CALIBRATION_TOKENS, DYNAMIC_METHODS, EXTERNAL_METHODS,
                                   activation_stats, baseline_variants, min_budget)
 from tomoe_core.budget import account
+from tomoe_core.conversion import Conversion, list_conversions
 from tomoe_core.convert import conversion_digest, load_converted, read_metadata
 from tomoe_core.data import cache_dir, text_windows
 from tomoe_core.evaluate import LogitsFn, evaluate_variants, logits_fn
@@ -101,12 +102,9 @@ SCHEMA_VERSION = 1
 
 
 def find_conversions(model_name: str, root: Path | None = None) -> list[Path]:
-    root = root or conversions_dir()
-    found = []
-    for folder in sorted(root.glob("*")) if root.exists() else []:
-        if (folder / "tomoe.json").exists() and read_metadata(folder).get("model") == model_name:
-            found.append(folder)
-    return found
+    """The conversions of `model_name` under `root` (default cache/conversions), by name; folders that are
+    not readable conversions are left out."""
+    return [c.path for c in list_conversions(root or conversions_dir(), model_name, require_weights=False)[0]]
 
 
 def compare(rows: list[dict]) -> list[dict]:
@@ -184,7 +182,7 @@ def run(args, log=print) -> dict:
     conv_budgets, conditioned = {}, []
     for folder in conversions:
         meta = read_metadata(folder)
-        if meta.get("budget_range") and not meta.get("derived_from"):  # a rebudgeted copy has no hypernetwork
+        if Conversion(folder, meta).is_conditioned:  # a rebudgeted copy has no hypernetwork
             conditioned.append(folder)
         elif meta.get("budget_source", "trained") == "trained":  # rebudgeted copies are rows of their own source
             conv_budgets.setdefault(round(float(meta["budget"]), 4), []).append(folder)

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 
+from tomoe_core.conversion import Conversion, ConversionError, list_conversions
 from tomoe_core.convert import load_converted, materialise, read_metadata, save_converted
 from tomoe_core.data import cache_dir, cached_stream
 from tomoe_core.families import adapter_for
@@ -96,25 +97,26 @@ def trained_conversions(model_name: str, names: list[str] | None = None) -> dict
     found = {}
     root = conversions_dir()
     if names:
-        folders = [Path(n) if Path(n).is_dir() else root / n for n in names]
-        for folder in folders:
-            if not (folder / "tomoe.json").exists():
-                raise SystemExit(f"error: {folder} is not a converted ToMoE model (no tomoe.json)")
+        conversions = []
+        for folder in (Path(n) if Path(n).is_dir() else root / n for n in names):
+            try:
+                conversions.append(Conversion.open(folder))
+            except ConversionError as err:
+                raise SystemExit(f"error: {err}") from None
     else:
-        folders = sorted(root.glob("*"), key=lambda p: p.stat().st_mtime) if root.exists() else []
-    for folder in folders:
-        if (folder / "tomoe.json").exists():
-            meta = read_metadata(folder)
-            budget = meta.get("budget")
-            if names and meta.get("model") != model_name:
-                raise SystemExit(f"error: {folder} was converted from {meta.get('model')!r}, not {model_name!r}: "
-                                 "pass --model to match")
-            if meta.get("model") == model_name and budget is not None:
-                key = round(float(budget), 4)
-                if names and key in found:
-                    raise SystemExit(f"error: {found[key].name} and {folder.name} are both at budget {key:g}: "
-                                     "name one conversion per budget")
-                found[key] = folder
+        conversions = sorted(list_conversions(root, model_name, require_weights=False)[0],
+                             key=lambda c: c.path.stat().st_mtime)
+    for conversion in conversions:
+        model = conversion.meta.get("model")
+        if names and model != model_name:
+            raise SystemExit(f"error: {conversion.path} was converted from {model!r}, not {model_name!r}: "
+                             "pass --model to match")
+        if model == model_name and conversion.budget is not None:
+            key = round(float(conversion.budget), 4)
+            if names and key in found:
+                raise SystemExit(f"error: {found[key].name} and {conversion.name} are both at budget {key:g}: "
+                                 "name one conversion per budget")
+            found[key] = conversion.path
     return found
 
 
@@ -239,9 +241,9 @@ def tiny_dense(vocab: int = 512):
 def conditioned_covering(folders, budget: float) -> Path | None:
     """The first budget-conditioned conversion (with its hypernetwork) whose range holds `budget`."""
     for folder in folders:
-        meta = read_metadata(folder)
-        rng = meta.get("budget_range")
-        if rng and not meta.get("derived_from") and rng[0] - 1e-9 <= budget <= rng[1] + 1e-9:
+        conversion = Conversion(folder, read_metadata(folder))
+        if conversion.is_conditioned and (conversion.budget_range[0] - 1e-9 <= budget
+                                          <= conversion.budget_range[1] + 1e-9):
             return folder
     return None
 

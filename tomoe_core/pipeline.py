@@ -496,7 +496,7 @@ def ship_conversion(conversion: Path, name: str | None = None) -> Path:
     conversion = Path(conversion)
     meta = read_metadata(conversion)
     target = shipped_dir() / (name or conversion.name)
-    if meta.get("budget_range") and not meta.get("derived_from"):
+    if Conversion(conversion, meta).is_conditioned:
         source = hypernet_path(conversion)
         with atomic_dir(target) as tmp:
             _copy_artefact(source, tmp / HYPERNET_FILE)

@@ -87,8 +87,7 @@ ui.keep("eval_set", sets[0] if sets else None)
 if sets and st.session_state["eval_set"] not in sets:
     st.session_state["eval_set"] = sets[0]
 # budget-conditioned conversions here (not their rebudgeted copies, which have no hypernetwork), best curve first
-conditioned = {c.name: c for c in cat.conversions if c.budget_range and not c.meta.get("derived_from")
-               and c.model == st.session_state["model"]}
+conditioned = {c.name: c for c in cat.conversions if c.is_conditioned and c.model == st.session_state["model"]}
 order = list(tradeoff.conditioned_curves(points[points["eval_set"] == st.session_state["eval_set"]])) if sets else []
 conditioned = dict(sorted(conditioned.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 if conditioned:

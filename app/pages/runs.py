@@ -14,6 +14,8 @@ st.caption("Conversions and routing logs under `cache/`, and background jobs. A 
            "keeps going when you reload the page or close the tab, and Cancel stops it.")
 
 from tomoe_core import jobs, paths  # noqa: E402  (after the title: the first import of the engine takes seconds)
+from tomoe_core.config import ConversionConfig  # noqa: E402
+from tomoe_core.conversion import Conversion, conversions_dir, default_conversion_name  # noqa: E402
 from tomoe_core.io import safe_name  # noqa: E402
 
 cat = ui.read_catalog()
@@ -100,21 +102,22 @@ def start_conversion() -> None:
     try:  # every path the user typed stays inside the cache and data folders
         model_arg = paths.confine_model(model)
         text_arg = paths.confine_text_source(text, "Calibration text")
-        output = paths.confine_child(safe_name(name or f"{Path(model.strip()).name}-p{budget:g}-e{int(experts)}"),
-                                     catalog.cache_root() / "conversions", "Output name")
+        default = default_conversion_name(ConversionConfig(model=model.strip(), budget=budget,
+                                                           num_experts=int(experts)))
+        output = Conversion(paths.confine_child(safe_name(name or default), conversions_dir(), "Output name"))
         extra_args = paths.check_extra_options(shlex.split(extra), paths.CONVERT_PATH_OPTIONS, "Extra convert options")
     except ValueError as err:
         st.error(str(err))
         return
-    if (output / "tomoe.json").exists():
+    if output.metadata_path.exists():
         st.error(f"`{output.name}` is already a finished conversion: choose another output name.")
         return
     argv = jobs.python_argv("-m", "tomoe_core", "convert", "--model", model_arg, "--budget", f"{budget:g}",
                             "--experts", str(int(experts)), "--steps", str(int(steps)), "--text", text_arg,
-                            "--output", str(output), *extra_args)
+                            "--output", str(output.path), *extra_args)
     try:  # under the job registry's lock: a second tab asking for the same output is refused here
-        jobs.start_job("convert", argv, label=output.name, output=output,
-                       progress_log=output.with_name(output.name + ".work") / "log.jsonl", total=int(steps))
+        jobs.start_job("convert", argv, label=output.name, output=output.path, progress_log=output.progress_log,
+                       total=int(steps))
     except jobs.JobError as err:
         st.error(f"Output name: {err}")
         return
@@ -143,7 +146,7 @@ else:
     picked = {c.name: c for c in cat.conversions}[st.selectbox("Details of", names, key="runs_conversion")]
     left, right = st.columns(2)
     with left:
-        log = catalog.read_jsonl_tail(picked.path / "training_log.jsonl", 1 << 20)
+        log = catalog.read_jsonl_tail(picked.training_log, 1 << 20)
         if log:
             frame = pd.DataFrame(log).set_index("step")
             cols = [c for c in ("loss", "distill", "load_balance") if c in frame]
