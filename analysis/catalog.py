@@ -59,7 +59,7 @@ def list_conversions(conversions: Path | None = None, shipped: Path | None = Non
     conversion of the same name hides its recipe); the rules of `tomoe_core.conversion.list_conversions`."""
     found, problems = _conversion.list_conversions(conversions or cache_root() / "conversions")
     recipes, more = _conversion.list_conversions(shipped or shipped_root(), require_weights=False,
-                                                 ignore={"results", *(c.name for c in found)})
+                                                 ignore={"results", "routing", *(c.name for c in found)})
     return [Conversion(c.path, c.meta) for c in found + recipes], problems + more
 
 

@@ -53,3 +53,12 @@ def test_catalog_reads_shipped_results_and_local_results_win(tmp_path):
     assert results["quality_benchmark.json"]["local"] == 1
     convs, problems = catalog.list_conversions(tmp_path / "conversions", tmp_path / "shipped")
     assert convs == [] and problems == []  # shipped/results is not a conversion
+
+
+def test_what_the_repository_ships_lists_cleanly(tmp_path):
+    """A fresh clone: the shipped conversion, and no warning about the results or the routing log."""
+    from tomoe_core.data import shipped_dir
+
+    conversions, problems = catalog.list_conversions(tmp_path / "none", shipped_dir())
+    assert problems == []
+    assert [c.name for c in conversions] == ["smollm2-135m-any-budget"] and conversions[0].is_conditioned
