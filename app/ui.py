@@ -86,7 +86,7 @@ def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
     import sys
 
     code = ("from tomoe_core import jobs; jobs.start_job('prepare', jobs.python_argv('-c', "
-            "'from tomoe_core.pipeline import ensure_shipped_conversions; ensure_shipped_conversions()'), "
+            "'from tomoe_core.shipping import ensure_shipped_conversions; ensure_shipped_conversions()'), "
             f"label='rebuild shipped conversions ({', '.join(recipes)})')")
     subprocess.Popen([sys.executable, "-c", code], cwd=catalog.REPO_ROOT, start_new_session=True,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -96,7 +96,7 @@ def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
 
 def materialise_shipped(log) -> list[Path]:
     """Rebuild shipped recipes into cache/conversions (seconds, once the dense model is cached)."""
-    from tomoe_core.pipeline import ensure_shipped_conversions
+    from tomoe_core.shipping import ensure_shipped_conversions
     return ensure_shipped_conversions(log=log)
 
 

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not (args.conversion / "tomoe.json").exists():
         p.error(f"{args.conversion} is not a converted model (no tomoe.json); the shipped default is materialised "
-                "by `python -c 'from tomoe_core.pipeline import ensure_shipped_conversions as e; e()'`")
+                "by `python -c 'from tomoe_core.shipping import ensure_shipped_conversions as e; e()'`")
     result = continuations(args.conversion, args.budgets, new_tokens=args.new_tokens)
     result.update(machine=machine_info("cpu"),
                   command="python -m benchmarks.continuations " + " ".join(shlex.quote(a) for a in argv))

@@ -142,3 +142,23 @@ def test_speed_times_a_budget_conditioned_conversion_inside_its_range(tmp_path):
     assert speed.conditioned_covering([single, copy, cond], 0.7) == cond
     assert speed.conditioned_covering([single, copy, cond], 0.3) is None
     assert speed.conditioned_covering([single], 0.5) is None
+
+
+def test_teal_gather_kernel_computes_the_reference_teal_mlp():
+    import torch
+
+    from benchmarks.teal_speed import TealGatherMLP
+    from tiny_models import tiny_model
+    from tomoe_core.baselines import DynamicSparsity
+    from tomoe_core.masked import MaskedModel
+
+    torch.manual_seed(0)
+    masked = MaskedModel(tiny_model("llama"), num_experts=1)
+    reference = DynamicSparsity(masked, "teal", 0.5)
+    reference.calibrate(torch.randint(3, masked.model.config.vocab_size, (2, 32)))
+    x = torch.randn(3, 7, masked.mlps[0].weights.hidden_size)
+    for ref in reference.mlps:
+        kernel = TealGatherMLP(ref.weights, ref.thresholds)
+        with torch.no_grad():
+            assert torch.allclose(kernel(x), ref(x), atol=1e-5, rtol=1e-4)
+            assert torch.allclose(kernel(x[:1, :1]), ref(x[:1, :1]), atol=1e-5, rtol=1e-4)  # one decode token

@@ -14,7 +14,7 @@ from tomoe_core.budget import account
 from tomoe_core.data import cached_stream, windows
 from tomoe_core.evaluate import compare_generation, evaluate_variants, logits_fn
 from tomoe_core.data import shipped_dir
-from tomoe_core.pipeline import ensure_shipped_conversions
+from tomoe_core.shipping import ensure_shipped_conversions
 
 pytestmark = pytest.mark.integration
 

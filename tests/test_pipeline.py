@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tiny_models import tiny_model
-from tomoe_core import load_converted, pipeline
+from tomoe_core import load_converted, pipeline, shipping
 from tomoe_core.budget import account
 from tomoe_core.cli import main
 from tomoe_core.models import load_tokenizer
@@ -217,15 +217,15 @@ def test_a_shipped_conditioned_conversion_rebuilds_the_same_model(tiny_setup, mo
                            init_tokens=512, budget=0.5, budget_range=(0.3, 1.0), num_experts=4)
     out = run_conversion(cfg, tmp / "cond", show_tqdm=False, log=lambda *a: None, anchor_windows=0)
     shipped = tmp / "shipped"
-    monkeypatch.setattr(pipeline, "shipped_dir", lambda: shipped)
+    monkeypatch.setenv("TOMOE_SHIPPED", str(shipped))
     assert main(["ship", str(out)]) == 0
     recipe = shipped / "cond"
     assert str(recipe) in capsys.readouterr().out
     # the hypernetwork and metadata only: no dense weights, no tokenizer
     assert sorted(p.name for p in recipe.iterdir()) == ["hypernet.safetensors", "tomoe.json", "training_log.jsonl"]
-    assert pipeline.is_conditioned_recipe(recipe)
+    assert shipping.is_conditioned_recipe(recipe)
     # a fresh clone materialises it at its budget: the very weights that were measured, hypernetwork beside
-    (target,) = pipeline.ensure_shipped_conversions(log=lambda *a: None)
+    (target,) = shipping.ensure_shipped_conversions(log=lambda *a: None)
     original, rebuilt = (json.loads((f / "tomoe.json").read_text()) for f in (out, target))
     assert rebuilt["weights_sha256"] == original["weights_sha256"]
     assert rebuilt["rebuilt_from_recipe"] and "hypernet_sha256" not in rebuilt
@@ -241,5 +241,5 @@ def test_a_shipped_conditioned_conversion_rebuilds_the_same_model(tiny_setup, mo
     data = bytearray((recipe / "hypernet.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (recipe / "hypernet.safetensors").write_bytes(bytes(data))
-    with pytest.raises(pipeline.ConvertedModelError, match="checksum"):
-        pipeline.ensure_shipped_conversions(log=lambda *a: None)
+    with pytest.raises(shipping.ConvertedModelError, match="checksum"):
+        shipping.ensure_shipped_conversions(log=lambda *a: None)

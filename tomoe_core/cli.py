@@ -247,7 +247,9 @@ def _run(args, argv) -> int:
         print(pipeline.rebudget(args.conversion, args.budget, args.output))
         return 0
     if args.command == "ship":
-        target = pipeline.ship_conversion(args.conversion, args.name)
+        from .shipping import ship_conversion
+
+        target = ship_conversion(args.conversion, args.name)
         size = sum(f.stat().st_size for f in target.iterdir())
         print(f"{target} ({size / 2**20:.1f} MiB)")
         return 0

@@ -82,3 +82,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def copy_if_exists(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy an optional artefact (a training log, a hypernetwork) atomically when it exists."""
+    if Path(src).exists():
+        atomic_write_bytes(dst, Path(src).read_bytes())

@@ -14,14 +14,13 @@ from .budget import account
 # the folder rules (re-exported: pipeline.conversions_dir and co. keep working)
 from .conversion import (CHECKPOINT_STATE, HYPERNET_FILE, TRAINING_LOG, Conversion, conversions_dir,  # noqa: F401
                          default_conversion_name, work_dir_of)
-from .convert import (ConvertedModelError, check_same_vocabulary, conversion_digest, dense_model_of, load_converted,
-                      materialise,
-                      materialise_from_recipe, read_metadata, save_converted, save_recipe)
-from .data import cache_dir, cached_stream, shipped_dir, special_prefix, text_windows, windows as make_windows
+from .convert import (check_same_vocabulary, conversion_digest, dense_model_of, load_converted, materialise,
+                      read_metadata, save_converted)
+from .data import cache_dir, cached_stream, special_prefix, text_windows, windows as make_windows
 from .evaluate import default_window, evaluate_variants, logits_fn
 # which budget masks are generated at (re-exported: pipeline.anchor_budget and co. keep working)
 from .generation_budget import DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, default_train_gap  # noqa: F401
-from .io import atomic_dir, atomic_write_bytes, atomic_write_json, file_lock, safe_name, sha256_file
+from .io import atomic_write_json, copy_if_exists, file_lock, safe_name
 from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from .lastword import rule as last_word_rule
 from .machine import machine_info
@@ -102,9 +101,9 @@ def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=N
             meta["anchor_calibration"] = anchor
         save_converted(moe, output, tokenizer, meta)
         saved = Conversion(output)
-        _copy_artefact(saved.progress_log, saved.training_log)
+        copy_if_exists(saved.progress_log, saved.training_log)
         # the trained hypernetwork + routers stay beside the model: other budgets re-threshold it
-        _copy_artefact(saved.checkpoint_dir / CHECKPOINT_STATE, output / HYPERNET_FILE)
+        copy_if_exists(saved.checkpoint_dir / CHECKPOINT_STATE, output / HYPERNET_FILE)
         log(f"[tomoe] saved {output}: MLP active ratio {report.mlp_active_ratio:.4f} "
             f"(requested {cfg.budget}), whole model {report.active_ratio_vs_dense:.4f}, "
             f"{summary['tokens_seen']} tokens in {summary['train_seconds'] / 60:.1f} min")
@@ -130,11 +129,6 @@ def mask_stats(masked: MaskedModel, masks: Masks, budget: float) -> dict:
                                    for q, v in zip(masks.qk, masks.vo)]
     return out
 
-
-def _copy_artefact(src: Path, dst: Path) -> None:
-    """Copy an optional artefact (training log, hypernetwork) atomically when it exists."""
-    if src.exists():
-        atomic_write_bytes(dst, src.read_bytes())
 
 
 def budget_source(meta: dict, budget: float) -> str:
@@ -442,70 +436,3 @@ def format_quality_table(result: dict) -> str:
         lines.append(f"last-word accuracy: {result['last_word']['items']} items of {result['last_word']['text']} "
                      "(every token of a sentence's last word greedy, as lm-eval's acc)")
     return "\n".join(lines)
-
-
-def is_conditioned_recipe(folder: Path) -> bool:
-    """A shipped budget-conditioned conversion: its hypernetwork and routers, no dense weights."""
-    return Conversion(folder).is_conditioned_recipe
-
-
-def ensure_shipped_conversions(log=print) -> list[Path]:
-    """Materialise every shipped recipe into cache/conversions/ if it is not there yet (seconds).
-
-    A single-budget recipe is rebuilt from its index lists; a conditioned recipe is materialised at
-    its default budget and keeps its hypernetwork beside the weights, so every other budget of its
-    range materialises in memory in seconds (`materialise_at`)."""
-    out = []
-    for recipe in sorted(p for p in shipped_dir().glob("*") if (p / "tomoe.json").exists()):
-        target = conversions_dir() / recipe.name
-        with file_lock(target):
-            if not (target / "tomoe.json").exists():
-                _materialise_recipe(recipe, target, log)
-        out.append(target)
-    return out
-
-
-def _materialise_recipe(recipe: Path, target: Path, log) -> None:
-    meta = read_metadata(recipe)
-    dense, tokenizer = load_dense(meta["model"], log=log)
-    meta = {**meta, "rebuilt_from_recipe": os.path.relpath(recipe, Path(__file__).resolve().parent.parent)}
-    if is_conditioned_recipe(recipe):
-        expected = meta.pop("hypernet_sha256", None)
-        if sha256_file(recipe / HYPERNET_FILE) != expected:
-            raise ConvertedModelError(f"{recipe / HYPERNET_FILE} does not match its checksum in tomoe.json: the "
-                                      "clone is incomplete (git lfs?) or the file was changed")
-        moe, _, seconds = materialise_at(recipe, float(meta["budget"]), layout="memory", dense=dense, log=log)
-        with atomic_dir(target) as tmp:  # weights and hypernetwork appear together
-            save_converted(moe, tmp, tokenizer, meta)
-            _copy_artefact(recipe / HYPERNET_FILE, tmp / HYPERNET_FILE)
-            _copy_artefact(recipe / TRAINING_LOG, tmp / TRAINING_LOG)
-    else:
-        moe = materialise_from_recipe(recipe, dense)
-        meta.pop("recipe_sha256", None)
-        save_converted(moe, target, tokenizer, meta)
-        _copy_artefact(recipe / TRAINING_LOG, target / TRAINING_LOG)
-    log(f"[tomoe] materialised shipped conversion {recipe.name} into {target}")
-
-
-def ship_conversion(conversion: Path, name: str | None = None) -> Path:
-    """Copy what a conversion adds to the dense model into cache/shipped/ (small enough for git).
-
-    Single budget: a recipe (routers + index lists, about 2 MB for SmolLM2-135M). Budget-conditioned:
-    its hypernetwork and routers (every budget of its range; 28 MB for SmolLM2-135M in float32, kept
-    exact so the shipped model is the measured one) and its anchor gaps, in tomoe.json."""
-    conversion = Path(conversion)
-    meta = read_metadata(conversion)
-    target = shipped_dir() / (name or conversion.name)
-    if Conversion(conversion, meta).is_conditioned:
-        source = hypernet_path(conversion)
-        with atomic_dir(target) as tmp:
-            _copy_artefact(source, tmp / HYPERNET_FILE)
-            _copy_artefact(conversion / TRAINING_LOG, tmp / TRAINING_LOG)
-            shipped = {k: v for k, v in meta.items() if k not in ("weights_sha256", "weight_files", "saved_at")}
-            shipped["hypernet_sha256"] = sha256_file(tmp / HYPERNET_FILE)
-            atomic_write_json(tmp / "tomoe.json", shipped)
-        return target
-    model, _tok, meta = load_converted(conversion, layout="memory", load_tokenizer=False)
-    save_recipe(model, target, meta)
-    _copy_artefact(conversion / TRAINING_LOG, target / TRAINING_LOG)
-    return target
