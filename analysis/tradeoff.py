@@ -731,3 +731,20 @@ def tomoe_curve(points: pd.DataFrame, eval_set: str, conversion: str | None = No
     out = tomoe[["budget", "perplexity"]].reset_index(drop=True)
     dense_ppl = float(dense["perplexity"].iloc[0]) if not dense.empty else math.nan
     return out.assign(ratio=out["perplexity"] / dense_ppl)
+
+
+def structural_speed_summary(results: dict[str, dict]) -> str | None:
+    """One sentence from `benchmarks.teal_speed`: where ToMoE and TEAL-style each save time (None without it)."""
+    res = next((r for r in results.values() if r.get("kind") == "teal-speed" and r.get("rows")), None)
+    if res is None:
+        return None
+    by = {(r["workload"], r["variant"]): r["vs_dense"] for r in res["rows"]}
+    parts = []
+    for workload in ("decode, batch 1", "decode, batch 8", "prefill"):
+        if (workload, "ToMoE") in by and (workload, "TEAL-style") in by:
+            parts.append(f"{workload}: ToMoE {by[workload, 'ToMoE']:.2f}x, TEAL-style {by[workload, 'TEAL-style']:.2f}x")
+    if not parts:
+        return None
+    return (f"Time of the MLPs relative to dense at p = {res.get('budget'):g} ({res.get('threads', 1)} thread, "
+            f"`python -m benchmarks.teal_speed`): " + "; ".join(parts) + ". Per-token gathers lose their savings "
+            "once tokens are batched; ToMoE's experts group tokens into dense products.")

@@ -82,3 +82,13 @@ def test_budget_explorer_explains_the_per_token_points(tmp_path, monkeypatch):
 def test_per_token_baselines_of_an_evaluate_file_are_not_static_pruning():
     assert [tradeoff.variant_kind(v) for v in ("teal", "cats", "oracle", "wanda-sp", "tomoe-random", "dense")] == \
         ["dynamic, training-free", "dynamic, training-free", "ceiling", "baseline", "ablation", "dense"]
+
+
+def test_the_structural_speed_comparison_reads_the_teal_speed_file():
+    assert tradeoff.structural_speed_summary({}) is None
+    rows = [{"workload": w, "variant": v, "vs_dense": x} for w, v, x in (
+        ("decode, batch 8", "ToMoE", 0.52), ("decode, batch 8", "TEAL-style", 0.77), ("prefill", "ToMoE", 0.86),
+        ("prefill", "TEAL-style", 2.06))]
+    text = tradeoff.structural_speed_summary({"shipped/teal_speed.json": {"kind": "teal-speed", "budget": 0.5,
+                                                                          "threads": 1, "rows": rows}})
+    assert "decode, batch 8: ToMoE 0.52x, TEAL-style 0.77x" in text and "prefill: ToMoE 0.86x, TEAL-style 2.06x" in text

@@ -253,6 +253,9 @@ if shown_kinds & {"dynamic, training-free", "ceiling"}:
                "every token, with no training; their active parameters are the weights the held-out tokens used, "
                "and saving time with them needs per-token gathers. The dashed ceiling is the per-token oracle: it "
                "chooses each token's channels knowing all of its activations, so no runnable method reaches it.")
+    structural = tradeoff.structural_speed_summary(cat.results)
+    if structural:
+        st.caption(structural)
 
 with st.expander("Measured points and how the numbers are computed"):
     st.markdown(tradeoff.__doc__.split("\n", 2)[2])
