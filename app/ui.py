@@ -77,6 +77,16 @@ def model_at_budget(path: str, budget: float, digest: str):
     return materialise_at(Path(path), budget, layout="memory", log=lambda *a: None)
 
 
+def conditioned_model(conv: catalog.Conversion, budget: float):
+    """`model_at_budget` for a catalog conversion, cached under what makes the model: its weights or
+    hypernetwork and its anchor gaps (recalibrated gaps make another model)."""
+    import json
+
+    digest = conv.meta.get("weights_sha256") or conv.meta.get("hypernet_sha256")
+    return model_at_budget(str(conv.path), round(float(budget), 4),
+                           f"{digest}:{json.dumps(conv.meta.get('anchor_gaps'), sort_keys=True)}")
+
+
 @st.cache_resource(show_spinner=False)
 def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
     """Once per studio process: rebuild shipped recipes into cache/conversions as a background job

@@ -6,8 +6,8 @@
 Does what a press of "Generate side by side" does once the models are loaded (the studio caches
 them): `compare_generation` (both greedy continuations and the per-token KL) plus the routing of the
 converted model's tokens, with the thread count the studio uses (`--threads fair`). Reports the
-median and range over repeats and the 1-minute load average, and names the other processes that
-were using the CPU, so a run beside a background job says so. Prints one JSON line.
+median and range over repeats and the contention it ran under (`benchmarks.speed.contention`: load
+average and the other busy Python processes), so a run beside a background job says so. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from analysis import compare_view
+from benchmarks.speed import contention
 from tomoe_core.convert import load_converted, read_metadata
 from tomoe_core.evaluate import compare_generation
 from tomoe_core.jobs import fair_thread_count
@@ -28,23 +29,6 @@ from tomoe_core.models import load_dense
 from tomoe_core.pipeline import conversions_dir, materialise_at
 
 PROMPT = "The history of the Roman Empire begins"
-
-
-def busy_processes(min_cpu_s: float = 1.0) -> list[str]:
-    """Other python processes of this user that have used CPU (Linux /proc), by command line."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        if "python" in cmd and cpu_s >= min_cpu_s:
-            out.append(cmd[:120])
-    return out
 
 
 def main(argv=None) -> int:
@@ -78,7 +62,7 @@ def main(argv=None) -> int:
                       "new_tokens": args.new_tokens, "torch_threads": torch.get_num_threads(),
                       "seconds_median": round(statistics.median(times), 2),
                       "seconds_range": [round(min(times), 2), round(max(times), 2)],
-                      "loadavg_1min": os.getloadavg()[0], "other_python_processes": busy_processes()}))
+                      "contention": contention([os.getloadavg()[0]])}))
     return 0
 
 

@@ -126,7 +126,7 @@ def run(args, log=print) -> dict:
     return {"kind": "teal-speed", "model": args.model, "conversion": args.conversion.name, "budget": args.budget,
             "teal_active_mlp_ratio_prefill": teal_ratio, "max_relative_error_vs_reference": max(errors), "threads": 1, "clock": "thread CPU time",
             "steps": args.steps, "prefill_tokens": args.prefill_tokens, "repeats": args.repeats,
-            "loadavg": loads, "machine": machine_info("cpu"), "rows": rows,
+            "loadavg": loads, "contention": speed.contention(loads), "machine": machine_info("cpu"), "rows": rows,
             "command": "python -m benchmarks.teal_speed " + " ".join(sys.argv[1:])}
 
 

@@ -1,5 +1,4 @@
 """Budget explorer (landing page): slide the active-parameter budget, see cost against quality."""
-import json
 from pathlib import Path
 
 import streamlit as st
@@ -220,9 +219,7 @@ if conditioned:
     if st.button(f"Materialise {conv.name} at p = {budget:g}", key="materialise_at"):
         with st.spinner(f"materialising at p = {budget:g}..."):
             try:
-                _model, meta, seconds = ui.model_at_budget(  # recalibrated gaps make another model
-                    str(conv.path), round(budget, 4),
-                    f"{conv.meta.get('weights_sha256')}:{json.dumps(conv.meta.get('anchor_gaps'), sort_keys=True)}")
+                _model, meta, seconds = ui.conditioned_model(conv, budget)
             except ui.user_error_types() as err:
                 st.error(str(err))
             else:

@@ -25,7 +25,7 @@ st.selectbox("Conversion", list(by_name), key="conversion",
                                    f"{'' if by_name[n].materialised else ', rebuilt on first use'})")
 conv = by_name[st.session_state["conversion"]]
 budget = None  # a budget-conditioned conversion runs at any budget of its range (materialised in seconds)
-if conv.budget_range:
+if conv.is_conditioned:  # a rebudgeted copy has a range but no hypernetwork
     options = compare_view.budget_options(conv.budget_range, conv.budget)
     ui.keep("compare_budget", conv.budget)
     if st.session_state["compare_budget"] not in options:
@@ -54,8 +54,7 @@ def generate(conv) -> dict | None:
                 st.write(f"Loading the dense model `{conv.model}`...")
                 dense, tokenizer = ui.dense_model(conv.model)
                 st.write(f"Materialising `{conv.name}` at p = {budget:g} from its hypernetwork...")
-                digest = str(conv.meta.get("weights_sha256") or conv.meta.get("hypernet_sha256"))
-                moe, _meta, _seconds = ui.model_at_budget(str(conv.path), budget, digest)
+                moe, _meta, _seconds = ui.conditioned_model(conv, budget)
                 return _generate_with(moe, dense, tokenizer, status)
             if not conv.materialised:
                 st.write("Rebuilding the shipped conversion from the dense model (first use only; the dense model's "
