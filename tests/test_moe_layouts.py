@@ -300,6 +300,46 @@ def test_gather_kernels_match_the_torch_reference(gated, dtype, tokens):
     torch.testing.assert_close(ref_y, dense_y, **tol)
 
 
+@pytest.mark.parametrize("act_name", ["silu", "gelu_pytorch_tanh", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,threads", [(1, 1), (1, 2), (5, 2), (16, 1)])
+def test_fused_expert_mlp_kernel_matches_the_two_call_reference(act_name, dtype, tokens, threads):
+    """tomoe_mlp (gate, up, activation and down in one C call) against the torch reference."""
+    from transformers.activations import ACT2FN
+
+    if gather_kernels.backend(torch.zeros(1, dtype=dtype)) != "cpu-c":
+        pytest.skip("no C kernel here")
+    act = ACT2FN[act_name]
+    code = gather_kernels.activation_code(act)
+    assert code > 0, act_name
+    g = torch.Generator().manual_seed(tokens)
+    E, U, D = 9, 131, 45  # odd sizes: every loop tail runs
+    masks = torch.rand(E, U, generator=g) < 0.5
+    masks[:, 0] = True
+    bits = (masks.long() << torch.arange(E)[:, None]).sum(0)
+    gate, up, down_t = (torch.randn(U, D, generator=g).to(dtype) for _ in range(3))
+    x = torch.randn(tokens, D, generator=g).to(dtype)
+    expert = torch.randint(E, (tokens,), generator=g)
+    member = masks[expert].float()  # (T, U)
+    a = act(x.float() @ gate.float().t()) * (x.float() @ up.float().t()) * member
+    ref = (a @ down_t.float()).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = gather_kernels.mlp(gate, up, down_t, x, expert, bits, code)
+    finally:
+        torch.set_num_threads(before)
+    tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_activation_codes_recognise_what_they_compute():
+    assert gather_kernels.activation_code(torch.nn.SiLU()) == 1
+    assert gather_kernels.activation_code(torch.nn.GELU(approximate="tanh")) == 2
+    assert gather_kernels.activation_code(torch.nn.GELU()) == 3
+    assert gather_kernels.activation_code(torch.nn.ReLU()) == 0  # not fused: the two-call path applies it
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_indexed_layout_matches_masked_model(family, gather_backend):
     masked, moe = build(family)

@@ -13,6 +13,8 @@ from torch import nn
 
 from .families import MLPWeights
 from .gather_kernels import MAX_EXPERTS as MAX_GATHER_EXPERTS
+from .gather_kernels import activation_code
+from .gather_kernels import mlp as gather_mlp
 from .gather_kernels import backend as gather_backend_for
 from .gather_kernels import down as gather_down
 from .gather_kernels import gate_up as gather_gate_up
@@ -180,6 +182,7 @@ class IndexedTables(NamedTuple):
     channel_experts: torch.Tensor | None  # (U,) int64 bitmask of the experts using each channel; None if E > 64
     expert_table: torch.Tensor  # (E, W) union positions of each expert's channels, padded with 0
     expert_valid: torch.Tensor  # (E, W) 0/1 in the weights' dtype, 0 at the padding
+    act_code: int  # the fused C kernel's code for the activation; 0: not fused (plain MLP or another activation)
 
 
 class MoEMLP(RoutedMixin, nn.Module):
@@ -335,7 +338,8 @@ class MoEMLP(RoutedMixin, nn.Module):
         if self.num_experts <= MAX_GATHER_EXPERTS:
             bit = torch.tensor([1 << k for k in range(self.num_experts)], dtype=torch.long, device=dev)  # (E,)
             bits = (self._union_masks.bool().long() * bit[:, None]).sum(0)  # (U,)
-        return IndexedTables(self.down.t(), self._union_masks, bits, table, valid)
+        act_code = activation_code(self.act) if self.gate is not None else 0
+        return IndexedTables(self.down.t(), self._union_masks, bits, table, valid, act_code)
 
     def indexed_extra_bytes(self) -> int:
         """Bytes of the indexed layout's tables (union masks, channel bitmask, padded expert table)."""
@@ -348,7 +352,7 @@ class MoEMLP(RoutedMixin, nn.Module):
         if layout is None or layout == self.layout:
             derived = [t for b in (self._blocks or []) for t in b if t is not None]
             derived += [self._union_masks] if self._union_masks is not None else []
-            derived += [t for t in (self._indexed or ())[1:] if t is not None]
+            derived += [t for t in (self._indexed or ())[1:] if isinstance(t, torch.Tensor)]
             own = {p.untyped_storage().data_ptr() for p in self.parameters()}
             seen, total = set(), 0
             for t in derived:
@@ -448,6 +452,8 @@ class MoEMLP(RoutedMixin, nn.Module):
         if t.channel_experts is None:
             use = "torch"
         idx = idx.contiguous()
+        if use == "cpu-c" and t.act_code and self.up_bias is None:  # one fused call: no (n, U) tensors in torch
+            return gather_mlp(self.gate, self.up, t.down_t, x, idx, t.channel_experts, t.act_code)
         g, u = gather_gate_up(self.gate, self.up, x, idx, t.channel_experts, t.union_masks, use)  # (n, U)
         member = None
         if self.up_bias is not None or self.gate is None:
