@@ -18,7 +18,8 @@ does not count (their memory-bandwidth use still does); wall time otherwise (--c
                  (batch B), ms per decode step summed over layers;
   * MLP prefill: the same on a T-token prompt;
   * decode:      end-to-end greedy decode with a KV cache, new tokens/s (prompt excluded);
-  * prefill:     one forward over a T-token prompt, tokens/s;
+  * prefill:     the prompt pass of generation over a T-token prompt (KV cache built, logits of
+                 the last position only, as `generate` runs it), tokens/s;
   * memory:      resident MLP weight bytes (union weights + the layout's copies and tables),
                  relative to the dense MLP; and the peak memory of a fresh process that loads only
                  that variant and runs the prefill and the decode (CPU: peak RSS after loading, via
@@ -188,11 +189,17 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int, device) -> tuple
     return (new_tokens - 1) * prompt.shape[0] / seconds, torch.cat(tokens, 1).tolist()
 
 
+def prefill(model, ids: torch.Tensor):
+    """The prompt pass `generate` runs: the KV cache built, logits of the last position only (a prompt's
+    other logits are never used; computing them would time the vocabulary projection 512 times)."""
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
 def time_prefill(model, ids: torch.Tensor, device) -> float:
-    model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+    prefill(model, ids[:, :8])  # warm-up
     _sync(device)
     t0 = _clock()
-    model(input_ids=ids, use_cache=False)
+    prefill(model, ids)
     _sync(device)
     return ids.numel() / (_clock() - t0)
 
@@ -322,7 +329,7 @@ def memory_probe(spec: dict) -> dict:
     rss_before = _vm_kib("VmRSS")
     ids = torch.randint(3, 1000, (spec["batch"], spec["prefill_tokens"]), device=device)
     with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
+        prefill(model, ids)
         greedy_decode(model, ids[:, : spec["prompt_tokens"]], spec["new_tokens"], device)
     out = {"peak_rss_bytes": (_vm_kib("VmHWM") or 0) * 1024, "rss_before_bytes": (rss_before or 0) * 1024,
            "peak_reset_after_load": reset}
