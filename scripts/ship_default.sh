@@ -18,8 +18,9 @@ $PY -m tomoe_core ship "$CONV"
 # 2. quality at every budget beside the baselines (rows of other conversions not in cache/conversions are dropped)
 $PY -m benchmarks.quality --reuse --threads 1 --output "$RESULTS/quality_benchmark.json"
 # 3. the 60-window evaluation of the default budget, with TEAL-style beside it
-$PY -m tomoe_core evaluate "$CONV" --window 512 --max-windows 60 --baselines wanda-sp,teal \
-    --output "$RESULTS/eval-$NAME-60x512.json"
+#    (random routing and last-word accuracy per budget are in step 2's file)
+$PY -m tomoe_core evaluate "$CONV" --window 512 --max-windows 60 --baselines wanda-sp,teal --no-routing-modes \
+    --last-word-items 0 --output "$RESULTS/eval-$NAME-60x512.json"
 # 4. precomputed continuations per budget for the Budget explorer
 $PY -m benchmarks.continuations --conversion "$CONV" --output "$RESULTS/continuations.json"
 # 5. a small tagged routing log for the Experts page
@@ -29,4 +30,7 @@ rm -rf "cache/shipped/routing/run_id=shipped-$NAME"
 mkdir -p cache/shipped/routing
 cp -r "cache/routing/run_id=shipped-$NAME" cache/shipped/routing/
 # 6. speed and memory of dense and every budget (trained, materialised from the conditioned conversion)
-$PY -m benchmarks.speed --conversions "$NAME" --output "$RESULTS/speed_benchmark.json"
+$PY -m benchmarks.speed --conversions "$NAME" --budgets 0.3 0.5 0.7 0.9 --layouts indexed packed --threads 1 2 \
+    --batch-sizes 1 8 --repeats 3 --output "$RESULTS/speed_benchmark.json"
+# 7. ToMoE against TEAL-style gather-GEMVs at p = 0.5 (decode batch 1 and 8, prefill)
+$PY -m benchmarks.teal_speed --repeats 5 --output "$RESULTS/teal_speed.json"

@@ -12,6 +12,10 @@ Two operations then compute the expert MLP of T tokens, each token with its own 
   down(down_t, a, expert, channel_experts) -> y            (T, D) float32
       y[t] = sum over the token's channels c of a[t, c] * down_t[c]
 
+For gated MLPs with a SiLU or GELU activation the C backend runs both in one call, `mlp` (gate,
+up, activation and down; threads split the channels, meet at a barrier, then split the hidden
+entries), so a decode step costs one call per layer and no (T, U) tensors in torch.
+
 A weight row that no token in the call needs is never read, and a row that several tokens need
 is read once for all of them: batch-1 decode reads its expert's rows, a batch reads the union of
 its tokens' experts. Nothing is copied and nothing is read back to the host (the expert ids stay
@@ -58,8 +62,6 @@ C_SOURCE_HEAD = r"""
 
 /* 16 float lanes (one AVX-512 register, two AVX2 ones; GCC lowers the vector type to the ISA). */
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
@@ -77,11 +79,12 @@ static inline float one_bf16(uint16_t v) {
     memcpy(&f, &u, sizeof f);
     return f;
 }
-static inline float hsum16(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-         + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[1]) + (b[2] + b[3]);
+static inline float hsum16(v16 v) {  /* once per row and token: plain code, any GCC >= 9 or clang */
+    float s[16];
+    memcpy(s, &v, sizeof s);
+    float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+    for (int i = 0; i < 16; i += 4) { a += s[i]; b += s[i + 1]; c += s[i + 2]; d += s[i + 3]; }
+    return (a + b) + (c + d);
 }
 
 #define CBLOCK 64 /* channels per block of the down projection (see down_rows) */
