@@ -364,6 +364,27 @@ def test_indexed_greedy_decode_matches_masked_model(family, dtype, gather_backen
         assert out.tolist() == ref.tolist(), (family, dtype, prompt.shape)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gated_families_decode_with_one_fused_call_per_layer(family, monkeypatch):
+    """Where the C kernel runs, a decode step of a gated SiLU/GELU MLP is one `gather_kernels.mlp` call."""
+    import tomoe_core.routing as routing
+
+    _, moe = build(family)
+    moe.set_layout("indexed")
+    mlp0 = moe.moe_mlps[0]
+    if gather_kernels.backend(mlp0.up) != "cpu-c":
+        pytest.skip("no C kernel here")
+    fused = mlp0.gate is not None and mlp0.up_bias is None and mlp0._indexed.act_code > 0
+    calls = []
+    real = routing.gather_mlp
+    monkeypatch.setattr(routing, "gather_mlp", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        moe(input_ids=tiny_ids(batch=1, length=1))
+    assert len(calls) == (len(moe.moe_mlps) if fused else 0), (family, mlp0._indexed.act_code)
+    if mlp0.gate is not None and mlp0.up_bias is None:
+        assert fused, f"{family}: a gated MLP whose activation the kernel does not know ({type(mlp0.act).__name__})"
+
+
 def test_indexed_layout_keeps_one_copy_of_the_weights():
     _, moe = build("llama")
     moe.set_layout("shared")
