@@ -500,16 +500,16 @@ def test_releasing_a_mapped_weight_keeps_its_values(tmp_path):
     """The indexed layout drops the file pages of the down matrix it re-stores; the data must survive."""
     from safetensors.torch import load_file, save_file
 
-    from tomoe_core.routing import _file_mapping_of, _release_pages
+    from tomoe_core.machine import file_mapping_of, release_file_pages
 
     big = torch.randn(512, 1024)  # 2 MiB: whole pages inside
     save_file({"w": big}, str(tmp_path / "w.safetensors"))
     mapped = load_file(str(tmp_path / "w.safetensors"))["w"]
     inside = (mapped.data_ptr() // 4096 + 1) * 4096
-    assert _file_mapping_of(inside, inside + 4096) == str(tmp_path / "w.safetensors")  # the path under test
-    _release_pages(mapped)
+    assert file_mapping_of(inside, inside + 4096) == str(tmp_path / "w.safetensors")  # the path under test
+    release_file_pages(mapped)
     assert torch.equal(mapped, big)  # re-read from the file
     anon = big.clone()
-    assert _file_mapping_of(anon.data_ptr(), anon.data_ptr() + 4096) is None  # never dropped: not a file
-    _release_pages(anon)
+    assert file_mapping_of(anon.data_ptr(), anon.data_ptr() + 4096) is None  # never dropped: not a file
+    release_file_pages(anon)
     assert torch.equal(anon, big)

@@ -5,9 +5,6 @@ by a materialised layer, E = experts, W_k = width of expert k.
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
-import sys
 from typing import NamedTuple
 
 import torch
@@ -22,6 +19,7 @@ from .gather_kernels import backend as gather_backend_for
 from .gather_kernels import down as gather_down
 from .gather_kernels import gate_up as gather_gate_up
 from .hypernet import gumbel_noise, straight_through_softmax
+from .machine import release_file_pages
 
 
 def mlp_intermediate(w: MLPWeights, x: torch.Tensor) -> torch.Tensor:
@@ -162,46 +160,6 @@ INDEXED_GROUPED_MIN_TOKENS = 256
 # Measured on SmolLM2 shapes, one CPU thread, p = 0.5: masked 3.8 / 61 / 140 ms vs gathered
 # 13 / 83 / 119 ms at 8 / 512 / 1024 tokens (batch-1 gathering alone is about 1.8x dense).
 SHARED_GATHER_MIN_TOKENS = 768
-
-
-_MADV_DONTNEED = 4
-
-
-def _file_mapping_of(start: int, end: int) -> str | None:
-    """The file privately mapped over [start, end) in this process, per /proc/self/maps; else None."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                lo, hi = (int(v, 16) for v in fields[0].split("-"))
-                if lo <= start and end <= hi:
-                    path = fields[5].strip() if len(fields) == 6 else ""
-                    return path if fields[1].endswith("p") and path.startswith("/") else None
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _release_pages(t: torch.Tensor) -> None:
-    """Drop the resident pages of a weights file under `t` (CPU, Linux), once a layout has made its own copy.
-
-    A converted model's weights are memory-mapped from its safetensors file; the mapped original of a
-    matrix a layout re-stores would otherwise stay resident beside the copy (about 1/3 of the MLP
-    weights for the indexed layout). Only pages of a private file mapping are dropped (MADV_DONTNEED):
-    a later read of them faults the file's contents back in, so nothing is lost; anonymous memory
-    (a model built in memory) is left alone and is freed with its last tensor as usual.
-    """
-    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
-        return
-    page = mmap.PAGESIZE
-    start = (t.data_ptr() + page - 1) // page * page
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page  # the tensor's own extent (contiguous)
-    if not t.is_contiguous() or end <= start or _file_mapping_of(start, end) is None:
-        return
-    try:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
-    except (OSError, AttributeError):
-        pass
 
 
 def _rebuild_layout(module: "MoEMLP", incompatible_keys) -> None:
@@ -349,7 +307,7 @@ class MoEMLP(RoutedMixin, nn.Module):
                 if not self.down.t().is_contiguous():  # keep one copy, channel rows contiguous
                     saved = self.down.data
                     self.down.data = saved.t().contiguous().t()
-                    _release_pages(saved)  # the saved (D, U) copy may be pages of the weights file
+                    release_file_pages(saved)  # the saved (D, U) copy may be pages of the weights file
                 self._union_masks = self._build_union_masks()
                 self._indexed = self._build_indexed_tables()
                 self._core = self._union_block(slice(0, core)) if core else None
