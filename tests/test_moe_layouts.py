@@ -154,6 +154,29 @@ def test_core_extras_reorders_an_unordered_union():
         assert sorted(mlp.union_channels[: mlp.core_size()].tolist()) == masked.mlps[0].expert_masks.bool().all(0).nonzero().squeeze(-1).tolist()
         torch.testing.assert_close(moe(input_ids=ids).logits, ref)
         assert mlp._core.up.untyped_storage().data_ptr() == mlp.up.untyped_storage().data_ptr()  # a view
+        shares = torch.bincount(mlp.expert_channels, minlength=mlp.union_size)
+        assert bool((shares[1:] <= shares[:-1]).all())  # most shared first
+        moe.set_layout("indexed")
+        torch.testing.assert_close(moe(input_ids=ids).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi", "gpt2"])
+def test_indexed_prefill_runs_the_shared_prefix_masked(family):
+    """Long calls run the channels most experts share as one view for every token, masked per token
+    (wider than the core), and gather only the rest per expert: still the masked model's function."""
+    masked, moe = build(family)
+    moe.set_layout("indexed")
+    wider = [m for m in moe.moe_mlps if not m._core_is_exact]
+    assert wider, "no layer's shared prefix is wider than its core: the masked path goes untested"
+    for mlp in wider:
+        prefix = mlp._core.up.shape[0]
+        assert prefix > mlp.core_size()
+        assert mlp._core.up.untyped_storage().data_ptr() == mlp.up.untyped_storage().data_ptr()  # a view
+        shares = torch.bincount(mlp.expert_channels, minlength=mlp.union_size)
+        assert int(shares[:prefix].min()) >= 0.75 * mlp.num_experts
+    ids = many_tokens_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=ids).logits, masked.model(input_ids=ids).logits)
 
 
 def test_layout_memory_estimates_match_what_is_built():
