@@ -23,7 +23,7 @@ from .generation_budget import DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap
 from .io import atomic_write_json, copy_if_exists, file_lock, safe_name
 from .lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from .lastword import rule as last_word_rule
-from .machine import machine_info
+from .machine import machine_info, release_freed_heap
 from .masked import MaskedModel
 from .masks import Masks
 from .models import load_dense
@@ -312,11 +312,14 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     moe = materialise(masked, masks, budget)
     moe.set_layout(layout)
     report = account(moe)
+    stats = mask_stats(masked, masks, budget)
+    del masked, dense, masks  # the caller's dense model (if any) lives on in the caller
+    release_freed_heap()
     seconds = time.time() - t0
     new_meta = {**{k: v for k, v in meta.items() if k not in ("weights_sha256", "saved_at")},
                 "budget": budget, "budget_source": budget_source(meta, budget),
                 "trained_budget": meta["budget"],  # the source conversion's budget (not `train_budget`)
-                "derived_from": str(conversion), "mask_calibration": calib, **mask_stats(masked, masks, budget),
+                "derived_from": str(conversion), "mask_calibration": calib, **stats,
                 "accounting": report.as_dict(), "materialise_seconds": round(seconds, 2)}
     return moe, new_meta, seconds
 
