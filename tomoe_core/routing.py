@@ -151,16 +151,17 @@ LAYOUT_PREFERENCE["auto"] = LAYOUT_PREFERENCE["decode"]
 # Up to this many tokens per call the indexed layout runs the gather kernels (each weight row the
 # call needs is read once, for all its tokens); beyond, matmuls win (see SHARED_GATHER_MIN_TOKENS).
 INDEXED_KERNEL_MAX_TOKENS = 16
-# From this many tokens the indexed layout groups tokens by expert: the core as a view, each
-# expert's extra rows gathered (contiguous rows, down included). Below, the whole union masked.
+# From this many tokens the indexed layout groups tokens by expert: the shared prefix as a view,
+# each expert's other rows gathered (contiguous rows, down included). Below, the whole union masked.
 # SmolLM2 p = 0.5, one thread, MLPs of all layers: masked / grouped / dense 99 / 160 / 91 ms at 32
 # tokens, 326 / 403 / 278 at 128, 1268 / 892 / 1020 at 512.
 INDEXED_GROUPED_MIN_TOKENS = 256
 # Channels that at least this fraction of a layer's experts use run for every token of a long call
 # (prefill) as one view of the union, masked per token, instead of being gathered for each expert:
 # computing them for the few tokens that do not need them costs less than copying them E times.
-# SmolLM2 p = 0.5, one thread, 512 tokens, MLPs of four layers: 0.58-0.66x dense at 0.75 against
-# 0.65-0.79x with the core alone (0.60-0.68x at 7/8, 0.62-0.71x at 5/8).
+# SmolLM2 p = 0.5, one thread, 512 held-out tokens, MLPs of all 30 layers: 0.711x dense at 0.75
+# against 0.732x with the core alone (four layers on other text: 0.58-0.66x against 0.65-0.79x;
+# 7/8 and 5/8 no better).
 SHARED_PREFIX_FRACTION = 0.75
 # Below this many tokens the shared layout runs the whole union and masks it: gathering the
 # experts' rows (down columns are strided) costs more than the matmul over the extra channels.
@@ -199,16 +200,17 @@ class MoEMLP(RoutedMixin, nn.Module):
     Persistent state (what is saved): `up`, `gate`, biases, `down` restricted to the U union
     channels, `union_channels` (U,) ids of those channels in the dense MLP, `expert_channels`
     (sum W_k,) indices into the union and `expert_offsets` (E+1,). `from_masks` orders the
-    union core first: the C channels every expert uses, then the rest.
+    union by how many experts use each channel, so the C channels every expert uses come first.
 
     Layouts are derived from that state at load time and are never saved (`set_layout`):
       * "indexed": one copy of the union weights, `down` stored transposed (the parameter is a
         (D, U) view of (U, D) rows), so every expert channel is a contiguous row of each matrix.
         Up to INDEXED_KERNEL_MAX_TOKENS tokens per call, fused gather kernels read only the rows
-        of the tokens' experts (`gather_kernels`: a C kernel on CPU, Triton on CUDA, a pure-torch
-        fallback) with no copy and no host synchronisation; more tokens run the shared layout's
-        matmuls, with the core as a view and each expert's extra rows gathered on the fly.
-        Dense memory, fastest batch-1 decode.
+        of the tokens' experts (`gather_kernels`: one C call per layer on CPU, Triton on CUDA, a
+        pure-torch fallback) with no copy and no host synchronisation. Long calls (prefill) run
+        the channels most experts share (SHARED_PREFIX_FRACTION; the union is ordered by share)
+        for every token as one masked view, and gather each expert's remaining rows for its
+        tokens. Dense memory, fastest batch-1 decode.
       * "shared": one copy of the union weights. Up to a few hundred tokens the whole union is
         computed and masked per token (gathering rows costs more than the extra channels);
         beyond, each expert gathers its rows once per call. Leanest, about dense speed.
