@@ -21,6 +21,12 @@ $PY -m benchmarks.quality --reuse --threads 1 --output "$RESULTS/quality_benchma
 #    (random routing and last-word accuracy per budget are in step 2's file)
 $PY -m tomoe_core evaluate "$CONV" --window 512 --max-windows 60 --baselines wanda-sp,teal --no-routing-modes \
     --last-word-items 0 --output "$RESULTS/eval-$NAME-60x512.json"
+#    and at p = 0.7, materialised from the hypernetwork into a scratch folder
+AT07=$(mktemp -d)/"$NAME-p0.7"
+$PY -m tomoe_core rebudget "$CONV" --budget 0.7 --output "$AT07"
+$PY -m tomoe_core evaluate "$AT07" --window 512 --max-windows 60 --baselines wanda-sp,teal --no-routing-modes \
+    --last-word-items 0 --output "$RESULTS/eval-$NAME-p0.7-60x512.json"
+rm -rf "$(dirname "$AT07")"
 # 4. precomputed continuations per budget for the Budget explorer
 $PY -m benchmarks.continuations --conversion "$CONV" --output "$RESULTS/continuations.json"
 # 5. a small tagged routing log for the Experts page
