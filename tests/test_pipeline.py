@@ -7,6 +7,7 @@ from tiny_models import tiny_model
 from tomoe_core import load_converted, pipeline, shipping
 from tomoe_core.budget import account
 from tomoe_core.cli import main
+from tomoe_core.conversion import Conversion
 from tomoe_core.models import load_tokenizer
 from tomoe_core.generation_budget import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, clamp_budget,
                                           train_budget)
@@ -223,7 +224,7 @@ def test_a_shipped_conditioned_conversion_rebuilds_the_same_model(tiny_setup, mo
     assert str(recipe) in capsys.readouterr().out
     # the hypernetwork and metadata only: no dense weights, no tokenizer
     assert sorted(p.name for p in recipe.iterdir()) == ["hypernet.safetensors", "tomoe.json", "training_log.jsonl"]
-    assert shipping.is_conditioned_recipe(recipe)
+    assert Conversion(recipe).is_conditioned_recipe
     # a fresh clone materialises it at its budget: the very weights that were measured, hypernetwork beside
     (target,) = shipping.ensure_shipped_conversions(log=lambda *a: None)
     original, rebuilt = (json.loads((f / "tomoe.json").read_text()) for f in (out, target))

@@ -184,7 +184,7 @@ static void channels_$SFX(const $WT* gate, const $WT* up, const float* x, const 
    Channels go in blocks of CBLOCK (the block's rows stay in cache while every token of the call
    uses them); a token adds its rows four at a time, so out[t] is loaded and stored once per four. */
 static void down_rows_$SFX(const $WT* down_t, const float* a, const int64_t* expert,
-                           const int64_t* channel_experts, uint64_t wanted, int64_t T, int64_t D, int64_t U,
+                           const int64_t* channel_experts, int64_t T, int64_t D, int64_t U,
                            int64_t d0, int64_t d1, float* out) {
     for (int64_t t = 0; t < T; t++)
         for (int64_t d = d0; d < d1; d++) out[t * D + d] = 0.f;
@@ -233,12 +233,11 @@ void tomoe_gate_up_$SFX(const $WT* gate, const $WT* up, const float* x, const in
 
 void tomoe_down_$SFX(const $WT* down_t, const float* a, const int64_t* expert, const int64_t* channel_experts,
                      int64_t T, int64_t D, int64_t U, float* out, int nthreads) {
-    uint64_t wanted = wanted_of(expert, T);
     _Pragma("omp parallel num_threads(nthreads) if(nthreads > 1)")
     {
         int64_t d0, d1;
         thread_share(D, 16, &d0, &d1);
-        down_rows_$SFX(down_t, a, expert, channel_experts, wanted, T, D, U, d0, d1, out);
+        down_rows_$SFX(down_t, a, expert, channel_experts, T, D, U, d0, d1, out);
     }
 }
 
@@ -255,7 +254,7 @@ void tomoe_mlp_$SFX(const $WT* gate, const $WT* up, const $WT* down_t, const flo
         channels_$SFX(gate, up, x, expert, channel_experts, wanted, T, D, U, lo, hi, act, 0, scratch);
         _Pragma("omp barrier")
         thread_share(D, 16, &lo, &hi);
-        down_rows_$SFX(down_t, scratch, expert, channel_experts, wanted, T, D, U, lo, hi, out);
+        down_rows_$SFX(down_t, scratch, expert, channel_experts, T, D, U, lo, hi, out);
     }
 }
 """

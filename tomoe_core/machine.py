@@ -31,6 +31,11 @@ def machine_info(device: str = "cpu") -> dict:
 _MADV_DONTNEED = 4
 
 
+def _libc():
+    """The C library already loaded into this process (symbols of the process itself)."""
+    return ctypes.CDLL(None)
+
+
 def file_mapping_of(start: int, end: int) -> str | None:
     """The file privately mapped over [start, end) in this process, per /proc/self/maps; else None."""
     try:
@@ -63,7 +68,7 @@ def release_file_pages(t) -> None:
     if not t.is_contiguous() or end <= start or file_mapping_of(start, end) is None:
         return
     try:
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
     except (OSError, AttributeError):
         pass
 
@@ -78,6 +83,6 @@ def release_freed_heap() -> None:
 
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass

@@ -130,7 +130,6 @@ def mask_stats(masked: MaskedModel, masks: Masks, budget: float) -> dict:
     return out
 
 
-
 def budget_source(meta: dict, budget: float) -> str:
     """How a conversion reaches `budget`: "trained" (its own), "conditioned" (inside the range its
     budget-conditioned hypernetwork was trained on) or "threshold-moved" (no training for it)."""

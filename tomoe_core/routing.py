@@ -247,7 +247,6 @@ class MoEMLP(RoutedMixin, nn.Module):
         self.routing_point = RoutingPoint()
         self.layout = "indexed"  # the default; materialising and loading build it (`_apply`, load hook)
         self._core: ExpertBlock | None = None  # core+extras: the channels all experts share; indexed: the shared prefix
-        self._core_is_exact = True  # False: _core holds channels some experts lack (masked per token)
         self._blocks: list[ExpertBlock] | None = None  # packed: whole experts; core+extras: extras
         self._union_masks: torch.Tensor | None = None  # shared, indexed: (E, U) 0/1 in the weights' dtype
         self._indexed: IndexedTables | None = None
@@ -314,7 +313,7 @@ class MoEMLP(RoutedMixin, nn.Module):
         self._core = self._blocks = self._union_masks = self._indexed = None
         with torch.no_grad():
             if layout == "indexed":
-                core = self._order_by_share()
+                self._order_by_share()
                 if not self.down.t().is_contiguous():  # keep one copy, channel rows contiguous
                     saved = self.down.data
                     self.down.data = saved.t().contiguous().t()
@@ -323,7 +322,6 @@ class MoEMLP(RoutedMixin, nn.Module):
                 self._indexed = self._build_indexed_tables()
                 prefix = self._shared_prefix_size()
                 self._core = self._union_block(slice(0, prefix)) if prefix else None
-                self._core_is_exact = prefix == core
                 return
             if not self.down.is_contiguous():  # back from the indexed layout's transposed storage
                 self.down.data = self.down.data.contiguous()
@@ -334,7 +332,6 @@ class MoEMLP(RoutedMixin, nn.Module):
             else:
                 core = self._order_by_share()
                 self._core = self._union_block(slice(0, core)) if core else None
-                self._core_is_exact = True
                 self._blocks = [self._gather_block(ch[ch >= core]) for ch in map(self.channels_of, range(self.num_experts))]
 
     def _build_union_masks(self) -> torch.Tensor:  # (E, U) 0/1 in the weights' dtype
@@ -482,7 +479,7 @@ class MoEMLP(RoutedMixin, nn.Module):
         block = self._core
         h = F.linear(x, block.up, block.up_bias)  # (N, S)
         h = self.act(h) if block.gate is None else self.act(F.linear(x, block.gate)) * h
-        if not self._core_is_exact:
+        if self._indexed is not None:  # the prefix may hold channels some experts lack (exact 1s on the core)
             h = h * self._union_masks[:, : h.shape[1]].index_select(0, idx)
         return F.linear(h, block.down)
 

@@ -20,12 +20,6 @@ from .pipeline import hypernet_path, materialise_at
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-
-def is_conditioned_recipe(folder: Path) -> bool:
-    """A shipped budget-conditioned conversion: its hypernetwork and routers, no dense weights."""
-    return Conversion(folder).is_conditioned_recipe
-
-
 def ensure_shipped_conversions(log=print) -> list[Path]:
     """Materialise every shipped recipe into cache/conversions/ if it is not there yet (seconds).
 
@@ -46,12 +40,12 @@ def _materialise_recipe(recipe: Path, target: Path, log) -> None:
     meta = read_metadata(recipe)
     dense, tokenizer = load_dense(meta["model"], log=log)
     meta = {**meta, "rebuilt_from_recipe": os.path.relpath(recipe, REPO_ROOT)}
-    if is_conditioned_recipe(recipe):
+    if Conversion(recipe).is_conditioned_recipe:
         expected = meta.pop("hypernet_sha256", None)
         if sha256_file(recipe / HYPERNET_FILE) != expected:
             raise ConvertedModelError(f"{recipe / HYPERNET_FILE} does not match its checksum in tomoe.json: the "
                                       "clone is incomplete (git lfs?) or the file was changed")
-        moe, _, seconds = materialise_at(recipe, float(meta["budget"]), layout="memory", dense=dense, log=log)
+        moe, _, _ = materialise_at(recipe, float(meta["budget"]), layout="memory", dense=dense, log=log)
         with atomic_dir(target) as tmp:  # weights and hypernetwork appear together
             save_converted(moe, tmp, tokenizer, meta)
             copy_if_exists(recipe / HYPERNET_FILE, tmp / HYPERNET_FILE)
