@@ -20,6 +20,8 @@ does not count (their memory-bandwidth use still does); wall time otherwise (--c
   * decode:      end-to-end greedy decode with a KV cache, new tokens/s (prompt excluded);
   * prefill:     the prompt pass of generation over a T-token prompt (KV cache built, logits of
                  the last position only, as `generate` runs it), tokens/s;
+  * bound:       what prefill could reach if the MLPs cost exactly the weights the tokens' experts
+                 read (Amdahl over the MLPs' share of the dense prefill): a layout's ceiling;
   * memory:      resident MLP weight bytes (union weights + the layout's copies and tables),
                  relative to the dense MLP; and the peak memory of a fresh process that loads only
                  that variant and runs the prefill and the decode (CPU: peak RSS after loading, via
@@ -39,7 +41,10 @@ Writes cache/results/speed_benchmark[-cuda].json:
            intermediate size, mean over layers), mlp_bytes, mlp_bytes_vs_dense, mlp_decode_ms,
            mlp_decode_vs_dense, mlp_prefill_ms, mlp_prefill_vs_dense, decode_tokens_per_s,
            decode_speedup, prefill_tokens_per_s, prefill_speedup (prefill fields: batch 1 only,
-           else null), <each ratio>_iqr: [q1, q3] of the paired ratios, peak_memory_mb,
+           else null), active_mlp_fraction (share of the dense MLP weights the prefill prompt's
+           tokens read through their chosen experts), mlp_share_of_dense_prefill, prefill_bound
+           (the prefill speed-up if the MLPs took exactly active_mlp_fraction of their dense time,
+           the rest unchanged: 1 / (1 - share + share * active)), <each ratio>_iqr: [q1, q3] of the paired ratios, peak_memory_mb,
            peak_rss_vs_dense, peak_memory_kind, same_tokens_as_shared, repeats: raw timings,
            loadavg: per repeat}]}
 Medians (ms, tokens/s) are over repeats; ratios are medians of per-repeat ratios.
@@ -158,6 +163,29 @@ def capture_mlp_inputs(dense, ids: torch.Tensor) -> list[torch.Tensor]:
         for h in handles:
             h.remove()
     return inputs
+
+
+def active_mlp_fraction(model, ids: torch.Tensor, intermediate: list[int]) -> float:
+    """Share of the dense MLP weights the tokens of `ids` read: the mean width of each token's chosen
+    expert over the dense intermediate size, averaged over layers weighted by that size (1.0 for dense)."""
+    mlps = layer_mlps(model)
+    if not any(isinstance(m, MoEMLP) for m in mlps):
+        return 1.0
+    read = 0.0
+    for m, x, size in zip(mlps, capture_mlp_inputs(model, ids), intermediate):
+        if isinstance(m, MoEMLP):
+            flat = x.reshape(-1, x.shape[-1])
+            widths = torch.tensor(m.expert_widths, dtype=torch.float64)
+            read += float(widths[m.choose_experts(m.router(flat)).cpu()].mean())
+        else:
+            read += size
+    return read / sum(intermediate)
+
+
+def prefill_bound(mlp_share: float | None, active: float) -> float | None:
+    """Amdahl: the prefill speed-up if the MLPs took `active` of their dense time and the rest
+    (attention, norms, embeddings) stayed; mlp_share = the MLPs' part of the dense prefill."""
+    return None if mlp_share is None else 1.0 / (1.0 - mlp_share + mlp_share * active)
 
 
 def time_mlps(mlps, steps: list[list[torch.Tensor]], device) -> float:
@@ -421,6 +449,11 @@ def run(args, log=print) -> dict:
     dense_mlp_bytes = mlp_bytes(layer_mlps(dense))
     inter = [adapter_for(dense).mlp_weights(x).intermediate_size for x in layer_mlps(dense)]
     rows, loads, clocks, probes = [], [loadavg_1min()], {}, {}
+    long_prompt = text[: args.prefill_tokens].view(1, -1).to(device)
+    active = {}
+    for v in variants:  # routing on the prefill prompt; the layout does not change the choice
+        active[v["name"]] = active.get(id(v["model"])) or active_mlp_fraction(v["model"], long_prompt, inter)
+        active[id(v["model"])] = active[v["name"]]
     for threads in args.threads:
         if device.type == "cpu":
             torch.set_num_threads(threads)
@@ -436,6 +469,9 @@ def run(args, log=print) -> dict:
                     model.set_layout(v["layout"])
                 res = results[name]
                 med = {k: statistics.median(res[k]) if res[k] else None for k in TIMED}
+                dense_med = {k: statistics.median(d[k]) if d[k] else None for k in ("mlp_prefill", "prefill")}
+                mlp_share = (dense_med["mlp_prefill"] * dense_med["prefill"] / args.prefill_tokens
+                             if dense_med["prefill"] else None)  # MLP seconds / prefill seconds
                 ratio = {k: paired_ratios(res[k], d[k]) if res[k] else (None, None) for k in TIMED}
                 moe_mlps = [x for x in layer_mlps(model) if isinstance(x, MoEMLP)]
                 shared_tokens = results.get(f"p={v['budget']:g} shared", {}).get("tokens")
@@ -459,6 +495,9 @@ def run(args, log=print) -> dict:
                     "decode_speedup_iqr": ratio["decode"][1],
                     "prefill_tokens_per_s": med["prefill"], "prefill_speedup": ratio["prefill"][0],
                     "prefill_speedup_iqr": ratio["prefill"][1],
+                    "active_mlp_fraction": active[name],
+                    "mlp_share_of_dense_prefill": mlp_share,
+                    "prefill_bound": prefill_bound(mlp_share, active[name]),
                     "peak_memory_mb": peak / 2**20 if peak else None,
                     "peak_memory_kind": None if not peak else ("CUDA max allocated, fresh process" if device.type == "cuda"
                                                               else "peak RSS of a fresh process during prefill + decode"),
@@ -511,7 +550,7 @@ def format_table(result: dict) -> str:
             lines.append(f"\nthreads {t}, batch {batch}")
             lines.append(f"{'variant':<22}{'core/union':>11}{'MLP dec ms':>11}{'x dense [IQR]':>21}"
                          f"{'MLP pre ms':>11}{'x dense [IQR]':>21}{'dec tok/s':>10}{'speedup [IQR]':>21}"
-                         f"{'pre tok/s':>10}{'speedup [IQR]':>21}{'MLP MB':>8}{'x dense':>8}{'peak MB':>9}"
+                         f"{'pre tok/s':>10}{'speedup [IQR]':>21}{'bound':>7}{'MLP MB':>8}{'x dense':>8}{'peak MB':>9}"
                          f"{'x dense':>8}{'same':>6}")
             for r in rows:
                 cu = f"{r['core_fraction']:.2f}/{r['union_fraction']:.2f}" if r["core_fraction"] is not None else "-"
@@ -522,6 +561,7 @@ def format_table(result: dict) -> str:
                     f"{fmt(r['mlp_prefill_ms'], '.1f'):>11}{_ratio(r['mlp_prefill_vs_dense'], r.get('mlp_prefill_vs_dense_iqr')):>21}"
                     f"{r['decode_tokens_per_s']:>10.1f}{_ratio(r['decode_speedup'], r.get('decode_speedup_iqr')):>21}"
                     f"{fmt(r['prefill_tokens_per_s'], '.0f'):>10}{_ratio(r['prefill_speedup'], r.get('prefill_speedup_iqr')):>21}"
+                    f"{fmt(r.get('prefill_bound'), '.2f'):>7}"
                     f"{r['mlp_bytes'] / 2**20:>8.0f}{r['mlp_bytes_vs_dense']:>8.2f}{fmt(r['peak_memory_mb'], '.0f'):>9}"
                     f"{fmt(r.get('peak_rss_vs_dense'), '.2f'):>8}"
                     f"{'' if r['same_tokens_as_shared'] is None else ('yes' if r['same_tokens_as_shared'] else 'NO'):>6}")

@@ -31,6 +31,13 @@ def test_speed_dry_run_measures_dense_and_every_layout(tmp_path, capsys):
                 assert len(r["loadavg"]) == result["settings"]["repeats"]
             for r in rows[1:]:
                 assert r["same_tokens_as_shared"] is True  # float32: every layout decodes the same tokens
+            if batch == 1:  # the ceiling: dense is its own bound; a budget-0.5 conversion reads about half
+                assert dense["active_mlp_fraction"] == 1.0 and dense["prefill_bound"] == pytest.approx(1.0)
+                assert 0 < dense["mlp_share_of_dense_prefill"] < 1
+                for r in rows[1:]:
+                    assert 0.2 < r["active_mlp_fraction"] < 0.8 and r["prefill_bound"] > 1.0
+                    assert r["prefill_bound"] == pytest.approx(speed.prefill_bound(
+                        r["mlp_share_of_dense_prefill"], r["active_mlp_fraction"]))
             by_layout = {r["layout"]: r for r in rows}
             assert by_layout["packed"]["mlp_bytes"] > 2 * by_layout["indexed"]["mlp_bytes"]  # packed copies cost memory
             assert by_layout["indexed"]["mlp_bytes_vs_dense"] < 1.2  # one copy (+ index tables, heavy at hidden size 64)
@@ -39,6 +46,24 @@ def test_speed_dry_run_measures_dense_and_every_layout(tmp_path, capsys):
     assert len(c["loadavg_samples"]) == 1 + 2 * 2 * result["settings"]["repeats"] and isinstance(c["high"], bool)
     printed = capsys.readouterr().out
     assert "MLP dec ms" in printed and "threads 2, batch 8" in printed and "loadavg" in printed
+
+
+def test_prefill_bound_is_amdahl_over_the_mlp_share():
+    assert speed.prefill_bound(0.5, 0.5) == pytest.approx(1 / 0.75)
+    assert speed.prefill_bound(0.6, 1.0) == pytest.approx(1.0)  # reading every weight saves nothing
+    assert speed.prefill_bound(None, 0.5) is None
+
+
+def test_active_mlp_fraction_is_the_mean_width_of_the_chosen_experts():
+    import torch
+    moe = speed.untrained_conversion(speed.tiny_dense(), 0.5, 4, torch.randint(3, 512, (2, 32)))
+    ids = torch.randint(3, 512, (1, 24))
+    mlps = speed.layer_mlps(moe)
+    inter = [256] * len(mlps)  # tiny_dense's intermediate size
+    for m in mlps:  # every token to expert 1: the fraction is expert 1's width
+        m.routing_override = 1
+    want = sum(m.expert_widths[1] for m in mlps) / sum(inter)
+    assert speed.active_mlp_fraction(moe, ids, inter) == pytest.approx(want)
 
 
 def test_gpu_script_dry_run_runs_on_cpu_in_bf16(tmp_path):
