@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from analysis import projection, tradeoff
+from analysis import card_format, projection
 from app import ui
 
 UPLOAD = "Upload a config.json"
@@ -92,7 +92,7 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
         return "—" if x is None else f"${x:,.2f}" if x >= 10 else f"${x:.3g}"
 
     def delta(value, reference, lower_is_better=True):
-        return tradeoff.metric_delta(value, reference, lower_is_better)
+        return card_format.metric_delta(value, reference, lower_is_better)
 
     row = st.columns(4)
     row[0].metric("Active params", f"{one.active_params / 1e9:.2f} B",

@@ -1,11 +1,11 @@
-"""The projection panel's arithmetic (analysis.projection) and the cost-card helpers of analysis.tradeoff:
+"""The projection panel's arithmetic (analysis.projection) and the cost-card helpers (analysis.card_format, analysis.speed_cards):
 public model shapes, config.json parsing, roofline speed, layouts' memory, prices of 0, curve reading."""
 import json
 
 import pandas as pd
 import pytest
 
-from analysis import projection, tradeoff
+from analysis import card_format, projection, speed_cards, tradeoff, tradeoff_figure
 
 P = projection
 
@@ -90,28 +90,28 @@ def test_quality_reference_shows_measured_points_and_the_published_series_only()
     assert len(P.quality_reference_figure(pd.DataFrame(columns=["budget", "ratio"]), "none").data) == 2
 
 
-# -- cost-card helpers (analysis.tradeoff) ---------------------------------------------------------
+# -- cost-card helpers (analysis.speed_cards, analysis.card_format) ---------------------------------------------------------
 def test_curve_value_is_dense_measured_interpolated_or_a_labelled_estimate():
     pts = [(0.3, 15.0), (0.5, 13.0), (0.7, 12.0)]
-    assert tradeoff.curve_value(pts, 10.0, 1.0).status == "dense" and tradeoff.curve_value(pts, 10.0, 1.0).value == 10
-    assert tradeoff.curve_value(pts, 10.0, 0.5).status == "measured"
-    mid = tradeoff.curve_value(pts, 10.0, 0.6)
+    assert speed_cards.curve_value(pts, 10.0, 1.0).status == "dense" and speed_cards.curve_value(pts, 10.0, 1.0).value == 10
+    assert speed_cards.curve_value(pts, 10.0, 0.5).status == "measured"
+    mid = speed_cards.curve_value(pts, 10.0, 0.6)
     assert mid.status == "interpolated" and mid.value == pytest.approx(12.5)
-    high = tradeoff.curve_value(pts, 10.0, 0.85)
+    high = speed_cards.curve_value(pts, 10.0, 0.85)
     assert high.status == "estimate" and high.value == pytest.approx(11.0) and "dense" in high.how
-    low = tradeoff.curve_value(pts, 10.0, 0.1)
+    low = speed_cards.curve_value(pts, 10.0, 0.1)
     assert low.status == "estimate" and low.value == pytest.approx(17.0) and "outside the measured range" in low.how
-    assert tradeoff.curve_value([], 10.0, 0.5).status == "missing"
-    assert tradeoff.curve_value([(0.5, 13.0)], None, 0.3).status == "missing"
+    assert speed_cards.curve_value([], 10.0, 0.5).status == "missing"
+    assert speed_cards.curve_value([(0.5, 13.0)], None, 0.3).status == "missing"
 
 
 def test_metric_deltas_are_green_only_for_savings():
-    assert tradeoff.metric_delta(0.85, 1.0, lower_is_better=False) == {"delta": "-15% vs dense", "delta_color": "normal"}
-    assert tradeoff.metric_delta(1.17, 1.0, lower_is_better=True) == {"delta": "+17% vs dense", "delta_color": "inverse"}
-    assert tradeoff.metric_delta(1.001, 1.0, lower_is_better=True) == {"delta": "same as dense", "delta_color": "off",
+    assert card_format.metric_delta(0.85, 1.0, lower_is_better=False) == {"delta": "-15% vs dense", "delta_color": "normal"}
+    assert card_format.metric_delta(1.17, 1.0, lower_is_better=True) == {"delta": "+17% vs dense", "delta_color": "inverse"}
+    assert card_format.metric_delta(1.001, 1.0, lower_is_better=True) == {"delta": "same as dense", "delta_color": "off",
                                                                         "delta_arrow": "off"}
-    assert tradeoff.metric_delta(1.0, 0.0, lower_is_better=True)["delta"] is None
-    assert tradeoff.metric_delta(None, 1.0, lower_is_better=True)["delta"] is None
+    assert card_format.metric_delta(1.0, 0.0, lower_is_better=True)["delta"] is None
+    assert card_format.metric_delta(None, 1.0, lower_is_better=True)["delta"] is None
 
 
 def _bench(with_lwa: bool) -> dict:
@@ -138,17 +138,17 @@ def test_last_word_accuracy_is_shown_where_measured_and_optional(with_lwa):
     assert dense.status == "dense" and dense.perplexity == 20.0 and dense.kl_to_dense == 0.0
     nearest = tradeoff.quality_at_budget(points, s, 0.8)
     assert nearest.status == "nearest" and nearest.budget == 0.5 and "outside the measured range" in nearest.label
-    fig = tradeoff.pareto_figure(points, s)
+    fig = tradeoff_figure.pareto_figure(points, s)
     hover = next(t for t in fig.data if t.name == "ToMoE (one conversion per budget)").hovertext[0]
     assert ("last-word accuracy" in hover) == with_lwa and "x dense" in hover
-    assert tradeoff.catastrophic_methods(points, 20.0) == ["magnitude"]
+    assert tradeoff_figure.catastrophic_methods(points, 20.0) == ["magnitude"]
     assert "Magnitude (static pruning)" not in {t.name for t in fig.data}
-    shown = tradeoff.pareto_figure(points, s, show_catastrophic=True)
+    shown = tradeoff_figure.pareto_figure(points, s, show_catastrophic=True)
     mag = next(t for t in shown.data if t.name == "Magnitude (static pruning)")
-    assert max(mag.y) == tradeoff.CLIP_RATIO  # 250x dense sits on the clipped axis' edge
+    assert max(mag.y) == tradeoff_figure.CLIP_RATIO  # 250x dense sits on the clipped axis' edge
 
 
 def test_pareto_front_treats_near_equal_active_params_as_equal():
     df = pd.DataFrame({"active_params": [100.0, 100.05, 120.0], "perplexity": [80.0, 20.0, 10.0]})
-    assert tradeoff.pareto_front(df)["perplexity"].tolist() == [80.0, 20.0, 10.0]
-    assert tradeoff.pareto_front(df, x_tol=0.005)["perplexity"].tolist() == [20.0, 10.0]
+    assert tradeoff_figure.pareto_front(df)["perplexity"].tolist() == [80.0, 20.0, 10.0]
+    assert tradeoff_figure.pareto_front(df, x_tol=0.005)["perplexity"].tolist() == [20.0, 10.0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from analysis import catalog, tradeoff
+from analysis import catalog, tradeoff, tradeoff_figure
 
 
 def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(cache_env):
@@ -71,10 +71,10 @@ def test_slider_reads_the_conditioned_curve_when_one_exists():
     assert at.exact and at.perplexity == 35.0 and "conditioned" in at.label
     between = tradeoff.quality_at_budget(pts, "s", 0.45)
     assert "conditioned" in between.label and 35.0 < between.perplexity < 50.0
-    fig = tradeoff.pareto_figure(pts, "s")
+    fig = tradeoff_figure.pareto_figure(pts, "s")
     names = {t.name for t in fig.data}
     assert {"ToMoE (one conversion, any budget)", "ToMoE, threshold moved (no retraining)"} <= names
-    front = tradeoff.pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
+    front = tradeoff_figure.pareto_front(pts[~pts["kind"].isin(("ablation", "fallback"))])
     assert 90.0 not in front["perplexity"].tolist()
 
 
@@ -111,9 +111,9 @@ def test_two_conditioned_conversions_are_never_mixed():
     both = pd.concat([pts, extra], ignore_index=True)
     assert list(tradeoff.conditioned_curves(both))[0] == "high"  # 4 budgets measured
     assert "(log)" in tradeoff.quality_at_budget(both, "s", 0.45).label  # "high" starts at 0.6
-    names = [t.name for t in tradeoff.pareto_figure(pts, "s").data]
+    names = [t.name for t in tradeoff_figure.pareto_figure(pts, "s").data]
     assert "ToMoE (one conversion, any budget)" in names and "ToMoE, other budget-conditioned conversions" in names
-    main = next(t for t in tradeoff.pareto_figure(pts, "s").data if t.name == "ToMoE (one conversion, any budget)")
+    main = next(t for t in tradeoff_figure.pareto_figure(pts, "s").data if t.name == "ToMoE (one conversion, any budget)")
     assert "log" in main.hovertext[0]  # the best curve is the one drawn in full
 
 
@@ -129,7 +129,7 @@ def test_rebudgeted_copies_join_their_source_curve():
 
 def test_pareto_front_drops_dominated_points():
     df = pd.DataFrame({"active_params": [1, 2, 3, 4], "perplexity": [50, 20, 30, 10]})
-    assert tradeoff.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]
+    assert tradeoff_figure.pareto_front(df)["perplexity"].tolist() == [50, 20, 10]
 
 
 def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
@@ -137,10 +137,10 @@ def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
     costs = tradeoff.cost_models(cat.conversions, cat.results)
     points = tradeoff.quality_points(cat.results, costs)
     assert len(costs) == 1  # conversion and results name the same dense model
-    fig = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())))
+    fig = tradeoff_figure.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())))
     names = {t.name for t in fig.data}
     assert {"Dense", "ToMoE (one conversion per budget)", "Wanda-sp (static pruning)", "FLAP (static pruning)"} <= names
     assert "Magnitude (static pruning)" not in names  # 50x dense everywhere: off by default
-    shown = tradeoff.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())),
+    shown = tradeoff_figure.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())),
                                    show_catastrophic=True)
     assert "Magnitude (static pruning)" in {t.name for t in shown.data}

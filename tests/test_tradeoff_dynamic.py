@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import studio_fixture
-from analysis import catalog, tradeoff
+from analysis import speed_cards, tradeoff, tradeoff_figure
 
 
 def benchmark_result() -> dict:
@@ -35,7 +35,7 @@ def test_pareto_chart_shows_dynamic_baselines_and_the_oracle_as_a_ceiling():
     # the best static baseline of the cards stays a static one
     assert tradeoff.quality_at_budget(points, points["eval_set"][0], 0.5).best_baseline["method"] == "wanda-sp"
 
-    fig = tradeoff.pareto_figure(points, budget=0.5, cost=cost)
+    fig = tradeoff_figure.pareto_figure(points, budget=0.5, cost=cost)
     names = [t.name for t in fig.data]
     assert "TEAL-style (training-free, per token)" in names and "CATS-style (training-free, per token)" in names
     ceiling = next(t for t in fig.data if t.name == "Oracle per-token top-k (ceiling)")
@@ -85,10 +85,10 @@ def test_per_token_baselines_of_an_evaluate_file_are_not_static_pruning():
 
 
 def test_the_structural_speed_comparison_reads_the_teal_speed_file():
-    assert tradeoff.structural_speed_summary({}) is None
+    assert speed_cards.structural_speed_summary({}) is None
     rows = [{"workload": w, "variant": v, "vs_dense": x} for w, v, x in (
         ("decode, batch 8", "ToMoE", 0.52), ("decode, batch 8", "TEAL-style", 0.77), ("prefill", "ToMoE", 0.86),
         ("prefill", "TEAL-style", 2.06))]
-    text = tradeoff.structural_speed_summary({"shipped/teal_speed.json": {"kind": "teal-speed", "budget": 0.5,
+    text = speed_cards.structural_speed_summary({"shipped/teal_speed.json": {"kind": "teal-speed", "budget": 0.5,
                                                                           "threads": 1, "rows": rows}})
     assert "decode, batch 8: ToMoE 0.52x, TEAL-style 0.77x" in text and "prefill: ToMoE 0.86x, TEAL-style 2.06x" in text

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis import compare_view, continuations, tradeoff
+from analysis import card_format, compare_view, continuations, speed_cards, tradeoff, tradeoff_figure
 from app import projection_panel, speed_job, ui
 
 st.title("Budget explorer")
@@ -15,7 +15,7 @@ cat = ui.read_catalog()
 ui.show_problems(cat.problems)
 costs = tradeoff.cost_models(cat.conversions, cat.results)
 points = tradeoff.quality_points(cat.results, costs)
-speed_all = tradeoff.speed_rows(cat.results)
+speed_all = speed_cards.speed_rows(cat.results)
 
 if not costs:
     st.info("No conversion yet, so there is no cost model to explore. Start one on the **Runs** page, or run "
@@ -42,16 +42,16 @@ with controls:
               help="Fraction of the MLP parameters each token uses (the conversion's budget). Attention, "
                    "lm_head and norms are always active. p = 1 is the dense model.")
     budget = float(st.session_state["budget"])
-    sources = tradeoff.speed_sources(cat.results)
+    sources = speed_cards.speed_sources(cat.results)
     if sources:
         ui.keep("speed_source", sources[0])
         if st.session_state["speed_source"] not in sources:
             st.session_state["speed_source"] = sources[0]
         if len(sources) > 1:
             st.selectbox("Speed measurement (one file per machine)", sources, key="speed_source")
-    speed = tradeoff.speed_rows(cat.results, st.session_state.get("speed_source"))
+    speed = speed_cards.speed_rows(cat.results, st.session_state.get("speed_source"))
     speed = speed[speed["model"] == st.session_state["model"]]
-    choices = tradeoff.speed_choices(speed)
+    choices = speed_cards.speed_choices(speed)
     for key, options in (("layout", choices["layouts"]), ("threads", choices["threads"]), ("batch", choices["batches"])):
         if options:
             ui.keep(key, options[0])
@@ -73,7 +73,7 @@ with controls:
     speed_job.render(cat.conversions, st.session_state["model"])
 
 kpi = cost.at_budget(budget)
-at_speed = (tradeoff.speed_at_budget(speed, budget, st.session_state["layout"], st.session_state["threads"],
+at_speed = (speed_cards.speed_at_budget(speed, budget, st.session_state["layout"], st.session_state["threads"],
                                      st.session_state["batch"]) if choices["layouts"] else None)
 tps = at_speed.tokens_per_s.value if at_speed else None
 dense_tps = at_speed.dense_tokens_per_s if at_speed else None
@@ -110,12 +110,12 @@ def fmt_tps(x):
 with cards:
     speed_cols, size_cols = st.columns(3), st.columns(3)  # speed with its memory and cost, then what p removes
     row1 = [*size_cols[:2], *speed_cols]
-    row1[0].metric("Active params", tradeoff.format_params(kpi["active_params"]),
+    row1[0].metric("Active params", card_format.format_params(kpi["active_params"]),
                    f"{kpi['active_ratio']:.1%} of dense", delta_color="off", delta_arrow="off", border=True,
                    help=f"parameters multiplied per token: attention + p x MLP + lm_head + norms/routers; dense: "
-                        f"{tradeoff.format_params(kpi['dense_params'])} (embedding lookups excluded)")
-    row1[1].metric("FLOPs / token", tradeoff.format_flops(kpi["flops_per_token"]),
-                   **tradeoff.metric_delta(kpi["flops_per_token"], kpi["dense_flops"], lower_is_better=True),
+                        f"{card_format.format_params(kpi['dense_params'])} (embedding lookups excluded)")
+    row1[1].metric("FLOPs / token", card_format.format_flops(kpi["flops_per_token"]),
+                   **card_format.metric_delta(kpi["flops_per_token"], kpi["dense_flops"], lower_is_better=True),
                    border=True,
                    help=f"2 x active multiply-adds + attention scores at a {kpi['context']}-token context")
     if at_speed is None:
@@ -130,20 +130,20 @@ with cards:
                   f"{at_speed.speedup_iqr[0]:.2f}-{at_speed.speedup_iqr[1]:.2f}x"
                   if at_speed.speedup_iqr and tps and dense_tps else "")
         row1[2].metric(f"Tokens/s{SUFFIX.get(t.status, '')}", fmt_tps(t.value),
-                       **tradeoff.metric_delta(t.value, dense_tps, lower_is_better=False), border=True,
+                       **card_format.metric_delta(t.value, dense_tps, lower_is_better=False), border=True,
                        help=f"greedy decode, new tokens per second over all {st.session_state['batch']} sequence(s); "
                             f"{t.how}; {at_speed.setting}{spread}")
-        row1[3].metric(f"Memory{SUFFIX.get(m.status, '')}", tradeoff.format_mb(m.value),
-                       **tradeoff.metric_delta(m.value, at_speed.dense_memory_mb, lower_is_better=True),
+        row1[3].metric(f"Memory{SUFFIX.get(m.status, '')}", card_format.format_mb(m.value),
+                       **card_format.metric_delta(m.value, at_speed.dense_memory_mb, lower_is_better=True),
                        border=True,
                        help=f"{at_speed.memory_kind or 'peak memory'} of the {st.session_state['layout']} layout "
                             f"at batch {st.session_state['batch']}; {m.how}; dense "
-                            f"{tradeoff.format_mb(at_speed.dense_memory_mb)}; {at_speed.setting}")
+                            f"{card_format.format_mb(at_speed.dense_memory_mb)}; {at_speed.setting}")
         if price <= 0:
             row1[4].metric("$/M tokens", "—", border=True, help="the price per hour is 0: enter a price to see costs")
         else:
-            row1[4].metric(f"$/M tokens{SUFFIX.get(t.status, '')}", tradeoff.format_usd(usd),
-                           **tradeoff.metric_delta(usd, dense_usd, lower_is_better=True), border=True,
+            row1[4].metric(f"$/M tokens{SUFFIX.get(t.status, '')}", card_format.format_usd(usd),
+                           **card_format.metric_delta(usd, dense_usd, lower_is_better=True), border=True,
                            help=f"price per hour / (tokens/s x 3600) x 1e6 at ${price:.2f}/h and the tokens/s "
                                 f"beside it ({t.how})")
         st.caption(f"Speed and memory at p = {budget:g}: tokens/s {t.how}; memory {m.how}. "
@@ -158,7 +158,7 @@ with cards:
         q_help = f"{quality.label}; evaluation set: {st.session_state['eval_set']}"
         q_help += f"; dense perplexity {quality.dense_perplexity:.2f}" if quality.dense_perplexity else ""
         q_row[0].metric(f"Perplexity{q_suffix}", f"{quality.perplexity:.2f}",
-                        **tradeoff.metric_delta(quality.perplexity, quality.dense_perplexity, lower_is_better=True),
+                        **card_format.metric_delta(quality.perplexity, quality.dense_perplexity, lower_is_better=True),
                         border=True, help=f"held-out perplexity; {q_help}")
         q_row[1].metric(f"Top-1 agreement{q_suffix}",
                         "—" if quality.top1_agreement is None else f"{quality.top1_agreement:.1%}", border=True,
@@ -181,7 +181,7 @@ with cards:
         if quality.best_baseline:
             b = quality.best_baseline
             verdict = "better" if quality.perplexity < b["perplexity"] else "worse"
-            source += (f". Best static pruning at p = {b['budget']:g}: {tradeoff.method_name(b['method'])}, "
+            source += (f". Best static pruning at p = {b['budget']:g}: {tradeoff_figure.method_name(b['method'])}, "
                        f"perplexity {b['perplexity']:.2f}; ToMoE is {verdict}")
         st.caption(f"Quality: {source}.")
     else:
@@ -236,12 +236,12 @@ if len(sets) > 1:
     st.selectbox("Evaluation set (perplexities are comparable only within one)", sets, key="eval_set")
 ui.keep("show_catastrophic", False)
 shown_points = points[points["eval_set"] == st.session_state["eval_set"]] if sets else points
-catastrophic = tradeoff.catastrophic_methods(shown_points, quality.dense_perplexity if quality else None)
+catastrophic = tradeoff_figure.catastrophic_methods(shown_points, quality.dense_perplexity if quality else None)
 st.toggle("Show catastrophic baselines", key="show_catastrophic",
-          help=f"methods worse than {tradeoff.CATASTROPHIC_RATIO:g}x the dense perplexity at every budget measured "
-               f"(here: {', '.join(map(tradeoff.method_name, catastrophic)) or 'none'}); shown, they clip the axis "
-               f"at {tradeoff.CLIP_RATIO:g}x dense")
-st.plotly_chart(tradeoff.pareto_figure(points, st.session_state["eval_set"], budget, cost,
+          help=f"methods worse than {tradeoff_figure.CATASTROPHIC_RATIO:g}x the dense perplexity at every budget measured "
+               f"(here: {', '.join(map(tradeoff_figure.method_name, catastrophic)) or 'none'}); shown, they clip the axis "
+               f"at {tradeoff_figure.CLIP_RATIO:g}x dense")
+st.plotly_chart(tradeoff_figure.pareto_figure(points, st.session_state["eval_set"], budget, cost,
                                        show_catastrophic=st.session_state["show_catastrophic"], conversion=chosen),
                 key="pareto")
 shown_kinds = set(points.loc[points["eval_set"] == st.session_state["eval_set"], "kind"]) if sets else set()
@@ -250,7 +250,7 @@ if shown_kinds & {"dynamic, training-free", "ceiling"}:
                "every token, with no training; their active parameters are the weights the held-out tokens used, "
                "and saving time with them needs per-token gathers. The dashed ceiling is the per-token oracle: it "
                "chooses each token's channels knowing all of its activations, so no runnable method reaches it.")
-    structural = tradeoff.structural_speed_summary(cat.results)
+    structural = speed_cards.structural_speed_summary(cat.results)
     if structural:
         st.caption(structural)
 

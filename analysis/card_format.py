@@ -1,0 +1,39 @@
+"""Numbers on the studio's KPI cards: units, and the change against dense that st.metric colours."""
+from __future__ import annotations
+
+import math
+
+def relative_delta(value: float | None, reference: float | None, what: str = "vs dense") -> str | None:
+    """'+17% vs dense' / '-29% vs dense' (the sign decides the colour st.metric gives it), 'same as dense'
+    within half a percent, or None where there is nothing to compare."""
+    if value is None or reference is None or not reference or any(map(math.isnan, (value, reference))):
+        return None
+    change = value / reference - 1
+    return f"same as {what.removeprefix('vs ')}" if abs(change) < 0.005 else f"{change:+.0%} {what}"
+
+
+def metric_delta(value: float | None, reference: float | None, lower_is_better: bool) -> dict:
+    """`delta` and `delta_color` for st.metric: green only for a saving or a gain (lower cost, memory,
+    FLOPs, perplexity; higher speed), red for a loss, grey when equal or not comparable."""
+    text = relative_delta(value, reference)
+    if text is None or text.startswith("same"):
+        return {"delta": text, "delta_color": "off", "delta_arrow": "off"}
+    return {"delta": text, "delta_color": "inverse" if lower_is_better else "normal"}
+
+
+def format_mb(mb: float | None) -> str:
+    if mb is None or (isinstance(mb, float) and math.isnan(mb)):
+        return "—"
+    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:,.0f} MiB"
+
+
+def format_params(n: float) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.4g} M"
+
+
+def format_flops(n: float) -> str:
+    return f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.4g} M"
+
+
+def format_usd(x: float) -> str:
+    return "—" if x is None or math.isnan(x) else (f"${x:,.2f}" if x >= 10 else f"${x:.3g}")

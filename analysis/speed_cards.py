@@ -1,0 +1,164 @@
+"""The speed and memory cards: rows of one speed benchmark file, read at any budget.
+
+A file of `python -m benchmarks.speed` (or `benchmarks.gpu_speed`) measured dense and every budget in
+one run under one protocol; the cards read one such file, never a mix. Between measured budgets a
+value is interpolated (linear in p); outside the measured range it is a labelled estimate
+(`curve_value`). Nothing here loads a network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+# -- speed results -------------------------------------------------------------------------------
+
+# The files `python -m benchmarks.speed` (and `benchmarks.gpu_speed`) write: one per machine, dense and
+# every budget measured in one run under one protocol. The cards read one of these, never a mix.
+SPEED_FILES = ("speed_benchmark.json", "speed_benchmark-cuda.json")
+SPEED_COLUMNS = ["model", "machine", "layout", "threads", "batch", "budget", "decode_tokens_per_s",
+                 "decode_speedup_iqr", "prefill_tokens_per_s", "peak_memory_mb", "peak_memory_kind", "source"]
+
+
+def speed_sources(results: dict[str, dict]) -> list[str]:
+    """Names of the speed benchmark files among `results` (local before shipped, as `list_results` keys them)."""
+    names = [n for n, r in results.items() if r.get("kind") == "speed" and n.rsplit("/", 1)[-1] in SPEED_FILES]
+    return sorted(names, key=lambda n: (n.startswith("shipped/"), SPEED_FILES.index(n.rsplit("/", 1)[-1])))
+
+
+def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFrame:
+    """Measured rows of one speed benchmark file (`source`, default the first of `speed_sources`)."""
+    sources = speed_sources(results)
+    source = source if source in sources else (sources[0] if sources else None)
+    rows = []
+    res = results.get(source) or {}
+    machine = res.get("machine") or {}
+    settings_threads = (res.get("settings") or {}).get("threads")
+    for r in res.get("rows") or []:
+        threads = r.get("threads") or (settings_threads if isinstance(settings_threads, int) else None) \
+            or machine.get("torch_threads")
+        rows.append({"model": str(res.get("model")), "machine": _machine_label(machine, res.get("dtype")),
+                     "layout": r.get("layout") or "dense", "threads": threads, "batch": r.get("batch", 1),
+                     "budget": r.get("budget"), "decode_tokens_per_s": r.get("decode_tokens_per_s"),
+                     "decode_speedup_iqr": r.get("decode_speedup_iqr"),
+                     "prefill_tokens_per_s": r.get("prefill_tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
+                     "peak_memory_kind": r.get("peak_memory_kind"), "source": source})
+    return pd.DataFrame(rows, columns=SPEED_COLUMNS)
+
+
+def _machine_label(machine: dict, dtype: str | None = None) -> str:
+    if machine.get("gpu"):
+        label = str(machine["gpu"])
+    elif machine.get("cpu_count"):
+        label = f"CPU, {machine['cpu_count']} cores"
+    else:
+        label = str(machine.get("platform", "unknown machine"))
+    return f"{label}, {dtype}" if dtype else label
+
+
+def speed_choices(speed: pd.DataFrame) -> dict[str, list]:
+    """The layouts (dense excluded), thread counts and batch sizes a speed file measured."""
+    if speed is None or speed.empty:
+        return {"layouts": [], "threads": [], "batches": []}
+    layouts = [lay for lay in dict.fromkeys(speed["layout"]) if lay != "dense"]
+    return {"layouts": layouts, "threads": sorted(int(t) for t in speed["threads"].dropna().unique()),
+            "batches": sorted(int(b) for b in speed["batch"].dropna().unique())}
+
+
+@dataclass
+class CurveValue:
+    value: float | None
+    status: str  # "dense", "measured", "interpolated", "estimate" or "missing"
+    how: str  # in words: which measurements gave the value
+
+
+def curve_value(points: list[tuple[float, float]], dense: float | None, budget: float,
+                tol: float = 0.011) -> CurveValue:
+    """A quantity measured at some budgets (and for dense at p = 1) read at `budget`: dense at p = 1,
+    measured within `tol`, linear between measured budgets ("interpolated"), and outside the measured
+    range an "estimate": linear through the two nearest points, dense counting as p = 1 (so between the
+    highest measured budget and 1 it moves towards dense). Never a neighbour's value as this budget's."""
+    pts = sorted((float(b), float(v)) for b, v in points if b is not None and v is not None and not pd.isna(v))
+    if budget >= 1.0 - 1e-9:
+        return CurveValue(dense, "dense", "the dense model") if dense is not None else \
+            CurveValue(None, "missing", "dense not measured")
+    if not pts:
+        return CurveValue(None, "missing", "no measurement of this layout")
+    near = min(pts, key=lambda bv: abs(bv[0] - budget))
+    if abs(near[0] - budget) <= tol:
+        return CurveValue(near[1], "measured", f"measured at p = {near[0]:g}")
+    lo, hi = pts[0][0], pts[-1][0]
+    if lo < budget < hi:
+        a = max(bv for bv in pts if bv[0] < budget)
+        b = min(bv for bv in pts if bv[0] > budget)
+        return CurveValue(_line(a, b, budget), "interpolated", f"interpolated between measured p = {a[0]:g} and {b[0]:g}")
+    span = f"p = {lo:g}" if lo == hi else f"p = {lo:g}-{hi:g}"
+    anchors = pts + ([(1.0, float(dense))] if dense is not None else [])
+    if len(anchors) < 2:
+        return CurveValue(None, "missing", f"outside the measured range ({span}) and nothing to estimate from")
+    a, b = (anchors[0], anchors[1]) if budget < lo else (anchors[-2], anchors[-1])
+    value = max(_line(a, b, budget), 0.05 * min(abs(a[1]), abs(b[1])))
+    through = "dense (p = 1)" if b[0] == 1.0 and dense is not None else f"p = {b[0]:g}"
+    return CurveValue(value, "estimate", f"estimate outside the measured range ({span}): linear through "
+                                         f"p = {a[0]:g} and {through}")
+
+
+def _line(a: tuple[float, float], b: tuple[float, float], x: float) -> float:
+    t = (x - a[0]) / (b[0] - a[0])
+    return (1 - t) * a[1] + t * b[1]
+
+
+@dataclass
+class SpeedAtBudget:
+    tokens_per_s: CurveValue
+    memory_mb: CurveValue
+    dense_tokens_per_s: float | None
+    dense_memory_mb: float | None
+    setting: str  # machine, layout, threads, batch, file
+    speedup_iqr: list | None = None  # [q1, q3] of the paired per-repeat speed ratios to dense, where measured
+    memory_kind: str | None = None  # what the peak memory is (peak RSS of a fresh process ...)
+
+
+def speed_at_budget(speed: pd.DataFrame, budget: float, layout: str, threads: int | None, batch: int,
+                    tol: float = 0.011) -> SpeedAtBudget:
+    """Greedy-decode tokens/s (all sequences of the batch) and peak memory of one layout at one thread count
+    and batch size, from one speed file (`speed_rows`), at any budget (`curve_value`). Peak memory was
+    measured once per variant and batch (the benchmark's first thread count): it is taken from any
+    thread count's row."""
+    sel = speed[(speed["batch"].fillna(1).astype(int) == int(batch))]
+    at_threads = sel if threads is None else sel[sel["threads"] == threads]
+    dense_t = at_threads[at_threads["layout"] == "dense"]["decode_tokens_per_s"].dropna()
+    dense_m = sel[sel["layout"] == "dense"]["peak_memory_mb"].dropna()
+    conv = at_threads[at_threads["layout"] == layout]
+    mem = sel[sel["layout"] == layout].dropna(subset=["peak_memory_mb"]).drop_duplicates("budget")
+    dense_tps = float(dense_t.iloc[0]) if not dense_t.empty else None
+    dense_mb = float(dense_m.iloc[0]) if not dense_m.empty else None
+    tps = curve_value(list(zip(conv["budget"], conv["decode_tokens_per_s"])), dense_tps, budget, tol)
+    memory = curve_value(list(zip(mem["budget"], mem["peak_memory_mb"])), dense_mb, budget, tol)
+    machine = speed["machine"].iloc[0] if not speed.empty else "?"
+    source = speed["source"].iloc[0] if not speed.empty else "?"
+    thread_words = "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
+    setting = f"{machine}, {layout} layout{thread_words}, batch {batch}; {source}"
+    iqr = None
+    if tps.status == "measured":
+        at = conv[(conv["budget"] - budget).abs() <= tol]["decode_speedup_iqr"]
+        iqr = at.iloc[0] if not at.empty and isinstance(at.iloc[0], (list, tuple)) else None
+    kinds = sel["peak_memory_kind"].dropna()
+    return SpeedAtBudget(tps, memory, dense_tps, dense_mb, setting, iqr, str(kinds.iloc[0]) if not kinds.empty else None)
+
+
+def structural_speed_summary(results: dict[str, dict]) -> str | None:
+    """One sentence from `benchmarks.teal_speed`: where ToMoE and TEAL-style each save time (None without it)."""
+    res = next((r for r in results.values() if r.get("kind") == "teal-speed" and r.get("rows")), None)
+    if res is None:
+        return None
+    by = {(r["workload"], r["variant"]): r["vs_dense"] for r in res["rows"]}
+    parts = []
+    for workload in ("decode, batch 1", "decode, batch 8", "prefill"):
+        if (workload, "ToMoE") in by and (workload, "TEAL-style") in by:
+            parts.append(f"{workload}: ToMoE {by[workload, 'ToMoE']:.2f}x, TEAL-style {by[workload, 'TEAL-style']:.2f}x")
+    if not parts:
+        return None
+    return (f"Time of the MLPs relative to dense at p = {res.get('budget'):g} ({res.get('threads', 1)} thread, "
+            f"`python -m benchmarks.teal_speed`): " + "; ".join(parts) + ". Per-token gathers lose their savings "
+            "once tokens are batched; ToMoE's experts group tokens into dense products.")
