@@ -2,6 +2,7 @@
 
     python -m benchmarks.mlp_profile                      # trained p=0.5 conversion, indexed layout, 1 thread
     python -m benchmarks.mlp_profile --layout packed --steps 32 --repeats 9
+    python -m benchmarks.mlp_profile --prefill 512        # one 512-token prompt instead of decode steps
 
 One process, one thread, thread CPU time, every variant timed in turn in every repeat (medians
 and ratios to dense). For one decode step (every layer's MLP on its own captured input, one
@@ -15,6 +16,8 @@ token) it separates:
   * half-dense:     the dense weights' first p * I channels, as plain matmuls (what p of the
                     dense MLP costs with no MoE machinery at all).
 and prints a torch.profiler table of the MoE step, so a missed target shows its cause.
+With --prefill T, a step is every layer's MLP on one T-token prompt (the prefill's MLP work); the
+decode-only variants (moe-fixed, expert-matmuls) are left out.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default="indexed")
     p.add_argument("--steps", type=int, default=16, help="decode steps (tokens) per timing (default: 16)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--prefill", type=int, default=None, metavar="T",
+                   help="profile the MLPs on one T-token prompt (prefill) instead of --steps decode steps")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(1)
     dense, tokenizer = load_dense(args.model, log=lambda *a: None)
@@ -60,13 +65,17 @@ def main(argv=None) -> int:
         p.error(f"no trained conversion of {args.model} at p={args.budget:g} in cache/conversions")
     moe, _, meta = load_converted(folder, layout=args.layout, load_tokenizer=False)
     text = cached_stream(tokenizer, "wiki", "heldout", None, safe_name(Path(args.model).name))
-    inputs = capture_mlp_inputs(dense, text[: args.steps].view(1, -1))
-    steps = [[x[:, s:s + 1].contiguous() for x in inputs] for s in range(args.steps)]
+    if args.prefill:
+        steps = [capture_mlp_inputs(dense, text[: args.prefill].view(1, -1))]  # one step: L x (1, T, D)
+    else:
+        inputs = capture_mlp_inputs(dense, text[: args.steps].view(1, -1))
+        steps = [[x[:, s:s + 1].contiguous() for x in inputs] for s in range(args.steps)]
     dense_mlps, moe_mlps = layer_mlps(dense), moe.moe_mlps
     width = round(args.budget * dense_mlps[0].up_proj.weight.shape[0])
     half = [(m.gate_proj.weight[:width].clone(), m.up_proj.weight[:width].clone(),
              m.down_proj.weight[:, :width].clone()) for m in dense_mlps]
-    chosen = [[m.choose_experts(m.router(x.view(1, -1))) for m, x in zip(moe_mlps, step)] for step in steps]  # (1,) each
+    chosen = [[m.choose_experts(m.router(x.view(-1, x.shape[-1]))) for m, x in zip(moe_mlps, step)]
+              for step in steps]  # (tokens,) each
     chosen_of = {id(step[0]): ks for step, ks in zip(steps, chosen)}
 
     def run_dense(step):
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
 
     def run_router(step):
         for m, x in zip(moe_mlps, step):
-            int(m.choose_experts(m.router(x.view(1, -1)))[0])
+            m.choose_experts(m.router(x.view(-1, x.shape[-1]))).tolist()
 
     def run_half(step):
         for (g, u, d), x in zip(half, step):
@@ -100,6 +109,8 @@ def main(argv=None) -> int:
 
     variants = {"dense": run_dense, "moe": run_moe, "moe-fixed": run_fixed, "expert-matmuls": run_matmuls,
                 "router": run_router, "half-dense": run_half}
+    if args.prefill:
+        del variants["moe-fixed"], variants["expert-matmuls"]
     times = {k: [] for k in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
     dense_ms = statistics.median(times["dense"])
     print(f"{args.model} | conversion {Path(folder).name} (p={meta['budget']}) | layout {moe.layout} | "
           f"loadavg {[round(x, 2) for x in os.getloadavg()]} | "
-          f"{args.steps} decode steps x {len(moe_mlps)} layers | 1 thread, thread CPU time, {args.repeats} repeats")
+          + (f"one {args.prefill}-token prompt" if args.prefill else f"{args.steps} decode steps")
+          + f" x {len(moe_mlps)} layers | 1 thread, thread CPU time, {args.repeats} repeats")
     print(f"{'variant':<16}{'ms/step':>10}{'x dense':>9}   (paired ratio range)")
     for name, ts in times.items():
         ratios = [t / d for t, d in zip(ts, times["dense"])]
