@@ -35,5 +35,6 @@ def format_flops(n: float) -> str:
     return f"{n / 1e9:.3g} G" if n >= 1e9 else f"{n / 1e6:.4g} M"
 
 
-def format_usd(x: float) -> str:
-    return "—" if x is None or math.isnan(x) else (f"${x:,.2f}" if x >= 10 else f"${x:.3g}")
+def format_usd(x: float | None) -> str:
+    """Cents from $1 up ($2.00, $1,234.50), three significant figures below ($0.445)."""
+    return "—" if x is None or math.isnan(x) else (f"${x:,.2f}" if x >= 1 else f"${x:.3g}")

@@ -90,8 +90,9 @@ def kl_figure(tokens: list[str], kl: list[float], experts: list[int] | None = No
                                       for i, (lab, v) in enumerate(zip(labels, kl))], hoverinfo="text"))
     if first_divergence is not None:
         fig.add_vline(x=first_divergence - 0.5, line=dict(color="#dc2626", dash="dash"),
-                      annotation_text="first divergence", annotation_position="top right")
-    fig.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=10), template="plotly_white",
+                      annotation_text="first divergence", annotation_position="top right",
+                      annotation=dict(yanchor="bottom", font=dict(size=11)))  # above the bars, not on them
+    fig.update_layout(height=230, margin=dict(l=10, r=10, t=40, b=10), template="plotly_white",
                       xaxis_title="generated token", yaxis_title="KL to dense (nats)", showlegend=False)
     return fig
 

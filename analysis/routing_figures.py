@@ -96,6 +96,10 @@ def lift_heatmap(counts: pd.DataFrame, layer: int | None = None, min_tokens: int
     return fig
 
 
+LEGEND_BELOW = dict(orientation="h", yanchor="top", y=-0.22, x=0)  # narrow columns keep the plot's width
+CELL_CHARS = 8  # a token strip cell shows this many characters; the hover has the whole token
+
+
 def nmi_figure(nmi: pd.DataFrame, title: str = "Expert-POS mutual information per layer") -> go.Figure:
     """Observed NMI per layer over the shuffled baseline's 5-95 % band (and the within-token
     baseline's mean when present). nmi: `analysis.experts.nmi_per_layer` output."""
@@ -111,7 +115,8 @@ def nmi_figure(nmi: pd.DataFrame, title: str = "Expert-POS mutual information pe
         x=layers, y=nmi["nmi"], mode="lines+markers", name="observed", line=dict(color="#d62728"),
         customdata=np.stack([nmi["p_value"], nmi["tokens"]], axis=1),
         hovertemplate="layer %{x}: NMI %{y:.4f}<br>p = %{customdata[0]:.4f}, %{customdata[1]:,} tokens<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI(expert; POS)", yaxis_rangemode="tozero")
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI(expert; POS)", yaxis_rangemode="tozero",
+                      legend=LEGEND_BELOW)
     return fig
 
 
@@ -151,7 +156,7 @@ def token_strip(tokens: pd.DataFrame, layer: int, per_line: int = 16, max_tokens
         y, x = divmod(i, per_line)
         grid[y, x] = r.expert
         shown = str(r.token).replace("\n", "↵")
-        text[y, x] = shown
+        text[y, x] = shown if len(shown) <= CELL_CHARS else shown[:CELL_CHARS - 1] + "…"
         extra = f", p={r.router_prob:.2f}" if hasattr(r, "router_prob") else ""
         extra += f", {r.pos}" if hasattr(r, "pos") and isinstance(r.pos, str) else ""
         hover[y, x] = f"{shown!r} -> expert {r.expert}{extra}"
@@ -187,7 +192,7 @@ def k_choice_figure(silhouette: dict[int, float], stability: dict[int, float], c
     if chosen is not None:
         fig.add_vline(x=chosen, line_dash="dash", annotation_text=f"k = {chosen}")
     fig.update_layout(title="Choosing k: silhouette and stability", xaxis_title="k (clusters)", yaxis_title="score",
-                      xaxis=dict(dtick=1))
+                      xaxis=dict(dtick=1), legend=LEGEND_BELOW)
     return fig
 
 
@@ -216,7 +221,8 @@ def nmi_compare_figure(tables: dict[str, pd.DataFrame], title: str = "NMI(expert
     for name, nmi in tables.items():
         fig.add_trace(go.Scatter(x=nmi["layer"], y=nmi["nmi"], mode="lines+markers", name=name,
                                  hovertemplate=f"{name}, " + "layer %{x}: NMI %{y:.4f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI", yaxis_rangemode="tozero")
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title="NMI", yaxis_rangemode="tozero",
+                      legend=LEGEND_BELOW)
     return fig
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 DEFAULT_TOKENS_PER_S = 110.0  # SmolLM2-135M p = 0.5, one process, 2 shared CPU cores (3,000 tokens in 26 s)
 DEFAULT_LOAD_S = 8.0  # loading the converted model and tokenising, same machine
+DEFAULT_ACTIVE_PARAMS = 94_840_368  # that conversion's active parameters per token (tomoe.json accounting)
+DEFAULT_TOTAL_PARAMS = 134_653_488  # and its dense model's, which loading reads
 START_S = 8.0  # starting Python and importing torch, before run.json's clock starts
 TARGET_SECONDS = 60.0
 MIN_TOKENS = 1000  # traces shorter than this do not count towards the throughput
@@ -33,10 +35,11 @@ class TraceSpeed:
 
 
 def trace_speed(runs: list[dict], conversion: str | Path | None = None, num_layers: int | None = None,
-                latest: int = 3) -> TraceSpeed:
+                latest: int = 3, accounting: dict | None = None) -> TraceSpeed:
     """Median throughput of the `latest` single-process CPU traces of at least MIN_TOKENS tokens of
     `conversion` (or, failing that, of any conversion with `num_layers` layers) in `runs`
-    (`routing_log.list_runs()`, newest first)."""
+    (`routing_log.list_runs()`, newest first). With none, the defaults, scaled to the conversion's
+    size when its `accounting` (tomoe.json) is given: tokens/s by active, loading by total parameters."""
 
     def usable(run):  # short traces (a few prompts) are dominated by fixed costs: they would mislead
         timing = run.get("timing") or {}
@@ -56,7 +59,12 @@ def trace_speed(runs: list[dict], conversion: str | Path | None = None, num_laye
         if chosen:
             return TraceSpeed(median([r["timing"]["tokens_per_s"] for r in chosen]),
                               median([r["timing"]["load_s"] for r in chosen]), f"{basis} on this machine")
-    return TraceSpeed(DEFAULT_TOKENS_PER_S, DEFAULT_LOAD_S, "SmolLM2-135M on 2 CPU cores (no earlier trace here)")
+    active, total = (accounting or {}).get("active_total"), (accounting or {}).get("dense_total")
+    if active and total:
+        return TraceSpeed(DEFAULT_TOKENS_PER_S * DEFAULT_ACTIVE_PARAMS / active, DEFAULT_LOAD_S * total / DEFAULT_TOTAL_PARAMS,
+                          f"SmolLM2-135M on 2 CPU cores scaled to this conversion's {active / 1e6:.0f} M active "
+                          "parameters; no earlier trace here")
+    return TraceSpeed(DEFAULT_TOKENS_PER_S, DEFAULT_LOAD_S, "SmolLM2-135M on 2 CPU cores; no earlier trace here")
 
 
 def describe(seconds: float) -> str:

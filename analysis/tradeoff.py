@@ -290,7 +290,8 @@ def quality_at_budget(points: pd.DataFrame, eval_set: str, budget: float, tol: f
                                f"interpolated between measured {kind}p = {lo['budget']:g} and p = {hi['budget']:g}"
                                + (f" ({lo['conversion']})" if kind else ""), False, best, "interpolated", budget,
                                _interpolate(lo, hi, budget, "last_word_accuracy"), dense_lwa)
-    span = f"{tomoe['budget'].min():g}-{tomoe['budget'].max():g}"
+    lo_b, hi_b = tomoe["budget"].min(), tomoe["budget"].max()
+    span = f"{lo_b:g} only" if lo_b == hi_b else f"{lo_b:g}-{hi_b:g}"
     return QualityAtBudget(float(near["perplexity"]), _value(near, "kl_to_dense"), _value(near, "top1_agreement"),
                            dense_ppl, f"p = {budget:g} is outside the measured range (p = {span}): these are the "
                                       f"numbers of the nearest measured {kind}conversion, p = {near['budget']:g}"

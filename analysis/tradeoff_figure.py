@@ -174,17 +174,17 @@ def pareto_figure(points: pd.DataFrame, eval_set: str | None = None, budget: flo
     fig.update_layout(
         xaxis_title="active parameters per token (millions)",
         yaxis_title="perplexity relative to dense (x dense, log scale)" if dense_ppl else "perplexity (log scale)",
-        yaxis_type="log", height=480, margin=dict(l=10, r=10, t=70, b=10), hovermode="closest",
+        yaxis_type="log", height=500, margin=dict(l=10, r=10, t=95, b=10), hovermode="closest",
         legend=dict(orientation="h", yanchor="top", y=-0.18, x=0), template="plotly_white")
     fig.update_yaxes(**ratio_ticks(shown) if dense_ppl else log_ticks(shown))
     if hidden:
         fig.add_annotation(text=f"hidden: {', '.join(method_name(m) for m in hidden)} (over "
                                 f"{CATASTROPHIC_RATIO:g}x dense perplexity at every budget)",
-                           showarrow=False, xref="paper", yref="paper", x=0, y=1.13, xanchor="left",
+                           showarrow=False, xref="paper", yref="paper", x=0, y=1.22, xanchor="left",
                            font=dict(size=11, color="#6b7280"))
     if dense_ppl and (pts.loc[~pts["variant"].isin(hidden), "ratio"] > clip).any():
         fig.add_annotation(text=f"axis clipped at {clip:g}x dense: triangles mark worse points (hover for values)",
-                           showarrow=False, xref="paper", yref="paper", x=0, y=1.07, xanchor="left",
+                           showarrow=False, xref="paper", yref="paper", x=0, y=1.14, xanchor="left",
                            font=dict(size=11, color="#6b7280"))
     if pts.empty:
         fig.add_annotation(text="no quality results yet: run `python -m tomoe_core evaluate CONVERSION`",

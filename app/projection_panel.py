@@ -88,13 +88,13 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
     def tps(x: float) -> str:
         return f"{x:,.0f}" if x >= 10 else f"{x:,.2f}"
 
-    def usd(x) -> str:
-        return "—" if x is None else f"${x:,.2f}" if x >= 10 else f"${x:.3g}"
+    usd = card_format.format_usd
 
     def delta(value, reference, lower_is_better=True):
         return card_format.metric_delta(value, reference, lower_is_better)
 
-    row = st.columns(4)
+    cells = [cell for _ in range(3) for cell in st.columns(3)]  # rows of three: labels and values stay whole
+    row = cells[:4]
     row[0].metric("Active params", f"{one.active_params / 1e9:.2f} B",
                   f"{one.active_params / one.dense_params:.0%} of dense", delta_color="off", delta_arrow="off",
                   border=True, help="projection: L x (attention + p x MLP + router) + lm_head; dense "
@@ -112,7 +112,7 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
                        f"{tps(many.compute_tokens_per_s)}): {many.bound}-bound; {batch} tokens touch "
                        f"{projection.expected_experts_touched(batch, experts):.1f} of {experts} experts per layer on "
                        f"average; dense {tps(many.dense_tokens_per_s)}")
-    row = st.columns(4)
+    row = cells[4:8]
     if price <= 0:
         row[0].metric("$/1M tok., batch 1", "—", border=True, help="projection: the price per hour is 0")
         row[1].metric(f"$/1M tok., batch {batch}", "—", border=True, help="projection: the price per hour is 0")

@@ -1,4 +1,4 @@
-"""The Budget explorer's "Measure this machine" action: the speed benchmark as a background job."""
+"""The Budget explorer's "Measure speed" action (of this machine): the speed benchmark as a background job."""
 from __future__ import annotations
 
 import streamlit as st
@@ -23,8 +23,8 @@ def render(conversions: list[catalog.Conversion], model: str) -> None:
     running = _speed_jobs(jobs)
     if not running:
         disabled = not names
-        if st.button("Measure this machine", disabled=disabled, icon=":material/speed:",
-                     help="Runs the speed benchmark here in the background (dense and every budget, interleaved "
+        if st.button("Measure speed", disabled=disabled, icon=":material/speed:",
+                     help="Measures this machine: runs the speed benchmark here in the background (dense and every budget, interleaved "
                           "repeats, peak memory; 15-30 min on 2 cores, and it slows other jobs down). The cards "
                           "read its file when it ends." if names else
                           "No materialised conversion yet: open Compare once or convert one."):

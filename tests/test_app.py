@@ -98,7 +98,7 @@ def test_measure_this_machine_starts_the_speed_benchmark_as_a_job(conditioned_ca
     monkeypatch.setattr(jobs, "start_job", lambda kind, argv, label, output=None, **kw: started.append(
         (kind, argv, label, output)))
     at = run_page()
-    next(b for b in at.button if b.label == "Measure this machine").click().run()
+    next(b for b in at.button if b.label == "Measure speed").click().run()
     assert not at.exception, [e.message for e in at.exception]
     (kind, argv, label, output), = started
     assert kind == "speed" and argv[1:3] == ["-m", "benchmarks.speed"]
@@ -206,7 +206,7 @@ def test_compare_generates_side_by_side_and_colours_by_expert(cache_env):
     at.button[0].click().run()
     assert not at.exception and not at.error
     shown = metrics(at)
-    assert set(shown) >= {"First divergence", "Tokens that differ", "Mean KL to dense"}
+    assert set(shown) >= {"First divergence", "Tokens that differ, by position", "Mean KL to dense"}
     html = [h.proto.body for h in at.get("html")]
     assert any("expert" in h and "KL to dense" in h for h in html)
     at.slider(key="compare_layer").set_value(0).run()

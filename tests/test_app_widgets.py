@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "app" / "main.py")
 PAGES = (None, "compare", "experts", "runs")
-SKIP_BUTTONS = ("Start conversion", "Start trace", "Measure this machine", "Cancel", "Remove")  # background jobs
+SKIP_BUTTONS = ("Start conversion", "Start trace", "Measure speed", "Cancel", "Remove")  # background jobs
 WIDGETS = ("slider", "select_slider", "number_input", "selectbox", "multiselect", "radio", "checkbox", "toggle",
            "text_input", "text_area", "button")
 MAX_OPTIONS = 6  # selectbox/radio options tried per widget: first, last and a few between

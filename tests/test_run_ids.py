@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.trace_estimate import DEFAULT_TOKENS_PER_S, START_S, TraceSpeed, trace_speed
+from analysis.trace_estimate import (DEFAULT_ACTIVE_PARAMS, DEFAULT_LOAD_S, DEFAULT_TOKENS_PER_S,
+                                     DEFAULT_TOTAL_PARAMS, START_S, TraceSpeed, trace_speed)
 from tomoe_core import paths
 from tomoe_core.paths import PathNotAllowedError
 
@@ -53,6 +54,10 @@ def test_trace_speed_uses_the_latest_traces_of_the_conversion():
     assert trace_speed([], "a").tokens_per_s == DEFAULT_TOKENS_PER_S
     shipped = {**_run("a", 5000, 1), "shipped": True}  # the clone's own log was traced on another machine
     assert trace_speed([shipped], "a").tokens_per_s == DEFAULT_TOKENS_PER_S
+    # no trace here: the default scales with the conversion's size (twice the active parameters, half the speed)
+    big = trace_speed([], "a", accounting={"active_total": 2 * DEFAULT_ACTIVE_PARAMS, "dense_total": 3 * DEFAULT_TOTAL_PARAMS})
+    assert big.tokens_per_s == pytest.approx(DEFAULT_TOKENS_PER_S / 2) and big.load_s == pytest.approx(3 * DEFAULT_LOAD_S)
+    assert "190 M active" in big.basis
 
 
 def test_default_trace_size_finishes_in_about_a_minute():

@@ -151,7 +151,7 @@ with cards:
         if price <= 0:
             st.info("The price per hour is 0, so every budget costs $0 per million tokens: enter what this "
                     "machine costs you to compare costs.", icon=":material/payments:")
-    q_row = st.columns(4)
+    q_row = [*st.columns(2), *st.columns(2)]  # two by two: a card's label keeps its "(p = 0.3, nearest)"
     if quality and quality.perplexity is not None:
         q_suffix = {"interpolated": " (interpolated)", "dense": " (dense)",
                     "nearest": f" (p = {quality.budget:g}, nearest)"}.get(quality.status, "")
@@ -175,7 +175,8 @@ with cards:
             q_row[2].metric("Last-word accuracy", "—", border=True,
                             help="not in this evaluation set's result file (measured by `python -m benchmarks.quality` "
                                  "where it records last_word_accuracy)")
-        q_row[3].metric(f"KL to dense{q_suffix}", "—" if quality.kl_to_dense is None else f"{quality.kl_to_dense:.3f}",
+        q_row[3].metric(f"KL to dense{q_suffix}",
+                        "—" if quality.kl_to_dense is None else f"{quality.kl_to_dense:.3f} nats",
                         border=True, help=f"KL(dense || model) of the next-token distribution, nats per token; {q_help}")
         source = quality.label
         if quality.best_baseline:

@@ -120,8 +120,9 @@ kl = result["moe_token_kl"]
 
 m = st.columns(3)
 m[0].metric("First divergence", "none" if div is None else f"token {div}", border=True)
-m[1].metric("Tokens that differ", f"{len(differs)} / {max(len(result['dense_ids']), len(result['moe_ids']))}",
-            border=True)
+m[1].metric("Tokens that differ, by position", f"{len(differs)} / {max(len(result['dense_ids']), len(result['moe_ids']))}",
+            border=True, help="position by position: once the texts diverge they are shifted against each other, "
+                              "so most later positions differ; the first divergence and the KL say more")
 m[2].metric("Mean KL to dense", f"{sum(kl) / max(len(kl), 1):.3f} nats", border=True)
 
 left, right = st.columns(2, gap="large")

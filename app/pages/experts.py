@@ -282,7 +282,9 @@ if sources:
         if "lexical_p95" in nmi:
             lexical = int((nmi["nmi"] > nmi["lexical_p95"]).sum())
             verdict += (f" Against the within-token shuffle (which keeps what the token identity alone explains), "
-                        f"{lexical} of {len(nmi)} layers stay above its 95th percentile.")
+                        f"{lexical} of {len(nmi)} layers stay above its 95th percentile"
+                        + (" (the card 'Layers with context above 0' counts the stricter test: the whole "
+                           "bootstrap interval of contextual NMI above 0)." if "contextual_low" in nmi else "."))
         st.caption(verdict)
     if "contextual" in nmi:
         ctx_fig = figures.contextual_figure(nmi)
@@ -353,10 +355,12 @@ top = cached("top_tokens", run_key, layer=int(st.session_state["drill_layer"]),
 if top.empty:
     st.caption("This expert received no tokens in this log.")
 else:
-    st.dataframe(top.drop(columns=["expert"]), hide_index=True, column_config={
-        "share_of_expert": st.column_config.ProgressColumn("share of the expert's tokens", format="percent",
-                                                           min_value=0, max_value=float(top["share_of_expert"].max())),
-        "share_of_token": st.column_config.NumberColumn("share of this token's uses in the layer", format="percent")})
+    shown = top.drop(columns=["expert"]).assign(share_of_expert=top["share_of_expert"] * 100,
+                                                share_of_token=top["share_of_token"] * 100)  # one decimal everywhere
+    st.dataframe(shown, hide_index=True, column_config={
+        "share_of_expert": st.column_config.ProgressColumn("share of the expert's tokens", format="%.1f%%",
+                                                           min_value=0, max_value=float(shown["share_of_expert"].max())),
+        "share_of_token": st.column_config.NumberColumn("share of this token's uses in the layer", format="%.1f%%")})
 
 # -- token strip -----------------------------------------------------------------------------------------
 st.subheader("A document, token by token", help=HELP["strip"])

@@ -201,7 +201,8 @@ with st.container(border=True):  # not a form: the time estimate follows the siz
                           help="a .conllu file (a Universal Dependencies treebank) also brings its gold tags: the "
                                "Experts page compares them with spaCy's")
     conv = {c.name: c for c in cat.conversions}.get(conv_name)
-    speed = trace_speed(runs, conv.path if conv else None, len(conv.meta.get("layers") or []) if conv else None)
+    speed = trace_speed(runs, conv.path if conv else None, len(conv.meta.get("layers") or []) if conv else None,
+                        accounting=conv.accounting if conv else None)
     ui.keep("trace_max_tokens", speed.tokens_for(TARGET_SECONDS))
     max_tokens = t3.number_input("Max tokens", min_value=16, max_value=10_000_000, step=500, key="trace_max_tokens",
                                  help="the default finishes in about a minute on this machine")
