@@ -114,14 +114,14 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
                        f"average; dense {tps(many.dense_tokens_per_s)}")
     row = cells[4:8]
     if price <= 0:
-        row[0].metric("$/1M tok., batch 1", "—", border=True, help="projection: the price per hour is 0")
-        row[1].metric(f"$/1M tok., batch {batch}", "—", border=True, help="projection: the price per hour is 0")
+        row[0].metric("$/M tokens, batch 1", "—", border=True, help="projection: the price per hour is 0")
+        row[1].metric(f"$/M tokens, batch {batch}", "—", border=True, help="projection: the price per hour is 0")
     else:
-        row[0].metric("$/1M tok., batch 1", usd(one.usd_per_million(price)),
+        row[0].metric("$/M tokens, batch 1", usd(one.usd_per_million(price)),
                       **delta(one.usd_per_million(price), one.dense_usd_per_million(price)),
                       border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6; dense "
                                         f"{usd(one.dense_usd_per_million(price))}")
-        row[1].metric(f"$/1M tok., batch {batch}", usd(many.usd_per_million(price)),
+        row[1].metric(f"$/M tokens, batch {batch}", usd(many.usd_per_million(price)),
                       **delta(many.usd_per_million(price), many.dense_usd_per_million(price)),
                       border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6; dense {usd(many.dense_usd_per_million(price))}")
     row[2].metric("KV cache", f"{many.kv_cache_bytes / 1e9:,.2f} GB", border=True,

@@ -23,7 +23,7 @@ def render(conversions: list[catalog.Conversion], model: str) -> None:
     running = _speed_jobs(jobs)
     if not running:
         disabled = not names
-        if st.button("Measure speed", disabled=disabled, icon=":material/speed:",
+        if st.button("Measure speed", disabled=disabled,
                      help="Measures this machine: runs the speed benchmark here in the background (dense and every budget, interleaved "
                           "repeats, peak memory; 15-30 min on 2 cores, and it slows other jobs down). The cards "
                           "read its file when it ends." if names else

@@ -33,7 +33,7 @@ if st.session_state["model"] not in costs:
 budgets = sorted({c.budget for c in cat.conversions if c.model == st.session_state["model"] and c.budget})
 ui.keep("budget", float(budgets[0]) if budgets else 0.5)
 
-controls, cards = st.columns([1, 4], gap="large")
+controls, cards = st.columns([1.2, 4], gap="large")
 with controls:
     if len(models) > 1:
         st.selectbox("Dense model", models, key="model", format_func=lambda m: Path(m).name)

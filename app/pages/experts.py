@@ -253,7 +253,8 @@ if sources:
 
     nmi, used, total = cached_nmi(run_key, permutations, label)
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric(f"NMI(expert; {source_name}), median", f"{nmi['nmi'].median():.3f}", help=HELP["nmi"])
+    m1.metric("NMI, median", f"{nmi['nmi'].median():.3f}",
+              help=f"NMI(expert; {source_name}), median over layers. " + HELP["nmi"])
     if "contextual" in nmi:
         above = int((nmi["contextual_low"] > 0).sum()) if "contextual_low" in nmi else None
         m2.metric("Contextual NMI, median", f"{nmi['contextual'].median():.4f}",
