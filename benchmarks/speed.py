@@ -44,9 +44,9 @@ Writes cache/results/speed_benchmark[-cuda].json:
            else null), active_mlp_fraction (share of the dense MLP weights the prefill prompt's
            tokens read through their chosen experts), mlp_share_of_dense_prefill, prefill_bound
            (the prefill speed-up if the MLPs took exactly active_mlp_fraction of their dense time,
-           the rest unchanged: 1 / (1 - share + share * active)), <each ratio>_iqr: [q1, q3] of the paired ratios, peak_memory_mb,
-           peak_rss_vs_dense, peak_memory_kind, same_tokens_as_shared, repeats: raw timings,
-           loadavg: per repeat}]}
+           the rest unchanged: 1 / (1 - share + share * active)), <each ratio>_iqr: [q1, q3] of the
+           paired ratios, peak_memory_mb, peak_rss_vs_dense, peak_memory_kind, same_tokens_as_shared,
+           repeats: raw timings, loadavg: per repeat}]}
 Medians (ms, tokens/s) are over repeats; ratios are medians of per-repeat ratios.
 """
 from __future__ import annotations
@@ -450,10 +450,11 @@ def run(args, log=print) -> dict:
     inter = [adapter_for(dense).mlp_weights(x).intermediate_size for x in layer_mlps(dense)]
     rows, loads, clocks, probes = [], [loadavg_1min()], {}, {}
     long_prompt = text[: args.prefill_tokens].view(1, -1).to(device)
-    active = {}
-    for v in variants:  # routing on the prefill prompt; the layout does not change the choice
-        active[v["name"]] = active.get(id(v["model"])) or active_mlp_fraction(v["model"], long_prompt, inter)
-        active[id(v["model"])] = active[v["name"]]
+    fractions = {}  # routing on the prefill prompt, once per model: the layout does not change the choice
+    for v in variants:
+        if id(v["model"]) not in fractions:
+            fractions[id(v["model"])] = active_mlp_fraction(v["model"], long_prompt, inter)
+    active = {v["name"]: fractions[id(v["model"])] for v in variants}
     for threads in args.threads:
         if device.type == "cpu":
             torch.set_num_threads(threads)

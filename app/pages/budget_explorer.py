@@ -74,7 +74,7 @@ with controls:
 
 kpi = cost.at_budget(budget)
 at_speed = (speed_cards.speed_at_budget(speed, budget, st.session_state["layout"], st.session_state["threads"],
-                                     st.session_state["batch"]) if choices["layouts"] else None)
+                                        st.session_state["batch"]) if choices["layouts"] else None)
 tps = at_speed.tokens_per_s.value if at_speed else None
 dense_tps = at_speed.dense_tokens_per_s if at_speed else None
 usd = tradeoff.cost_per_million_tokens(tps, price)
