@@ -37,7 +37,7 @@ mkdir -p cache/shipped/routing
 cp -r "cache/routing/run_id=shipped-$NAME" cache/shipped/routing/
 # 6. speed and memory of dense and every budget (trained, materialised from the conditioned conversion)
 $PY -m benchmarks.speed --conversions "$NAME" --budgets 0.3 0.5 0.7 0.9 --layouts indexed packed --threads 1 2 \
-    --batch-sizes 1 8 --repeats 3 --output "$RESULTS/speed_benchmark.json"
+    --batch-sizes 1 8 --repeats 5 --output "$RESULTS/speed_benchmark.json"
 #    and the speed-at-dense-memory check at p = 0.5 (1 thread, batch 1, 9 interleaved repeats; with the
 #    prefill bound: what prefill could reach if the MLPs cost exactly the weights the experts read)
 $PY -m benchmarks.speed --conversions "$NAME" --budgets 0.5 --layouts indexed packed --threads 1 --batch-sizes 1 \
