@@ -74,9 +74,8 @@ def main(argv=None) -> int:
     width = round(args.budget * dense_mlps[0].up_proj.weight.shape[0])
     half = [(m.gate_proj.weight[:width].clone(), m.up_proj.weight[:width].clone(),
              m.down_proj.weight[:, :width].clone()) for m in dense_mlps]
-    chosen = [[m.choose_experts(m.router(x.view(-1, x.shape[-1]))) for m, x in zip(moe_mlps, step)]
-              for step in steps]  # (tokens,) each
-    chosen_of = {id(step[0]): ks for step, ks in zip(steps, chosen)}
+    chosen_of = {} if args.prefill else {  # the experts run_matmuls replays (decode only): (1,) each
+        id(step[0]): [m.choose_experts(m.router(x.view(1, -1))) for m, x in zip(moe_mlps, step)] for step in steps}
 
     def run_dense(step):
         for m, x in zip(dense_mlps, step):

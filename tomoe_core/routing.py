@@ -300,8 +300,7 @@ class MoEMLP(RoutedMixin, nn.Module):
 
     def core_size(self) -> int:
         """Channels used by every expert (they sit first in a union ordered by `from_masks`)."""
-        share = torch.bincount(self.expert_channels, minlength=self.union_size)  # (U,)
-        return int((share == self.num_experts).sum())
+        return int((self._shares() == self.num_experts).sum())
 
     # -- layouts ----------------------------------------------------------------------------
     def set_layout(self, layout: str) -> None:
