@@ -1,7 +1,7 @@
 """What is on disk: conversions (materialised or shipped as recipes) and result files.
 
-Reads JSON only, without importing torch: the folder rules are `tomoe_core.conversion`'s and the cache
-folders `tomoe_core.data`'s, both torch-free (the engine's torch modules cost about 6 s on the 2-core
+Reads JSON only, without importing torch: the folder rules are `tomoe_core.convert.folder`'s and the cache
+folders `tomoe_core.text.sources`'s, both torch-free (the engine's torch modules cost about 6 s on the 2-core
 machines here), so the studio's landing page renders fast. A file that cannot be read becomes a
 `Problem` for the page to show, never an exception.
 """
@@ -12,16 +12,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tomoe_core import conversion as _conversion
-from tomoe_core.conversion import WEIGHT_FILES, Problem, read_json  # noqa: F401  (catalog.Problem and co.)
-from tomoe_core.data import cache_dir as cache_root  # noqa: F401  (TOMOE_CACHE or <repo>/cache)
-from tomoe_core.data import shipped_dir as shipped_root  # noqa: F401  (TOMOE_SHIPPED or <repo>/cache/shipped)
+from tomoe_core.convert import folder as _conversion
+from tomoe_core.convert.folder import WEIGHT_FILES, Problem, read_json
+from tomoe_core.infra.locations import cache_dir as cache_root
+from tomoe_core.infra.locations import shipped_dir as shipped_root
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Conversion(_conversion.Conversion):
-    """A conversion as the studio shows it: `tomoe_core.conversion.Conversion` and its summary row."""
+    """A conversion as the studio shows it: `tomoe_core.convert.folder.Conversion` and its summary row."""
 
     def budget_source(self) -> str:
         """How the conversion reached its budget, in words."""
@@ -56,7 +56,7 @@ def _minutes(seconds) -> float | None:
 def list_conversions(conversions: Path | None = None, shipped: Path | None = None
                      ) -> tuple[list[Conversion], list[Problem]]:
     """Materialised conversions under cache/conversions plus shipped recipes not yet materialised (a
-    conversion of the same name hides its recipe); the rules of `tomoe_core.conversion.list_conversions`."""
+    conversion of the same name hides its recipe); the rules of `tomoe_core.convert.folder.list_conversions`."""
     found, problems = _conversion.list_conversions(conversions or cache_root() / "conversions")
     recipes, more = _conversion.list_conversions(shipped or shipped_root(), require_weights=False,
                                                  ignore={"results", "routing", *(c.name for c in found)})

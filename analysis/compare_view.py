@@ -1,6 +1,6 @@
 """Dense vs ToMoE generation, side by side: token HTML coloured by expert and the per-token KL figure.
 
-Plain functions over the dict of `tomoe_core.evaluate.compare_generation` plus the converted
+Plain functions over the dict of `tomoe_core.eval.metrics.compare_generation` plus the converted
 model's expert per generated token (one layer), so the page stays thin and tests need no browser.
 """
 from __future__ import annotations
@@ -103,8 +103,8 @@ def generated_routing(moe, tokenizer, prompt: str, new_ids: list[int], device="c
     routing the tokens got while being generated). -> (experts (L, n) int, probs (L, n) float)."""
     import torch
 
-    from tomoe_core.evaluate import encode_prompt
-    from tomoe_core.capture import capture_routing
+    from tomoe_core.eval.metrics import encode_prompt
+    from tomoe_core.trace.capture import capture_routing
 
     prompt_ids = encode_prompt(tokenizer, prompt, moe)[0].tolist()
     ids = torch.tensor([prompt_ids + list(new_ids)], device=device)

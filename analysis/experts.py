@@ -1,6 +1,6 @@
 """Experts by syntactic role: POS profiles, lift, NMI against permutation baselines, clusters.
 
-Inputs are the DuckDB frames of `tomoe_core.queries`: `expert_pos(run)` (counts per layer,
+Inputs are the DuckDB frames of `tomoe_core.trace.queries`: `expert_pos(run)` (counts per layer,
 expert, pos) and `token_labels(run)` (one row per annotated token and layer).
 
 Two permutation baselines per layer, both keeping each layer's expert loads and POS mix:

@@ -1,6 +1,6 @@
 """Plotly figures of routing logs. Plain functions: DataFrames in, `go.Figure` out (no Streamlit).
 
-Inputs come from `tomoe_core.queries` and `analysis.experts`:
+Inputs come from `tomoe_core.trace.queries` and `analysis.experts`:
   load_heatmap(expert_load(run))                         layer x expert share of tokens
   lift_heatmap(expert_pos(run), layer=None)              (layer, expert) x POS lift
   nmi_figure(nmi_per_layer(token_labels(run)))           NMI per layer against its permutation bands

@@ -24,7 +24,7 @@ import pandas as pd
 
 
 def _clusters(run, labels, min_tokens: int, seed: int, k: int | None, baseline: str):
-    from tomoe_core import queries
+    from tomoe_core.trace import queries
 
     from .experts import cluster_experts, token_conditioned_counts
 
@@ -35,8 +35,8 @@ def _clusters(run, labels, min_tokens: int, seed: int, k: int | None, baseline: 
 def build_report(run, permutations: int | None = None, min_tokens: int = 50, seed: int = 0,
                  tagger: str | None = None, alpha: float = 0.01, bootstrap: int = 100, k: int | None = None,
                  baseline: str = "layer", against: str | None = None) -> dict:
-    from tomoe_core import queries
-    from tomoe_core.routing_log import read_run_meta, run_dir
+    from tomoe_core.trace import queries
+    from tomoe_core.trace.routing_log import read_run_meta, run_dir
 
     from .experts import clustering_agreement, nmi_per_layer, permutations_for
     from .syntax import DEFAULT_TAGGER, annotate_gold, annotate_run, gold_source, tag_agreement
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the permutations, bootstrap and KMeans (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: RUN_FOLDER/syntax-report.json)")
     args = parser.parse_args(argv)
-    from tomoe_core.io import atomic_write_json
+    from tomoe_core.moe.files import atomic_write_json
 
     if not 0 < args.alpha < 1 or (args.permutations is not None and args.permutations < 1):
         print("error: --alpha must lie in (0, 1) and --permutations be at least 1", file=sys.stderr)

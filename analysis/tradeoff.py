@@ -3,7 +3,7 @@
 Everything here is derived from files (conversion metadata, quality and speed results), not
 from loaded networks, so the landing page renders without touching torch.
 
-Cost model. A conversion's accounting (`tomoe_core.budget.ParamReport`, stored in tomoe.json)
+Cost model. A conversion's accounting (`tomoe_core.convert.accounting.ParamReport`, stored in tomoe.json)
 splits the parameters multiplied per token into attention, MLP, lm_head and other. Only the MLP
 scales with the budget p:  active(p) = attention + p * mlp_dense + lm_head + other,  and
 FLOPs(p) = 2 * (attention + p * mlp_dense + lm_head) + attention-score FLOPs at the stated context.

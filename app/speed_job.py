@@ -15,7 +15,7 @@ def _speed_jobs(jobs) -> list:
 def render(conversions: list[catalog.Conversion], model: str) -> None:
     """A button that starts `python -m benchmarks.speed` on the model's budget-conditioned conversion
     (else its conversions) with the shipped file's protocol, and its progress while it runs."""
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     mine = [c for c in conversions if c.model == model and c.materialised]
     conditioned = [c for c in mine if c.is_conditioned]
@@ -43,7 +43,7 @@ def render(conversions: list[catalog.Conversion], model: str) -> None:
 
 @st.fragment(run_every=3)
 def _progress(job_id: str) -> None:
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     job = jobs.get_job(job_id)
     if jobs.status(job) != "running":

@@ -58,14 +58,14 @@ def show_problems(problems) -> None:
 # -- models (loaded once per process) -----------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=2)
 def dense_model(name: str):
-    from tomoe_core.models import load_dense
+    from tomoe_core.convert.dense import load_dense
     return load_dense(name, log=lambda *a: None)
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
 def converted_model(path: str, digest: str):
     """`digest` (weights sha256 from tomoe.json) makes a rebuilt conversion load afresh."""
-    from tomoe_core.convert import load_converted
+    from tomoe_core.convert.materialise import load_converted
     model, tokenizer, meta = load_converted(path, load_tokenizer=True)
     return model, tokenizer, meta
 
@@ -73,7 +73,7 @@ def converted_model(path: str, digest: str):
 @st.cache_resource(show_spinner=False, max_entries=3)
 def model_at_budget(path: str, budget: float, digest: str):
     """A budget-conditioned conversion materialised at `budget` (seconds): (model, metadata, seconds)."""
-    from tomoe_core.pipeline import materialise_at
+    from tomoe_core.workflows.rebudget import materialise_at
     return materialise_at(Path(path), budget, layout="memory", log=lambda *a: None)
 
 
@@ -95,8 +95,8 @@ def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
     import subprocess
     import sys
 
-    code = ("from tomoe_core import jobs; jobs.start_job('prepare', jobs.python_argv('-c', "
-            "'from tomoe_core.shipping import ensure_shipped_conversions; ensure_shipped_conversions()'), "
+    code = ("from tomoe_core.infra import jobs; jobs.start_job('prepare', jobs.python_argv('-c', "
+            "'from tomoe_core.workflows.shipping import ensure_shipped_conversions; ensure_shipped_conversions()'), "
             f"label='rebuild shipped conversions ({', '.join(recipes)})')")
     subprocess.Popen([sys.executable, "-c", code], cwd=catalog.REPO_ROOT, start_new_session=True,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -106,16 +106,16 @@ def prepare_shipped_in_background(recipes: tuple[str, ...]) -> str:
 
 def materialise_shipped(log) -> list[Path]:
     """Rebuild shipped recipes into cache/conversions (seconds, once the dense model is cached)."""
-    from tomoe_core.shipping import ensure_shipped_conversions
+    from tomoe_core.workflows.shipping import ensure_shipped_conversions
     return ensure_shipped_conversions(log=log)
 
 
 @contextlib.contextmanager
 def fair_threads():
-    """Run the block with the torch threads other work leaves free (`tomoe_core.jobs.fair_thread_count`)."""
+    """Run the block with the torch threads other work leaves free (`tomoe_core.infra.jobs.fair_thread_count`)."""
     import torch
 
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     before = torch.get_num_threads()
     torch.set_num_threads(jobs.fair_thread_count())

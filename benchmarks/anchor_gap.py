@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from tomoe_core.convert import read_metadata
-from tomoe_core.data import cache_dir
-from tomoe_core.io import atomic_write_json
-from tomoe_core.machine import machine_info
-from tomoe_core.pipeline import format_anchor_row, record_anchor_calibration
+from tomoe_core.moe.modeling import read_metadata
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.workflows.anchors import format_anchor_row, record_anchor_calibration
 
 
 def main(argv=None) -> int:

@@ -22,11 +22,13 @@ import torch
 
 from analysis import compare_view
 from benchmarks.speed import contention
-from tomoe_core.convert import load_converted, read_metadata
-from tomoe_core.evaluate import compare_generation
-from tomoe_core.jobs import fair_thread_count
-from tomoe_core.models import load_dense
-from tomoe_core.pipeline import conversions_dir, materialise_at
+from tomoe_core.convert.materialise import load_converted
+from tomoe_core.moe.modeling import read_metadata
+from tomoe_core.eval.metrics import compare_generation
+from tomoe_core.infra.jobs import fair_thread_count
+from tomoe_core.convert.dense import load_dense
+from tomoe_core.convert.folder import conversions_dir
+from tomoe_core.workflows.rebudget import materialise_at
 
 PROMPT = "The history of the Roman Empire begins"
 

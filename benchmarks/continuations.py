@@ -23,14 +23,16 @@ from pathlib import Path
 
 import torch
 
-from tomoe_core.conversion import Conversion
-from tomoe_core.convert import conversion_digest, load_converted, read_metadata
-from tomoe_core.data import cache_dir
-from tomoe_core.evaluate import compare_generation
-from tomoe_core.io import atomic_write_json
-from tomoe_core.machine import machine_info
-from tomoe_core.models import load_dense
-from tomoe_core.pipeline import conversions_dir, materialise_at
+from tomoe_core.convert.folder import Conversion
+from tomoe_core.convert.materialise import conversion_digest, load_converted
+from tomoe_core.moe.modeling import read_metadata
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.eval.metrics import compare_generation
+from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.convert.dense import load_dense
+from tomoe_core.convert.folder import conversions_dir
+from tomoe_core.workflows.rebudget import materialise_at
 
 PROMPTS = (
     "The history of the Roman Empire begins",
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not (args.conversion / "tomoe.json").exists():
         p.error(f"{args.conversion} is not a converted model (no tomoe.json); the shipped default is materialised "
-                "by `python -c 'from tomoe_core.shipping import ensure_shipped_conversions as e; e()'`")
+                "by `python -c 'from tomoe_core.workflows.shipping import ensure_shipped_conversions as e; e()'`")
     result = continuations(args.conversion, args.budgets, new_tokens=args.new_tokens)
     result.update(machine=machine_info("cpu"),
                   command="python -m benchmarks.continuations " + " ".join(shlex.quote(a) for a in argv))

@@ -34,13 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tomoe_core.data import cache_dir, text_windows
-from tomoe_core.evaluate import evaluate_variants, logits_fn
-from tomoe_core.io import atomic_write_json
-from tomoe_core.masked import MaskedModel
-from tomoe_core.models import load_dense
-from tomoe_core.machine import machine_info
-from tomoe_core.routing import mlp_intermediate
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.text.sources import text_windows
+from tomoe_core.eval.metrics import evaluate_variants, logits_fn
+from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.convert.masked_model import MaskedModel
+from tomoe_core.convert.dense import load_dense
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.moe.layer import mlp_intermediate
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ apply here too. Writes cache/results/speed_benchmark-cuda.json.
 The GPU machine needs what the CPU run reads from cache/ (git ignores it): the dense checkpoint
 cache/models/smollm2-135m, the token cache cache/tokens, and cache/speed (the untrained masks;
 rebuilt there if absent, about a minute) or cache/conversions for trained ones. Run with a
-CUDA build of torch, and triton for the indexed layout's kernels (`tomoe_core.gather_triton`;
+CUDA build of torch, and triton for the indexed layout's kernels (`tomoe_core.moe.gather_triton`;
 without triton it runs the pure-torch fallback, and the table's last line names the backend).
 
 Not yet run on a GPU (none was available when it was written). What to expect: batch-1 decode

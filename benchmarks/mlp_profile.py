@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.speed import capture_mlp_inputs, layer_mlps, trained_conversions
-from tomoe_core.convert import load_converted
-from tomoe_core.data import cached_stream
-from tomoe_core.io import safe_name
-from tomoe_core.models import load_dense
+from tomoe_core.convert.materialise import load_converted
+from tomoe_core.text.sources import cached_stream
+from tomoe_core.infra.files import safe_name
+from tomoe_core.convert.dense import load_dense
 
 
 def _timer(fn, steps) -> float:

@@ -6,7 +6,7 @@
 Every variant at a budget is evaluated on the same non-overlapping held-out windows (the wiki
 split no conversion or baseline calibrates on) against the dense model's logits of that window:
 perplexity, KL(dense || variant) per token and top-1 agreement with dense. Baselines (see
-`tomoe_core.baselines`): magnitude, wanda-sp, flap (static masks, calibrated on the wiki
+`tomoe_core.eval.baselines`): magnitude, wanda-sp, flap (static masks, calibrated on the wiki
 calibration split), torch-pruning (external reference), and per token: teal and cats (TEAL- and
 CATS-style thresholds calibrated on the first --dynamic-calibration-tokens of the calibration
 split; the active ratio reported is the one measured on the held-out windows) and the oracle
@@ -22,7 +22,7 @@ The JSON is rewritten after every budget, so a partial run leaves valid partial 
 (a new conversion, a new budget or method); with --no-conversions it also keeps the earlier
 run's conversion rows as they are.
 
-Beside perplexity every row (and dense) has its last-word accuracy (`tomoe_core.lastword`: a
+Beside perplexity every row (and dense) has its last-word accuracy (`tomoe_core.eval.lastword`: a
 LAMBADA-style task from the same held-out split, scored as lm-eval scores a loglikelihood task) on
 the same --last-word-items items (default 200; 0 skips it). Reused rows without it (or measured on
 other items) get it computed, only it, when their variant can be rebuilt here (every baseline; a
@@ -35,10 +35,10 @@ JSON schema (schema_version 1):
   schema_version  1
   model, text     dense model name; evaluation text ("wiki (held-out split)")
   window, windows tokens per window, number of windows; tokens: predicted tokens per variant
-  machine         tomoe_core.machine.machine_info(); seconds: wall time; command: how it was run
+  machine         tomoe_core.infra.machine.machine_info(); seconds: wall time; command: how it was run
   settings        {budgets, methods, calibration_text, calibration_tokens, complete: bool,
                    last_word: {items, text, version, seed, min_letters, min_sentence_words,
-                   max_context_words} (the item rule, tomoe_core.lastword.rule()) or null}
+                   max_context_words} (the item rule, tomoe_core.eval.lastword.rule()) or null}
   dense           {perplexity, kl_to_dense (0), top1_agreement (1), last_word_*}
   rows            one per (budget, variant):
                   {budget: nominal p, method: "tomoe" | "tomoe-conditioned" | "tomoe-threshold-moved" |
@@ -77,20 +77,25 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from tomoe_core.baselines import (ALL_METHODS, DYNAMIC_CALIBRATION_TOKENS, DYNAMIC_METHODS, EXTERNAL_METHODS,
-                                  activation_stats, baseline_variants, min_budget)
-from tomoe_core.budget import account
-from tomoe_core.conversion import Conversion, list_conversions
-from tomoe_core.convert import conversion_digest, load_converted, read_metadata
-from tomoe_core.data import cache_dir, text_windows
-from tomoe_core.evaluate import LogitsFn, evaluate_variants, logits_fn
-from tomoe_core.io import atomic_write_bytes, atomic_write_json, safe_name
-from tomoe_core.lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
-from tomoe_core.lastword import rule as last_word_rule
-from tomoe_core.machine import machine_info
-from tomoe_core.masked import MaskedModel
-from tomoe_core.models import load_dense
-from tomoe_core.pipeline import budget_source, calibrated_gap, conversions_dir, materialise_at
+from tomoe_core.eval.baselines import (ALL_METHODS, DYNAMIC_CALIBRATION_TOKENS, DYNAMIC_METHODS, EXTERNAL_METHODS,
+    activation_stats, baseline_variants, min_budget)
+from tomoe_core.convert.accounting import account
+from tomoe_core.convert.folder import Conversion, list_conversions
+from tomoe_core.convert.materialise import conversion_digest, load_converted
+from tomoe_core.moe.modeling import read_metadata
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.text.sources import text_windows
+from tomoe_core.eval.metrics import LogitsFn, evaluate_variants, logits_fn
+from tomoe_core.moe.files import atomic_write_bytes, atomic_write_json
+from tomoe_core.infra.files import safe_name
+from tomoe_core.eval.lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
+from tomoe_core.eval.lastword import rule as last_word_rule
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.convert.masked_model import MaskedModel
+from tomoe_core.convert.dense import load_dense
+from tomoe_core.workflows.rebudget import budget_source, materialise_at
+from tomoe_core.convert.generation_budget import calibrated_gap
+from tomoe_core.convert.folder import conversions_dir
 
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # kind of each baseline row; the studio groups its chart by kind
@@ -462,7 +467,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-conversions", action="store_true", help="baselines only")
     p.add_argument("--last-word-items", type=int, default=DEFAULT_ITEMS,
                    help="last-word accuracy on this many items of the held-out split (LAMBADA-style, "
-                        "tomoe_core.lastword; 0: skip; default: %(default)s)")
+                        "tomoe_core.eval.lastword; 0: skip; default: %(default)s)")
     p.add_argument("--fallback-from", nargs="*", default=[], metavar="NAME",
                    help="single-budget conversions (folder names in cache/conversions) to re-threshold to every "
                         "other budget: the no-retraining fallback")

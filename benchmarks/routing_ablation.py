@@ -14,11 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from tomoe_core.data import cache_dir
-from tomoe_core.io import atomic_write_json
-from tomoe_core.machine import machine_info
-from tomoe_core.pipeline import run_conversion, run_evaluation
-from tomoe_core.train import ConversionConfig
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.workflows.conversion_run import run_conversion
+from tomoe_core.workflows.evaluation import run_evaluation
+from tomoe_core.convert.config import ConversionConfig
 
 RECIPES = {
     # the paper: all channels start on (offset +3), constant Gumbel noise on the masks

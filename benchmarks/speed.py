@@ -63,17 +63,21 @@ from pathlib import Path
 
 import torch
 
-from tomoe_core.conversion import Conversion, ConversionError, list_conversions
-from tomoe_core.convert import load_converted, materialise, read_metadata, save_converted
-from tomoe_core.data import cache_dir, cached_stream
-from tomoe_core.families import adapter_for
-from tomoe_core.io import atomic_write_json, safe_name
-from tomoe_core.machine import machine_info
-from tomoe_core.masked import MaskedModel
-from tomoe_core.pipeline import conversions_dir, materialise_at
-from tomoe_core.gather_kernels import backend as gather_backend
-from tomoe_core.routing import LAYOUTS, MoEMLP
-from tomoe_core.train import ConversionConfig
+from tomoe_core.convert.folder import Conversion, ConversionError, list_conversions
+from tomoe_core.convert.materialise import load_converted, materialise, save_converted
+from tomoe_core.moe.modeling import read_metadata
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.text.sources import cached_stream
+from tomoe_core.moe.families import adapter_for
+from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.infra.files import safe_name
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.convert.masked_model import MaskedModel
+from tomoe_core.convert.folder import conversions_dir
+from tomoe_core.workflows.rebudget import materialise_at
+from tomoe_core.moe.gather_kernels import backend as gather_backend
+from tomoe_core.moe.layer import LAYOUTS, MoEMLP
+from tomoe_core.convert.config import ConversionConfig
 
 
 # -- building the variants ---------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def memory_probe(spec: dict) -> dict:
         model, _, _ = load_converted(spec["folder"], device=device, layout=spec["layout"], load_tokenizer=False)
         model = model.to(dtype=dtype)
     else:
-        from tomoe_core.models import load_dense
+        from tomoe_core.convert.dense import load_dense
 
         model, _ = load_dense(spec["model"], device=device, dtype=dtype, log=lambda *a: None)
     import gc
@@ -438,7 +442,7 @@ def run(args, log=print) -> dict:
         text = torch.randint(3, 512, (args.prompt_tokens * max(args.batch_sizes) * 4 + args.prefill_tokens,))
         model_name = "tiny random llama (dry run)"
     else:
-        from tomoe_core.models import load_dense
+        from tomoe_core.convert.dense import load_dense
 
         dense, tokenizer = load_dense(args.model, device=device, dtype=args.torch_dtype, log=log)
         tag = safe_name(Path(args.model).name)

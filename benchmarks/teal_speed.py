@@ -17,7 +17,7 @@ Variants:
     and down as (I, D), so every kept input entry reads one contiguous row, and
     `torch.nn.functional.embedding_bag` with per-sample weights sums a_i * W[i, :] over the kept
     entries of every token in one call (no copy of the selected rows). Its output is checked against
-    the reference implementation in `tomoe_core.baselines` before timing.
+    the reference implementation in `tomoe_core.eval.baselines` before timing.
 Repeats interleave the variants; ratios to dense are paired within a repeat (median and [q1, q3]).
 One thread, thread CPU time (time preempted by other processes does not count). Writes
 cache/results/teal_speed.json and prints a table.
@@ -36,13 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import speed
-from tomoe_core.baselines import DYNAMIC_CALIBRATION_TOKENS, DynamicSparsity
-from tomoe_core.data import cache_dir, cached_stream, text_windows
-from tomoe_core.io import atomic_write_json
-from tomoe_core.machine import machine_info
-from tomoe_core.masked import MaskedModel
-from tomoe_core.models import load_dense
-from tomoe_core.pipeline import conversions_dir, materialise_at
+from tomoe_core.eval.baselines import DYNAMIC_CALIBRATION_TOKENS, DynamicSparsity
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.text.sources import cached_stream, text_windows
+from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.infra.machine import machine_info
+from tomoe_core.convert.masked_model import MaskedModel
+from tomoe_core.convert.dense import load_dense
+from tomoe_core.convert.folder import conversions_dir
+from tomoe_core.workflows.rebudget import materialise_at
 
 
 class TealGatherMLP(nn.Module):

@@ -9,7 +9,7 @@
       Writes a synthetic routing log of that many rows (30 layers, 8 experts, Zipf-distributed
       tokens, experts mildly dependent on POS) plus its POS annotation, in the real format.
   query RUN [--repeats 5]
-      Times the expert x POS query (`tomoe_core.queries.expert_pos`) with DuckDB: first (cold) and median.
+      Times the expert x POS query (`tomoe_core.trace.queries.expert_pos`) with DuckDB: first (cold) and median.
 
 Every command prints the machine it ran on.
 """
@@ -31,7 +31,7 @@ SYNTHETIC_POS = ("ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "NOUN", "NUM", "PAR
 
 
 def _machine(device: str = "cpu") -> dict:
-    from tomoe_core.machine import machine_info
+    from tomoe_core.infra.machine import machine_info
 
     return machine_info(device)
 
@@ -41,8 +41,8 @@ def measure_overhead(conversion: str | Path, source: str = "wiki", max_tokens: i
                      keep_run_id: str | None = None) -> dict:
     """A trace with every batch also run untraced, side by side. -> figures (seconds, rows/s, bytes/row,
     overhead %). The log goes to a temporary folder unless `keep_run_id` names a run to keep."""
-    from tomoe_core.routing_log import read_run_meta
-    from tomoe_core.trace import trace_run
+    from tomoe_core.trace.routing_log import read_run_meta
+    from tomoe_core.trace.run import trace_run
 
     with tempfile.TemporaryDirectory() as tmp:
         path = trace_run(conversion, source, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
@@ -61,9 +61,10 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tomoe_core.io import atomic_dir, atomic_write_json, file_lock, sha256_file
-    from tomoe_core.routing_log import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, PartWriter, RoutingLogError,
-                                        add_token_columns, routing_root)
+    from tomoe_core.moe.files import atomic_dir, atomic_write_json, sha256_file
+    from tomoe_core.infra.files import file_lock
+    from tomoe_core.trace.routing_log import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, PartWriter,
+        RoutingLogError, add_token_columns, routing_root)
 
     rng = np.random.default_rng(seed)
     tokens = rows // layers
@@ -115,7 +116,7 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
 
 
 def time_expert_pos(run, repeats: int = 5) -> dict:
-    from tomoe_core import queries
+    from tomoe_core.trace import queries
 
     con = queries.connect()
     times, result = [], None

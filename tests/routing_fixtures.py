@@ -33,7 +33,7 @@ def make_converted(folder: Path, tokenizer, num_experts: int = 4, seed: int = 0)
 @lru_cache(maxsize=1)
 def shared_tokenizer():
     """Loaded once per process (a few seconds on the 2-core machines)."""
-    from tomoe_core.models import load_tokenizer
+    from tomoe_core.convert.dense import load_tokenizer
 
     return load_tokenizer()
 
@@ -68,7 +68,7 @@ def converted() -> Path:
 
 @pytest.fixture(scope="module")
 def traced_run(converted, routing_cache) -> Path:
-    from tomoe_core.trace import trace_run
+    from tomoe_core.trace.run import trace_run
 
     return trace_run(converted, prompts=TEXTS, seq_len=16, batch_size=2, run_id="fixture")
 

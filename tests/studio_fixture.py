@@ -91,9 +91,9 @@ def _tiny_dense(vocab_size: int):
 
 def build(cache: Path, with_routing: bool = True) -> Path:
     from tomoe_core import MaskedModel, materialise, save_converted
-    from tomoe_core.budget import account
-    from tomoe_core.io import atomic_write_json
-    from tomoe_core.models import load_tokenizer
+    from tomoe_core.convert.accounting import account
+    from tomoe_core.moe.files import atomic_write_json
+    from tomoe_core.convert.dense import load_tokenizer
 
     cache = Path(cache)
     tokenizer = load_tokenizer()
@@ -119,7 +119,7 @@ def build(cache: Path, with_routing: bool = True) -> Path:
     atomic_write_json(results / "speed_benchmark.json", _speed(str(dense_dir)))
     (results / "eval-corrupt.json").write_text('{"kind": "quality", "results": {')  # a half-written file
     if with_routing:
-        from tomoe_core.trace import trace_run
+        from tomoe_core.trace.run import trace_run
         trace_run(folder, prompts=PROMPTS, seq_len=128, batch_size=4, run_id="tiny-prompts", root=cache / "routing")
     return folder
 

@@ -92,7 +92,7 @@ def test_budget_explorer_offers_the_conditioned_conversion_and_reports_a_failed_
 
 
 def test_measure_this_machine_starts_the_speed_benchmark_as_a_job(conditioned_cache, monkeypatch):
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     started = []
     monkeypatch.setattr(jobs, "start_job", lambda kind, argv, label, output=None, **kw: started.append(
@@ -107,7 +107,7 @@ def test_measure_this_machine_starts_the_speed_benchmark_as_a_job(conditioned_ca
 
 
 def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(conditioned_cache, monkeypatch):
-    import tomoe_core.pipeline
+    import tomoe_core.workflows.rebudget
 
     seen = []
 
@@ -117,7 +117,7 @@ def test_budget_explorer_says_when_the_experts_were_generated_below_the_budget(c
         return None, {"budget_source": "conditioned", "accounting": acc,
                       "mask_calibration": {"generated_at": round(budget - 0.1, 4), "ratio": budget}}, 1.5
 
-    monkeypatch.setattr(tomoe_core.pipeline, "materialise_at", fake_materialise_at)
+    monkeypatch.setattr(tomoe_core.workflows.rebudget, "materialise_at", fake_materialise_at)
     at = run_page()
     at.slider(key="budget").set_value(0.8).run()
     next(b for b in at.button if b.label.startswith("Materialise")).click().run()
@@ -235,7 +235,7 @@ def test_compare_model_that_fails_to_load_is_a_message(cache_env, monkeypatch):
 
 
 def test_runs_page_lists_conversions_logs_and_runs_a_cancellable_job(cache_env):
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     at = run_page("runs")
     assert {"Background jobs", "Start a conversion", "Conversions", "Routing logs"} <= set(at.subheader.values)
@@ -267,7 +267,7 @@ def test_runs_page_lists_conversions_logs_and_runs_a_cancellable_job(cache_env):
 def test_runs_page_trace_estimate_and_run_id_rule(cache_env):
     """The trace box proposes a size that takes about a minute, shows the estimate as the size
     changes, and refuses a run id that is not a plain name (no job starts)."""
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     at = run_page("runs")
     estimate = [c for c in at.caption.values if c.startswith("About ")]
@@ -312,7 +312,7 @@ def test_experts_page_tags_then_shows_roles_and_drills_down(cache_env):
 def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
     import shutil
 
-    import tomoe_core.routing_log as routing_log
+    from tomoe_core.trace import routing_log
 
     root = tmp_path / "routing"
     shutil.copytree(cache_env / "routing" / "run_id=tiny-prompts", root / "run_id=broken")
@@ -326,8 +326,8 @@ def test_experts_page_reports_a_corrupt_log(cache_env, tmp_path, monkeypatch):
 def test_experts_page_gold_conllu_run_against_spacy(cache_env, tmp_path, monkeypatch):
     """A run traced on a CoNLL-U file: the page reads its gold tags into the log, and once spaCy has
     tagged it too, shows their agreement, NMI for both and NMI(expert; deprel)."""
-    import tomoe_core.routing_log as routing_log
-    import tomoe_core.trace as trace
+    from tomoe_core.trace import routing_log
+    from tomoe_core.trace import run as trace
 
     root = tmp_path / "routing"
     trace.trace_run(cache_env / "conversions" / studio_fixture.CONVERSION,
@@ -353,7 +353,7 @@ def test_experts_page_gold_conllu_run_against_spacy(cache_env, tmp_path, monkeyp
 def test_runs_page_conversion_job_runs_to_completion_with_progress(cache_env, tmp_path, monkeypatch):
     """Start a (tiny) conversion from the form; the page shows step progress and, when it ends,
     lists the new conversion."""
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     monkeypatch.setenv("TOMOE_DATA", str(tmp_path))  # the studio reads text only from the cache and data folders
     text = tmp_path / "calibration.txt"

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 from test_pipeline import tiny_setup  # noqa: F401 (fixture)
 from tiny_models import FAMILIES, tiny_ids, tiny_model
 from tomoe_core import ConversionConfig, MaskedModel, load_converted, materialise, save_converted
-from tomoe_core.attention import ATTENTION_FAMILIES, PrunedAttention
-from tomoe_core.budget import account
-from tomoe_core.pipeline import run_conversion
-from tomoe_core.train import finalize_masks
+from tomoe_core.moe.attention import ATTENTION_FAMILIES, PrunedAttention
+from tomoe_core.convert.accounting import account
+from tomoe_core.workflows.conversion_run import run_conversion
+from tomoe_core.convert.train import finalize_masks
 
 E = 4
 

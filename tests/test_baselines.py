@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tomoe_core import MaskedModel
-from tomoe_core.baselines import (ALL_METHODS, FoldedBias, activation_stats, baseline_variants, channel_scores,
-                                  min_budget, static_masks, torch_pruning_copy)
+from tomoe_core.eval.baselines import (ALL_METHODS, FoldedBias, activation_stats, baseline_variants, channel_scores,
+    min_budget, static_masks, torch_pruning_copy)
 from tiny_models import tiny_ids, tiny_model
 
 

@@ -7,7 +7,7 @@ import pytest
 import plotly.graph_objects as go
 
 from benchmarks import gpu_speed, quality, speed
-from tomoe_core.routing import LAYOUTS
+from tomoe_core.moe.layer import LAYOUTS
 
 
 def test_speed_dry_run_measures_dense_and_every_layout(tmp_path, capsys):
@@ -174,8 +174,8 @@ def test_teal_gather_kernel_computes_the_reference_teal_mlp():
 
     from benchmarks.teal_speed import TealGatherMLP
     from tiny_models import tiny_model
-    from tomoe_core.baselines import DynamicSparsity
-    from tomoe_core.masked import MaskedModel
+    from tomoe_core.eval.baselines import DynamicSparsity
+    from tomoe_core.convert.masked_model import MaskedModel
 
     torch.manual_seed(0)
     masked = MaskedModel(tiny_model("llama"), num_experts=1)

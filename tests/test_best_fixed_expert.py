@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from routing_fixtures import shared_converted
-from tomoe_core.convert import load_converted
-from tomoe_core.pipeline import _best_fixed_expert
+from tomoe_core.convert.materialise import load_converted
+from tomoe_core.workflows.evaluation import _best_fixed_expert
 
 
 def _whole_window_choice(moe, windows):

@@ -11,9 +11,10 @@ import torch
 
 from routing_fixtures import make_converted
 from tiny_models import FAMILIES, FAMILY_ADDS_BOS, tiny_model, tiny_tokenizer
-from tomoe_core.data import cached_stream, special_prefix, text_windows, windows
-from tomoe_core.evaluate import encode_prompt
-from tomoe_core.train import ConversionConfig, sample_batch
+from tomoe_core.text.sources import cached_stream, special_prefix, text_windows, windows
+from tomoe_core.eval.metrics import encode_prompt
+from tomoe_core.convert.config import ConversionConfig
+from tomoe_core.convert.train import sample_batch
 
 TEXT = ("the cat sat on the mat. it did not move, and the dog barked loudly at it!\n\n"
         "alice wrote three short letters to her friends in paris; they answered quickly: thanks.")
@@ -65,11 +66,11 @@ def test_no_prefix_keeps_windows_unchanged():
 
 @pytest.mark.parametrize("adds_bos", [True, False])
 def test_trace_feeds_the_prefix_and_logs_only_text_tokens(adds_bos, tmp_path, monkeypatch):
-    from tomoe_core.convert import load_converted
-    from tomoe_core.capture import capture_routing
-    from tomoe_core.routing_log import read_run_meta
-    from tomoe_core.trace import trace_run
-    from tomoe_core import queries
+    from tomoe_core.convert.materialise import load_converted
+    from tomoe_core.trace.capture import capture_routing
+    from tomoe_core.trace.routing_log import read_run_meta
+    from tomoe_core.trace.run import trace_run
+    from tomoe_core.trace import queries
 
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))
     tok = tiny_tokenizer(adds_bos)

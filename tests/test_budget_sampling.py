@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from tomoe_core.pipeline import default_conversion_name
-from tomoe_core.train import BUDGET_SAMPLING, ConversionConfig, budget_quantile, step_budget
+from tomoe_core.convert.folder import default_conversion_name
+from tomoe_core.convert.config import BUDGET_SAMPLING, ConversionConfig
+from tomoe_core.convert.train import budget_quantile, step_budget
 
 CDF = {  # share of the range's mass below p, for each sampling density over [lo, hi]
     "uniform": lambda p, lo, hi: (p - lo) / (hi - lo),
@@ -57,7 +58,8 @@ def test_sampling_needs_a_range_and_bad_names_are_refused():
 
 
 def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
-    from tomoe_core import cli, pipeline
+    from tomoe_core import cli
+    from tomoe_core.workflows import conversion_run
 
     seen = {}
 
@@ -65,7 +67,7 @@ def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
         seen["cfg"], seen["command"], seen["anchor_windows"] = cfg, command, anchor_windows
         return tmp_path
 
-    monkeypatch.setattr(pipeline, "run_conversion", fake_run)
+    monkeypatch.setattr(conversion_run, "run_conversion", fake_run)
     assert cli.main(["convert", "--budget-range", "0.3", "1.0", "--budget-sampling", "inverse",
                      "--regularise", "sampled", "--steps", "3"]) == 0
     cfg = seen["cfg"]
@@ -86,7 +88,7 @@ def test_cli_passes_sampling_and_regularisation_through(monkeypatch, tmp_path):
 def test_a_range_checkpoint_saved_before_sampling_existed_resumes_only_as_uniform(tmp_path):
     from dataclasses import asdict
 
-    from tomoe_core.train import CheckpointError, _check_same_settings
+    from tomoe_core.convert.train import CheckpointError, _check_same_settings
 
     saved = json.loads(json.dumps(asdict(ConversionConfig(budget_range=(0.3, 1.0), budget_sampling="uniform"))))
     del saved["budget_sampling"]  # tomoe.json / state.json of a conversion made before the option
@@ -103,7 +105,7 @@ def test_a_checkpoint_saved_before_prior_scale_and_mask_noise_resumes_only_with_
     amplitude 1 (since changed to 1.0 / 0.33): resuming one with today's defaults would mix recipes."""
     from dataclasses import asdict
 
-    from tomoe_core.train import CheckpointError, _check_same_settings
+    from tomoe_core.convert.train import CheckpointError, _check_same_settings
 
     saved = json.loads(json.dumps(asdict(ConversionConfig())))
     del saved["prior_scale"], saved["mask_noise"]

@@ -7,7 +7,7 @@ from analysis import catalog
 
 
 def test_catalog_cache_root_matches_the_engine(monkeypatch, tmp_path):
-    from tomoe_core.data import cache_dir, shipped_dir
+    from tomoe_core.infra.locations import cache_dir, shipped_dir
 
     assert catalog.cache_root() == cache_dir() and catalog.shipped_root() == shipped_dir()
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
@@ -57,7 +57,7 @@ def test_catalog_reads_shipped_results_and_local_results_win(tmp_path):
 
 def test_what_the_repository_ships_lists_cleanly(tmp_path):
     """A fresh clone: the shipped conversion, and no warning about the results or the routing log."""
-    from tomoe_core.data import shipped_dir
+    from tomoe_core.infra.locations import shipped_dir
 
     conversions, problems = catalog.list_conversions(tmp_path / "none", shipped_dir())
     assert problems == []

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from tomoe_core.cli import build_parser, config_options
-from tomoe_core.config import GROUPS, ConversionConfig
+from tomoe_core.convert.config import GROUPS, ConversionConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_OPTIONS = {"help", "output", "evaluate", "anchor_windows"}  # of the run, not settings of the conversion
@@ -62,7 +62,7 @@ def test_config_module_imports_without_torch():
     code = ("import sys, types; sys.modules['torch'] = None; "
             f"pkg = types.ModuleType('tomoe_core'); pkg.__path__ = [{str(ROOT / 'tomoe_core')!r}]; "
             "sys.modules['tomoe_core'] = pkg; "
-            "from tomoe_core.config import ConversionConfig; cfg = ConversionConfig(budget_range=(0.3, 1.0)); "
+            "from tomoe_core.convert.config import ConversionConfig; cfg = ConversionConfig(budget_range=(0.3, 1.0)); "
             "assert cfg.budget_sampling == 'log' and cfg.train_gap == 0.0; "
             "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m]); "
             "print('ok')")
@@ -70,11 +70,7 @@ def test_config_module_imports_without_torch():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_old_import_paths_keep_working():
+def test_the_package_names_conversion_config_where_it_lives():
     from tomoe_core import ConversionConfig as from_package
-    from tomoe_core.cli import progress_bar as from_cli
-    from tomoe_core.progress import progress_bar
-    from tomoe_core.train import BUDGET_SAMPLING, ConversionConfig as from_train, default_train_gap
 
-    assert from_package is from_train is ConversionConfig and from_cli is progress_bar
-    assert BUDGET_SAMPLING == ("uniform", "log", "inverse") and default_train_gap(0.5) == 0.1
+    assert from_package is ConversionConfig

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 from routing_fixtures import converted, routing_cache  # noqa: F401
-from tomoe_core.conllu import read_conllu
-from tomoe_core.data import TextSourceError, load_documents
+from tomoe_core.text.treebank import read_conllu
+from tomoe_core.text.files import TextSourceError
+from tomoe_core.text.sources import load_documents
 
 SAMPLE = Path(__file__).parent / "data" / "en_sample.conllu"
 
@@ -82,9 +83,9 @@ def test_load_documents_reads_conllu():
 
 
 def test_trace_command_keeps_the_gold_tags_in_the_log(converted, routing_cache, capsys):
-    from tomoe_core import queries
+    from tomoe_core.trace import queries
     from tomoe_core.cli import main
-    from tomoe_core.routing_log import read_run_meta
+    from tomoe_core.trace.routing_log import read_run_meta
 
     assert main(["trace", str(converted), "--text", str(SAMPLE), "--seq-len", "32", "--run-id", "cli-gold",
                  "--quiet"]) == 0

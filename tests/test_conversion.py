@@ -1,4 +1,4 @@
-"""`tomoe_core.conversion`: one object for a conversion folder, torch-free; `tomoe_core.ranks.is_rank0`."""
+"""`tomoe_core.convert.folder`: one object for a conversion folder, torch-free; `tomoe_core.infra.ranks.is_rank0`."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tomoe_core import ranks
-from tomoe_core.config import ConversionConfig
-from tomoe_core.conversion import (Conversion, ConversionError, default_conversion_name, list_conversions,
-                                   output_of_work_dir, work_dir_of)
+from tomoe_core.infra import ranks
+from tomoe_core.convert.config import ConversionConfig
+from tomoe_core.convert.folder import (Conversion, ConversionError, default_conversion_name, list_conversions,
+    output_of_work_dir, work_dir_of)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def _folder(root: Path, name: str, weights: bool = True, **meta) -> Path:
 
 
 def test_conversion_and_ranks_import_without_torch():
-    code = ("import sys, tomoe_core.conversion, tomoe_core.ranks; "
+    code = ("import sys, tomoe_core.convert.folder, tomoe_core.infra.ranks; "
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

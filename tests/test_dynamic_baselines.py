@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from tomoe_core import MaskedModel
 from tomoe_core.cli import main
-from tomoe_core.models import load_tokenizer
-from tomoe_core.families import adapter_for
-from tomoe_core.baselines import (DYNAMIC_METHODS, DynamicMLP, DynamicSparsity, activation_stats, baseline_variants,
-                                  budget_of_oracle, min_budget)
+from tomoe_core.convert.dense import load_tokenizer
+from tomoe_core.moe.families import adapter_for
+from tomoe_core.eval.baselines import (DYNAMIC_METHODS, DynamicMLP, DynamicSparsity, activation_stats,
+    baseline_variants, budget_of_oracle, min_budget)
 from tiny_models import FAMILIES, tiny_ids, tiny_model
 
 

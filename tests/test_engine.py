@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tiny_models import FAMILIES, VOCAB, tiny_ids, tiny_model
 from tomoe_core import (SUPPORTED_FAMILIES, ConversionConfig, MaskedModel, UnsupportedModelError, load_converted,
                         materialise, save_converted, train_conversion)
-from tomoe_core.budget import account
-from tomoe_core.convert import materialise_from_recipe, save_recipe
-from tomoe_core.train import CheckpointError, finalize_masks
+from tomoe_core.convert.accounting import account
+from tomoe_core.convert.materialise import materialise_from_recipe, save_recipe
+from tomoe_core.convert.train import CheckpointError, finalize_masks
 
 
 def random_masks(mm: MaskedModel, p: float = 0.5, seed: int = 0) -> list[torch.Tensor]:
@@ -243,7 +243,7 @@ def test_sampled_regularisation_sees_the_noisy_masks_and_logs_the_deterministic_
 def test_mask_noise_sets_the_noise_amplitude_and_its_anneal(tmp_path):
     """--mask-noise a: logistic noise of amplitude a at step 0, annealed linearly to 0. With all channels at
     +3 (offset init) noise of amplitude a switches a fraction 1 / (1 + e^(3/a)) of them off in the sampled masks."""
-    from tomoe_core.train import noise_scale
+    from tomoe_core.convert.train import noise_scale
 
     assert ConversionConfig(prior_scale=1.5).mask_noise == 0.5  # default: prior / 3 (~5 % of entries flip)
     assert ConversionConfig(init="offset").mask_noise == 1.0  # the paper's: +3 offset, amplitude 1
@@ -268,7 +268,7 @@ def test_mask_noise_sets_the_noise_amplitude_and_its_anneal(tmp_path):
 def test_cluster_prior_scale_sets_the_prior_and_unsaturates_the_mask_gradient():
     """--prior-scale: the cluster prior is +-s, and a smaller s lets the distillation gradient reach the
     hypernetwork (the straight-through sigmoid's slope at +-3 / tau is ~1e-3 of its slope at 0)."""
-    from tomoe_core.train import conversion_losses
+    from tomoe_core.convert.train import conversion_losses
 
     stream = torch.randint(3, VOCAB, (3000,), generator=torch.Generator().manual_seed(1))
     grads = {}

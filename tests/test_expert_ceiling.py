@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from benchmarks.expert_ceiling import (CodebookMLP, PredictedMLP, fit_codebook, fit_predictor, installed,
                                        mlp_inputs, predictor_overhead, spherical_kmeans)
 from tests.tiny_models import tiny_ids, tiny_model
-from tomoe_core.masked import MaskedModel
+from tomoe_core.convert.masked_model import MaskedModel
 
 
 def test_spherical_kmeans_finds_separated_directions():

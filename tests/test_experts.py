@@ -12,7 +12,7 @@ from analysis.experts import (cluster_experts, clustering_agreement, expert_prof
                               name_cluster, name_follows_rows, nmi_from_contingency, nmi_per_layer, p_floor,
                               permutations_for, pos_profiles, token_conditioned_counts)
 from routing_fixtures import annotated_run, converted, routing_cache, tokenizer, traced_run  # noqa: F401
-from tomoe_core import queries
+from tomoe_core.trace import queries
 
 POS = np.array(["NOUN", "VERB", "DET", "ADP", "PUNCT", "ADJ"])
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tomoe_core import load_converted, load_dense
-from tomoe_core.data import cache_dir, special_prefix, text_windows
-from tomoe_core.evaluate import evaluate_variants, logits_fn
+from tomoe_core.infra.locations import cache_dir
+from tomoe_core.text.sources import special_prefix, text_windows
+from tomoe_core.eval.metrics import evaluate_variants, logits_fn
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +45,8 @@ def test_dequantised_checkpoint_is_a_plain_float_checkpoint(gemma):
 
 
 def test_short_gemma_conversion_routes_better_than_random(tmp_path):
-    from tomoe_core.pipeline import run_conversion
-    from tomoe_core.train import ConversionConfig
+    from tomoe_core.workflows.conversion_run import run_conversion
+    from tomoe_core.convert.config import ConversionConfig
 
     cfg = ConversionConfig(model="gemma3-270m", budget=0.5, steps=4, tokens_per_step=512, seq_len=256,
                            init_tokens=4096, checkpoint_every=100)

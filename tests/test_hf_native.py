@@ -20,9 +20,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
 from tiny_models import VOCAB, tiny_model
 from tomoe_core import MaskedModel, load_converted, materialise, save_converted
-from tomoe_core.convert import ConvertedModelError, ToMoEForCausalLM, read_metadata
-from tomoe_core.data import load_documents
-from tomoe_core.export import export_hub_ready
+from tomoe_core.moe.modeling import ConvertedModelError, ToMoEForCausalLM, read_metadata
+from tomoe_core.text.sources import load_documents
+from tomoe_core.workflows.export import export_hub_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -214,9 +214,9 @@ def test_export_is_self_contained_and_its_code_is_the_engines(export):
     assert "quantization_config" not in config["base_config"]
     assert config["max_position_embeddings"] == config["base_config"]["max_position_embeddings"]  # lm-eval's max_length
     code = sorted(p.name for p in export.glob("*.py"))
-    assert {"modeling.py", "routing.py", "families.py"} <= set(code)
+    assert code == sorted(p.name for p in (ROOT / "tomoe_core" / "moe").glob("*.py"))  # exactly the runtime folder
     for name in code:  # copied at export time from the engine, not a second copy kept by hand
-        assert (export / name).read_bytes() == (ROOT / "tomoe_core" / name).read_bytes(), name
+        assert (export / name).read_bytes() == (ROOT / "tomoe_core" / "moe" / name).read_bytes(), name
     assert (export / "tokenizer.json").exists() and read_metadata(export)["exported_from"].endswith("conversion-gguf")
 
 
@@ -330,7 +330,7 @@ def test_stock_lm_eval_cli_runs_on_the_dense_model_and_the_export(tiny, export, 
 def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from tomoe_core.io import atomic_write_json, sha256_file
+    from tomoe_core.moe.files import atomic_write_json, sha256_file
 
     folder = tmp_path / "bad"
     AutoModelForCausalLM.from_pretrained(tiny["conversion"]).save_pretrained(folder)

@@ -9,10 +9,11 @@ import torch
 from tiny_models import tiny_model
 from tomoe_core import ConversionConfig, MaskedModel, load_converted, load_dense, materialise, save_converted
 from tomoe_core.cli import main
-from tomoe_core.convert import ConvertedModelError
-from tomoe_core.data import TextSourceError, load_documents, windows
-from tomoe_core.evaluate import PromptError, encode_prompt
-from tomoe_core.models import ModelLoadError, load_tokenizer
+from tomoe_core.moe.modeling import ConvertedModelError
+from tomoe_core.text.files import TextSourceError
+from tomoe_core.text.sources import load_documents, windows
+from tomoe_core.eval.metrics import PromptError, encode_prompt
+from tomoe_core.convert.dense import ModelLoadError, load_tokenizer
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.01])
@@ -117,7 +118,7 @@ def test_cli_help_explains_every_option(capsys):
 def test_missing_builtin_model_package_names_the_pip_command(monkeypatch):
     import importlib.util
 
-    from tomoe_core.models import BUILTIN_MODELS, ModelLoadError, builtin_gguf
+    from tomoe_core.convert.dense import BUILTIN_MODELS, ModelLoadError, builtin_gguf
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -132,7 +133,7 @@ def test_missing_builtin_model_package_names_the_pip_command(monkeypatch):
 def test_cached_gguf_config_loses_its_quantization_config(tmp_path):
     import json
 
-    from tomoe_core.models import _clean_cached_config
+    from tomoe_core.convert.dense import _clean_cached_config
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from tomoe_core import load_converted, load_dense
-from tomoe_core.budget import account
-from tomoe_core.data import cached_stream, windows
-from tomoe_core.evaluate import compare_generation, evaluate_variants, logits_fn
-from tomoe_core.data import shipped_dir
-from tomoe_core.shipping import ensure_shipped_conversions
+from tomoe_core.convert.accounting import account
+from tomoe_core.text.sources import cached_stream, windows
+from tomoe_core.eval.metrics import compare_generation, evaluate_variants, logits_fn
+from tomoe_core.infra.locations import shipped_dir
+from tomoe_core.workflows.shipping import ensure_shipped_conversions
 
 pytestmark = pytest.mark.integration
 

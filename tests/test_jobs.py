@@ -1,11 +1,11 @@
-"""`tomoe_core.jobs`: the background jobs the studio starts (progress, exit status, cancel, threads)."""
+"""`tomoe_core.infra.jobs`: the background jobs the studio starts (progress, exit status, cancel, threads)."""
 from __future__ import annotations
 
 import time
 
 
 def test_job_runner_progress_exit_status_and_cancel(monkeypatch, tmp_path):
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
     log = tmp_path / "log.jsonl"
@@ -33,7 +33,7 @@ def test_job_runner_progress_exit_status_and_cancel(monkeypatch, tmp_path):
 
 def test_background_jobs_run_with_one_torch_thread_and_passive_waits(monkeypatch, tmp_path):
     """A job must leave the studio process a core: torch in the job sees one thread."""
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the studio's own setting does not leak into its jobs

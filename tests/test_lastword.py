@@ -1,4 +1,4 @@
-"""Last-word accuracy (tomoe_core.lastword): item construction, the tokenizer's prefix, the lm-eval is_greedy
+"""Last-word accuracy (tomoe_core.eval.lastword): item construction, the tokenizer's prefix, the lm-eval is_greedy
 criterion on constructed callables, right padding on tiny models of every family, and the real default model."""
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tiny_models import FAMILIES, FAMILY_ADDS_BOS, VOCAB, tiny_model, tiny_tokenizer
-from tomoe_core import lastword
-from tomoe_core.data import Document
-from tomoe_core.evaluate import logits_fn
-from tomoe_core.lastword import EncodedItem, LastWordItem, build_items, candidate_items, encode_items, score_last_words
+from tomoe_core.eval import lastword
+from tomoe_core.text.sources import Document
+from tomoe_core.eval.metrics import logits_fn
+from tomoe_core.eval.lastword import (EncodedItem, LastWordItem, build_items, candidate_items, encode_items,
+    score_last_words)
 
 PARAGRAPH = ("The cat sat on the mat and did not move at it. Alice wrote three short letters to her friends in paris. "
              "They answered quickly and the children ran home. The dog barked loudly at the cat on the mat.")
@@ -144,7 +145,7 @@ def test_right_padding_gives_every_family_the_scores_of_one_item_at_a_time(famil
 
 @pytest.mark.integration
 def test_default_model_gets_a_sane_share_of_last_words_and_fast():
-    from tomoe_core.models import load_dense
+    from tomoe_core.convert.dense import load_dense
 
     model, tokenizer = load_dense("smollm2-135m")
     items = lastword.load_items(count=50)

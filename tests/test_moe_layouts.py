@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tomoe_core import MaskedModel, gather_kernels, load_converted, materialise, save_converted
-from tomoe_core.routing import LAYOUTS, MoEMLP
+from tomoe_core import MaskedModel, load_converted, materialise, save_converted
+from tomoe_core.moe import gather_kernels
+from tomoe_core.moe.layer import LAYOUTS, MoEMLP
 from tiny_models import FAMILIES, tiny_ids, tiny_model
 
 E = 4
@@ -246,8 +247,8 @@ def test_bfloat16_layouts_follow_dtype():
 def test_conversions_saved_without_union_ids_recover_them(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    import tomoe_core.models
-    from tomoe_core.io import atomic_write_json, sha256_file
+    import tomoe_core.convert.dense
+    from tomoe_core.moe.files import atomic_write_json, sha256_file
 
     masked, moe = build("llama")
     folder = save_converted(moe, tmp_path / "conv", metadata={"model": "tiny-llama"})
@@ -257,7 +258,7 @@ def test_conversions_saved_without_union_ids_recover_them(tmp_path, monkeypatch)
     meta = json.loads((folder / "tomoe.json").read_text())
     atomic_write_json(folder / "tomoe.json", {**meta, "weights_sha256": sha256_file(weights)})
     dense = tiny_model("llama")  # the same seed: the model the conversion was made from
-    monkeypatch.setattr(tomoe_core.models, "load_dense", lambda name, **kw: (dense, None))
+    monkeypatch.setattr(tomoe_core.convert.dense, "load_dense", lambda name, **kw: (dense, None))
     loaded, _, _ = load_converted(folder, layout="core+extras", load_tokenizer=False)
     for a, b in zip(loaded.moe_mlps, moe.moe_mlps):
         assert sorted(a.union_channels.tolist()) == sorted(b.union_channels.tolist())
@@ -390,7 +391,7 @@ def test_indexed_greedy_decode_matches_masked_model(family, dtype, gather_backen
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gated_families_decode_with_one_fused_call_per_layer(family, monkeypatch):
     """Where the C kernel runs, a decode step of a gated SiLU/GELU MLP is one `gather_kernels.mlp` call."""
-    import tomoe_core.routing as routing
+    from tomoe_core.moe import layer as routing
 
     _, moe = build(family)
     moe.set_layout("indexed")
@@ -480,7 +481,7 @@ def test_cuda_indexed_layout_matches_masked_model(dtype):
 
 TRITON_CHECK = """
 import torch
-from tomoe_core import gather_kernels as gk, gather_triton as gt
+from tomoe_core.moe import gather_kernels as gk, gather_triton as gt
 assert gt.AVAILABLE
 g = torch.Generator().manual_seed(0)
 for gated in (True, False):
@@ -523,7 +524,7 @@ def test_releasing_a_mapped_weight_keeps_its_values(tmp_path):
     """The indexed layout drops the file pages of the down matrix it re-stores; the data must survive."""
     from safetensors.torch import load_file, save_file
 
-    from tomoe_core.machine import file_mapping_of, release_file_pages
+    from tomoe_core.moe.files import file_mapping_of, release_file_pages
 
     big = torch.randn(512, 1024)  # 2 MiB: whole pages inside
     save_file({"w": big}, str(tmp_path / "w.safetensors"))

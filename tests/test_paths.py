@@ -1,12 +1,12 @@
-"""Paths typed into the studio stay inside the cache and data folders (tomoe_core.paths)."""
+"""Paths typed into the studio stay inside the cache and data folders (tomoe_core.infra.paths)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from tomoe_core import paths
-from tomoe_core.paths import PathNotAllowedError
+from tomoe_core.infra import paths
+from tomoe_core.infra.paths import PathNotAllowedError
 
 
 @pytest.fixture
@@ -79,8 +79,8 @@ def test_extra_options_may_not_set_paths():
 
 
 def test_download_of_a_log_refuses_a_symlink_leading_outside(roots):
-    from tomoe_core import routing_log
-    from tomoe_core.io import atomic_write_json
+    from tomoe_core.trace import routing_log
+    from tomoe_core.moe.files import atomic_write_json
 
     cache, _, outside = roots
     run = cache / "routing" / "run_id=r"
@@ -95,9 +95,9 @@ def test_download_of_a_log_refuses_a_symlink_leading_outside(roots):
 
 
 def test_runs_page_refuses_paths_outside_with_a_message(cache_env):
-    """The studio's Runs page: every path box goes through tomoe_core.paths; nothing is started."""
+    """The studio's Runs page: every path box goes through tomoe_core.infra.paths; nothing is started."""
     from test_app import run_page
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     before = {j.id for j in jobs.list_jobs()}
 

@@ -4,15 +4,19 @@ import json
 import pytest
 
 from tiny_models import tiny_model
-from tomoe_core import load_converted, pipeline, shipping
-from tomoe_core.budget import account
+from tomoe_core import load_converted
+from tomoe_core.workflows import anchors, shipping
+from tomoe_core.convert.accounting import account
 from tomoe_core.cli import main
-from tomoe_core.conversion import Conversion
-from tomoe_core.models import load_tokenizer
-from tomoe_core.generation_budget import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, clamp_budget,
-                                          train_budget)
-from tomoe_core.pipeline import materialise_at, rebudget, run_conversion, run_evaluation
-from tomoe_core.train import ConversionConfig
+from tomoe_core.convert.folder import Conversion, default_conversion_name
+from tomoe_core.convert.dense import load_tokenizer
+from tomoe_core.convert.generation_budget import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, clamp_budget,
+    train_budget)
+from tomoe_core.workflows.rebudget import materialise_at, rebudget
+from tomoe_core.workflows.conversion_run import run_conversion
+from tomoe_core.workflows.evaluation import run_evaluation
+from tomoe_core.convert.config import ConversionConfig
+from tomoe_core.moe.modeling import ConvertedModelError
 
 WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
          "argued about history and music in small cafes during long winter evenings").split()
@@ -71,7 +75,7 @@ def test_convert_evaluate_rebudget(tiny_setup, capsys):
 def test_budget_conditioned_conversion_materialises_at_every_budget(tiny_setup, monkeypatch):
     dense, text, tmp = tiny_setup
     # the tiny text's held-out split has a few windows, not the 60 reserved for reporting on real text
-    monkeypatch.setattr(pipeline, "ANCHOR_SKIP_WINDOWS", 0)
+    monkeypatch.setattr(anchors, "ANCHOR_SKIP_WINDOWS", 0)
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=4, tokens_per_step=128, seq_len=64,
                            init_tokens=512, budget=0.5, budget_range=(0.3, 1.0), num_experts=4)
     lines = []
@@ -175,9 +179,9 @@ def test_train_gap_trains_below_the_budget_and_widens_to_it(tiny_setup):
     dense, text, tmp = tiny_setup
     cfg = ConversionConfig(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64,
                            init_tokens=512, budget=0.5, train_gap=0.2, num_experts=4)
-    assert pipeline.default_conversion_name(cfg).endswith("-p0.5-from0.3-e4")
+    assert default_conversion_name(cfg).endswith("-p0.5-from0.3-e4")
     default = ConversionConfig(budget=0.5)  # trains 0.1 below a budget of 0.5 or more unless told otherwise
-    assert default.train_gap == pytest.approx(0.1) and pipeline.default_conversion_name(default).endswith("-p0.5-e8")
+    assert default.train_gap == pytest.approx(0.1) and default_conversion_name(default).endswith("-p0.5-e8")
     assert ConversionConfig(budget=0.4).train_gap == 0.0 and ConversionConfig(budget=0.9).train_gap == 0.1
     assert ConversionConfig(budget=0.5, train_gap=0).train_budget == 0.5
     out = run_conversion(cfg, tmp / "gap", show_tqdm=False, log=lambda *a: None)
@@ -193,7 +197,7 @@ def test_train_gap_trains_below_the_budget_and_widens_to_it(tiny_setup):
 
 
 def test_a_single_budget_checkpoint_from_before_train_gap_says_how_to_resume(tiny_setup):
-    from tomoe_core.train import CheckpointError
+    from tomoe_core.convert.train import CheckpointError
 
     dense, text, tmp = tiny_setup
     kwargs = dict(model=str(dense), text=str(text), steps=2, tokens_per_step=128, seq_len=64, init_tokens=512,
@@ -209,7 +213,7 @@ def test_a_single_budget_checkpoint_from_before_train_gap_says_how_to_resume(tin
     out = run_conversion(ConversionConfig(**{**kwargs, "steps": 3}, train_gap=0.0), tmp / "old", show_tqdm=False,
                          log=lambda *a: None)
     assert json.loads((out / "tomoe.json").read_text())["tokens_seen"] == 3 * 128
-    assert pipeline.default_conversion_name(ConversionConfig(prune_attention=True)).endswith("-p0.5-e8")
+    assert default_conversion_name(ConversionConfig(prune_attention=True)).endswith("-p0.5-e8")
 
 
 def test_a_shipped_conditioned_conversion_rebuilds_the_same_model(tiny_setup, monkeypatch, capsys):
@@ -242,5 +246,5 @@ def test_a_shipped_conditioned_conversion_rebuilds_the_same_model(tiny_setup, mo
     data = bytearray((recipe / "hypernet.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (recipe / "hypernet.safetensors").write_bytes(bytes(data))
-    with pytest.raises(shipping.ConvertedModelError, match="checksum"):
+    with pytest.raises(ConvertedModelError, match="checksum"):
         shipping.ensure_shipped_conversions(log=lambda *a: None)

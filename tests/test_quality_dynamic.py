@@ -7,7 +7,7 @@ import re
 from benchmarks import quality
 from test_lastword import docs
 from tiny_models import tiny_ids, tiny_model, tiny_tokenizer
-from tomoe_core.lastword import candidate_items
+from tomoe_core.eval.lastword import candidate_items
 
 
 def test_quality_runs_the_per_token_baselines_and_keeps_earlier_conversion_rows(tmp_path, monkeypatch, capsys):

@@ -5,8 +5,8 @@ import pytest
 
 from analysis.trace_estimate import (DEFAULT_ACTIVE_PARAMS, DEFAULT_LOAD_S, DEFAULT_TOKENS_PER_S,
                                      DEFAULT_TOTAL_PARAMS, START_S, TraceSpeed, trace_speed)
-from tomoe_core import paths
-from tomoe_core.paths import PathNotAllowedError
+from tomoe_core.infra import paths
+from tomoe_core.infra.paths import PathNotAllowedError
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_default_trace_size_finishes_in_about_a_minute():
 
 
 def test_the_trace_api_refuses_a_run_id_of_dotdot_before_loading_anything(cache):
-    from tomoe_core.trace import trace_run
+    from tomoe_core.trace.run import trace_run
 
     with pytest.raises(PathNotAllowedError, match="not a plain name"):
         trace_run("no-such-conversion", run_id="..")

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 from routing_fixtures import TEXTS, converted  # noqa: F401
-from tomoe_core.routing_log import RoutingLogError, list_runs, read_run_meta, verify_run
+from tomoe_core.trace.routing_log import RoutingLogError, list_runs, read_run_meta, verify_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION = r"""
 import sys, time
 from pathlib import Path
-from tomoe_core import jobs
+from tomoe_core.infra import jobs
 folder, conversion, text, cache = map(Path, sys.argv[1:5])
 trace_argv = jobs.python_argv("-m", "tomoe_core", "trace", str(conversion), "--text", str(text), "--run-id", "same",
                               "--seq-len", "16", "--quiet")
@@ -43,7 +43,7 @@ for kind, argv, output in (("trace", trace_argv, cache / "routing" / "run_id=sam
 
 
 def test_two_sessions_and_a_terminal_write_the_same_run(converted, tmp_path):
-    from tomoe_core import jobs
+    from tomoe_core.infra import jobs
 
     cache, sync = tmp_path / "cache", tmp_path / "sync"
     cache.mkdir()

@@ -152,9 +152,9 @@ def test_gold_tags_of_a_conllu_trace(converted, routing_cache, tmp_path):
     from pathlib import Path
 
     from analysis.syntax import annotate_gold, annotate_run, gold_source, tag_agreement
-    from tomoe_core import queries
-    from tomoe_core.routing_log import read_run_meta
-    from tomoe_core.trace import trace_run
+    from tomoe_core.trace import queries
+    from tomoe_core.trace.routing_log import read_run_meta
+    from tomoe_core.trace.run import trace_run
 
     sample = tmp_path / "sample.conllu"
     shutil.copy(Path(__file__).parent / "data" / "en_sample.conllu", sample)

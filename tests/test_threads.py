@@ -1,5 +1,5 @@
-"""Interactive work leaves background jobs their cores (`tomoe_core.jobs.fair_thread_count`)."""
-from tomoe_core.jobs import fair_thread_count
+"""Interactive work leaves background jobs their cores (`tomoe_core.infra.jobs.fair_thread_count`)."""
+from tomoe_core.infra.jobs import fair_thread_count
 
 
 def test_interactive_threads_are_the_cpus_other_work_leaves_free():

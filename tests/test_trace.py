@@ -10,13 +10,13 @@ import torch
 
 from routing_fixtures import TEXTS, annotated_run, converted, make_converted, routing_cache, tokenizer, traced_run  # noqa: F401
 from tiny_models import tiny_ids, tiny_model
-from tomoe_core import queries
-from tomoe_core.convert import load_converted
-from tomoe_core.capture import capture_routing, routing_points
-from tomoe_core.data import special_prefix
-from tomoe_core.routing_log import (PART_GLOB, SCHEMA_VERSION, SCHEMA_VERSION_KEY, RoutingLogError, list_runs,
-                                    read_run_meta, verify_run)
-from tomoe_core.trace import trace_run
+from tomoe_core.trace import queries
+from tomoe_core.convert.materialise import load_converted
+from tomoe_core.trace.capture import capture_routing, routing_points
+from tomoe_core.text.sources import special_prefix
+from tomoe_core.trace.routing_log import (PART_GLOB, SCHEMA_VERSION, SCHEMA_VERSION_KEY, RoutingLogError, list_runs,
+    read_run_meta, verify_run)
+from tomoe_core.trace.run import trace_run
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_existing_run_is_kept_unless_overwritten(converted, routing_cache):
 
 
 def test_crash_leaves_no_half_written_run(converted, routing_cache, monkeypatch):
-    from tomoe_core import trace
+    from tomoe_core.trace import run as trace
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -167,7 +167,7 @@ def test_verify_run_detects_modification(converted, routing_cache):
 
 
 def test_large_runs_split_into_parts_and_row_groups(converted, routing_cache, monkeypatch):
-    from tomoe_core import routing_log
+    from tomoe_core.trace import routing_log
 
     monkeypatch.setattr(routing_log, "PART_ROWS", 40)
     monkeypatch.setattr(routing_log, "ROW_GROUP_ROWS", 32)
@@ -275,7 +275,7 @@ def test_overhead_benchmark_runs_the_same_batches(converted, tmp_path, capsys):
 
 
 def test_a_shipped_routing_log_is_listed_after_local_ones_and_shadowed_by_them(tmp_path, monkeypatch):
-    from tomoe_core import routing_log
+    from tomoe_core.trace import routing_log
 
     monkeypatch.setenv("TOMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TOMOE_SHIPPED", str(tmp_path / "shipped"))

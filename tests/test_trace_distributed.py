@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from routing_fixtures import TEXTS, converted, routing_cache  # noqa: F401
-from tomoe_core import queries
-from tomoe_core.routing_log import PART_GLOB, list_runs, read_run_meta, verify_run
-from tomoe_core.trace import trace_run
+from tomoe_core.trace import queries
+from tomoe_core.trace.routing_log import PART_GLOB, list_runs, read_run_meta, verify_run
+from tomoe_core.trace.run import trace_run
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["doc_id", "position", "token_id", "token", "char_start", "char_end", "layer", "expert", "router_prob"]

@@ -1,7 +1,7 @@
 """ToMoE engine: convert dense Hugging Face causal LMs to mixture-of-experts by dynamic structural pruning.
 
-The names below load on first use, so torch-free parts (`tomoe_core.jobs`, `.paths`, `.config`, `.io`)
-import without torch and transformers. `import tomoe_core.convert` (or using any name below, e.g.
+The names below load on first use, so torch-free parts (`tomoe_core.infra.jobs`, `.paths`, `.config`, `.io`)
+import without torch and transformers. `import tomoe_core.convert.materialise` (or using any name below, e.g.
 `tomoe_core.load_converted`) registers the model type "tomoe" with transformers' Auto classes.
 """
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ToMoEConfig": "convert", "ToMoEForCausalLM": "convert", "load_converted": "convert", "materialise": "convert",
-    "save_converted": "convert", "SUPPORTED_FAMILIES": "families", "UnsupportedModelError": "families",
-    "adapter_for": "families", "MaskedModel": "masked", "Masks": "masks", "DEFAULT_MODEL": "models",
-    "load_dense": "models",
-    "ConversionConfig": "config", "train_conversion": "train",
+    "ToMoEConfig": "moe.modeling", "ToMoEForCausalLM": "moe.modeling", "load_converted": "convert.materialise",
+    "materialise": "convert.materialise", "save_converted": "convert.materialise",
+    "SUPPORTED_FAMILIES": "moe.families", "UnsupportedModelError": "moe.families", "adapter_for": "moe.families",
+    "MaskedModel": "convert.masked_model", "Masks": "convert.expert_masks", "DEFAULT_MODEL": "convert.dense",
+    "load_dense": "convert.dense", "ConversionConfig": "convert.config", "train_conversion": "convert.train",
 }
 __all__ = sorted(_EXPORTS)
 

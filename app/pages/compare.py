@@ -46,7 +46,7 @@ with st.form("generate"):
 
 
 def generate(conv) -> dict | None:
-    from tomoe_core.evaluate import PromptError
+    from tomoe_core.eval.metrics import PromptError
 
     with st.status("Generating...", expanded=True) as status:
         try:
@@ -85,7 +85,7 @@ def generate(conv) -> dict | None:
 
 
 def _generate_with(moe, dense, tokenizer, status) -> dict:
-    from tomoe_core.evaluate import compare_generation
+    from tomoe_core.eval.metrics import compare_generation
 
     st.write(f"Generating {st.session_state['max_new_tokens']} tokens greedily with both models...")
     prompt = st.session_state["prompt"]

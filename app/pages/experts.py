@@ -13,7 +13,7 @@ st.caption("Pick a routing log (made on the **Runs** page or with `python -m tom
            "the clustering map, or pick one below, to see its most frequent tokens.")
 
 from analysis import routing_figures as figures  # noqa: E402
-from tomoe_core import queries, routing_log  # noqa: E402
+from tomoe_core.trace import queries, routing_log
 
 runs = routing_log.list_runs()
 if not runs:
@@ -53,7 +53,7 @@ run_key = (str(folder), _stamps(folder))
 
 @st.cache_data(show_spinner="Querying the routing log...", max_entries=16)
 def cached(name: str, key: tuple, **kwargs) -> pd.DataFrame:
-    """A `tomoe_core.queries` function of the run, cached until the run's files change."""
+    """A `tomoe_core.trace.queries` function of the run, cached until the run's files change."""
     return getattr(queries, name)(key[0], **kwargs)
 
 

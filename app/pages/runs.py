@@ -13,10 +13,10 @@ st.title("Runs")
 st.caption("Conversions and routing logs under `cache/`, and background jobs. A job runs as its own process: it "
            "keeps going when you reload the page or close the tab, and Cancel stops it.")
 
-from tomoe_core import jobs, paths  # noqa: E402  (after the title: the first import of the engine takes seconds)
-from tomoe_core.config import ConversionConfig  # noqa: E402
-from tomoe_core.conversion import Conversion, conversions_dir, default_conversion_name  # noqa: E402
-from tomoe_core.io import safe_name  # noqa: E402
+from tomoe_core.infra import jobs, paths
+from tomoe_core.convert.config import ConversionConfig
+from tomoe_core.convert.folder import Conversion, conversions_dir, default_conversion_name
+from tomoe_core.infra.files import safe_name
 
 cat = ui.read_catalog()
 ui.show_problems(cat.problems)
@@ -162,7 +162,7 @@ else:
 
 # -- routing logs ---------------------------------------------------------------------------------
 st.subheader("Routing logs")
-from tomoe_core import routing_log  # noqa: E402
+from tomoe_core.trace import routing_log
 
 runs = routing_log.list_runs()
 if not runs:

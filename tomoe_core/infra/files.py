@@ -1,0 +1,31 @@
+"""Crash-safe file output: every artefact is written to a temporary name, then renamed.
+
+A reader therefore sees the old state or the new one, never half a file. Folders are
+built beside their destination and swapped in with `os.replace`/`rename`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from filelock import FileLock
+
+from ..moe.files import atomic_write_bytes
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:80] or "x"
+
+
+def file_lock(path: str | os.PathLike, timeout: float = -1) -> FileLock:
+    """Inter-process lock guarding `path` (two studio tabs, two CLI runs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=timeout)
+
+
+def copy_if_exists(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy an optional artefact (a training log, a hypernetwork) atomically when it exists."""
+    if Path(src).exists():
+        atomic_write_bytes(dst, Path(src).read_bytes())
