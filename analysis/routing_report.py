@@ -65,8 +65,11 @@ def build_report(run, permutations: int | None = None, min_tokens: int = 50, see
         agree = tag_agreement(queries.tag_pairs(run))
         by_label = {}
         for name, column in (("spacy_upos", "pos"), ("gold_upos", "gold_upos"), ("gold_deprel", "gold_deprel")):
-            table = nmi_per_layer(queries.token_labels(run, label=column), permutations=permutations, seed=seed,
-                                  bootstrap=bootstrap)
+            labels_of = queries.token_labels(run, label=column)
+            if labels_of.empty:  # e.g. a POS-only treebank: '_' in DEPREL
+                by_label[name] = None
+                continue
+            table = nmi_per_layer(labels_of, permutations=permutations, seed=seed, bootstrap=bootstrap)
             by_label[name] = table[["layer", "tokens", "nmi", "p_value", "contextual"]
                                    + [c for c in ("contextual_low", "contextual_high") if c in table]].to_dict("records")
         gold = {"source": str(gold_source(run)), "tokens_both_tagged": agree["tokens"],
@@ -105,6 +108,22 @@ def significance_line(p_values: pd.Series, permutations: int, alpha: float, what
     return (f"layers with NMI above {what}: {int((p_values <= floor + 1e-12).sum())}/{len(p_values)} at p = "
             f"{floor:.4f}, the smallest p {permutations} permutations can give (1/{permutations + 1}); "
             f"p <= {alpha:g} needs at least {permutations_for(alpha)} permutations")
+
+
+def format_gold(gold: dict | None) -> list[str]:
+    """The report's lines on a treebank's gold tags; a tag column the treebank leaves '_' says so."""
+    if not gold:
+        return []
+    lines = [f"gold tags from {gold['source']}: spaCy UPOS agrees with gold UPOS on {gold['agreement']:.1%} "
+             f"of {gold['tokens_both_tagged']} tokens tagged by both"]
+    table = pd.DataFrame({"layer": [r["layer"] for r in gold["nmi"]["spacy_upos"]]})
+    for name, rows in gold["nmi"].items():
+        if rows is None:
+            lines.append(f"{name}: none in the treebank (its column is '_'), no statistics")
+            continue
+        table[f"nmi_{name}"] = [r["nmi"] for r in rows]
+    lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return lines
 
 
 def format_report(report: dict) -> str:
@@ -147,14 +166,7 @@ def format_report(report: dict) -> str:
     machine, seconds = report.get("machine") or {}, report.get("seconds") or {}
     lines.append(f"machine {machine.get('platform')} ({machine.get('cpu_count')} CPUs); tagging "
                  f"{seconds.get('tagging')} s, statistics {seconds.get('statistics')} s; seed {report.get('seed')}")
-    gold = report.get("gold")
-    if gold:
-        lines.append(f"gold tags from {gold['source']}: spaCy UPOS agrees with gold UPOS on {gold['agreement']:.1%} "
-                     f"of {gold['tokens_both_tagged']} tokens tagged by both")
-        table = pd.DataFrame({"layer": [r["layer"] for r in gold["nmi"]["spacy_upos"]]})
-        for name, rows in gold["nmi"].items():
-            table[f"nmi_{name}"] = [r["nmi"] for r in rows]
-        lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    lines += format_gold(report.get("gold"))
     return "\n".join(lines)
 
 

@@ -97,3 +97,23 @@ def test_trace_command_keeps_the_gold_tags_in_the_log(converted, routing_cache, 
     assert "0" in set(heads.pos) and {int(h) for h in heads.pos} <= set(range(-12, 13))
     meta = read_run_meta("cli-gold")
     assert meta["text"]["source"] == str(SAMPLE) and meta["annotations"]["gold_upos"]["source"] == str(SAMPLE)
+
+
+def test_a_pos_only_file_parses_and_has_no_deprel(tmp_path):
+    """'_' in HEAD and DEPREL is valid CoNLL-U (a file annotated with parts of speech only)."""
+    path = tmp_path / "pos_only.conllu"
+    path.write_text("# text = Bees fly.\n1\tBees\t_\tNOUN\t_\t_\t_\t_\t_\t_\n2\tfly\t_\tVERB\t_\t_\t_\t_\t_\tSpaceAfter=No\n"
+                    "3\t.\t_\tPUNCT\t_\t_\t_\t_\t_\t_\n\n")
+    (doc,) = read_conllu(path)
+    assert doc.text == "Bees fly."
+    assert [(w.form, w.upos, w.deprel, w.head_distance) for w in doc.words] == [
+        ("Bees", "NOUN", None, None), ("fly", "VERB", None, None), (".", "PUNCT", None, None)]
+
+
+def test_deprel_statistics_of_a_pos_only_treebank_say_there_is_none():
+    from analysis.routing_report import format_gold
+
+    rows = [{"layer": 0, "nmi": 0.1}]
+    gold = {"source": "pos_only.conllu", "agreement": 1.0, "tokens_both_tagged": 3, "confusions": [],
+            "nmi": {"spacy_upos": rows, "gold_upos": rows, "gold_deprel": None}}
+    assert any("gold_deprel: none in the treebank" in line for line in format_gold(gold))

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, pipeline
 
-from tiny_models import VOCAB, tiny_model
 from tomoe_core import MaskedModel, load_converted, materialise, save_converted
-from tomoe_core.moe.modeling import ConvertedModelError, ToMoEForCausalLM, read_metadata
+from tomoe_core.moe.metadata import ConvertedModelError
+from tomoe_core.moe.modeling import ToMoEForCausalLM, read_metadata
 from tomoe_core.text.sources import load_documents
 from tomoe_core.workflows.export import export_hub_ready
 

@@ -5,15 +5,15 @@ import json
 
 import pytest
 import torch
-
 from tiny_models import tiny_model
+
 from tomoe_core import ConversionConfig, MaskedModel, load_converted, load_dense, materialise, save_converted
 from tomoe_core.cli import main
-from tomoe_core.moe.modeling import ConvertedModelError
+from tomoe_core.convert.dense import ModelLoadError, load_tokenizer
+from tomoe_core.eval.metrics import PromptError, encode_prompt
+from tomoe_core.moe.metadata import ConvertedModelError
 from tomoe_core.text.files import TextSourceError
 from tomoe_core.text.sources import load_documents, windows
-from tomoe_core.eval.metrics import PromptError, encode_prompt
-from tomoe_core.convert.dense import ModelLoadError, load_tokenizer
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.01])
@@ -143,3 +143,48 @@ def test_cached_gguf_config_loses_its_quantization_config(tmp_path):
     path.write_text(json.dumps(kept))
     _clean_cached_config(path)
     assert json.loads(path.read_text()) == kept
+
+
+# -- bad inputs: one-line named errors, checked before any loading ------------------------------------
+def _no_loading(monkeypatch):
+    import tomoe_core.convert.dense as dense
+    import tomoe_core.convert.materialise as materialise
+
+    monkeypatch.setattr(dense, "load_dense", lambda *a, **k: pytest.fail("the dense model was loaded"))
+    monkeypatch.setattr(materialise, "load_converted", lambda *a, **k: pytest.fail("the conversion was loaded"))
+
+
+def test_generate_on_a_folder_whose_metadata_names_no_model_is_one_line(tmp_path, monkeypatch, capsys):
+    from tomoe_core.cli import main
+
+    _no_loading(monkeypatch)
+    (tmp_path / "tomoe.json").write_text('{"budget": 0.5}')
+    assert main(["generate", str(tmp_path), "Hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "names no dense model" in err and "tomoe.json" in err
+
+
+def test_rebudget_refuses_a_budget_above_one_before_loading(tmp_path, monkeypatch, capsys):
+    from tomoe_core.cli import main
+    from tomoe_core.workflows import rebudget
+
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(rebudget, "load_dense", lambda *a, **k: pytest.fail("the dense model was loaded"))
+    (tmp_path / "tomoe.json").write_text('{"model": "x", "budget": 0.5}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rebudget", str(tmp_path), "--budget", "1.5"])
+    assert exit_info.value.code == 2 and "(0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\]"):
+        rebudget.rebudget(tmp_path, 1.5)
+
+
+def test_a_missing_conllu_file_is_named_as_conllu(tmp_path, monkeypatch, capsys):
+    from tomoe_core.cli import main
+
+    missing = tmp_path / "treebank.conllu"
+    with pytest.raises(TextSourceError, match="CoNLL-U file .*treebank.conllu does not exist"):
+        load_documents(str(missing))
+    _no_loading(monkeypatch)
+    (tmp_path / "conv").mkdir()
+    assert main(["trace", str(tmp_path / "conv"), "--text", str(missing), "--quiet"]) == 2
+    assert "CoNLL-U file" in capsys.readouterr().err

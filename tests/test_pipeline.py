@@ -2,21 +2,26 @@
 import json
 
 import pytest
-
 from tiny_models import tiny_model
+
 from tomoe_core import load_converted
-from tomoe_core.workflows import anchors, shipping
-from tomoe_core.convert.accounting import account
 from tomoe_core.cli import main
-from tomoe_core.convert.folder import Conversion, default_conversion_name
+from tomoe_core.convert.accounting import account
+from tomoe_core.convert.config import ConversionConfig
 from tomoe_core.convert.dense import load_tokenizer
-from tomoe_core.convert.generation_budget import (DEFAULT_ANCHOR_GAP, anchor_budget, calibrated_gap, clamp_budget,
-    train_budget)
-from tomoe_core.workflows.rebudget import materialise_at, rebudget
+from tomoe_core.convert.folder import Conversion, default_conversion_name
+from tomoe_core.convert.generation_budget import (
+    DEFAULT_ANCHOR_GAP,
+    anchor_budget,
+    calibrated_gap,
+    clamp_budget,
+    train_budget,
+)
+from tomoe_core.moe.metadata import ConvertedModelError
+from tomoe_core.workflows import anchors, shipping
 from tomoe_core.workflows.conversion_run import run_conversion
 from tomoe_core.workflows.evaluation import run_evaluation
-from tomoe_core.convert.config import ConversionConfig
-from tomoe_core.moe.modeling import ConvertedModelError
+from tomoe_core.workflows.rebudget import materialise_at, rebudget
 
 WORDS = ("the river city museum quickly painted seven old bridges near a quiet harbour while students "
          "argued about history and music in small cafes during long winter evenings").split()

@@ -31,6 +31,7 @@ from .convert.generation_budget import ANCHOR_BUDGETS, ANCHOR_GAPS, ANCHOR_SKIP_
 from .eval.lastword import DEFAULT_ITEMS
 from .infra.progress import progress_bar
 from .moe.layer import LAYOUT_PREFERENCE, LAYOUTS
+from .moe.metadata import ConversionMetadata
 from .text.sources import DEFAULT_CORPUS
 
 USES = tuple(use for use in LAYOUT_PREFERENCE if use != "auto")
@@ -286,7 +287,7 @@ def _convert(args, argv) -> int:
     if not is_rank0():
         return 0
     print(out)
-    if args.evaluate and (out / "tomoe.json").exists():
+    if args.evaluate and ConversionMetadata.exists(out):
         _print_eval(_evaluate_with_progress(conversion=out, device=args.device), out.name)
     return 0
 
@@ -303,10 +304,7 @@ def _evaluate(args, argv) -> int:
 
 
 def _generate(args, argv) -> int:
-    from .convert.materialise import dense_model_of
-    from .moe.modeling import read_metadata
-
-    model_name = dense_model_of(args.conversion, read_metadata(args.conversion))  # before loading anything
+    model_name = ConversionMetadata.read(args.conversion).dense_model(args.conversion)  # before loading anything
     from .convert.dense import load_dense
     from .convert.materialise import load_converted
     from .eval.metrics import compare_generation
@@ -356,11 +354,10 @@ def _ship(args, argv) -> int:
 def _account(args, argv) -> int:
     from .convert.accounting import account
     from .convert.dense import load_dense
-    from .convert.folder import METADATA_FILE
     from .convert.materialise import load_converted
 
     path = Path(args.model)
-    model = (load_converted(path, load_tokenizer=False)[0] if (path / METADATA_FILE).exists()
+    model = (load_converted(path, load_tokenizer=False)[0] if ConversionMetadata.exists(path)
              else load_dense(args.model)[0])
     report = account(model, args.context)
     # the whole-budget ratio is printed for every model, so MLP-only and attention conversions compare

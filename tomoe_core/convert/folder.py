@@ -24,9 +24,9 @@ from typing import Collection
 
 from ..infra.files import safe_name
 from ..infra.locations import cache_dir
+from ..moe.metadata import METADATA_FILE
 from .generation_budget import default_train_gap
 
-METADATA_FILE = "tomoe.json"
 HYPERNET_FILE = "hypernet.safetensors"
 TRAINING_LOG = "training_log.jsonl"
 # a materialised conversion holds one of these (save_pretrained shards big models behind an index)

@@ -1,4 +1,6 @@
-"""TODO docstring for convert.masked_attention."""
+"""The attention pruning of training (the paper's second stage): the masked attention hooks, the
+attention parameter count of the budget, and the energy priors of its initial masks. The materialised
+`PrunedAttention` is the runtime's (`moe.attention`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -21,8 +21,9 @@ from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..moe.families import adapter_for
-from ..moe.files import atomic_dir, atomic_write_json, sha256_file
+from ..moe.files import atomic_dir, sha256_file
 from ..moe.layer import MoEMLP
+from ..moe.metadata import ConversionMetadata
 from ..moe.modeling import (
     FORMAT_VERSION,
     ConvertedModelError,
@@ -174,11 +175,7 @@ def _recover_union_channels(model: ToMoEForCausalLM, model_name: str | None, fol
 
 def dense_model_of(conversion: str | Path, meta: dict) -> str:
     """The dense model a conversion was made from, as tomoe.json names it."""
-    name = meta.get("model")
-    if not name:
-        raise ConvertedModelError(f"{Path(conversion) / 'tomoe.json'} names no dense model (key 'model'); pass the "
-                                  "model it was converted from, e.g. `evaluate FOLDER --model NAME_OR_PATH`")
-    return str(name)
+    return ConversionMetadata(meta).dense_model(conversion)
 
 
 def check_same_vocabulary(moe: ToMoEForCausalLM, dense, conversion: str | Path, model_name: str) -> None:
@@ -222,7 +219,7 @@ def save_recipe(model: ToMoEForCausalLM, folder: str | Path, metadata: dict) -> 
         meta = dict(metadata)
         meta.update(format_version=FORMAT_VERSION, recipe_sha256=sha256_file(tmp / RECIPE_FILE))
         meta.pop("weights_sha256", None)
-        atomic_write_json(tmp / "tomoe.json", meta)
+        ConversionMetadata(meta).write(tmp)
     return folder
 
 

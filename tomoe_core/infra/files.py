@@ -1,8 +1,5 @@
-"""Crash-safe file output: every artefact is written to a temporary name, then renamed.
-
-A reader therefore sees the old state or the new one, never half a file. Folders are
-built beside their destination and swapped in with `os.replace`/`rename`.
-"""
+"""The engine's file helpers beside the runtime's crash-safe writes (`moe.files`): safe names, locks
+between processes, copying what exists."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,4 @@
 """`machine_info`: what a measurement ran on, recorded beside every result (run.json, benchmark JSON);
-`release_file_pages`: hand back the resident pages of a memory-mapped weights file a layout has copied;
 `release_freed_heap`: hand freed heap memory back to the OS after building a model from a larger one.
 
 Torch-light: torch is imported only when the function is called, so importing this module costs nothing.

@@ -21,16 +21,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
 from .families import adapter_for
-from .files import _umask, atomic_write_json, sha256_file
+from .files import _umask, sha256_file
 from .layer import COPY_FREE_LAYOUTS, LAYOUT_PREFERENCE, LAYOUTS, MoEMLP
+from .metadata import METADATA_FILE, ConversionMetadata, ConvertedModelError
 
 FORMAT_VERSION = 1
-METADATA_FILE = "tomoe.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-class ConvertedModelError(ValueError):
-    pass
 
 
 class ToMoEConfig(PretrainedConfig):
@@ -216,7 +212,7 @@ class ToMoEForCausalLM(PreTrainedModel, GenerationMixin):
                     weights_sha256=_weights_digest(files))
         if list(files) != ["model.safetensors"]:  # shards: each one's checksum (one file: weights_sha256 is its)
             meta["weight_files"] = files
-        atomic_write_json(folder / METADATA_FILE, meta)
+        ConversionMetadata(meta).write(folder)
         self.tomoe_metadata = meta
 
 
@@ -230,14 +226,8 @@ def _weights_digest(files: dict[str, str]) -> str:
 
 
 def read_metadata(folder: str | Path) -> dict:
-    path = Path(folder) / METADATA_FILE
-    if not path.exists():
-        raise ConvertedModelError(f"{folder} is not a converted ToMoE model (no tomoe.json); "
-                                  "create one with `python -m tomoe_core convert`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConvertedModelError(f"{path} is corrupt ({err}); re-run the conversion") from None
+    """The fields of a converted folder's tomoe.json (`ConversionMetadata.read`)."""
+    return ConversionMetadata.read(folder).fields
 
 
 def verify_weights(folder: str | Path, meta: dict) -> None:

@@ -1,4 +1,6 @@
-"""TODO docstring for trace.gold."""
+"""A traced treebank's gold annotation in its routing log: the columns of GOLD_COLUMNS, each token taking
+its gold word (`text.treebank`) by the alignment rule of `trace.align` (the one spaCy's words use).
+A POS-only treebank ('_' in HEAD and DEPREL) gives null gold_deprel and gold_head."""
 from __future__ import annotations
 
 from pathlib import Path

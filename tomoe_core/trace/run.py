@@ -178,13 +178,13 @@ def plan_trace(model_folder: str | Path, source: str = DEFAULT_CORPUS, split: st
         raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    model, tokenizer, meta = load_converted(model_folder, device=device, layout=layout)
     if prompts:
         docs = [Document(i, f"prompt {i}", p) for i, p in enumerate(prompts) if p and p.strip()]
         if not docs:
             raise TextSourceError("all prompts are empty: pass some text")
     else:
-        docs = load_documents(source, split)
+        docs = load_documents(source, split)  # a bad text source is refused before the model loads
+    model, tokenizer, meta = load_converted(model_folder, device=device, layout=layout)
     encoded, doc_tokens = _tokenize(tokenizer, docs, max_tokens)
     if sum(doc_tokens) == 0:
         raise TextSourceError(f"text source {source!r} produced no tokens")

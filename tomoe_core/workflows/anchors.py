@@ -1,4 +1,6 @@
-"""TODO docstring for workflows.anchors."""
+"""Anchor calibration of a budget-conditioned conversion (`python -m tomoe_core calibrate-anchor`): for
+each budget and gap, generate the experts at max(lo, p - gap), widen them to p and measure KL to the
+dense model on validation windows; the gap with the lowest KL is recorded in tomoe.json."""
 from __future__ import annotations
 
 import time
@@ -14,7 +16,7 @@ from ..convert.materialise import materialise
 from ..convert.train import finalize_masks
 from ..eval.metrics import default_window, evaluate_variants, logits_fn
 from ..infra.files import file_lock, safe_name
-from ..moe.files import atomic_write_json
+from ..moe.metadata import ConversionMetadata
 from ..moe.modeling import read_metadata
 from ..text.sources import cached_stream, special_prefix
 from ..text.sources import windows as make_windows
@@ -138,5 +140,5 @@ def record_anchor_calibration(conversion: Path, device: str = "cpu", windows: in
                     if f"{r['budget']:g}" not in calib["anchor_gaps"]]
             meta["anchor_calibration"] = {**{k: v for k, v in calib.items() if k != "anchor_gaps"},
                                           "rows": kept + calib["rows"]}
-            atomic_write_json(conversion / "tomoe.json", meta)
+            ConversionMetadata(meta).write(conversion)
     return calib

@@ -1,4 +1,5 @@
-"""TODO docstring for workflows.conversion_run."""
+"""The conversion workflow (`python -m tomoe_core convert`): load the dense model and text, train
+(single process or torch.distributed), calibrate a conditioned conversion's anchor, materialise and save."""
 from __future__ import annotations
 
 import contextlib

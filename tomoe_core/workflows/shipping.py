@@ -14,8 +14,9 @@ from ..convert.folder import HYPERNET_FILE, TRAINING_LOG, Conversion, conversion
 from ..convert.materialise import load_converted, materialise_from_recipe, save_converted, save_recipe
 from ..infra.files import copy_if_exists, file_lock
 from ..infra.locations import REPO_ROOT, shipped_dir
-from ..moe.files import atomic_dir, atomic_write_json, sha256_file
-from ..moe.modeling import ConvertedModelError, read_metadata
+from ..moe.files import atomic_dir, sha256_file
+from ..moe.metadata import ConversionMetadata, ConvertedModelError
+from ..moe.modeling import read_metadata
 from .rebudget import hypernet_path, materialise_at
 
 
@@ -26,10 +27,10 @@ def ensure_shipped_conversions(log=print) -> list[Path]:
     its default budget and keeps its hypernetwork beside the weights, so every other budget of its
     range materialises in memory in seconds (`materialise_at`)."""
     out = []
-    for recipe in sorted(p for p in shipped_dir().glob("*") if (p / "tomoe.json").exists()):
+    for recipe in sorted(p for p in shipped_dir().glob("*") if ConversionMetadata.exists(p)):
         target = conversions_dir() / recipe.name
         with file_lock(target):
-            if not (target / "tomoe.json").exists():
+            if not ConversionMetadata.exists(target):
                 _materialise_recipe(recipe, target, log)
         out.append(target)
     return out
@@ -73,7 +74,7 @@ def ship_conversion(conversion: Path, name: str | None = None) -> Path:
             copy_if_exists(conversion / TRAINING_LOG, tmp / TRAINING_LOG)
             shipped = {k: v for k, v in meta.items() if k not in ("weights_sha256", "weight_files", "saved_at")}
             shipped["hypernet_sha256"] = sha256_file(tmp / HYPERNET_FILE)
-            atomic_write_json(tmp / "tomoe.json", shipped)
+            ConversionMetadata(shipped).write(tmp)
         return target
     model, _tok, meta = load_converted(conversion, layout="memory", load_tokenizer=False)
     save_recipe(model, target, meta)
