@@ -1,8 +1,10 @@
 """ToMoE engine: convert dense Hugging Face causal LMs to mixture-of-experts by dynamic structural pruning.
 
-The names below load on first use, so torch-free parts (`tomoe_core.infra.jobs`, `.paths`, `.config`, `.io`)
-import without torch and transformers. `import tomoe_core.convert.materialise` (or using any name below, e.g.
-`tomoe_core.load_converted`) registers the model type "tomoe" with transformers' Auto classes.
+Sub-packages by job: `moe` (the exported runtime), `convert`, `trace`, `eval`, `text`, `infra`,
+`workflows`; `cli` is `python -m tomoe_core`. The names below load on first use, so torch-free parts
+(`tomoe_core.infra`, `.convert.config`, `.convert.folder`) import without torch and transformers.
+`import tomoe_core.convert.materialise` (or using any name below, e.g. `tomoe_core.load_converted`)
+registers the model type "tomoe" with transformers' Auto classes.
 """
 from __future__ import annotations
 

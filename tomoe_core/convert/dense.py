@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import torch
 from ..infra.files import file_lock
 from ..infra.locations import cache_dir
 from ..moe.files import atomic_dir, atomic_write_json
+
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def _drop_gguf_quantization(config) -> None:
         del config.quantization_config
 
 
-def _load_builtin(spec: BuiltinModel, dtype, log=print, device_map=None):
+def _load_builtin(spec: BuiltinModel, dtype, log=logger.info, device_map=None):
     target = cache_dir() / "models" / spec.name
     with file_lock(target):
         if not (target / "config.json").exists():
@@ -134,7 +137,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_dense(name_or_path: str = DEFAULT_MODEL, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, log=print):
+               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, log=logger.info):
     """Return (model, tokenizer) in eval mode for a built-in name, a folder, a GGUF file or a hub id.
 
     device="auto" spreads a large model over the available GPUs (accelerate's device_map="auto").

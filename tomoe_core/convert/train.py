@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -37,6 +38,8 @@ from .expert_masks import Masks
 from .folder import CHECKPOINT_DIR, CHECKPOINT_STATE, PROGRESS_LOG, output_of_work_dir
 from .hypernet import logistic_noise, straight_through_sigmoid
 from .masked_model import MaskedModel
+
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -212,7 +215,7 @@ ProgressFn = Callable[[int, int, dict], None]
 
 def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionConfig, workdir: Path,
                      progress: ProgressFn | None = None, show_tqdm: bool = True, stop_after: int | None = None,
-                     log=print, prefix: Sequence[int] = ()) -> dict:
+                     log=logger.info, prefix: Sequence[int] = ()) -> dict:
     """Train (or resume) a conversion in `workdir`. Returns a summary dict.
 
     `prefix`: token ids every window starts with, as the tokenizer starts a text (`data.special_prefix`).

@@ -3,6 +3,7 @@ each budget and gap, generate the experts at max(lo, p - gap), widen them to p a
 dense model on validation windows; the gap with the lowest KL is recorded in tomoe.json."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from ..moe.modeling import read_metadata
 from ..text.sources import cached_stream, special_prefix
 from ..text.sources import windows as make_windows
 from .rebudget import hypernet_path, load_trainable
+
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
 
 
 def anchor_windows(tokenizer, model_name: str, text: str, window: int = 512, count: int = ANCHOR_WINDOWS,
@@ -116,7 +119,7 @@ def _logged_calibration(masked, held, device, skip, log, budgets=ANCHOR_BUDGETS,
 
 def record_anchor_calibration(conversion: Path, device: str = "cpu", windows: int = ANCHOR_WINDOWS,
                               window: int = 512, skip: int = ANCHOR_SKIP_WINDOWS, budgets=ANCHOR_BUDGETS,
-                              gaps=ANCHOR_GAPS, progress=None, log=print, record: bool = True) -> dict:
+                              gaps=ANCHOR_GAPS, progress=None, log=logger.info, record: bool = True) -> dict:
     """Calibrate a saved budget-conditioned conversion (`calibrate_anchor`) and (record) write the chosen
     gaps into its tomoe.json (`anchor_gaps`, with the measurements under `anchor_calibration`), so that
     every later `materialise_at` uses them."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -32,6 +33,8 @@ from ..text.sources import cached_stream, special_prefix
 from .anchors import calibrate_after_training
 from .rebudget import mask_stats
 
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
+
 
 def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick this rank's device."""
@@ -49,7 +52,7 @@ def _init_distributed(cfg: ConversionConfig) -> tuple[int, int]:
 
 
 def run_conversion(cfg: ConversionConfig, output: Path | None = None, progress=None, show_tqdm=True,
-                   log=print, command: str | None = None, anchor_windows: int | None = None) -> Path:
+                   log=logger.info, command: str | None = None, anchor_windows: int | None = None) -> Path:
     """Train a conversion (resuming if a checkpoint exists), materialise and save it. Returns the folder.
 
     A budget-conditioned conversion is then calibrated (`calibrate_anchor`) on `anchor_windows`

@@ -2,6 +2,7 @@
 per-token baselines on the same held-out windows, saved as a JSON result (`python -m tomoe_core evaluate`)."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from ..moe.files import atomic_write_json
 from ..moe.modeling import read_metadata
 from ..text.sources import text_windows
 
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
+
 
 def run_evaluation(conversion: Path | None, model_name: str | None = None, text: str = "wiki",
                    window: int | None = None, max_windows: int | None = 16, baselines=("magnitude", "wanda-sp"),
                    budget: float | None = None, routing_modes=True, device="cpu", calibration_tokens: int = 16384,
-                   progress=None, log=print, last_word_items: int = DEFAULT_ITEMS) -> dict:
+                   progress=None, log=logger.info, last_word_items: int = DEFAULT_ITEMS) -> dict:
     """Dense vs conversion (learned / random / best fixed routing) vs static baselines, same windows; and
     every variant's last-word accuracy on `last_word_items` items of the text's held-out split (0: none)."""
     meta = read_metadata(conversion) if conversion else {}

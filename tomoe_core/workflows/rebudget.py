@@ -1,6 +1,7 @@
 """High-level operations shared by the CLI and the studio: convert, evaluate."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from ..convert.train import finalize_masks, layer_stats
 from ..infra.files import safe_name
 from ..infra.machine import release_freed_heap
 from ..moe.modeling import read_metadata
+
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
 
 
 def mask_stats(masked: MaskedModel, masks: Masks, budget: float) -> dict:
@@ -62,7 +65,7 @@ def load_trainable(conversion: Path, dense) -> MaskedModel:
 
 
 def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout: str = "decode",
-                   dense=None, log=print, anchor_gap: float | None = None):
+                   dense=None, log=logger.info, anchor_gap: float | None = None):
     """A trained conversion materialised at `budget`, in memory: (model, metadata, seconds).
 
     A budget-conditioned conversion generates the experts for max(lo, budget - anchor_gap) and a
@@ -97,7 +100,7 @@ def materialise_at(conversion: Path, budget: float, device: str = "cpu", layout:
     return moe, new_meta, seconds
 
 
-def rebudget(conversion: Path, budget: float, output: Path | None = None, log=print) -> Path:
+def rebudget(conversion: Path, budget: float, output: Path | None = None, log=logger.info) -> Path:
     """Materialise a trained conversion at another budget and save it (see `materialise_at`).
 
     A single-budget conversion is labelled `"budget_source": "threshold-moved"` in its tomoe.json:

@@ -6,6 +6,7 @@ Neither holds dense weights: they are rebuilt from the dense model the metadata 
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from ..moe.metadata import ConversionMetadata, ConvertedModelError
 from ..moe.modeling import read_metadata
 from .rebudget import hypernet_path, materialise_at
 
+logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
 
-def ensure_shipped_conversions(log=print) -> list[Path]:
+
+def ensure_shipped_conversions(log=logger.info) -> list[Path]:
     """Materialise every shipped recipe into cache/conversions/ if it is not there yet (seconds).
 
     A single-budget recipe is rebuilt from its index lists; a conditioned recipe is materialised at
