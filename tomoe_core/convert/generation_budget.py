@@ -29,7 +29,7 @@ mean different things):
 * "anchor_gaps": {"p": gap} chosen per calibrated budget by the anchor calibration of a conditioned
   conversion (measurements under "anchor_calibration"); read by `calibrated_gap`.
 * "mask_calibration" / "generated_at": (conditioned) the budget this model's logits were generated at.
-* "trained_budget": in the metadata of `pipeline.materialise_at` (and so of a copy saved by `rebudget`):
+* "trained_budget": in the metadata of `workflows.rebudget.materialise_at` (and so of a copy saved by `rebudget`):
   the "budget" of the conversion it was materialised from ("derived_from"), not where anything was
   trained. Unrelated to "train_budget".
 """
@@ -44,7 +44,7 @@ TRAIN_GAP_FROM = 0.5
 
 # How far below the requested budget a conditioned conversion generates its masks before the threshold
 # widens them to the budget, when the conversion carries no calibration of its own (`anchor_gaps` in
-# tomoe.json, written by `pipeline.calibrate_anchor`): generate at the budget itself.
+# tomoe.json, written by `workflows.anchors.calibrate_anchor`): generate at the budget itself.
 DEFAULT_ANCHOR_GAP = 0.0
 # What `calibrate_anchor` tries: gaps per budget, on validation windows of the held-out text that come
 # after the first ANCHOR_SKIP_WINDOWS (those are what `evaluate` and benchmarks.quality report on).

@@ -6,9 +6,9 @@
 checksums in tomoe.json when loading, and `save_pretrained` writes tomoe.json (the metadata the
 model was loaded or converted with) and the tokenizer beside the weights.
 
-`python -m tomoe_core export --hub-ready` copies this file and its relative imports (families,
-routing, hypernet, attention, io) beside an exported model for `trust_remote_code=True`: keep its
-imports to the standard library, torch, transformers and those engine modules.
+`python -m tomoe_core export --hub-ready` copies this folder (tomoe_core/moe/) beside an exported
+model for `trust_remote_code=True`: keep its imports to the standard library, torch, transformers
+and the modules of this folder (tests/test_imports.py checks it).
 """
 from __future__ import annotations
 
