@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of the permutations, bootstrap and KMeans (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default: RUN_FOLDER/syntax-report.json)")
     args = parser.parse_args(argv)
-    from tomoe_core.moe.files import atomic_write_json
+    from tomoe_core.moe.atomic import atomic_write_json
 
     if not 0 < args.alpha < 1 or (args.permutations is not None and args.permutations < 1):
         print("error: --alpha must lie in (0, 1) and --permutations be at least 1", file=sys.stderr)

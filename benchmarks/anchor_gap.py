@@ -20,7 +20,7 @@ import torch
 
 from tomoe_core.moe.modeling import read_metadata
 from tomoe_core.infra.locations import cache_dir
-from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.infra.machine import machine_info
 from tomoe_core.workflows.anchors import format_anchor_row, record_anchor_calibration
 

@@ -28,7 +28,7 @@ from tomoe_core.convert.materialise import conversion_digest, load_converted
 from tomoe_core.moe.modeling import read_metadata
 from tomoe_core.infra.locations import cache_dir
 from tomoe_core.eval.metrics import compare_generation
-from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.infra.machine import machine_info
 from tomoe_core.convert.dense import load_dense
 from tomoe_core.convert.folder import conversions_dir

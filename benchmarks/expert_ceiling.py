@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tomoe_core.infra.locations import cache_dir
 from tomoe_core.text.sources import text_windows
 from tomoe_core.eval.metrics import evaluate_variants, logits_fn
-from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.convert.masked_model import MaskedModel
 from tomoe_core.convert.dense import load_dense
 from tomoe_core.infra.machine import machine_info

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from benchmarks.speed import capture_mlp_inputs, layer_mlps, trained_conversions
 from tomoe_core.convert.materialise import load_converted
 from tomoe_core.text.sources import cached_stream
-from tomoe_core.infra.files import safe_name
+from tomoe_core.infra.workspace import safe_name
 from tomoe_core.convert.dense import load_dense
 
 

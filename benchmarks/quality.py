@@ -86,8 +86,8 @@ from tomoe_core.moe.modeling import read_metadata
 from tomoe_core.infra.locations import cache_dir
 from tomoe_core.text.sources import text_windows
 from tomoe_core.eval.metrics import LogitsFn, evaluate_variants, logits_fn
-from tomoe_core.moe.files import atomic_write_bytes, atomic_write_json
-from tomoe_core.infra.files import safe_name
+from tomoe_core.moe.atomic import atomic_write_bytes, atomic_write_json
+from tomoe_core.infra.workspace import safe_name
 from tomoe_core.eval.lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from tomoe_core.eval.lastword import rule as last_word_rule
 from tomoe_core.infra.machine import machine_info

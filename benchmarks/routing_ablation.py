@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tomoe_core.infra.locations import cache_dir
-from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.infra.machine import machine_info
 from tomoe_core.workflows.conversion_run import run_conversion
 from tomoe_core.workflows.evaluation import run_evaluation

@@ -69,8 +69,8 @@ from tomoe_core.moe.modeling import read_metadata
 from tomoe_core.infra.locations import cache_dir
 from tomoe_core.text.sources import cached_stream
 from tomoe_core.moe.families import adapter_for
-from tomoe_core.moe.files import atomic_write_json
-from tomoe_core.infra.files import safe_name
+from tomoe_core.moe.atomic import atomic_write_json
+from tomoe_core.infra.workspace import safe_name
 from tomoe_core.infra.machine import machine_info
 from tomoe_core.convert.masked_model import MaskedModel
 from tomoe_core.convert.folder import conversions_dir

@@ -39,7 +39,7 @@ from benchmarks import speed
 from tomoe_core.eval.baselines import DYNAMIC_CALIBRATION_TOKENS, DynamicSparsity
 from tomoe_core.infra.locations import cache_dir
 from tomoe_core.text.sources import cached_stream, text_windows
-from tomoe_core.moe.files import atomic_write_json
+from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.infra.machine import machine_info
 from tomoe_core.convert.masked_model import MaskedModel
 from tomoe_core.convert.dense import load_dense

@@ -61,8 +61,8 @@ def write_synthetic_log(rows: int = 10_000_000, layers: int = 30, experts: int =
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tomoe_core.moe.files import atomic_dir, atomic_write_json, sha256_file
-    from tomoe_core.infra.files import file_lock
+    from tomoe_core.moe.atomic import atomic_dir, atomic_write_json, sha256_file
+    from tomoe_core.infra.workspace import file_lock
     from tomoe_core.trace.routing_log import (DOCUMENTS_FILE, RUN_META_FILE, SCHEMA_VERSION, PartWriter,
         RoutingLogError, add_token_columns, routing_root)
 

@@ -92,7 +92,7 @@ def _tiny_dense(vocab_size: int):
 def build(cache: Path, with_routing: bool = True) -> Path:
     from tomoe_core import MaskedModel, materialise, save_converted
     from tomoe_core.convert.accounting import account
-    from tomoe_core.moe.files import atomic_write_json
+    from tomoe_core.moe.atomic import atomic_write_json
     from tomoe_core.convert.dense import load_tokenizer
 
     cache = Path(cache)

@@ -5,7 +5,7 @@ import pytest
 
 from routing_fixtures import converted, routing_cache  # noqa: F401
 from tomoe_core.text.treebank import read_conllu
-from tomoe_core.text.files import TextSourceError
+from tomoe_core.text.reading import TextSourceError
 from tomoe_core.text.sources import load_documents
 
 SAMPLE = Path(__file__).parent / "data" / "en_sample.conllu"

@@ -331,7 +331,7 @@ def test_stock_lm_eval_cli_runs_on_the_dense_model_and_the_export(tiny, export, 
 def test_weights_that_do_not_match_the_config_are_refused(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from tomoe_core.moe.files import atomic_write_json, sha256_file
+    from tomoe_core.moe.atomic import atomic_write_json, sha256_file
 
     folder = tmp_path / "bad"
     AutoModelForCausalLM.from_pretrained(tiny["conversion"]).save_pretrained(folder)

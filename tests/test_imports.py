@@ -19,7 +19,7 @@ def _run(code: str) -> str:
 
 def test_torch_free_modules_import_without_torch():
     out = _run("import sys; import tomoe_core, tomoe_core.infra.jobs, tomoe_core.infra.paths, "
-               "tomoe_core.convert.config, tomoe_core.convert.folder, tomoe_core.infra.files; "
+               "tomoe_core.convert.config, tomoe_core.convert.folder, tomoe_core.infra.workspace; "
                "import analysis.catalog, analysis.continuations; print('torch' in sys.modules, "
                "'transformers' in sys.modules)")
     assert out.split() == ["False", "False"]

@@ -12,7 +12,7 @@ from tomoe_core.cli import main
 from tomoe_core.convert.dense import ModelLoadError, load_tokenizer
 from tomoe_core.eval.metrics import PromptError, encode_prompt
 from tomoe_core.moe.metadata import ConvertedModelError
-from tomoe_core.text.files import TextSourceError
+from tomoe_core.text.reading import TextSourceError
 from tomoe_core.text.sources import load_documents, windows
 
 

@@ -248,7 +248,7 @@ def test_conversions_saved_without_union_ids_recover_them(tmp_path, monkeypatch)
     from safetensors.torch import load_file, save_file
 
     import tomoe_core.convert.dense
-    from tomoe_core.moe.files import atomic_write_json, sha256_file
+    from tomoe_core.moe.atomic import atomic_write_json, sha256_file
 
     masked, moe = build("llama")
     folder = save_converted(moe, tmp_path / "conv", metadata={"model": "tiny-llama"})
@@ -524,7 +524,7 @@ def test_releasing_a_mapped_weight_keeps_its_values(tmp_path):
     """The indexed layout drops the file pages of the down matrix it re-stores; the data must survive."""
     from safetensors.torch import load_file, save_file
 
-    from tomoe_core.moe.files import file_mapping_of, release_file_pages
+    from tomoe_core.moe.atomic import file_mapping_of, release_file_pages
 
     big = torch.randn(512, 1024)  # 2 MiB: whole pages inside
     save_file({"w": big}, str(tmp_path / "w.safetensors"))

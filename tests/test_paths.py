@@ -80,7 +80,7 @@ def test_extra_options_may_not_set_paths():
 
 def test_download_of_a_log_refuses_a_symlink_leading_outside(roots):
     from tomoe_core.trace import routing_log
-    from tomoe_core.moe.files import atomic_write_json
+    from tomoe_core.moe.atomic import atomic_write_json
 
     cache, _, outside = roots
     run = cache / "routing" / "run_id=r"

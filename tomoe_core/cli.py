@@ -425,7 +425,7 @@ def _evaluate_with_progress(**kwargs) -> dict:
 
 
 def _print_eval(result: dict, name: str, output: Path | None = None) -> None:
-    from .moe.files import atomic_write_json
+    from .moe.atomic import atomic_write_json
     from .workflows.evaluation import format_quality_table, save_result
 
     if output:

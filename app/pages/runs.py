@@ -16,7 +16,7 @@ st.caption("Conversions and routing logs under `cache/`, and background jobs. A 
 from tomoe_core.infra import jobs, paths
 from tomoe_core.convert.config import ConversionConfig
 from tomoe_core.convert.folder import Conversion, conversions_dir, default_conversion_name
-from tomoe_core.infra.files import safe_name
+from tomoe_core.infra.workspace import safe_name
 
 cat = ui.read_catalog()
 ui.show_problems(cat.problems)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..infra.files import file_lock
+from ..infra.workspace import file_lock
 from ..infra.locations import cache_dir
-from ..moe.files import atomic_dir, atomic_write_json
+from ..moe.atomic import atomic_dir, atomic_write_json
 
 logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection
 
-from ..infra.files import safe_name
+from ..infra.workspace import safe_name
 from ..infra.locations import cache_dir
 from ..moe.metadata import METADATA_FILE
 from .generation_budget import default_train_gap

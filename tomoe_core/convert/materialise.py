@@ -21,7 +21,7 @@ from safetensors.torch import load_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..moe.families import adapter_for
-from ..moe.files import atomic_dir, sha256_file
+from ..moe.atomic import atomic_dir, sha256_file
 from ..moe.layer import MoEMLP
 from ..moe.metadata import ConversionMetadata
 from ..moe.modeling import (

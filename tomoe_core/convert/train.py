@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..infra.ranks import dist_info
-from ..moe.files import atomic_dir, atomic_write_json, sha256_file
+from ..moe.atomic import atomic_dir, atomic_write_json, sha256_file
 from ..text.sources import windows
 from .config import BUDGET_SAMPLING, ConversionConfig
 from .expert_masks import Masks

@@ -103,8 +103,8 @@ def build_items(docs: list[Document], count: int, seed: int = SEED) -> list[Last
 def load_items(source: str = DEFAULT_CORPUS, split: str = "heldout", count: int = DEFAULT_ITEMS,
                seed: int = SEED) -> list[LastWordItem]:
     """The items of a text source's split (see `data.load_documents`), cached under cache/lastword/."""
-    from ..infra.files import safe_name
-    from ..moe.files import atomic_write_json
+    from ..infra.workspace import safe_name
+    from ..moe.atomic import atomic_write_json
 
     key = f"{safe_name(source)}-{split}-n{count}-s{seed}-v{RULE_VERSION}-h{HELDOUT_FRACTION}"
     path = cache_dir() / "lastword" / f"{key}.json"

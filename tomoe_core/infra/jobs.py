@@ -21,8 +21,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..moe.files import atomic_write_json
-from .files import file_lock
+from ..moe.atomic import atomic_write_json
+from .workspace import file_lock
 from .locations import REPO_ROOT, cache_dir
 
 

@@ -9,7 +9,7 @@ import os
 import platform
 import sys
 
-from ..moe.files import _libc
+from ..moe.atomic import _libc
 
 
 def machine_info(device: str = "cpu") -> dict:

@@ -96,7 +96,7 @@ def routing_run_id(name: str, what: str = "Run id") -> str:
     """A routing run id, by the rule of output names: characters other than letters, digits, '.',
     '_' and '-' become '_' (`io.safe_name`), and the result must be one plain component of the
     routing folder (not '.', '..' or empty). -> the id; PathNotAllowedError otherwise."""
-    from .files import safe_name
+    from .workspace import safe_name
 
     raw = str(name).strip()
     plain = safe_name(raw) if raw else ""

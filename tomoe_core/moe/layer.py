@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import MLPWeights
-from .files import release_file_pages
+from .atomic import release_file_pages
 from .gather_kernels import MAX_EXPERTS as MAX_GATHER_EXPERTS
 from .gather_kernels import activation_code
 from .gather_kernels import backend as gather_backend_for

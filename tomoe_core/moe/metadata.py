@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_write_json
+from .atomic import atomic_write_json
 
 METADATA_FILE = "tomoe.json"
 

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 
 from .families import adapter_for
-from .files import _umask, sha256_file
+from .atomic import _umask, sha256_file
 from .layer import COPY_FREE_LAYOUTS, LAYOUT_PREFERENCE, LAYOUTS, MoEMLP
 from .metadata import METADATA_FILE, ConversionMetadata, ConvertedModelError
 

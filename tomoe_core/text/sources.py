@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..infra.locations import cache_dir
-from .files import TextSourceError, read_utf8
+from .reading import TextSourceError, read_utf8
 from .treebank import is_conllu, read_conllu
 
 DEFAULT_CORPUS = "wiki"
@@ -171,8 +171,8 @@ def cached_stream(tokenizer, source: str, split: str, max_tokens: int | None, ta
 
     import torch
 
-    from ..infra.files import safe_name
-    from ..moe.files import atomic_write_bytes
+    from ..infra.workspace import safe_name
+    from ..moe.atomic import atomic_write_bytes
 
     key = f"{safe_name(tag)}-{safe_name(source)}-{split}-{max_tokens}-h{HELDOUT_FRACTION}"
     path = cache_dir() / "tokens" / f"{key}.pt"

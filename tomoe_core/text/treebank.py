@@ -32,7 +32,7 @@ from pathlib import Path
 
 import conllu
 
-from .files import TextSourceError, read_utf8
+from .reading import TextSourceError, read_utf8
 
 SUFFIX = ".conllu"
 _SPACES_AFTER = {r"\s": " ", r"\t": "\t", r"\n": "\n", r"\r": "\r", r"\p": "|", r"\\": "\\"}

@@ -35,7 +35,7 @@ def add_gold_columns(run, conllu: str | Path | None = None, overwrite: bool = Fa
     the columns of GOLD_COLUMNS, each token taking its gold word by the same alignment rule as
     spaCy's words. The file must still hold the traced text: every traced document's text is
     compared with the one stored in the run."""
-    from ..moe.files import sha256_file
+    from ..moe.atomic import sha256_file
     from .align import add_aligned_columns
     from .routing_log import has_columns, run_dir
 

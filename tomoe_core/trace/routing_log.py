@@ -34,9 +34,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..infra.files import file_lock, safe_name
+from ..infra.workspace import file_lock, safe_name
 from ..infra.locations import cache_dir, shipped_dir
-from ..moe.files import atomic_dir, atomic_write_json, sha256_file
+from ..moe.atomic import atomic_dir, atomic_write_json, sha256_file
 from ..text.sources import Document
 
 SCHEMA_VERSION = 1

@@ -26,11 +26,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..infra.files import file_lock
+from ..infra.workspace import file_lock
 from ..infra.paths import routing_run_id
 from ..infra.ranks import dist_info
-from ..moe.files import atomic_dir, atomic_write_json
-from ..text.files import TextSourceError
+from ..moe.atomic import atomic_dir, atomic_write_json
+from ..text.reading import TextSourceError
 from ..text.sources import DEFAULT_CORPUS, Document, load_documents, special_prefix
 from .capture import capture_routing, routing_points
 from .routing_log import (

@@ -16,7 +16,7 @@ from ..convert.masked_model import MaskedModel
 from ..convert.materialise import materialise
 from ..convert.train import finalize_masks
 from ..eval.metrics import default_window, evaluate_variants, logits_fn
-from ..infra.files import file_lock, safe_name
+from ..infra.workspace import file_lock, safe_name
 from ..moe.metadata import ConversionMetadata
 from ..moe.modeling import read_metadata
 from ..text.sources import cached_stream, special_prefix
@@ -30,7 +30,7 @@ def anchor_windows(tokenizer, model_name: str, text: str, window: int = 512, cou
                    skip: int = ANCHOR_SKIP_WINDOWS) -> torch.Tensor:
     """Validation windows for the anchor calibration: held-out windows `skip` .. `skip + count` (fewer
     when the held-out text ends sooner). Raises TextSourceError when not even one is left."""
-    from ..text.files import TextSourceError
+    from ..text.reading import TextSourceError
 
     stream = cached_stream(tokenizer, text, "heldout", None, safe_name(Path(model_name).name))
     held = make_windows(stream, window, skip + count, special_prefix(tokenizer))[skip:]
@@ -92,7 +92,7 @@ def format_anchor_row(row: dict) -> str:
 
 def calibrate_after_training(masked: MaskedModel, tokenizer, cfg: ConversionConfig, count: int, log) -> dict | None:
     """run_conversion's anchor calibration of a conditioned conversion; None when skipped."""
-    from ..text.files import TextSourceError
+    from ..text.reading import TextSourceError
 
     if count <= 0:
         return None

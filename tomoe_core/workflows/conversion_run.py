@@ -26,7 +26,7 @@ from ..convert.generation_budget import ANCHOR_WINDOWS, anchor_budget
 from ..convert.masked_model import MaskedModel
 from ..convert.materialise import materialise, save_converted
 from ..convert.train import finalize_masks, train_conversion
-from ..infra.files import copy_if_exists, file_lock, safe_name
+from ..infra.workspace import copy_if_exists, file_lock, safe_name
 from ..infra.machine import machine_info
 from ..infra.ranks import dist_info
 from ..text.sources import cached_stream, special_prefix

@@ -15,10 +15,10 @@ from ..eval.baselines import activation_stats, baseline_variants
 from ..eval.lastword import DEFAULT_ITEMS, encode_items, load_items, score_last_words
 from ..eval.lastword import rule as last_word_rule
 from ..eval.metrics import default_window, evaluate_variants, logits_fn
-from ..infra.files import safe_name
+from ..infra.workspace import safe_name
 from ..infra.locations import cache_dir
 from ..infra.machine import machine_info
-from ..moe.files import atomic_write_json
+from ..moe.atomic import atomic_write_json
 from ..moe.modeling import read_metadata
 from ..text.sources import text_windows
 

@@ -19,7 +19,7 @@ import torch
 
 from ..convert.materialise import load_converted
 from ..moe import modeling
-from ..moe.files import atomic_dir
+from ..moe.atomic import atomic_dir
 from ..moe.metadata import ConvertedModelError
 
 # what the exported code may import: the standard library and packages every transformers install has

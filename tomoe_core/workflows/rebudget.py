@@ -13,7 +13,7 @@ from ..convert.generation_budget import anchor_budget, check_budget
 from ..convert.masked_model import MaskedModel
 from ..convert.materialise import dense_model_of, materialise, save_converted
 from ..convert.train import finalize_masks, layer_stats
-from ..infra.files import safe_name
+from ..infra.workspace import safe_name
 from ..infra.machine import release_freed_heap
 from ..moe.modeling import read_metadata
 

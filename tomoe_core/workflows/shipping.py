@@ -13,9 +13,9 @@ from pathlib import Path
 from ..convert.dense import load_dense
 from ..convert.folder import HYPERNET_FILE, TRAINING_LOG, Conversion, conversions_dir
 from ..convert.materialise import load_converted, materialise_from_recipe, save_converted, save_recipe
-from ..infra.files import copy_if_exists, file_lock
+from ..infra.workspace import copy_if_exists, file_lock
 from ..infra.locations import REPO_ROOT, shipped_dir
-from ..moe.files import atomic_dir, sha256_file
+from ..moe.atomic import atomic_dir, sha256_file
 from ..moe.metadata import ConversionMetadata, ConvertedModelError
 from ..moe.modeling import read_metadata
 from .rebudget import hypernet_path, materialise_at

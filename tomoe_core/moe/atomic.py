@@ -3,7 +3,7 @@
 A reader therefore sees the old state or the new one, never half a file. Folders are built beside
 their destination and swapped in with `os.replace`/`rename`. Also: dropping the resident pages of a
 memory-mapped weights file once a layout has its own copy (`release_file_pages`). Part of the runtime
-(`save_pretrained` writes tomoe.json with it); `infra.files` has the engine's other file helpers."""
+(`save_pretrained` writes tomoe.json with it); `infra.workspace` has the engine's other file helpers."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""The engine's file helpers beside the runtime's crash-safe writes (`moe.files`): safe names, locks
+"""The engine's file helpers beside the runtime's crash-safe writes (`moe.atomic`): safe names, locks
 between processes, copying what exists."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from ..moe.files import atomic_write_bytes
+from ..moe.atomic import atomic_write_bytes
 
 
 def safe_name(text: str) -> str:
