@@ -25,7 +25,7 @@ GROUPS = {
 
 BUDGET_SAMPLING = ("uniform", "log", "inverse")
 DEFAULT_BUDGET_SAMPLING = "log"  # of a budget range; conversions saved before the option existed used "uniform"
-INITS = ("cluster", "offset")
+INITS = ("cluster", "layerwise", "offset")
 REGULARISE = ("deterministic", "sampled")
 DISTILL = ("kl", "ce")
 
@@ -93,6 +93,8 @@ class ConversionConfig:
     load_balance_weight: float = option(1.0, ADVANCED, help="weight of the load-balance term (default: %(default)s)")
     init: str = option("cluster", ADVANCED, choices=INITS,
                        help="cluster: routers and experts start from k-means clusters of each layer's MLP inputs; "
+                            "layerwise: each layer's router and experts fitted in order to reconstruct its dense "
+                            "MLP output (about 20 s per layer of SmolLM2-135M; a better start, see docs/RESULTS.md); "
                             "offset: the paper's init, all channels on (default: %(default)s)")
     init_balance: bool = option(True, ADVANCED, "--no-init-balance",
                                 help="cluster init: keep k-means' unequal cluster sizes instead of giving every "
@@ -183,7 +185,7 @@ class ConversionConfig:
         if self.regularise not in REGULARISE:
             raise ValueError(f"regularise must be 'deterministic' or 'sampled', got {self.regularise!r}")
         if self.init not in INITS or self.distill not in DISTILL:
-            raise ValueError("init must be 'cluster' or 'offset' and distill 'kl' or 'ce'")
+            raise ValueError(f"init must be one of {', '.join(INITS)} and distill one of {', '.join(DISTILL)}")
         if self.micro_batches < 1 or self.batch_size % self.micro_batches:
             raise ValueError(f"micro_batches ({self.micro_batches}) must divide the batch of "
                              f"{self.batch_size} windows (tokens_per_step // seq_len)")

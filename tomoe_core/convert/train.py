@@ -37,6 +37,7 @@ from .config import BUDGET_SAMPLING, ConversionConfig
 from .expert_masks import Masks
 from .folder import CHECKPOINT_DIR, CHECKPOINT_STATE, PROGRESS_LOG, output_of_work_dir
 from .hypernet import logistic_noise, straight_through_sigmoid
+from .layerwise import layerwise_init
 from .masked_model import MaskedModel
 
 logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
@@ -244,15 +245,19 @@ def train_conversion(masked: MaskedModel, stream: torch.Tensor, cfg: ConversionC
         _check_same_settings(meta["config"], cfg, ckpt)
         start, elapsed, init_info = meta["step"], meta.get("elapsed_s", 0.0), meta.get("init", {})
         log(f"[tomoe] resuming from step {start}/{cfg.steps}")
-    elif cfg.init == "cluster":
+    elif cfg.init in ("cluster", "layerwise"):
         t0 = time.time()
         calib = windows(stream, cfg.seq_len, max(1, cfg.init_tokens // cfg.seq_len), prefix)
         n = calib.shape[0]
-        init_info = masked.cluster_init(calib, cfg.train_budget, prior_scale=cfg.prior_scale, seed=cfg.seed,
-                                        balance=cfg.init_balance)
+        if cfg.init == "cluster":
+            init_info = masked.cluster_init(calib, cfg.train_budget, prior_scale=cfg.prior_scale, seed=cfg.seed,
+                                            balance=cfg.init_balance)
+        else:
+            init_info = layerwise_init(masked, calib, cfg.train_budget, prior_scale=cfg.prior_scale, seed=cfg.seed)
+        init_info["method"] = cfg.init
         init_info["seconds"] = time.time() - t0
         elapsed += init_info["seconds"]
-        log(f"[tomoe] cluster init of {len(masked.mlps)} layers from {n * cfg.seq_len} tokens "
+        log(f"[tomoe] {cfg.init} init of {len(masked.mlps)} layers from {n * cfg.seq_len} tokens "
             f"in {init_info['seconds']:.0f} s")
     objective = ConversionObjective(masked, cfg, autocast_dtype)
     if world > 1:  # replicas of hypernetwork + routers; DDP broadcasts rank 0's state (incl. mask bases) here
