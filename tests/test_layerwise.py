@@ -89,3 +89,20 @@ def test_convert_with_layerwise_init_trains_and_records_the_fit(tmp_path):
     assert summary["finished"] and summary["init"]["method"] == "layerwise"
     assert len(summary["init"]["layers"]) == 2 and summary["init"]["tokens"] == 256
     assert set(masked.mask_base(0).unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_layer_error_probe_orders_the_structures(family):
+    """benchmarks.layer_error: at p = 1 nothing is lost; at p = 0.5 something is, and the best expert
+    per token is no worse than the router's."""
+    from benchmarks.layer_error import layer_data, measure_layer
+
+    masked = MaskedModel(tiny_model(family), num_experts=1)
+    fit = layer_data(masked, tiny_ids(batch=6, length=16, seed=1), [1])[1]
+    held = layer_data(masked, tiny_ids(batch=2, length=16, seed=2), [1])[1]
+    assert fit[0].shape == (96, 32) and float(fit[1][0]) == 0.0 and bool((fit[1][1:16] > 0).all())
+    full = measure_layer(masked.mlps[1], fit, held, 1.0, [2], rounds=1, steps=5, seed=0)
+    assert full["channel_oracle"] == 0 and full["E2"]["routed"] == 0
+    half = measure_layer(masked.mlps[1], fit, held, 0.5, [1, 4], rounds=1, steps=5, seed=0)
+    assert 0 < half["E4"]["best_expert"] <= half["E4"]["routed"]
+    assert 0 < half["channel_oracle"] < 1 and 0 < half["E1"]["routed"] == half["E1"]["best_expert"]

@@ -114,7 +114,7 @@ def greedy_channel_rank(q: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _kmeans_router(x: torch.Tensor, num_experts: int, seed: int) -> torch.nn.Linear:
+def kmeans_router(x: torch.Tensor, num_experts: int, seed: int) -> torch.nn.Linear:
     """Nearest-centroid router over k-means clusters of the standardised inputs, logits scaled down
     so the fitting that follows can move them."""
     from sklearn.cluster import KMeans
@@ -133,7 +133,7 @@ def _kmeans_router(x: torch.Tensor, num_experts: int, seed: int) -> torch.nn.Lin
     return router
 
 
-def _fit_router(router: torch.nn.Linear, x: torch.Tensor, errors: torch.Tensor, steps: int, balance: float) -> None:
+def fit_router(router: torch.nn.Linear, x: torch.Tensor, errors: torch.Tensor, steps: int, balance: float) -> None:
     """Minimise the expected error of the router's choice. errors: (N, E) per token and expert."""
     cost = errors / errors.mean().clamp_min(1e-12)
     num_experts = errors.shape[1]
@@ -147,7 +147,7 @@ def _fit_router(router: torch.nn.Linear, x: torch.Tensor, errors: torch.Tensor, 
 
 
 @torch.no_grad()
-def _expert_ranks(h: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, assign: torch.Tensor,
+def expert_ranks(h: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, assign: torch.Tensor,
                   num_experts: int) -> torch.Tensor:
     """Greedy channel ranks of every expert over the tokens assigned to it. -> (E, I)"""
     ranks = []
@@ -159,7 +159,7 @@ def _expert_ranks(h: torch.Tensor, weight: torch.Tensor, gram: torch.Tensor, ass
 
 
 @torch.no_grad()
-def _expert_errors(h: torch.Tensor, down: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def expert_errors(h: torch.Tensor, down: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted error of every token under every expert's mask. h (N, I), masks (E, I) -> (N, E)"""
     return torch.stack([((h * (1 - m)) @ down.T).pow(2).sum(1) * weight for m in masks], dim=1)
 
@@ -196,18 +196,18 @@ def layerwise_init(masked: MaskedModel, calibration_ids: torch.Tensor, budget: f
         h = mlp_intermediate(w, x.to(w.up.dtype)).float()  # (N, I)
         down = w.down.float()  # (D, I)
         gram = down.T @ down  # (I, I)
-        router = _kmeans_router(x, masked.num_experts, seed + l)
+        router = kmeans_router(x, masked.num_experts, seed + l)
         with torch.no_grad():
             assign = router(x).argmax(1)
         for _ in range(rounds):
-            masks = (_expert_ranks(h, weight, gram, assign, masked.num_experts) < budget).float()
+            masks = (expert_ranks(h, weight, gram, assign, masked.num_experts) < budget).float()
             with torch.enable_grad():
-                _fit_router(router, x, _expert_errors(h, down, masks, weight), router_steps, balance)
+                fit_router(router, x, expert_errors(h, down, masks, weight), router_steps, balance)
             with torch.no_grad():
                 assign = router(x).argmax(1)
-        ranks = _expert_ranks(h, weight, gram, assign, masked.num_experts)  # (E, I)
+        ranks = expert_ranks(h, weight, gram, assign, masked.num_experts)  # (E, I)
         masks = (ranks < budget).float()
-        errors = _expert_errors(h, down, masks, weight)
+        errors = expert_errors(h, down, masks, weight)
         total = float(((h @ down.T).pow(2).sum(1) * weight).sum())
         with torch.no_grad():
             mlp.router.weight.copy_(router.weight.to(mlp.router.weight))
