@@ -14,6 +14,11 @@ of each window left out, exactly the objective of `convert --init layerwise`:
   sensitive linear router, `--rounds` alternations), reported with the router's choice ("routed")
   and with the best expert per token ("best expert": the ceiling of E sets with a perfect router).
   E = 1 is static pruning by the same objective.
+* shared + groups (--groups G, --shared s): the s*I channels of lowest greedy rank over all tokens
+  always on, the other channels split into G groups by k-means on their activation profiles, and
+  each token adds whole groups, densest first, until it has p*I channels; groups chosen by their
+  actual scores ("best groups": the ceiling of this structure) and by a linear router (ridge
+  regression x -> every group's score density: "routed").
 
 A training-free probe: what end-to-end distillation adds is not in it, but it says how far a
 structure is from per-token channel choice before any training. Output: a printed table and
@@ -97,12 +102,63 @@ def measure_layer(mlp, fit: tuple, held: tuple, budget: float, experts: list[int
     return row
 
 
+def channel_groups(h: torch.Tensor, channels: torch.Tensor, groups: int, seed: int) -> torch.Tensor:
+    """Group id of each of `channels` (C,): k-means on their normalised |activation| profiles. -> (C,)"""
+    from sklearn.cluster import KMeans
+
+    sample = torch.randperm(len(h), generator=torch.Generator().manual_seed(seed))[:2048]
+    profiles = torch.nn.functional.normalize(h[sample][:, channels].abs().T, dim=1)  # (C, 2048)
+    km = KMeans(n_clusters=min(groups, len(channels)), n_init=1, random_state=seed).fit(profiles.numpy())
+    return torch.from_numpy(km.labels_).long()
+
+
+def densest_groups(density: torch.Tensor, sizes: torch.Tensor, room: int) -> torch.Tensor:
+    """Per token, whole groups in order of density while they fit in `room` channels. (N, G) -> (N, G) 0/1"""
+    order = density.argsort(dim=1, descending=True)
+    fits = sizes[order].cumsum(1) <= room
+    return torch.zeros_like(density).scatter_(1, order, fits.float())
+
+
+def measure_groups(mlp, fit: tuple, held: tuple, budget: float, shared: float, groups: int, seed: int) -> dict:
+    w = mlp.weights
+    down = w.down.float()
+    x, weight = fit
+    xt, weight_t = held
+    h, ht = mlp_intermediate(w, x), mlp_intermediate(w, xt)  # (N, I)
+    size = h.shape[1]
+    total = float(((ht @ down.T).pow(2).sum(1) * weight_t).sum())
+    rank = expert_ranks(h, weight, down.T @ down, torch.zeros(len(h), dtype=torch.long), 1)[0]  # (I,)
+    always = rank < shared
+    rest = (~always).nonzero()[:, 0]
+    group_of = channel_groups(h, rest, groups, seed)  # (C,)
+    count = int(group_of.max()) + 1
+    member = torch.zeros(count, size).index_put_((group_of, rest), torch.ones(len(rest)))  # (G, I)
+    sizes = member.sum(1)
+    room = int(round(budget * size)) - int(always.sum())
+    norms = down.norm(dim=0)
+
+    def density(hh):  # (N, I) -> (N, G) score per channel of each group
+        return (hh.abs() * norms) @ member.T / sizes
+
+    design = torch.cat([x, torch.ones(len(x), 1)], 1)
+    ridge = torch.linalg.solve(design.T @ design + 1e-3 * len(x) * torch.eye(design.shape[1]), design.T @ density(h))
+    row = {}
+    for name, chosen in (("best_groups", densest_groups(density(ht), sizes, room)),
+                         ("routed", densest_groups(torch.cat([xt, torch.ones(len(xt), 1)], 1) @ ridge, sizes, room))):
+        kept = (chosen @ member).clamp_max(1) + always.float()  # (N, I)
+        row[name] = relative(((ht * (1 - kept)) @ down.T).pow(2).sum(1), weight_t, total)
+    row["active"] = round(float(((chosen @ member).sum(1).mean() + always.sum()) / size), 4)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="dense model (built-in name, folder or hub id)")
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 12, 25], help="decoder layers to measure")
     ap.add_argument("--experts", type=int, nargs="+", default=[1, 8, 32, 64], help="experts per layer E")
     ap.add_argument("--budget", type=float, default=0.5, help="active MLP ratio p")
+    ap.add_argument("--groups", type=int, nargs="*", default=[64, 256], help="group counts G of shared + groups")
+    ap.add_argument("--shared", type=float, default=0.25, help="always-on share s of shared + groups")
     ap.add_argument("--rounds", type=int, default=2, help="expert / router alternations")
     ap.add_argument("--router-steps", type=int, default=200, help="router fitting steps per round")
     ap.add_argument("--calibration-windows", type=int, default=24, help="calibration windows x 512 tokens")
@@ -120,9 +176,14 @@ def main(argv=None) -> int:
     for l in args.layers:
         row = {"layer": l, **measure_layer(masked.mlps[l], fit[l], held[l], args.budget, args.experts, args.rounds,
                                            args.router_steps, args.seed)}
+        for g in args.groups:
+            row[f"shared{args.shared}+G{g}"] = measure_groups(masked.mlps[l], fit[l], held[l], args.budget, args.shared,
+                                                                g, args.seed)
         rows.append(row)
         cells = [f"channel oracle {row['channel_oracle']:.4f}"] + [
             f"E={e}: routed {row[f'E{e}']['routed']:.4f}, best expert {row[f'E{e}']['best_expert']:.4f}" for e in args.experts]
+        cells += [f"shared {args.shared} + G={g}: routed {row[f'shared{args.shared}+G{g}']['routed']:.4f}, best groups "
+                  f"{row[f'shared{args.shared}+G{g}']['best_groups']:.4f}" for g in args.groups]
         print(f"layer {l}: " + " | ".join(cells), flush=True)
     result = {"kind": "layer-error", "model": args.model, "budget": args.budget, "text": "wiki", "rows": rows,
               "settings": vars(args) | {"output": str(args.output)}, "machine": machine_info("cpu"),

@@ -106,3 +106,15 @@ def test_layer_error_probe_orders_the_structures(family):
     half = measure_layer(masked.mlps[1], fit, held, 0.5, [1, 4], rounds=1, steps=5, seed=0)
     assert 0 < half["E4"]["best_expert"] <= half["E4"]["routed"]
     assert 0 < half["channel_oracle"] < 1 and 0 < half["E1"]["routed"] == half["E1"]["best_expert"]
+
+
+def test_shared_plus_groups_probe_fills_the_budget_with_whole_groups():
+    from benchmarks.layer_error import densest_groups, layer_data, measure_groups
+
+    chosen = densest_groups(torch.tensor([[0.1, 0.9, 0.5]]), torch.tensor([2.0, 3.0, 2.0]), room=5)
+    assert chosen.tolist() == [[0.0, 1.0, 1.0]]  # densest first (3 + 2 channels), the third does not fit
+    masked = MaskedModel(tiny_model("llama"), num_experts=1)
+    fit = layer_data(masked, tiny_ids(batch=6, length=16, seed=1), [0])[0]
+    held = layer_data(masked, tiny_ids(batch=2, length=16, seed=2), [0])[0]
+    row = measure_groups(masked.mlps[0], fit, held, 0.5, shared=0.25, groups=6, seed=0)
+    assert 0 < row["best_groups"] <= row["routed"] + 0.05 and row["active"] <= 0.5
