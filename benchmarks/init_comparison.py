@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.result_file import write_result
 from tomoe_core.convert.config import INITS, ConversionConfig
 from tomoe_core.convert.dense import load_dense
 from tomoe_core.convert.masked_model import MaskedModel
 from tomoe_core.convert.train import finalize_masks, train_conversion
 from tomoe_core.eval.metrics import evaluate_variants
-from tomoe_core.infra.locations import cache_dir
-from tomoe_core.infra.machine import machine_info
-from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.text.sources import cached_stream, special_prefix, text_windows
 
 
@@ -95,12 +90,8 @@ def main(argv=None) -> int:
               f"agreement {r['top1_agreement']:.3f}; distill {r['first_distill']:.3f} -> {r['last_distill']:.3f}; "
               f"init {r['init_report'].get('seconds', 0):.0f} s, all {r['seconds']:.0f} s", flush=True)
     result = {"kind": "init-comparison", "model": args.model, "text": "wiki (held-out split)", "window": 512,
-              "windows": int(held.shape[0]), "rows": rows, "settings": vars(args) | {"output": str(args.output)},
-              "machine": machine_info("cpu"), "loadavg": list(os.getloadavg()),
-              "command": "python -m benchmarks.init_comparison " + shlex.join(sys.argv[1:] if argv is None else argv)}
-    out = args.output or cache_dir() / "results" / "init_comparison.json"
-    atomic_write_json(out, result)
-    print(f"wrote {out}")
+              "windows": int(held.shape[0]), "rows": rows, "settings": vars(args) | {"output": str(args.output)}}
+    write_result(result, "benchmarks.init_comparison", argv, args.output, "init_comparison.json")
     return 0
 
 

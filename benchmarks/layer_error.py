@@ -27,19 +27,15 @@ cache/results/layer_error.json.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.result_file import write_result
 from tomoe_core.convert.dense import load_dense
 from tomoe_core.convert.layerwise import SINK_POSITIONS, expert_errors, expert_ranks, fit_router, kmeans_router
 from tomoe_core.convert.masked_model import MaskedModel
-from tomoe_core.infra.locations import cache_dir
-from tomoe_core.infra.machine import machine_info
-from tomoe_core.moe.atomic import atomic_write_json
 from tomoe_core.moe.layer import mlp_intermediate
 from tomoe_core.text.sources import text_windows
 
@@ -186,11 +182,8 @@ def main(argv=None) -> int:
                   f"{row[f'shared{args.shared}+G{g}']['best_groups']:.4f}" for g in args.groups]
         print(f"layer {l}: " + " | ".join(cells), flush=True)
     result = {"kind": "layer-error", "model": args.model, "budget": args.budget, "text": "wiki", "rows": rows,
-              "settings": vars(args) | {"output": str(args.output)}, "machine": machine_info("cpu"),
-              "command": "python -m benchmarks.layer_error " + shlex.join(sys.argv[1:] if argv is None else argv)}
-    out = args.output or cache_dir() / "results" / "layer_error.json"
-    atomic_write_json(out, result)
-    print(f"wrote {out}")
+              "settings": vars(args) | {"output": str(args.output)}}
+    write_result(result, "benchmarks.layer_error", argv, args.output, "layer_error.json")
     return 0
 
 

@@ -10,8 +10,7 @@ from torch import nn
 
 from ..moe.attention import AttentionShape, PrunedAttention, attention_shape, pair_dims, query_columns
 from ..moe.families import FamilyAdapter, adapter_for
-from ..moe.layer import RoutingPoint
-from .masked_mlp import MaskedRouting, RouterStats
+from .masked_mlp import MaskedRouting
 
 
 # -- training: masks applied by hooks on the dense projections ----------------------------------
@@ -25,17 +24,9 @@ class MaskedAttention(MaskedRouting, nn.Module):
     def __init__(self, attn: nn.Module, shape: AttentionShape, num_experts: int, layer_idx: int):
         super().__init__()
         self.shape = shape
-        self.layer_idx = layer_idx
-        self.router = nn.Linear(shape.hidden, num_experts, bias=True)
-        nn.init.normal_(self.router.weight, std=shape.hidden ** -0.5)
-        nn.init.zeros_(self.router.bias)
-        self.routing_point = RoutingPoint()
+        self.init_routing(shape.hidden, num_experts, layer_idx)
         self.qk_mask: torch.Tensor | None = None
         self.vo_masks: torch.Tensor | None = None
-        self.train_routing = False
-        self.router_tau = 0.4
-        self.noise_generator: torch.Generator | None = None
-        self.router_stats: RouterStats | None = None  # of the last forward, train_routing only
         self._token_masks: torch.Tensor | None = None  # (N, C) from the v_proj hook to the o_proj pre-hook
         self._projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
         self._handles: list = []

@@ -25,6 +25,18 @@ class RouterStats(NamedTuple):
 class MaskedRouting(RoutedMixin):
     """The routing of the masked MLP and attention: `RoutedMixin` plus the training-time Gumbel-softmax."""
 
+    def init_routing(self, hidden: int, num_experts: int, layer_idx: int) -> None:
+        """The router (hidden -> E, normal init) and the routing state every masked module starts with."""
+        self.layer_idx = layer_idx
+        self.router = nn.Linear(hidden, num_experts, bias=True)
+        nn.init.normal_(self.router.weight, std=hidden ** -0.5)
+        nn.init.zeros_(self.router.bias)
+        self.routing_point = RoutingPoint()
+        self.train_routing = False
+        self.router_tau = 0.4
+        self.noise_generator: torch.Generator | None = None
+        self.router_stats: RouterStats | None = None  # of the last forward, train_routing only
+
     def route_masks(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Each token's mask from its router logits (N, E) and the experts' masks (E, X) -> (N, X).
 
@@ -57,16 +69,8 @@ class MaskedMLP(MaskedRouting, nn.Module):
         super().__init__()
         self.dense_mlp = dense_mlp  # keeps the frozen weights registered where they were
         self.weights = weights
-        self.layer_idx = layer_idx
-        self.router = nn.Linear(weights.hidden_size, num_experts, bias=True)
-        nn.init.normal_(self.router.weight, std=weights.hidden_size ** -0.5)
-        nn.init.zeros_(self.router.bias)
-        self.routing_point = RoutingPoint()
+        self.init_routing(weights.hidden_size, num_experts, layer_idx)
         self.expert_masks: torch.Tensor | None = None
-        self.train_routing = False
-        self.router_tau = 0.4
-        self.noise_generator: torch.Generator | None = None
-        self.router_stats: RouterStats | None = None  # of the last forward, train_routing only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights
