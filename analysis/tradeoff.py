@@ -17,8 +17,8 @@ Cost per million tokens = price per hour / (tokens/s * 3600) * 1e6, at that spee
 and hardware are projected by `analysis.projection`, labelled as such.
 
 Quality (the quality cards) is measured, interpolated between measured budgets (log-perplexity
-linear in p), dense at p = 1, or, outside the measured range, the nearest measurement shown as
-outside the measured range, the nearest measurement, its own budget named on the card.
+linear in p), dense at p = 1, or, outside the measured range, the nearest measurement, with its own
+budget named on the card.
 Last-word accuracy (LAMBADA-style) is shown where the quality benchmark measured it.
 
 Per-token baselines (quality benchmark). TEAL- and CATS-style sparsity pick a different set of MLP

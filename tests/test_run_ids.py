@@ -21,11 +21,13 @@ def test_run_ids_that_are_not_plain_names_are_refused(cache, bad):
         paths.routing_run_id(bad)
 
 
-def test_run_ids_are_made_plain_as_output_names_are(cache):
+def test_run_ids_are_plain_names_or_refused_with_the_name_they_could_be(cache):
+    """A run id is never changed silently ("../x" used to become ".._x" and a trace started)."""
     assert paths.routing_run_id("wiki-3k_v1.2") == "wiki-3k_v1.2"
-    assert paths.routing_run_id(" my run ") == "my_run"
-    assert paths.routing_run_id("../../etc") == ".._.._etc"  # separators become "_": one plain component
-    assert paths.routing_run_id("a/../b") == "a_.._b"
+    assert paths.routing_run_id(" my-run ") == "my-run"
+    for bad, plain in (("../x", ".._x"), ("a/b", "a_b"), ("x y", "x_y"), ("a/../b", "a_.._b")):
+        with pytest.raises(PathNotAllowedError, match=f"Run id '{bad}' is not a plain name.*for example '{plain}'"):
+            paths.routing_run_id(bad)
 
 
 def test_trace_cli_refuses_a_run_id_of_dotdot(capsys):
@@ -35,7 +37,10 @@ def test_trace_cli_refuses_a_run_id_of_dotdot(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["trace", "conv", "--run-id", ".."])
     assert "not a plain name" in capsys.readouterr().err
-    assert parser.parse_args(["trace", "conv", "--run-id", "a b"]).run_id == "a_b"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["trace", "conv", "--run-id", "a b"])
+    assert "for example 'a_b'" in capsys.readouterr().err
+    assert parser.parse_args(["trace", "conv", "--run-id", "a_b"]).run_id == "a_b"
 
 
 def _run(conversion, tokens_per_s, load_s, layers=30, device="cpu", world=1, tokens=3000):

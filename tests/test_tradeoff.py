@@ -144,3 +144,17 @@ def test_pareto_figure_has_dense_tomoe_and_baselines(cache_env):
     shown = tradeoff_figure.pareto_figure(points, tradeoff.eval_sets(points)[0], 0.5, next(iter(costs.values())),
                                    show_catastrophic=True)
     assert "Magnitude (static pruning)" in {t.name for t in shown.data}
+
+
+def test_the_explanation_the_budget_explorer_shows_repeats_no_phrase_within_a_sentence():
+    """The page shows this docstring ("Measured points and how the numbers are computed"); a sentence
+    once said "outside the measured range, the nearest measurement" twice over."""
+    import re
+
+    from analysis import tradeoff
+
+    text = " ".join(tradeoff.__doc__.split())
+    for sentence in re.split(r"(?<=\.) ", text):
+        words = re.findall(r"[a-z]{3,}", sentence.lower())  # formulas' one-letter terms left out
+        grams = [tuple(words[i:i + 5]) for i in range(len(words) - 4)]
+        assert len(grams) == len(set(grams)), sentence

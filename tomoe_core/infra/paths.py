@@ -93,13 +93,17 @@ def confine_child(name: str, parent: Path, what: str) -> Path:
 
 
 def routing_run_id(name: str, what: str = "Run id") -> str:
-    """A routing run id, by the rule of output names: characters other than letters, digits, '.',
-    '_' and '-' become '_' (`io.safe_name`), and the result must be one plain component of the
-    routing folder (not '.', '..' or empty). -> the id; PathNotAllowedError otherwise."""
+    """A routing run id: letters, digits, '.', '_' and '-' only (surrounding spaces dropped), one plain
+    component of the routing folder (not '.', '..' or empty). A name with other characters is refused
+    with the plain name it could be (`workspace.safe_name`), never silently changed into it.
+    -> the id; PathNotAllowedError otherwise."""
     from .workspace import safe_name
 
     raw = str(name).strip()
     plain = safe_name(raw) if raw else ""
+    if raw and plain != raw:
+        raise PathNotAllowedError(f"{what} {raw!r} is not a plain name: use letters, digits, '.', '_' or '-', "
+                                  f"for example {plain!r}")
     confine_child(plain, cache_dir() / "routing", what)
     return plain
 
