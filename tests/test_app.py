@@ -221,6 +221,20 @@ def test_compare_empty_prompt_is_a_message(cache_env):
     assert any("prompt is empty" in e.value for e in at.error)
 
 
+def test_compare_empty_prompt_keeps_the_last_result_and_loads_nothing(cache_env, monkeypatch):
+    from app import ui
+
+    at = run_page("compare")
+    at.slider(key="max_new_tokens").set_value(4)
+    at.button[0].click().run()
+    assert "First divergence" in metrics(at)
+    monkeypatch.setattr(ui, "dense_model", lambda *a, **k: pytest.fail("an empty prompt loads no model"))
+    at.text_area(key="prompt").input("  ")
+    at.button[0].click().run()
+    assert not at.exception and any("prompt is empty" in e.value for e in at.error)
+    assert "First divergence" in metrics(at)  # the last result is still on the page
+
+
 def test_compare_model_that_fails_to_load_is_a_message(cache_env, monkeypatch):
     from app import ui
 

@@ -96,9 +96,13 @@ def _generate_with(moe, dense, tokenizer, status) -> dict:
     return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": label, "prompt": prompt}
 
 
-if submitted:
+if submitted and not st.session_state["prompt"].strip():  # checked before any model loads
+    st.error("Prompt: the prompt is empty: type some text to continue (the last result stays below)")
+elif submitted:
     with ui.fair_threads():  # a background job keeps its core: spinning against it costs 2.4x here
-        st.session_state["compare_result"] = generate(conv)
+        generated = generate(conv)
+    if generated is not None:  # a failed run leaves the last result on the page
+        st.session_state["compare_result"] = generated
 
 result = st.session_state.get("compare_result")
 if not result:
