@@ -17,8 +17,9 @@ of each window left out, exactly the objective of `convert --init layerwise`:
 * shared + groups (--groups G, --shared s): the s*I channels of lowest greedy rank over all tokens
   always on, the other channels split into G groups by k-means on their activation profiles, and
   each token adds whole groups, densest first, until it has p*I channels; groups chosen by their
-  actual scores ("best groups": the ceiling of this structure) and by a linear router (ridge
-  regression x -> every group's score density: "routed").
+  actual scores ("best groups": the ceiling of this structure), by a linear router (ridge
+  regression x -> every group's score density: "routed"), and by one that also sees the shared
+  block's activations, which the token has computed by then ("after shared").
 
 A training-free probe: what end-to-end distillation adds is not in it, but it says how far a
 structure is from per-token channel choice before any training. Output: a printed table and
@@ -136,11 +137,20 @@ def measure_groups(mlp, fit: tuple, held: tuple, budget: float, shared: float, g
     def density(hh):  # (N, I) -> (N, G) score per channel of each group
         return (hh.abs() * norms) @ member.T / sizes
 
-    design = torch.cat([x, torch.ones(len(x), 1)], 1)
-    ridge = torch.linalg.solve(design.T @ design + 1e-3 * len(x) * torch.eye(design.shape[1]), design.T @ density(h))
+    def ridge_router(features, features_t):  # least squares of every group's density, predicted for held-out tokens
+        design = torch.cat([features, torch.ones(len(features), 1)], 1)
+        coef = torch.linalg.solve(design.T @ design + 1e-3 * len(features) * torch.eye(design.shape[1]),
+                                  design.T @ density(h))
+        return torch.cat([features_t, torch.ones(len(features_t), 1)], 1) @ coef
+
     row = {}
+    # routed: from the layer input; routed_after_shared: from the input and the shared block's activations,
+    # which a token computes before its groups anyway (a second routing stage)
     for name, chosen in (("best_groups", densest_groups(density(ht), sizes, room)),
-                         ("routed", densest_groups(torch.cat([xt, torch.ones(len(xt), 1)], 1) @ ridge, sizes, room))):
+                         ("routed", densest_groups(ridge_router(x, xt), sizes, room)),
+                         ("routed_after_shared", densest_groups(ridge_router(
+                             torch.cat([x, h[:, always].abs()], 1), torch.cat([xt, ht[:, always].abs()], 1)),
+                             sizes, room))):
         kept = (chosen @ member).clamp_max(1) + always.float()  # (N, I)
         row[name] = relative(((ht * (1 - kept)) @ down.T).pow(2).sum(1), weight_t, total)
     row["active"] = round(float(((chosen @ member).sum(1).mean() + always.sum()) / size), 4)
@@ -178,8 +188,8 @@ def main(argv=None) -> int:
         rows.append(row)
         cells = [f"channel oracle {row['channel_oracle']:.4f}"] + [
             f"E={e}: routed {row[f'E{e}']['routed']:.4f}, best expert {row[f'E{e}']['best_expert']:.4f}" for e in args.experts]
-        cells += [f"shared {args.shared} + G={g}: routed {row[f'shared{args.shared}+G{g}']['routed']:.4f}, best groups "
-                  f"{row[f'shared{args.shared}+G{g}']['best_groups']:.4f}" for g in args.groups]
+        cells += [f"shared {args.shared} + G={g}: routed {r['routed']:.4f}, after shared {r['routed_after_shared']:.4f}, "
+                  f"best groups {r['best_groups']:.4f}" for g in args.groups for r in [row[f"shared{args.shared}+G{g}"]]]
         print(f"layer {l}: " + " | ".join(cells), flush=True)
     result = {"kind": "layer-error", "model": args.model, "budget": args.budget, "text": "wiki", "rows": rows,
               "settings": vars(args) | {"output": str(args.output)}}

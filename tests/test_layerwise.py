@@ -118,3 +118,4 @@ def test_shared_plus_groups_probe_fills_the_budget_with_whole_groups():
     held = layer_data(masked, tiny_ids(batch=2, length=16, seed=2), [0])[0]
     row = measure_groups(masked.mlps[0], fit, held, 0.5, shared=0.25, groups=6, seed=0)
     assert 0 < row["best_groups"] <= row["routed"] + 0.05 and row["active"] <= 0.5
+    assert 0 < row["routed_after_shared"] < 1
