@@ -21,10 +21,18 @@ def metric_delta(value: float | None, reference: float | None, lower_is_better: 
     return {"delta": text, "delta_color": "inverse" if lower_is_better else "normal"}
 
 
-def format_mb(mb: float | None) -> str:
+def memory_unit(*mbs: float | None) -> str:
+    """One unit for memory figures shown together: GiB if the largest is at least 1 GiB, else MiB."""
+    known = [mb for mb in mbs if mb is not None and not (isinstance(mb, float) and math.isnan(mb))]
+    return "GiB" if known and max(known) >= 1024 else "MiB"
+
+
+def format_mb(mb: float | None, unit: str | None = None) -> str:
+    """A memory figure in MiB or GiB; `unit` (see `memory_unit`) keeps figures shown together in one unit."""
     if mb is None or (isinstance(mb, float) and math.isnan(mb)):
         return "—"
-    return f"{mb / 1024:.2f} GiB" if mb >= 1024 else f"{mb:,.0f} MiB"
+    unit = unit or memory_unit(mb)
+    return f"{mb / 1024:.2f} GiB" if unit == "GiB" else f"{mb:,.0f} MiB"
 
 
 def format_params(n: float) -> str:

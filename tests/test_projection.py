@@ -152,3 +152,12 @@ def test_pareto_front_treats_near_equal_active_params_as_equal():
     df = pd.DataFrame({"active_params": [100.0, 100.05, 120.0], "perplexity": [80.0, 20.0, 10.0]})
     assert tradeoff_figure.pareto_front(df)["perplexity"].tolist() == [80.0, 20.0, 10.0]
     assert tradeoff_figure.pareto_front(df, x_tol=0.005)["perplexity"].tolist() == [20.0, 10.0]
+
+
+def test_memory_figures_shown_together_share_one_unit():
+    """The memory card said "1.01 GiB" while its tooltip gave dense as "1,012 MiB"."""
+    unit = card_format.memory_unit(1034.0, 1012.0)
+    assert unit == "GiB" and card_format.format_mb(1012.0, unit) == "0.99 GiB"
+    assert card_format.format_mb(1034.0, unit) == "1.01 GiB"
+    assert card_format.memory_unit(900.0, None, float("nan")) == "MiB" and card_format.format_mb(900.0) == "900 MiB"
+    assert card_format.format_mb(None, unit) == "—"

@@ -133,12 +133,13 @@ with cards:
                        **card_format.metric_delta(t.value, dense_tps, lower_is_better=False), border=True,
                        help=f"greedy decode, new tokens per second over all {st.session_state['batch']} sequence(s); "
                             f"{t.how}; {at_speed.setting}{spread}")
-        row1[3].metric(f"Memory{SUFFIX.get(m.status, '')}", card_format.format_mb(m.value),
+        memory_unit = card_format.memory_unit(m.value, at_speed.dense_memory_mb)  # card and help in one unit
+        row1[3].metric(f"Memory{SUFFIX.get(m.status, '')}", card_format.format_mb(m.value, memory_unit),
                        **card_format.metric_delta(m.value, at_speed.dense_memory_mb, lower_is_better=True),
                        border=True,
                        help=f"{at_speed.memory_kind or 'peak memory'} of the {st.session_state['layout']} layout "
                             f"at batch {st.session_state['batch']}; {m.how}; dense "
-                            f"{card_format.format_mb(at_speed.dense_memory_mb)}; {at_speed.setting}")
+                            f"{card_format.format_mb(at_speed.dense_memory_mb, memory_unit)}; {at_speed.setting}")
         if price <= 0:
             row1[4].metric("$/M tokens", "—", border=True, help="the price per hour is 0: enter a price to see costs")
         else:
