@@ -271,6 +271,20 @@ def fits(weight_bytes: float, kv_bytes: float, device: Device) -> str:
             f"(at least {math.ceil(need / device.memory_gb)} devices, or a lower precision)")
 
 
+def devices_needed(weight_bytes: float, kv_bytes: float, device: Device) -> int:
+    """How many of `device` hold the weights and KV cache (at least one)."""
+    return max(1, math.ceil((weight_bytes + kv_bytes) / 1e9 / device.memory_gb))
+
+
+def device_group(device: Device, count: int) -> Device:
+    """`count` devices serving one model by ideal tensor parallelism: memory bandwidth, compute, memory
+    and the price per hour add up (an upper bound on speed: no communication cost is counted)."""
+    if count == 1:
+        return device
+    return Device(f"{count} x {device.name}", device.bandwidth_gb_s * count, device.tflops * count,
+                  device.memory_gb * count, device.price_per_hour * count)
+
+
 def quality_reference_figure(measured: pd.DataFrame, measured_label: str) -> go.Figure:
     """Perplexity relative to dense against the active MLP budget: measured conversions (columns budget,
     ratio) and, as a separate series, the paper's published LLaMA-2 7B numbers. Nothing is projected."""

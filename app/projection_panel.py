@@ -81,8 +81,18 @@ def _render(budget: float, measured_curve: pd.DataFrame, measured_label: str, la
 
 
 def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, context) -> None:
-    one = projection.project(shape, device, budget, 1, layout, experts, bytes_per_param, context)
     many = projection.project(shape, device, budget, batch, layout, experts, bytes_per_param, context)
+    # dense and ToMoE on the same hardware: as many devices as the larger of the two needs at this batch
+    count = projection.devices_needed(max(many.weight_bytes, many.dense_weight_bytes), many.kv_cache_bytes, device)
+    if count > 1:
+        st.warning(f"{shape.name} needs {count} x {device.name} at batch {batch} "
+                   f"({projection.fits(max(many.weight_bytes, many.dense_weight_bytes), many.kv_cache_bytes, device)}): "
+                   f"the cards are for {count} devices serving it together, bandwidth, compute and price "
+                   f"{count} times one device's (ideal tensor parallelism, no communication counted).",
+                   icon=":material/memory:")
+        device = projection.device_group(device, count)
+        many = projection.project(shape, device, budget, batch, layout, experts, bytes_per_param, context)
+    one = projection.project(shape, device, budget, 1, layout, experts, bytes_per_param, context)
     price = device.price_per_hour
 
     def tps(x: float) -> str:

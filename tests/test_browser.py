@@ -248,6 +248,9 @@ def test_projection_panel_projects_a_preset_and_an_uploaded_config(studio, brows
     choose(page, panel, "Hardware", "NVIDIA L4 24GB")
     assert kpi(page, "Active params", scope) != "4.69 B"
     assert "needs" in panel.inner_text()  # 70 B weights do not fit one 24 GB card: the panel says so
+    # ... and projects speed and cost on the devices it needs, not on one
+    page.wait_for_function("() => /needs \\d+ x NVIDIA L4 24GB/.test(document.querySelector('.st-key-projection')"
+                           ".innerText)", timeout=60_000)
     assert_no_exception(page, "projection panel with a preset")
 
     config = tmp_path / "config.json"

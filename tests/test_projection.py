@@ -161,3 +161,18 @@ def test_memory_figures_shown_together_share_one_unit():
     assert card_format.format_mb(1034.0, unit) == "1.01 GiB"
     assert card_format.memory_unit(900.0, None, float("nan")) == "MiB" and card_format.format_mb(900.0) == "900 MiB"
     assert card_format.format_mb(None, unit) == "—"
+
+
+def test_a_model_that_needs_two_devices_is_projected_on_two():
+    """A 70B model in bf16 needs two 80 GB devices: speed and price are those of the pair, not of one."""
+    shape, h100 = projection.MODEL_PRESETS["Llama-3.1-70B"], projection.DEVICE_PRESETS["NVIDIA H100 SXM 80GB"]
+    one_device = projection.project(shape, h100, 0.5, 8, "indexed", 8, 2.0, 2048)
+    count = projection.devices_needed(one_device.dense_weight_bytes, one_device.kv_cache_bytes, h100)
+    assert count == 2
+    pair = projection.device_group(h100, count)
+    assert (pair.bandwidth_gb_s, pair.price_per_hour, pair.memory_gb) == (2 * 3350, 5.0, 160)
+    on_pair = projection.project(shape, pair, 0.5, 8, "indexed", 8, 2.0, 2048)
+    assert on_pair.bandwidth_tokens_per_s == pytest.approx(2 * one_device.bandwidth_tokens_per_s)
+    assert "fits in 160 GB" in projection.fits(on_pair.dense_weight_bytes, on_pair.kv_cache_bytes, pair)
+    assert projection.device_group(h100, 1) is h100
+    assert projection.devices_needed(1e9, 0, h100) == 1
