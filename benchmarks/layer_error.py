@@ -83,7 +83,7 @@ def measure_layer(mlp, fit: tuple, held: tuple, budget: float, experts: list[int
     row = {"channel_oracle": relative(((ht * dropped) @ down.T).pow(2).sum(1), weight_t, total)}
     for e in experts:
         t0 = time.time()
-        router = kmeans_router(x, e, seed)
+        router = kmeans_router(x, e, seed).to(x.device)
         assign = router(x).argmax(1).detach()
         for _ in range(rounds if e > 1 else 0):
             masks = (expert_ranks(h, weight, gram, assign, e) < budget).float()

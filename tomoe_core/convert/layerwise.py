@@ -99,8 +99,8 @@ class LayerRunner:
 def greedy_channel_rank(q: torch.Tensor) -> torch.Tensor:
     """Rank of every channel in greedy removal order, as a fraction of I (0: removed last, kept at
     every budget). q: (I, I) the error quadratic form. -> (I,)"""
-    size = q.shape[0]
-    q = q.double()
+    size, device = q.shape[0], q.device
+    q = q.double().cpu()  # I sequential steps: a host loop, cheaper than I device round trips
     cost = q.diagonal().clone()  # error added by dropping i alone; + 2 (Q 1_S)_i once S is dropped
     removed = torch.zeros(size, dtype=torch.bool)
     order = torch.empty(size, dtype=torch.long)
@@ -111,7 +111,7 @@ def greedy_channel_rank(q: torch.Tensor) -> torch.Tensor:
         cost += 2 * q[:, i]
     rank = torch.empty(size)
     rank[order] = torch.arange(size, dtype=torch.float32) / size
-    return rank
+    return rank.to(device)
 
 
 def kmeans_router(x: torch.Tensor, num_experts: int, seed: int) -> torch.nn.Linear:
@@ -119,6 +119,7 @@ def kmeans_router(x: torch.Tensor, num_experts: int, seed: int) -> torch.nn.Line
     so the fitting that follows can move them."""
     from sklearn.cluster import KMeans
 
+    x = x.float().cpu()  # k-means and the balancing run on the CPU; the router goes back to x's device
     mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
     sample = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:8192]]
     km = KMeans(n_clusters=num_experts, n_init=2, random_state=seed).fit(((sample - mu) / sigma).numpy())
@@ -196,7 +197,7 @@ def layerwise_init(masked: MaskedModel, calibration_ids: torch.Tensor, budget: f
         h = mlp_intermediate(w, x.to(w.up.dtype)).float()  # (N, I)
         down = w.down.float()  # (D, I)
         gram = down.T @ down  # (I, I)
-        router = kmeans_router(x, masked.num_experts, seed + l)
+        router = kmeans_router(x, masked.num_experts, seed + l).to(x.device)
         with torch.no_grad():
             assign = router(x).argmax(1)
         for _ in range(rounds):
