@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.result_file import write_result
 from tomoe_core.convert.config import INITS, ConversionConfig
-from tomoe_core.convert.dense import load_dense
+from tomoe_core.convert.dense import load_dense, load_tokenizer
 from tomoe_core.convert.masked_model import MaskedModel
 from tomoe_core.convert.train import finalize_masks, train_conversion
 from tomoe_core.eval.metrics import evaluate_variants
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=None, help="JSON (default cache/results/init_comparison.json)")
     args = ap.parse_args(argv)
-    _, tokenizer = load_dense(args.model)
+    tokenizer = load_tokenizer(args.model)  # the models themselves load fresh per init
     tag = Path(args.model).name
     stream = cached_stream(tokenizer, "wiki", "calibration", None, tag)
     held = text_windows(tokenizer, "wiki", "heldout", tag, 512, args.windows)

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.result_file import write_result
 from tomoe_core.convert.dense import load_dense
-from tomoe_core.convert.layerwise import SINK_POSITIONS, expert_errors, expert_ranks, fit_router, kmeans_router
+from tomoe_core.convert.layerwise import expert_errors, expert_ranks, fit_layer, token_weights
 from tomoe_core.convert.masked_model import MaskedModel
 from tomoe_core.moe.layer import mlp_intermediate
 from tomoe_core.text.sources import text_windows
@@ -57,12 +57,8 @@ def layer_data(masked: MaskedModel, ids: torch.Tensor, layers: list[int]) -> dic
     finally:
         for h in hooks:
             h.remove()
-    first = (torch.arange(ids.numel()) % ids.shape[1]) < SINK_POSITIONS
-    out = {}
-    for l in layers:
-        residual = torch.cat(outputs[l]).float().pow(2).sum(1)
-        out[l] = (torch.cat(inputs[l]).float(), torch.where(first, torch.zeros_like(residual), 1 / residual))
-    return out
+    return {l: (torch.cat(inputs[l]).float(), token_weights(torch.cat(outputs[l]).float().pow(2).sum(1), ids.shape[1]))
+            for l in layers}
 
 
 def relative(errors: torch.Tensor, weight: torch.Tensor, total: float) -> float:
@@ -73,7 +69,6 @@ def measure_layer(mlp, fit: tuple, held: tuple, budget: float, experts: list[int
                   seed: int) -> dict:
     w = mlp.weights
     down = w.down.float()
-    gram = down.T @ down
     x, weight = fit
     xt, weight_t = held
     h, ht = mlp_intermediate(w, x), mlp_intermediate(w, xt)  # (N, I)
@@ -83,14 +78,8 @@ def measure_layer(mlp, fit: tuple, held: tuple, budget: float, experts: list[int
     row = {"channel_oracle": relative(((ht * dropped) @ down.T).pow(2).sum(1), weight_t, total)}
     for e in experts:
         t0 = time.time()
-        router = kmeans_router(x, e, seed).to(x.device)
-        assign = router(x).argmax(1).detach()
-        for _ in range(rounds if e > 1 else 0):
-            masks = (expert_ranks(h, weight, gram, assign, e) < budget).float()
-            with torch.enable_grad():
-                fit_router(router, x, expert_errors(h, down, masks, weight), steps, balance=0.05)
-            assign = router(x).argmax(1).detach()
-        masks = (expert_ranks(h, weight, gram, assign, e) < budget).float()
+        router, _, ranks = fit_layer(x, h, weight, down, e, budget, rounds, steps, balance=0.05, seed=seed)
+        masks = (ranks < budget).float()
         errors = expert_errors(ht, down, masks, torch.ones(len(ht)))  # (N, E) per held-out token, unweighted
         chosen = router(xt).argmax(1).detach()
         row[f"E{e}"] = {"routed": relative(errors.gather(1, chosen[:, None])[:, 0], weight_t, total),

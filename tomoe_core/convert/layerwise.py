@@ -165,6 +165,31 @@ def expert_errors(h: torch.Tensor, down: torch.Tensor, masks: torch.Tensor, weig
     return torch.stack([((h * (1 - m)) @ down.T).pow(2).sum(1) * weight for m in masks], dim=1)
 
 
+def token_weights(residual_sq: torch.Tensor, window: int) -> torch.Tensor:
+    """a_t = 1 / ||residual_t||^2 for tokens laid out window after window, 0 at each window's first
+    SINK_POSITIONS positions. residual_sq: (N,) -> (N,)"""
+    first = (torch.arange(len(residual_sq), device=residual_sq.device) % window) < SINK_POSITIONS
+    return torch.where(first, torch.zeros_like(residual_sq), 1 / residual_sq.clamp_min(1e-12))
+
+
+def fit_layer(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, down: torch.Tensor, num_experts: int,
+              budget: float, rounds: int, router_steps: int, balance: float, seed: int):
+    """One layer's router and expert ranks (module docstring, steps 1-3). x (N, D) MLP inputs, h (N, I)
+    their intermediate activations, weight (N,) token weights, down (D, I).
+    -> (router, assign (N,) its choice per token, ranks (E, I))"""
+    gram = down.T @ down  # (I, I)
+    router = kmeans_router(x, num_experts, seed).to(x.device)
+    with torch.no_grad():
+        assign = router(x).argmax(1)
+    for _ in range(rounds if num_experts > 1 else 0):  # one expert: nothing to route
+        masks = (expert_ranks(h, weight, gram, assign, num_experts) < budget).float()
+        with torch.enable_grad():
+            fit_router(router, x, expert_errors(h, down, masks, weight), router_steps, balance)
+        with torch.no_grad():
+            assign = router(x).argmax(1)
+    return router, assign, expert_ranks(h, weight, gram, assign, num_experts)
+
+
 def layerwise_init(masked: MaskedModel, calibration_ids: torch.Tensor, budget: float, prior_scale: float,
                    seed: int = 0, rounds: int = 1, router_steps: int = 200, balance: float = 0.05,
                    progress=None) -> dict:
@@ -183,30 +208,21 @@ def layerwise_init(masked: MaskedModel, calibration_ids: torch.Tensor, budget: f
     report = {"layers": [], "tokens": int(ids.numel()), "rounds": rounds}
     t0 = time.time()
     for l, mlp in enumerate(masked.mlps):
-        inputs, outputs = [], []
+        inputs = []
         handle = mlp.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
         try:
-            outputs = [runner.run(l, h) for h in hidden]  # the dense MLP on the converted model's inputs
+            # the dense MLP on the converted model's inputs; the layer runs again below with its experts
+            # (re-running it, attention included, works for every family, post-MLP norms too)
+            outputs = [runner.run(l, h) for h in hidden]
         finally:
             handle.remove()
         x = torch.cat(inputs).float()  # (N, D)
-        residual = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs]).float().pow(2).sum(1)  # (N,)
-        first = (torch.arange(len(x), device=x.device) % length) < SINK_POSITIONS
-        weight = torch.where(first, torch.zeros_like(residual), 1 / residual.clamp_min(1e-12))
+        weight = token_weights(torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs]).float().pow(2).sum(1), length)
         w = mlp.weights
         h = mlp_intermediate(w, x.to(w.up.dtype)).float()  # (N, I)
         down = w.down.float()  # (D, I)
-        gram = down.T @ down  # (I, I)
-        router = kmeans_router(x, masked.num_experts, seed + l).to(x.device)
-        with torch.no_grad():
-            assign = router(x).argmax(1)
-        for _ in range(rounds):
-            masks = (expert_ranks(h, weight, gram, assign, masked.num_experts) < budget).float()
-            with torch.enable_grad():
-                fit_router(router, x, expert_errors(h, down, masks, weight), router_steps, balance)
-            with torch.no_grad():
-                assign = router(x).argmax(1)
-        ranks = expert_ranks(h, weight, gram, assign, masked.num_experts)  # (E, I)
+        router, assign, ranks = fit_layer(x, h, weight, down, masked.num_experts, budget, rounds, router_steps,
+                                          balance, seed + l)
         masks = (ranks < budget).float()
         errors = expert_errors(h, down, masks, weight)
         total = float(((h @ down.T).pow(2).sum(1) * weight).sum())
