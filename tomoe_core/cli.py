@@ -9,6 +9,7 @@
   account           active parameters and FLOPs per token of a dense or converted model
   export            write a self-contained copy of a conversion that loads without tomoe_core
   trace             record every token's expert per layer over a text and write it as Parquet
+  ablate            remove each expert in turn and record which tokens' loss rises (beside a routing log)
 
 Each command is one row of `COMMANDS`: the function that adds its parser and the one that runs it.
 Errors a user can cause print one line on stderr (exit status 2), checked before any model loads.
@@ -274,6 +275,60 @@ def _trace(args, argv) -> int:
     return 0
 
 
+def _layer_list(text: str) -> list[int]:
+    """argparse type: "0,5,12" or "0-3,12" -> [0, 5, 12] / [0, 1, 2, 3, 12]."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give indices like 0,5,12 or 0-3") from None
+    return out
+
+
+def _add_ablate(sub):
+    from .trace.ablation import DEFAULT_MAX_TOKENS, REPLACEMENTS
+
+    p = sub.add_parser(
+        "ablate", help="remove each expert in turn and record which tokens' loss rises (beside a routing log)",
+        description="For a routing log's text, each chosen layer and each expert: rerun the text with that expert "
+                    "removed (its tokens go to their second-choice expert, and as a control to a random other "
+                    "expert) and record, per token, the change in next-token loss and the KL to the unablated "
+                    "model. Rows go to <run folder>/ablation/ (Parquet, one file per layer; query with DuckDB). "
+                    "The cost is printed before the model loads; finished layers survive an interruption and a "
+                    "rerun of the same command resumes after them.")
+    p.add_argument("run", help="routing run id or folder (made by `python -m tomoe_core trace`)")
+    p.add_argument("--conversion", type=Path, default=None,
+                   help="the conversion that wrote the log (default: the one its run.json names, or the shipped "
+                        "one of that name)")
+    p.add_argument("--layers", type=_layer_list, default=None, help="MoE layers, e.g. 0,5,12 or 0-3 (default: all)")
+    p.add_argument("--experts", type=_layer_list, default=None, help="experts, e.g. 0-3 (default: all)")
+    p.add_argument("--replacements", nargs="+", choices=REPLACEMENTS, default=list(REPLACEMENTS),
+                   help="what takes a removed expert's tokens: their second choice, and a random other expert "
+                        "as the control (default: both)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="ablate on the log's first N tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random replacement (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _ablate(args, argv) -> int:
+    from .trace.ablation import read_ablation_meta
+    from .workflows.ablation import ablate
+
+    with progress_bar("ablate", "pass", enabled=not args.quiet) as progress:
+        folder = ablate(args.run, conversion=args.conversion, layers=args.layers, experts=args.experts,
+                        replacements=args.replacements, max_tokens=args.max_tokens, seed=args.seed,
+                        device=args.device, progress=progress, command=_command_line(argv) if argv else None)
+    meta = read_ablation_meta(args.run)
+    print(f"{folder}\n{meta['tokens']} tokens x {len(meta['layers'])} layers x {len(meta['experts'])} experts x "
+          f"{len(meta['replacements'])} replacement(s) in {meta['seconds']:.0f} s; the model reproduced "
+          f"{100 * meta['log_agreement']:.2f} % of the log's expert choices")
+    return 0
+
+
 def _command_line(argv: list[str]) -> str:
     return "python -m tomoe_core " + " ".join(shlex.quote(a) for a in argv)
 
@@ -391,6 +446,7 @@ COMMANDS = {
     "account": Command(_add_account, _account),
     "export": Command(_add_export, _export),
     "trace": Command(_add_trace, _trace),
+    "ablate": Command(_add_ablate, _ablate),
 }
 
 

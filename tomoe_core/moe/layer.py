@@ -6,7 +6,7 @@ by a materialised layer, E = experts, W_k = width of expert k.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,17 +50,20 @@ class RoutedMixin:
     `convert.masked_mlp.MaskedRouting`).
 
     `routing_override`: None (learned argmax), "random" (uniform expert per token, from
-    `random_generator`), or an int (that fixed expert for every token): the three ways the
-    evaluation runs a conversion.
+    `random_generator`), an int (that fixed expert for every token): the three ways the
+    evaluation runs a conversion; or a callable mapping router logits (N, E) to experts (N,)
+    (interventions: `tomoe_core.trace.ablation` replaces one expert by each token's next choice).
     """
 
-    routing_override: int | str | None = None
+    routing_override: int | str | Callable | None = None
     random_generator: torch.Generator | None = None
 
     def choose_experts(self, logits: torch.Tensor) -> torch.Tensor:  # (N, E) -> (N,)
         num_experts = logits.shape[-1]
         if self.routing_override is None:
             return logits.argmax(dim=-1)
+        if callable(self.routing_override):
+            return self.routing_override(logits)
         if self.routing_override == "random":
             idx = torch.randint(num_experts, logits.shape[:-1], generator=self.random_generator)
             return idx.to(logits.device)
