@@ -276,15 +276,13 @@ def _trace(args, argv) -> int:
 
 
 def _layer_list(text: str) -> list[int]:
-    """argparse type: "0,5,12" or "0-3,12" -> [0, 5, 12] / [0, 1, 2, 3, 12]."""
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: give indices like 0,5,12 or 0-3") from None
-    return out
+    """argparse type of --layers / --experts: "0,5,12" or "0-3,12"."""
+    from .trace.ablation import AblationError, parse_indices
+
+    try:
+        return parse_indices(text)
+    except AblationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_ablate(sub):

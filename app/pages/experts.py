@@ -267,8 +267,9 @@ if sources:
         st.caption(f"NMI on a random {used:,} of the {total:,} tagged tokens (the same tokens in every layer).")
     left, right = st.columns(2, gap="large")
     with left:
-        st.plotly_chart(figures.lift_heatmap(cached("expert_pos", run_key, label=label), layer=layer,
-                                             num_experts=num_experts), key="lift_heatmap")
+        lift_fig = figures.lift_heatmap(cached("expert_pos", run_key, label=label), layer=layer,
+                                        num_experts=num_experts)
+        st.plotly_chart(lift_fig, key="lift_heatmap")
         st.caption("Lift: " + HELP["lift"])
     with right:
         nmi_fig = figures.nmi_figure(nmi, title=f"NMI(expert; {source_name}) per layer")
@@ -343,6 +344,11 @@ if sources:
             "top_lifts": st.column_config.TextColumn("top lifts", help=HELP["names"] + " " + HELP["lift"]),
             "top_shares": st.column_config.TextColumn("top shares", help="The tags that make up most of the "
                                                                          "cluster's tokens.")})
+
+    from app import causal_panel  # noqa: E402
+
+    causal_panel.render_ablation(folder, run_key, layer, num_experts, label, source_name, lift_fig, experts_df)
+    causal_panel.render_budgets(folder, label)
 
 # -- drill-down: top tokens of one expert ------------------------------------------------------------
 st.subheader("Top tokens of an expert", help=HELP["top_tokens"])

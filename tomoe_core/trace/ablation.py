@@ -113,6 +113,18 @@ def _indices(values: Sequence[int] | None, size: int, what: str, unit: str) -> l
     return values
 
 
+def parse_indices(text: str) -> list[int]:
+    """"0,5,12" or "0-3,12" -> [0, 5, 12] / [0, 1, 2, 3, 12]."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        except ValueError:
+            raise AblationError(f"{text!r}: give indices like 0,5,12 or 0-3") from None
+    return out
+
+
 def plan_ablation(run, layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
                   replacements: Sequence[str] = REPLACEMENTS, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                   seed: int = 0) -> AblationPlan:

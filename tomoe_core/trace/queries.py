@@ -142,7 +142,7 @@ def transitions(run, layer: int | None = None, con=None) -> pd.DataFrame:
 LABELS = ("pos", "gold_upos", "gold_xpos", "gold_deprel", "gold_head")  # annotation columns a table can group by
 
 
-def _label_column(run, label: str) -> str:
+def label_column(run, label: str) -> str:
     """`label` checked against LABELS and against the run's columns (it goes into SQL)."""
     if label not in LABELS:
         raise ValueError(f"label {label!r}: use one of {', '.join(LABELS)}")
@@ -166,7 +166,7 @@ def expert_pos(run, con=None, label: str = "pos") -> pd.DataFrame:
     it comes back as column `pos` whatever it is. Tokens without a word (whitespace, special
     tokens) are left out.
     """
-    column = _label_column(run, label)
+    column = label_column(run, label)
     return _query(f"""
         SELECT layer, expert, {column}::VARCHAR AS pos, count(*) AS tokens
         FROM {routing_source(run)} WHERE {column} IS NOT NULL
@@ -177,7 +177,7 @@ def token_labels(run, con=None, label: str = "pos") -> pd.DataFrame:
     """One row per annotated (token, layer): layer, doc_id, position, token_id, expert, pos
     (the `label` column, see expert_pos), ordered by layer then token (every layer lists the
     same tokens in the same order). The input of the permutation tests in analysis.experts."""
-    column = _label_column(run, label)
+    column = label_column(run, label)
     return _query(f"""
         SELECT layer, doc_id, position, token_id, expert, {column}::VARCHAR AS pos
         FROM {routing_source(run)} WHERE {column} IS NOT NULL ORDER BY layer, doc_id, position""", con=con)
@@ -187,8 +187,8 @@ def tag_pairs(run, con=None) -> pd.DataFrame:
     """spaCy UPOS against gold UPOS, one row per (pos, gold_upos) pair with its token count
     (layer 0: each token once). Tokens that have a word in either annotation are counted; a
     missing tag reads as null."""
-    _label_column(run, "pos")
-    _label_column(run, "gold_upos")
+    label_column(run, "pos")
+    label_column(run, "gold_upos")
     return _query(f"""
         SELECT pos::VARCHAR AS pos, gold_upos::VARCHAR AS gold_upos, count(*) AS tokens
         FROM {routing_source(run)} WHERE layer = (SELECT min(layer) FROM {routing_source(run)})

@@ -1,0 +1,200 @@
+"""The Experts page's causal sections: expert ablation (start it as a background job, then the
+expert x tag loss-increase heatmap beside the lift heatmap, a verdict per named cluster, the tokens
+an expert is most needed for) and routing across budgets of one conversion."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from app import ui
+
+HELP = {
+    "ablation": "Each expert of each layer is removed in turn: the tokens the router sends to it go to their "
+                "second-choice expert instead (or, as a control, to a random other expert), and every token's "
+                "next-token loss is compared with the unablated model's. What the lift heatmap shows is who the "
+                "expert receives; this shows who would suffer without it.",
+    "replacement": "Second choice: the router's next-best expert takes the tokens (the smallest change routing "
+                   "allows). Random: a uniformly random other expert (the control: what losing the routing "
+                   "decision costs).",
+    "scope": "Its tokens: only the tokens routed to the removed expert (the direct effect). All tokens: every "
+             "token of that tag, including those hit only through attention to earlier changed tokens.",
+    "verdicts": "For each cluster named by tags: the mean loss increase on tokens of the named tags against the "
+                "other tokens, when the cluster's experts are removed one at a time (all tokens, second-choice "
+                "replacement), with a 95 % bootstrap interval of the difference. The name holds causally when "
+                "the whole interval is above 0.",
+    "needed": "The tokens routed to this expert whose loss rises most in total when it is removed.",
+    "budgets": "The same text traced at several budgets of one budget-conditioned conversion. Routing ARI: "
+               "adjusted Rand index between the two budgets' expert choices per layer (1: the same partition "
+               "of the tokens, 0: chance). Role cosine: median over experts of the cosine between an expert's "
+               "tag preferences (its tag shares minus the layer's mix) at the two budgets.",
+}
+
+
+@st.cache_data(show_spinner="Reading the ablation...", max_entries=16)
+def _by_tag(key: tuple, layer: int, replacement: str, scope: str, label: str) -> pd.DataFrame:
+    from analysis.causal import ablation_by_tag
+
+    return ablation_by_tag(key[0], layer, replacement=replacement, scope=scope, label=label)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _verdicts(key: tuple, experts: pd.DataFrame, label: str) -> pd.DataFrame:
+    from analysis.causal import cluster_verdicts
+
+    return cluster_verdicts(key[0], experts, label=label)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _needed(key: tuple, layer: int, expert: int, replacement: str) -> pd.DataFrame:
+    from analysis.causal import needed_tokens
+
+    return needed_tokens(key[0], layer, expert, replacement=replacement)
+
+
+def _running_job(folder: Path):
+    from tomoe_core.infra import jobs
+    from tomoe_core.trace.ablation import ABLATION_DIR
+
+    target = (folder / ABLATION_DIR).resolve()
+    return next((j for j in jobs.list_jobs() if j.kind == "ablate" and jobs.status(j) == "running"
+                 and j.output and Path(j.output).resolve() == target), None)
+
+
+def _start_form(folder: Path) -> None:
+    from tomoe_core.infra import jobs
+    from tomoe_core.trace.ablation import ABLATION_DIR, DEFAULT_MAX_TOKENS, AblationError, parse_indices, plan_ablation
+
+    c1, c2 = st.columns(2)
+    ui.keep("ablate_tokens", DEFAULT_MAX_TOKENS)
+    c1.number_input("Tokens", 16, 100_000, step=256, key="ablate_tokens",
+                    help="The log's first N tokens are rerun; the cost grows with tokens x layers x experts.")
+    ui.keep("ablate_layers", "all")
+    c2.text_input("Layers", key="ablate_layers", help="'all', or indices such as 0,5,12 or 0-3.")
+    text = st.session_state["ablate_layers"].strip()
+    try:
+        layers = None if text in ("", "all") else parse_indices(text)
+        plan = plan_ablation(folder, layers=layers, max_tokens=int(st.session_state["ablate_tokens"]))
+    except (AblationError, ValueError) as err:  # argparse's type errors are ValueErrors too
+        st.error(f"Cannot ablate: {err}")
+        return
+    st.caption(f"Cost: {plan.cost()}. On 2 CPU cores a pass of 512 tokens takes about 0.5-1.3 s.")
+    if st.button("Run expert ablation", type="primary", help=HELP["ablation"]):
+        argv = jobs.python_argv("-m", "tomoe_core", "ablate", str(folder), "--max-tokens", str(plan.tokens),
+                                *(["--layers", ",".join(map(str, plan.layers))] if layers is not None else []))
+        try:
+            jobs.start_job("ablate", argv, label=f"ablate {folder.name.removeprefix('run_id=')}",
+                           output=folder / ABLATION_DIR, total=plan.passes)
+        except jobs.JobError as err:
+            st.error(str(err))
+            return
+        st.rerun()
+
+
+@st.fragment(run_every=3)
+def _progress(job_id: str) -> None:
+    from tomoe_core.infra import jobs
+
+    job = jobs.get_job(job_id)
+    if jobs.status(job) != "running":
+        st.rerun(scope="app")
+    done, total, _ = jobs.progress(job)
+    st.progress(done / total if done and total else 0.0,
+                text=f"Expert ablation: {done or 0}/{total or '?'} forward passes (details on the Runs page)")
+
+
+def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, label: str, tag_name: str,
+                    lift_figure, experts: pd.DataFrame | None) -> None:
+    from analysis.causal_figures import ablation_heatmap
+    from tomoe_core.trace.ablation import has_ablation, read_ablation_meta
+
+    st.subheader("Which tokens need each expert (ablation)", help=HELP["ablation"])
+    job = _running_job(folder)
+    if job is not None:
+        _progress(job.id)
+        return
+    if not has_ablation(folder):
+        st.info("No ablation of this log yet: it reruns the text once per (layer, expert) with that expert removed.",
+                icon="ℹ️")
+        _start_form(folder)
+        return
+    meta = read_ablation_meta(folder)
+    st.caption(f"{meta['tokens']:,} tokens x {len(meta['layers'])} layers x {len(meta['experts'])} experts, "
+               f"replacements: {', '.join(meta['replacements'])}; {meta['seconds'] / 60:.1f} min on "
+               f"{(meta.get('machine') or {}).get('cpu_count', '?')} CPUs; the model reproduced "
+               f"{meta['log_agreement']:.2%} of the log's expert choices. `{meta.get('command', '')}`")
+    c1, c2 = st.columns(2)
+    ui.keep("ablate_replacement", meta["replacements"][0])
+    if st.session_state["ablate_replacement"] not in meta["replacements"]:
+        st.session_state["ablate_replacement"] = meta["replacements"][0]
+    c1.radio("Replacement", meta["replacements"], key="ablate_replacement", horizontal=True, help=HELP["replacement"],
+             format_func=lambda r: {"second": "second choice", "random": "random expert (control)"}[r])
+    ui.keep("ablate_scope", "routed")
+    c2.radio("Tokens", ["routed", "all"], key="ablate_scope", horizontal=True, help=HELP["scope"],
+             format_func=lambda s: {"routed": "its tokens", "all": "all tokens"}[s])
+    replacement = st.session_state["ablate_replacement"]
+    if layer not in meta["layers"]:
+        st.info(f"Layer {layer} was not ablated (ablated: {', '.join(map(str, meta['layers']))}); pick one with the "
+                "layer slider above.", icon="ℹ️")
+    else:
+        table = _by_tag(run_key, layer, replacement, st.session_state["ablate_scope"], label)
+        left, right = st.columns(2, gap="large")
+        left.plotly_chart(lift_figure, key="lift_beside_ablation")
+        right.plotly_chart(ablation_heatmap(table, layer, num_experts, st.session_state["ablate_scope"], tag_name),
+                           key="ablation_heatmap")
+        st.caption("Mean change in next-token loss (nats) of the tokens of each tag when the expert is removed; "
+                   "hover for the 95 % bootstrap interval (token resamples) and the token count.")
+    if experts is not None:
+        verdicts = _verdicts(run_key, experts[["layer", "expert", "cluster_name"]], label)
+        st.markdown("**Do the cluster names hold causally?**", help=HELP["verdicts"])
+        if verdicts.empty:
+            st.caption("No cluster named by a tag has ablated experts.")
+        for sentence in verdicts["sentence"]:
+            st.markdown(f"- {sentence}")
+    st.markdown("**Tokens an expert is most needed for**", help=HELP["needed"])
+    ui.keep("needed_expert", 0)
+    st.number_input("Expert (of the layer above)", 0, num_experts - 1, key="needed_expert")
+    if layer in meta["layers"]:
+        needed = _needed(run_key, layer, int(st.session_state["needed_expert"]), replacement)
+        if needed.empty:
+            st.caption("No token of the log was routed to this expert.")
+        else:
+            st.dataframe(needed, hide_index=True, column_config={
+                "mean_increase": st.column_config.NumberColumn("mean loss increase (nats)", format="%.3f"),
+                "total_increase": st.column_config.NumberColumn("total (nats)", format="%.2f")})
+
+
+def render_budgets(folder: Path, label: str) -> None:
+    from analysis.causal import budget_siblings
+    from analysis.causal_figures import budget_agreement_figure
+
+    st.subheader("Roles across budgets", help=HELP["budgets"])
+    siblings = budget_siblings(folder)
+    if len(siblings) < 2:
+        st.caption("Trace the same text at other budgets of this conversion to compare routings, e.g. "
+                   "`python -m tomoe_core rebudget CONVERSION --budget 0.3` then `python -m tomoe_core trace "
+                   "CONVERSION-at-p0.3 --max-tokens N` with this log's text and token count.")
+        return
+    try:
+        table = _agreement(tuple(sorted(siblings.items())), label)
+    except Exception as err:  # a sibling without tags, or unreadable
+        st.info(f"Cannot compare the budgets: {err}", icon="ℹ️")
+        return
+    st.plotly_chart(budget_agreement_figure(table), key="budget_agreement")
+    summary = table.groupby("budget")[["ari", "nmi", "same_expert", "profile_cosine"]].median().reset_index()
+    st.dataframe(summary, hide_index=True, column_config={
+        "budget": st.column_config.NumberColumn("p", format="%.2f"),
+        "ari": st.column_config.NumberColumn("routing ARI (median)", format="%.3f"),
+        "nmi": st.column_config.NumberColumn("routing NMI (median)", format="%.3f"),
+        "same_expert": st.column_config.NumberColumn("same expert", format="percent"),
+        "profile_cosine": st.column_config.NumberColumn("role cosine (median)", format="%.3f")})
+    st.caption(f"Against p = {table['reference'].iloc[0]:g}; logs: " + ", ".join(
+        f"p = {b:g} `{Path(p).name.removeprefix('run_id=')}`" for b, p in siblings.items()))
+
+
+@st.cache_data(show_spinner="Comparing the routings...", max_entries=4)
+def _agreement(siblings: tuple, label: str) -> pd.DataFrame:
+    from analysis.causal import budget_agreement
+
+    return budget_agreement(dict(siblings), label=label)

@@ -1,0 +1,186 @@
+"""Expert roles by intervention (analysis.causal, app.causal_panel): the ablation tables joined with
+tags, cluster verdicts, roles across budgets, and the Experts page's ablation job and charts."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from routing_fixtures import annotated_run, converted, routing_cache, tokenizer, traced_run  # noqa: F401
+from analysis import causal
+
+
+@pytest.fixture(scope="module")
+def ablated_run(annotated_run, converted):
+    from tomoe_core.convert.materialise import load_converted
+    from tomoe_core.trace.ablation import plan_ablation, run_ablation
+
+    model, _, _ = load_converted(converted, layout="prefill", load_tokenizer=False)
+    run_ablation(model, plan_ablation(annotated_run))
+    return annotated_run
+
+
+def test_ablation_by_tag_means_intervals_and_grey_cells(ablated_run):
+    rows = pd.concat(pq.read_table(p).to_pandas() for p in sorted((ablated_run / "ablation").glob("part-*.parquet")))
+    table = causal.ablation_by_tag(ablated_run, 0, min_tokens=3)
+    assert set(table.columns) == {"expert", "tag", "tokens", "mean", "low", "high"}
+    assert table.tokens.sum() > 0
+    few = table[table.tokens < 3]
+    assert few["mean"].isna().all()
+    enough = table[table.tokens >= 3]
+    assert len(enough) and (enough["low"] <= enough["mean"]).all() and (enough["mean"] <= enough["high"]).all()
+    routed = rows[(rows.layer == 0) & rows.routed & (rows.replacement == "second") & rows.delta_loss.notna()]
+    # every routed token with a tag is counted once, in its expert's row
+    assert table.tokens.sum() <= len(routed)
+    everyone = causal.ablation_by_tag(ablated_run, 0, scope="all", min_tokens=3)
+    assert everyone.tokens.sum() > table.tokens.sum()
+    with pytest.raises(ValueError, match="scope"):
+        causal.ablation_by_tag(ablated_run, 0, scope="some")
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_tokens():
+    rng = np.random.default_rng(0)
+    small = causal.bootstrap_mean(rng.normal(1.0, 1.0, 20))
+    large = causal.bootstrap_mean(rng.normal(1.0, 1.0, 2000))
+    assert small[1] < small[0] < small[2] and large[1] < 1.0 < large[2]
+    assert large[2] - large[1] < small[2] - small[1]
+
+
+def test_cluster_verdict_says_holds_only_when_the_named_tag_suffers_more(ablated_run):
+    rows = causal._rows(ablated_run, "a.replacement = 'second' AND a.delta_loss IS NOT NULL AND t.tag IS NOT NULL",
+                        [])
+    by_tag = rows[(rows.layer == 0) & (rows.expert == 0)].groupby("tag").delta_loss.mean().sort_values()
+    worst, best = by_tag.index[-1], by_tag.index[0]
+    experts = pd.DataFrame({"layer": [0, 0], "expert": [0, 0], "cluster_name": [worst, best]})
+    verdicts = causal.cluster_verdicts(ablated_run, experts).set_index("cluster_name")
+    assert verdicts.loc[worst, "diff"] > 0 > verdicts.loc[best, "diff"]
+    assert not verdicts.loc[best, "holds"]
+    assert "not borne out" in verdicts.loc[best, "sentence"]
+    assert f"on {best} tokens by" in verdicts.loc[best, "sentence"]
+    mixed = causal.cluster_verdicts(ablated_run, experts.assign(cluster_name="mixed"))
+    assert mixed.empty  # no tag named, no claim to test
+
+
+def test_needed_tokens_and_layer_table(ablated_run):
+    needed = causal.needed_tokens(ablated_run, 1, 0)
+    assert list(needed.columns) == ["token", "count", "mean_increase", "total_increase"]
+    assert needed.total_increase.is_monotonic_decreasing
+    table = causal.layer_table(ablated_run)
+    assert list(table.layer) == [0, 1]
+    assert table.loc[1, "others_second"] == pytest.approx(0, abs=1e-6)  # the last layer reaches no other token
+
+
+def _sibling(run: Path, root: Path, budget: float, run_id: str, shuffle: float = 0.0) -> Path:
+    """A copy of `run` relabelled as a log of the same conversion at `budget`, with a share of the
+    expert choices moved to the next expert."""
+    folder = root / f"run_id={run_id}"
+    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("ablation"))
+    meta = json.loads((folder / "run.json").read_text())
+    meta.update(run_id=run_id, budget=budget, conversion=f"{meta['conversion']}-at-p{budget:g}")
+    if shuffle:
+        for part in folder.glob("part-*.parquet"):
+            table = pq.read_table(part)
+            experts = table["expert"].to_numpy().copy()
+            moved = np.random.default_rng(0).random(len(experts)) < shuffle
+            experts[moved] = (experts[moved] + 1) % meta["num_experts"]
+            import pyarrow as pa
+            table = table.set_column(table.schema.get_field_index("expert"), "expert", pa.array(experts, pa.int16()))
+            pq.write_table(table, part)
+        del meta["files"]
+    (folder / "run.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_budget_siblings_and_agreement(annotated_run, tmp_path):
+    from tomoe_core.trace.routing_log import list_runs
+
+    same = _sibling(annotated_run, tmp_path, 0.7, "same")
+    moved = _sibling(annotated_run, tmp_path, 0.3, "moved", shuffle=0.5)
+    other_text = _sibling(annotated_run, tmp_path, 0.9, "other")
+    meta = json.loads((other_text / "run.json").read_text())
+    meta["tokens"] += 1
+    (other_text / "run.json").write_text(json.dumps(meta))
+    runs = list_runs(annotated_run.parent) + list_runs(tmp_path)
+    siblings = causal.budget_siblings(annotated_run, runs)
+    assert sorted(siblings) == [0.3, 0.5, 0.7]  # the log with another token count is not a sibling
+    table = causal.budget_agreement(siblings, reference=0.5)
+    same_rows, moved_rows = table[table.budget == 0.7], table[table.budget == 0.3]
+    assert np.allclose(same_rows.ari, 1) and np.allclose(same_rows.same_expert, 1)
+    assert (moved_rows.ari < 0.9).all() and (moved_rows.same_expert < 0.7).all()
+    assert same_rows.profile_cosine.dropna().gt(0.999).all()
+    with pytest.raises(ValueError, match="two budgets"):
+        causal.budget_agreement({0.5: siblings[0.5]})
+    assert moved.exists() and same.exists()
+
+
+def test_conversion_family_strips_the_rebudget_suffix():
+    assert causal.conversion_family({"conversion": "/x/smollm2-135m-any-budget-at-p0.3"}) == "smollm2-135m-any-budget"
+    assert causal.conversion_family({"conversion": "/x/my-at-pony"}) == "my-at-pony"
+
+
+# -- the Experts page ------------------------------------------------------------------------------
+def _experts_page(root: Path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from tomoe_core.trace import routing_log
+
+    monkeypatch.setattr(routing_log, "routing_root", lambda: root)
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "app" / "main.py"), default_timeout=180).run()
+    at.switch_page("pages/experts.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(cache_env, tmp_path, monkeypatch):
+    from analysis.syntax import annotate_run
+    from tomoe_core.infra import jobs
+
+    root = tmp_path / "routing"
+    shutil.copytree(cache_env / "routing" / "run_id=tiny-prompts", root / "run_id=tiny-prompts")
+    annotate_run(root / "run_id=tiny-prompts")
+    at = _experts_page(root, monkeypatch)
+    assert "Which tokens need each expert (ablation)" in at.subheader.values
+    at.text_input(key="ablate_layers").set_value("7").run()
+    assert any("Cannot ablate: layer 7 does not exist" in e.value for e in at.error)
+    at.text_input(key="ablate_layers").set_value("1").run()
+    at.number_input(key="ablate_tokens").set_value(128).run()
+    assert any("Cost: 128 tokens x 1 layers x 4 experts" in c for c in at.caption.values)
+    [b for b in at.button if b.label == "Run expert ablation"][0].click().run()
+    assert not at.exception
+    job = next(j for j in jobs.list_jobs() if j.kind == "ablate" and "tiny-prompts" in j.label)
+    deadline = time.time() + 240
+    while jobs.status(job) == "running" and time.time() < deadline:
+        time.sleep(1)
+    assert jobs.status(job) == "finished", jobs.log_tail(job)
+    at = _experts_page(root, monkeypatch)
+    at.slider(key="experts_layer").set_value(1).run()
+    assert not at.exception
+    keys = {c.proto.id for c in at.get("plotly_chart")}
+    assert len(at.get("plotly_chart")) == 9  # the 7 of the page + the lift heatmap beside the ablation heatmap
+    assert "Do the cluster names hold causally?" in " ".join(at.markdown.values)
+    at.radio(key="ablate_replacement").set_value("random").run()
+    at.radio(key="ablate_scope").set_value("all").run()
+    assert not at.exception and keys
+    at.slider(key="experts_layer").set_value(0).run()  # a layer that was not ablated
+    assert any("Layer 0 was not ablated" in i.value for i in at.info)
+
+
+def test_experts_page_compares_routing_across_budgets(cache_env, tmp_path, monkeypatch):
+    from analysis.syntax import annotate_run
+
+    root = tmp_path / "routing"
+    run = root / "run_id=tiny-prompts"
+    shutil.copytree(cache_env / "routing" / "run_id=tiny-prompts", run)
+    annotate_run(run)
+    at = _experts_page(root, monkeypatch)
+    assert any("Trace the same text at other budgets" in c for c in at.caption.values)
+    _sibling(run, root, 0.3, "tiny-prompts-p0.3", shuffle=0.3)
+    at = _experts_page(root, monkeypatch)
+    assert "Roles across budgets" in at.subheader.values
+    assert any("Against p = 0.5" in c for c in at.caption.values)
