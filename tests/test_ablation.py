@@ -197,3 +197,29 @@ def test_run_ablation_writes_rows_and_resumes(traced_run, converted, monkeypatch
     second = routed[routed["replacement"] == "second"].set_index(["doc_id", "position", "layer", "expert"])
     rand = routed[routed["replacement"] == "random"].set_index(["doc_id", "position", "layer", "expert"])
     assert (second["replaced_by"] != rand.loc[second.index, "replaced_by"]).any()
+
+
+@torch.inference_mode()
+def test_forced_expert_steers_one_layer_and_restores_it():
+    from tomoe_core.trace.ablation import forced_expert
+
+    moe = _tiny_moe("qwen2")
+    ids = tiny_ids(1, 16, seed=2)
+    base = moe(input_ids=ids, use_cache=False).logits
+    seen = []
+    hook = moe.moe_mlps[1].routing_point.register_forward_hook(lambda m, a, out: seen.append(out[0].clone()))
+    with forced_expert(moe, 1, 2):
+        steered = moe(input_ids=ids, use_cache=False).logits
+        generated = moe.generate(ids, max_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert all((s == 2).all() for s in seen) and len(seen) >= 2  # prompt pass and every decode step
+    assert moe.moe_mlps[0].routing_override is None and moe.moe_mlps[1].routing_override is None
+    assert not torch.allclose(steered, base)
+    torch.testing.assert_close(moe(input_ids=ids, use_cache=False).logits, base)
+    assert generated.shape[1] == 19
+    with pytest.raises(AblationError, match=r"layer 2 does not exist: the model has 2 MoE layers \(0-1\)"):
+        with forced_expert(moe, 2, 0):
+            pass
+    with pytest.raises(AblationError, match=r"expert 4 does not exist: the model has 4 experts per layer \(0-3\)"):
+        with forced_expert(moe, 0, 4):
+            pass

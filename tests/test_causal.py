@@ -184,3 +184,20 @@ def test_experts_page_compares_routing_across_budgets(cache_env, tmp_path, monke
     at = _experts_page(root, monkeypatch)
     assert "Roles across budgets" in at.subheader.values
     assert any("Against p = 0.5" in c for c in at.caption.values)
+
+
+def test_compare_steering_forces_one_expert_beside_dense_and_normal(cache_env):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "app" / "main.py"), default_timeout=180).run()
+    at.switch_page("pages/compare.py").run()
+    at.slider(key="max_new_tokens").set_value(8)
+    at.checkbox(key="steer").check()
+    at.number_input(key="steer_layer").set_value(1)
+    at.number_input(key="steer_expert").set_value(3)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    text = " ".join(at.markdown.values)
+    assert "**Dense**" in text and "ToMoE with expert 3 forced in layer 1" in text and "normal routing" in text
+    html = [h.proto.body for h in at.get("html")]
+    assert len([h for h in html if "KL to dense" in h]) >= 2  # the normal and the steered continuation

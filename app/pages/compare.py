@@ -42,6 +42,19 @@ ui.keep("max_new_tokens", 30)
 with st.form("generate"):
     st.text_area("Prompt", key="prompt", height=90)
     st.slider("New tokens", min_value=1, max_value=100, key="max_new_tokens")
+    num_layers_conv = len(conv.meta.get("layers") or []) or 1
+    num_experts_conv = int(conv.meta.get("num_experts") or 1)
+    ui.keep("steer", False)
+    ui.keep("steer_layer", num_layers_conv // 2)
+    ui.keep("steer_expert", 0)
+    with st.expander("Steering (advanced)"):
+        st.checkbox("Also generate with one expert forced", key="steer",
+                    help="Every token, of the prompt and of the continuation, goes to the chosen expert in the "
+                         "chosen layer (the other layers route as learned): what that expert does to the text, "
+                         "beside the dense and the normally routed output.")
+        c1, c2 = st.columns(2)
+        c1.number_input("Layer", 0, max(num_layers_conv - 1, 0), key="steer_layer")
+        c2.number_input("Expert", 0, max(num_experts_conv - 1, 0), key="steer_expert")
     submitted = st.form_submit_button("Generate side by side", type="primary")
 
 
@@ -92,8 +105,19 @@ def _generate_with(moe, dense, tokenizer, status) -> dict:
     result = compare_generation(dense, moe, tokenizer, prompt, int(st.session_state["max_new_tokens"]))
     st.write("Recording the converted model's routing of its tokens...")
     experts, probs = compare_view.generated_routing(moe, tokenizer, prompt, result["moe_ids"])
+    steered = None
+    if st.session_state["steer"]:
+        from tomoe_core.trace.ablation import forced_expert
+
+        layer, expert = int(st.session_state["steer_layer"]), int(st.session_state["steer_expert"])
+        st.write(f"Generating again with expert {expert} forced in layer {layer}...")
+        with forced_expert(moe, layer, expert):
+            forced = compare_generation(dense, moe, tokenizer, prompt, int(st.session_state["max_new_tokens"]))
+        steered = {"layer": layer, "expert": expert, "ids": forced["moe_ids"], "tokens": forced["moe_tokens"],
+                   "kl": forced["moe_token_kl"], "first_divergence": forced["first_divergence"]}
     status.update(label="Generated", state="complete", expanded=False)
-    return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": label, "prompt": prompt}
+    return {**result, "experts": experts.tolist(), "probs": probs.tolist(), "conversion": label, "prompt": prompt,
+            "steered": steered}
 
 
 if submitted and not st.session_state["prompt"].strip():  # checked before any model loads
@@ -139,3 +163,13 @@ with right:
                                      prompt=result["prompt"]))
     st.html(compare_view.legend_html(experts))
 st.plotly_chart(compare_view.kl_figure(result["moe_tokens"], kl, experts, div), key="kl_chart")
+
+steered = result.get("steered")
+if steered:
+    s_div = steered["first_divergence"]
+    s_differs = compare_view.diverging_positions(result["dense_ids"], steered["ids"])
+    st.markdown(f"**ToMoE with expert {steered['expert']} forced in layer {steered['layer']}** · "
+                f"first divergence from dense: {'none' if s_div is None else f'token {s_div}'} · mean KL to dense "
+                f"{sum(steered['kl']) / max(len(steered['kl']), 1):.3f} nats (normal routing: "
+                f"{sum(kl) / max(len(kl), 1):.3f})")
+    st.html(compare_view.tokens_html(steered["tokens"], s_differs, s_div, kl=steered["kl"], prompt=result["prompt"]))

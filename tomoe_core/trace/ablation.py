@@ -394,3 +394,19 @@ def run_ablation(model, plan: AblationPlan, progress: Callable[[int, int], None]
             shutil.rmtree(final)
         partial.rename(final)
     return final
+
+
+@contextlib.contextmanager
+def forced_expert(model, layer: int, expert: int):
+    """Steering: every token goes to `expert` in MoE layer `layer` (others route as learned) inside
+    the block, for prompts and generated tokens alike; the learned routing is restored after."""
+    mlps = model.moe_mlps
+    layer = _indices([layer], len(mlps), "layer", "MoE layers")[0]
+    mlp = mlps[layer]
+    expert = _indices([expert], mlp.num_experts, "expert", "experts per layer")[0]
+    previous = mlp.routing_override
+    mlp.routing_override = expert
+    try:
+        yield model
+    finally:
+        mlp.routing_override = previous
