@@ -6,6 +6,12 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -79,3 +85,25 @@ def annotated_run(traced_run) -> Path:
 
     annotate_run(traced_run)
     return traced_run
+
+
+def sibling_log(run: Path, root: Path, budget: float, run_id: str, shuffle: float = 0.0) -> Path:
+    """A copy of `run` relabelled as a log of the same conversion at `budget`, with a share of the
+    expert choices moved to the next expert."""
+    folder = root / f"run_id={run_id}"
+    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("ablation"))
+    meta = json.loads((folder / "run.json").read_text())
+    meta.update(run_id=run_id, budget=budget, conversion=f"{meta['conversion']}-at-p{budget:g}")
+    if shuffle:
+        for part in folder.glob("part-*.parquet"):
+            table = pq.read_table(part)
+            experts = table["expert"].to_numpy().copy()
+            moved = np.random.default_rng(0).random(len(experts)) < shuffle
+            experts[moved] = (experts[moved] + 1) % meta["num_experts"]
+            table = table.set_column(table.schema.get_field_index("expert"), "expert", pa.array(experts, pa.int16()))
+            pq.write_table(table, part)
+        from tomoe_core.trace.routing_log import file_table
+
+        meta["files"] = file_table(folder)  # the checksums of the changed parts
+    (folder / "run.json").write_text(json.dumps(meta))
+    return folder

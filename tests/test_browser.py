@@ -21,6 +21,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PRIMARY_RGB = "rgb(67, 56, 202)"  # theme.primaryColor "#4338ca" in streamlit_config.toml
+STUDIO: dict = {}  # the running studio's fixture cache ("cache"), for tests that add files to it
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(),
@@ -40,6 +41,7 @@ def studio(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("browser-cache")
     studio_fixture.build(cache)
+    STUDIO["cache"] = str(cache)
     shipped = tmp_path_factory.mktemp("no-shipped")
     port = free_port()
     env = {**os.environ, "TOMOE_CACHE": str(cache), "TOMOE_SHIPPED": str(shipped),
@@ -267,4 +269,61 @@ def test_projection_panel_projects_a_preset_and_an_uploaded_config(studio, brows
     panel.scroll_into_view_if_needed()
     ARTIFACTS.mkdir(exist_ok=True)
     panel.screenshot(path=str(ARTIFACTS / "06-projection.png"))
+    page.close()
+
+
+def test_expert_ablation_roles_across_budgets_and_steering(studio, browser):
+    """A researcher's causal path: start the ablation from the Experts page, see the heatmap and the
+    verdicts; a second budget's log brings the cross-budget chart; Compare forces one expert."""
+    from routing_fixtures import sibling_log
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(studio + "/experts")
+    page.get_by_role("heading", name="Expert load").wait_for(timeout=120_000)
+    wait_idle(page)
+    tag = page.get_by_role("button", name="Tag the text (spaCy)")
+    if tag.count():
+        tag.click()
+        page.get_by_role("heading", name="Top tokens of an expert").wait_for(timeout=180_000)
+        wait_idle(page)
+    start = page.get_by_role("button", name="Run expert ablation")
+    start.wait_for(timeout=180_000)  # below the NMI tests and the clustering
+    wait_idle(page)
+    start.scroll_into_view_if_needed()
+    tokens = page.get_by_label("Tokens", exact=True)
+    tokens.fill("128")
+    tokens.press("Enter")
+    time.sleep(0.5)
+    wait_idle(page)
+    cost = page.locator('[data-testid="stCaptionContainer"]', has_text="Cost:").first.inner_text()
+    assert "128 tokens x 3 layers x 4 experts" in cost, cost
+    start.click()
+    page.locator('.st-key-ablation_heatmap [data-testid="stPlotlyChart"]').wait_for(timeout=300_000)
+    wait_idle(page)
+    assert_no_exception(page, "Experts after the ablation")
+    main = page.locator('[data-testid="stMain"]').inner_text()
+    assert "Do the cluster names hold causally?" in main
+    assert "Tokens an expert is most needed for" in main
+    shot(page, "06-experts-ablation")
+
+    cache = Path(STUDIO["cache"])
+    run = cache / "routing" / "run_id=tiny-prompts"
+    sibling_log(run, cache / "routing", 0.3, "tiny-prompts-p0.3", shuffle=0.3)
+    page.goto(studio + "/experts")
+    page.locator('.st-key-budget_agreement [data-testid="stPlotlyChart"]').wait_for(timeout=180_000)
+    wait_idle(page)
+    assert_no_exception(page, "Experts with two budgets")
+    assert "Against p = 0.5" in page.locator('[data-testid="stMain"]').inner_text()
+
+    page.goto(studio + "/compare")
+    page.get_by_role("button", name="Generate side by side").wait_for(timeout=120_000)
+    wait_idle(page)
+    page.get_by_text("Steering (advanced)").click()
+    page.get_by_text("Also generate with one expert forced").click()
+    page.get_by_role("button", name="Generate side by side").click()
+    page.get_by_text("forced in layer", exact=False).first.wait_for(timeout=180_000)
+    wait_idle(page)
+    assert_no_exception(page, "Compare with steering")
+    assert page.locator("span.tok").count() > 0
+    shot(page, "07-compare-steering")
     page.close()

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from routing_fixtures import annotated_run, converted, routing_cache, tokenizer, traced_run  # noqa: F401
+from routing_fixtures import annotated_run, converted, routing_cache, sibling_log, tokenizer, traced_run  # noqa: F401
 from analysis import causal
 
 
@@ -76,33 +76,12 @@ def test_needed_tokens_and_layer_table(ablated_run):
     assert table.loc[1, "others_second"] == pytest.approx(0, abs=1e-6)  # the last layer reaches no other token
 
 
-def _sibling(run: Path, root: Path, budget: float, run_id: str, shuffle: float = 0.0) -> Path:
-    """A copy of `run` relabelled as a log of the same conversion at `budget`, with a share of the
-    expert choices moved to the next expert."""
-    folder = root / f"run_id={run_id}"
-    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("ablation"))
-    meta = json.loads((folder / "run.json").read_text())
-    meta.update(run_id=run_id, budget=budget, conversion=f"{meta['conversion']}-at-p{budget:g}")
-    if shuffle:
-        for part in folder.glob("part-*.parquet"):
-            table = pq.read_table(part)
-            experts = table["expert"].to_numpy().copy()
-            moved = np.random.default_rng(0).random(len(experts)) < shuffle
-            experts[moved] = (experts[moved] + 1) % meta["num_experts"]
-            import pyarrow as pa
-            table = table.set_column(table.schema.get_field_index("expert"), "expert", pa.array(experts, pa.int16()))
-            pq.write_table(table, part)
-        del meta["files"]
-    (folder / "run.json").write_text(json.dumps(meta))
-    return folder
-
-
 def test_budget_siblings_and_agreement(annotated_run, tmp_path):
     from tomoe_core.trace.routing_log import list_runs
 
-    same = _sibling(annotated_run, tmp_path, 0.7, "same")
-    moved = _sibling(annotated_run, tmp_path, 0.3, "moved", shuffle=0.5)
-    other_text = _sibling(annotated_run, tmp_path, 0.9, "other")
+    same = sibling_log(annotated_run, tmp_path, 0.7, "same")
+    moved = sibling_log(annotated_run, tmp_path, 0.3, "moved", shuffle=0.5)
+    other_text = sibling_log(annotated_run, tmp_path, 0.9, "other")
     meta = json.loads((other_text / "run.json").read_text())
     meta["tokens"] += 1
     (other_text / "run.json").write_text(json.dumps(meta))
@@ -180,7 +159,7 @@ def test_experts_page_compares_routing_across_budgets(cache_env, tmp_path, monke
     annotate_run(run)
     at = _experts_page(root, monkeypatch)
     assert any("Trace the same text at other budgets" in c for c in at.caption.values)
-    _sibling(run, root, 0.3, "tiny-prompts-p0.3", shuffle=0.3)
+    sibling_log(run, root, 0.3, "tiny-prompts-p0.3", shuffle=0.3)
     at = _experts_page(root, monkeypatch)
     assert "Roles across budgets" in at.subheader.values
     assert any("Against p = 0.5" in c for c in at.caption.values)
