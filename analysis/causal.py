@@ -149,11 +149,11 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
         holds = bool(low > 0)
         layers = sorted(set(group.layer.astype(int)))
         where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(group)} experts in layers {layers[0]}-{layers[-1]}"
-        label_text = "/".join(tags)
-        sentence = (f"Removing the {name} expert{'s' if len(group) > 1 else ''} ({where}) raises the loss on "
-                    f"{label_text} tokens by {a.mean():.3f} nats and on the others by {b.mean():.3f} "
-                    f"(difference {a.mean() - b.mean():+.3f}, 95 % interval {low:+.3f} to {high:+.3f}): "
-                    + ("the name holds causally." if holds else "the name is not borne out causally."))
+        verdict = ("the name holds causally." if holds else "the opposite holds: the other tokens suffer more."
+                   if high < 0 else "the name is not borne out causally (the interval includes 0).")
+        sentence = (f"Removing the {name} expert{'s' if len(group) > 1 else ''} ({where}) changes the loss on "
+                    f"{'/'.join(tags)} tokens by {a.mean():+.3f} nats and on the others by {b.mean():+.3f} "
+                    f"(difference {a.mean() - b.mean():+.3f}, 95 % interval {low:+.3f} to {high:+.3f}): {verdict}")
         out.append({"cluster_name": name, "experts": len(group), "named": float(a.mean()), "others": float(b.mean()),
                     "diff": float(a.mean() - b.mean()), "low": float(low), "high": float(high), "holds": holds,
                     "sentence": sentence})

@@ -61,7 +61,7 @@ def test_cluster_verdict_says_holds_only_when_the_named_tag_suffers_more(ablated
     verdicts = causal.cluster_verdicts(ablated_run, experts).set_index("cluster_name")
     assert verdicts.loc[worst, "diff"] > 0 > verdicts.loc[best, "diff"]
     assert not verdicts.loc[best, "holds"]
-    assert "not borne out" in verdicts.loc[best, "sentence"]
+    assert "the name holds causally" not in verdicts.loc[best, "sentence"]
     assert f"on {best} tokens by" in verdicts.loc[best, "sentence"]
     mixed = causal.cluster_verdicts(ablated_run, experts.assign(cluster_name="mixed"))
     assert mixed.empty  # no tag named, no claim to test
@@ -180,3 +180,23 @@ def test_compare_steering_forces_one_expert_beside_dense_and_normal(cache_env):
     assert "**Dense**" in text and "ToMoE with expert 3 forced in layer 1" in text and "normal routing" in text
     html = [h.proto.body for h in at.get("html")]
     assert len([h for h in html if "KL to dense" in h]) >= 2  # the normal and the steered continuation
+
+
+def test_causal_report_command_prints_tables_and_writes_json(ablated_run, tmp_path, capsys):
+    from analysis import causal_report
+
+    out = tmp_path / "report.json"
+    assert causal_report.main([str(ablated_run), "--min-tokens", "1", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| layer | routed_second |" in printed and "\n| 0 | " in printed  # layers print as integers
+    report = json.loads(out.read_text())
+    assert [r["layer"] for r in report["layers"]] == [0, 1]
+    assert set(report["verdicts"]) == {"second", "random"}
+
+
+def test_causal_report_refuses_a_run_without_ablation(annotated_run, tmp_path, capsys):
+    from analysis import causal_report
+
+    bare = sibling_log(annotated_run, tmp_path, 0.5, "bare")
+    assert causal_report.main([str(bare)]) == 2
+    assert "has no expert ablation" in capsys.readouterr().err
