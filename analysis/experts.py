@@ -346,6 +346,9 @@ def cluster_experts(counts: pd.DataFrame, min_tokens: int = 50, k_range=range(2,
     most = min(n - 1, len(np.unique(x.round(12), axis=0)))  # KMeans cannot make more clusters than distinct rows
     ks = sorted({kk for kk in k_range if 2 <= kk <= most} | ({k} if k and 2 <= k <= most else set()))
     if not ks:
+        if n > 2 and most < 2:  # e.g. a tag column with a single value: every profile is zero
+            raise ValueError(f"the {n} experts with at least {min_tokens} tokens all have the same tag profile "
+                             f"({profiles.shape[1]} distinct tag(s) in the log): nothing to cluster")
         raise ValueError(f"{n} experts have at least {min_tokens} tokens: too few to cluster; "
                          "trace more text or lower min_tokens")
     if k is not None and k not in ks:

@@ -39,8 +39,26 @@ def load_heatmap(load: pd.DataFrame, title: str = "Share of tokens per expert") 
 NO_DATA_COLOR = "#d9d9d9"  # heatmap cells without data: grey with a dot, never white (white is 1x)
 
 
+MAX_TAGS = 20  # a heatmap keeps the most frequent tags as columns and pools the rest (XPOS has ~50)
+OTHER_TAGS = "other"
+
+
+def top_tags(counts: pd.DataFrame, max_tags: int = MAX_TAGS) -> pd.DataFrame:
+    """`counts` (column `pos`, `tokens`) with the tags beyond the `max_tags` most frequent pooled as
+    "other (N tags)"."""
+    totals = counts.groupby("pos")["tokens"].sum().sort_values(ascending=False, kind="stable")
+    if len(totals) <= max_tags:
+        return counts
+    keep = set(totals.index[: max_tags - 1])
+    pooled = f"{OTHER_TAGS} ({len(totals) - len(keep)} tags)"
+    out = counts.assign(pos=counts["pos"].where(counts["pos"].isin(keep), pooled))
+    keys = [c for c in out.columns if c not in ("tokens",)]
+    return out.groupby(keys, as_index=False, sort=False)["tokens"].sum()
+
+
 def lift_heatmap(counts: pd.DataFrame, layer: int | None = None, min_tokens: int = 0,
-                 title: str | None = None, num_experts: int | None = None) -> go.Figure:
+                 title: str | None = None, num_experts: int | None = None, tag_name: str = "universal POS",
+                 max_tags: int = MAX_TAGS) -> go.Figure:
     """Expert x POS lift (P(pos | expert) / P(pos | layer)), log2 colour scale centred on 1x.
 
     counts: columns layer, expert, pos, tokens — `queries.expert_pos`. layer: one layer
@@ -51,7 +69,7 @@ def lift_heatmap(counts: pd.DataFrame, layer: int | None = None, min_tokens: int
     """
     from .experts import pos_profiles
 
-    prof = pos_profiles(counts)
+    prof = pos_profiles(top_tags(counts, max_tags))
     if layer is not None:
         prof = prof[prof.layer == layer]
     prof = prof[prof.expert_tokens >= min_tokens]
@@ -89,9 +107,10 @@ def lift_heatmap(counts: pd.DataFrame, layer: int | None = None, min_tokens: int
         colorbar=dict(title="lift", tickvals=[-3, -2, -1, 0, 1, 2, 3],
                       ticktext=["<=1/8x", "1/4x", "1/2x", "1x", "2x", "4x", ">=8x"]),
         hovertemplate="%{y} %{x}: %{customdata}<extra></extra>", name="lift"))
-    fig.update_layout(title=title or ("Expert x POS lift" + (f", layer {layer}" if layer is not None else "")
+    short = "POS" if tag_name == "universal POS" else tag_name
+    fig.update_layout(title=title or (f"Expert x {short} lift" + (f", layer {layer}" if layer is not None else "")
                                       + " (grey with a dot: no data)"),
-                      xaxis_title="universal POS", yaxis_title="expert", yaxis_autorange="reversed",
+                      xaxis_title=tag_name, yaxis_title="expert", yaxis_autorange="reversed",
                       height=max(350, 18 * len(rows) + 150))
     return fig
 

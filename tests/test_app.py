@@ -364,6 +364,52 @@ def test_experts_page_gold_conllu_run_against_spacy(cache_env, tmp_path, monkeyp
                                     for m in at.metric)  # the card names the tags it measured
 
 
+def test_experts_page_single_valued_tag_column_and_named_tag_axes(cache_env, tmp_path, monkeypatch):
+    """A treebank whose deprel is 'dep' everywhere: a message instead of 'nan %' and a false 'too few
+    to cluster'; the XPOS heatmap is titled and labelled XPOS, not POS."""
+    from tomoe_core.trace import routing_log
+    from tomoe_core.trace import run as trace
+
+    lines = []
+    for line in (ROOT / "tests" / "data" / "en_sample.conllu").read_text().splitlines():
+        cols = line.split("\t")
+        if len(cols) == 10 and cols[0].isdigit():
+            cols[7] = "dep"
+        lines.append("\t".join(cols))
+    flat = tmp_path / "flat.conllu"
+    flat.write_text("\n".join(lines) + "\n")
+    root = tmp_path / "routing"
+    trace.trace_run(cache_env / "conversions" / studio_fixture.CONVERSION, source=str(flat), seq_len=64,
+                    run_id="flat", root=root)
+    monkeypatch.setattr(routing_log, "routing_root", lambda: root)
+    at = run_page("experts")
+    at.radio(key="experts_tags").set_value("gold deprel").run()
+    assert not at.exception
+    assert any("gold deprel has a single value in this log ('dep'" in i.value for i in at.info)
+    assert not any("nan" in str(m.value) for m in at.metric)
+    assert not any("too few to cluster" in i.value for i in at.info)
+    at.radio(key="experts_tags").set_value("gold XPOS").run()
+    assert not at.exception
+    lift = [c for c in at.get("plotly_chart") if "lift" in c.proto.spec][0]
+    spec = json.loads(lift.proto.spec)
+    assert spec["layout"]["title"]["text"].startswith("Expert x gold XPOS lift")
+    assert spec["layout"]["xaxis"]["title"]["text"] == "gold XPOS"
+
+
+def test_lift_heatmap_pools_rare_tags_beyond_the_most_frequent():
+    import pandas as pd
+
+    from analysis import routing_figures as figs
+
+    tags = [f"T{i:02d}" for i in range(30)]
+    counts = pd.DataFrame({"layer": 0, "expert": [i % 3 for i in range(30)], "pos": tags,
+                           "tokens": list(range(100, 70, -1))})
+    fig = figs.lift_heatmap(counts, layer=0, max_tags=10)
+    columns = list(fig.data[-1].x)
+    assert len(columns) == 10 and columns[-1] == "other (21 tags)" and "T00" in columns and "T29" not in columns
+    assert figs.top_tags(counts, 10)["tokens"].sum() == counts["tokens"].sum()
+
+
 def test_runs_page_conversion_job_runs_to_completion_with_progress(cache_env, tmp_path, monkeypatch):
     """Start a (tiny) conversion from the form; the page shows step progress and, when it ends,
     lists the new conversion."""

@@ -242,7 +242,8 @@ if sources:
                   for name in ("spaCy UPOS", "gold UPOS", "gold deprel")}
         g3.metric("NMI spaCy / gold UPOS", f"{tables['spaCy UPOS']['nmi'].median():.3f} / "
                                            f"{tables['gold UPOS']['nmi'].median():.3f}", help=HELP["nmi"])
-        g4.metric("NMI gold deprel", f"{tables['gold deprel']['nmi'].median():.3f}",
+        deprel_nmi = tables["gold deprel"]["nmi"].median() if len(tables["gold deprel"]) else float("nan")
+        g4.metric("NMI gold deprel", "none in the treebank" if pd.isna(deprel_nmi) else f"{deprel_nmi:.3f}",
                   help=HELP["nmi"] + " " + HELP["deprel"])
         left, right = st.columns(2, gap="large")
         left.plotly_chart(figures.nmi_compare_figure(tables, "NMI(expert; tag) per layer: spaCy vs gold"),
@@ -251,6 +252,13 @@ if sources:
             "tokens": st.column_config.NumberColumn("tokens", help="Tokens with this pair of tags.")})
         right.caption("The most frequent disagreements: spaCy's UPOS against the treebank's.")
 
+    tag_counts = cached("expert_pos", run_key, label=label)
+    distinct = sorted(tag_counts["pos"].dropna().unique())
+    if len(distinct) < 2:
+        st.info(f"{source_name} has a single value in this log ({distinct[0] if distinct else 'none'!r} for every "
+                "tagged token): no expert can be told apart by it, so there is no NMI, lift or clustering to show. "
+                "Pick another tag source above.", icon="ℹ️")
+if sources and len(distinct) >= 2:
     nmi, used, total = cached_nmi(run_key, permutations, label)
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("NMI, median", f"{nmi['nmi'].median():.3f}",
@@ -267,8 +275,8 @@ if sources:
         st.caption(f"NMI on a random {used:,} of the {total:,} tagged tokens (the same tokens in every layer).")
     left, right = st.columns(2, gap="large")
     with left:
-        lift_fig = figures.lift_heatmap(cached("expert_pos", run_key, label=label), layer=layer,
-                                        num_experts=num_experts)
+        lift_fig = figures.lift_heatmap(tag_counts, layer=layer, num_experts=num_experts,
+                                        tag_name="universal POS" if label in ("pos", "gold_upos") else source_name)
         st.plotly_chart(lift_fig, key="lift_heatmap")
         st.caption("Lift: " + HELP["lift"])
     with right:
