@@ -296,6 +296,14 @@ def test_runs_page_trace_estimate_and_run_id_rule(cache_env):
     assert not at.exception
     assert any("Run id '..' is not a plain name" in e.value for e in at.error)
     assert {j.id for j in jobs.list_jobs()} == before
+    at.run()  # a rerun, as when a background job finishes and refreshes the page: the reason stays
+    assert any("Run id '..' is not a plain name" in e.value for e in at.error)
+    at.text_input(key="trace_run_id").input("fine-name")
+    [b for b in at.button if b.label == "Start trace"][0].click().run()  # the next attempt replaces it
+    assert not any("is not a plain name" in e.value for e in at.error)
+    for job in jobs.list_jobs():
+        if job.id not in before:
+            jobs.cancel(job)
 
 
 def test_experts_page_tags_then_shows_roles_and_drills_down(cache_env):

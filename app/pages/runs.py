@@ -22,6 +22,19 @@ cat = ui.read_catalog()
 ui.show_problems(cat.problems)
 
 
+
+def _refuse(form: str, message: str) -> None:
+    """Why a start was refused: kept in the session so that a rerun (a job finishing refreshes the
+    page) does not wipe it; shown until the next attempt."""
+    st.session_state[f"refused::{form}"] = message
+
+
+def _show_refusal(form: str) -> None:
+    message = st.session_state.get(f"refused::{form}")
+    if message:
+        st.error(message)
+
+
 # -- background jobs ------------------------------------------------------------------------------
 def _job_row(job) -> None:
     state = jobs.status(job)
@@ -40,7 +53,7 @@ def _job_row(job) -> None:
             st.rerun(scope="app")
         if total:
             frac = min(1.0, (done or 0) / total)
-            unit = {"convert": "steps", "trace": "tokens", "speed": "repeats"}.get(job.kind, "done")
+            unit = {"convert": "steps", "trace": "tokens", "speed": "repeats", "ablate": "passes"}.get(job.kind, "done")
             text = f"{done or 0} / {total} {unit}"
             if last:
                 text += (f" · loss {last.get('loss', float('nan')):.3f} · active ratio {last.get('det_ratio', last.get('ratio', 0)):.3f}"
@@ -96,8 +109,9 @@ with st.form("convert"):
 
 
 def start_conversion() -> None:
+    st.session_state.pop("refused::convert", None)
     if not model.strip():
-        st.error("Dense model: type a built-in name (smollm2-135m, gemma3-270m), a checkpoint folder or a .gguf file.")
+        _refuse("convert", "Dense model: type a built-in name (smollm2-135m, gemma3-270m), a checkpoint folder or a .gguf file.")
         return
     try:  # every path the user typed stays inside the cache and data folders
         model_arg = paths.confine_model(model)
@@ -107,10 +121,10 @@ def start_conversion() -> None:
         output = Conversion(paths.confine_child(safe_name(name or default), conversions_dir(), "Output name"))
         extra_args = paths.check_extra_options(shlex.split(extra), paths.CONVERT_PATH_OPTIONS, "Extra convert options")
     except ValueError as err:
-        st.error(str(err))
+        _refuse("convert", str(err))
         return
     if output.metadata_path.exists():
-        st.error(f"`{output.name}` is already a finished conversion: choose another output name.")
+        _refuse("convert", f"`{output.name}` is already a finished conversion: choose another output name.")
         return
     argv = jobs.python_argv("-m", "tomoe_core", "convert", "--model", model_arg, "--budget", f"{budget:g}",
                             "--experts", str(int(experts)), "--steps", str(int(steps)), "--text", text_arg,
@@ -119,7 +133,7 @@ def start_conversion() -> None:
         jobs.start_job("convert", argv, label=output.name, output=output.path, progress_log=output.progress_log,
                        total=int(steps))
     except jobs.JobError as err:
-        st.error(f"Output name: {err}")
+        _refuse("convert", f"Output name: {err}")
         return
     st.toast(f"Started conversion {output.name}")
     time.sleep(0.2)
@@ -128,6 +142,7 @@ def start_conversion() -> None:
 
 if start:
     start_conversion()
+_show_refusal("convert")
 
 # -- conversions ----------------------------------------------------------------------------------
 st.subheader("Conversions")
@@ -217,11 +232,12 @@ with st.container(border=True):  # not a form: the time estimate follows the siz
 
 
 def start_trace() -> None:
+    st.session_state.pop("refused::trace", None)
     if not ready:
-        st.error("No materialised conversion: open Compare once (it rebuilds the shipped one) or convert one.")
+        _refuse("trace", "No materialised conversion: open Compare once (it rebuilds the shipped one) or convert one.")
         return
     if source != "wiki held-out split" and not prompts.strip():
-        st.error("Type prompts (one per line) or a file path for the chosen text.")
+        _refuse("trace", "Type prompts (one per line) or a file path for the chosen text.")
         return
     conv_path = {c.name: c.path for c in cat.conversions}[conv_name]
     argv = jobs.python_argv("-m", "tomoe_core", "trace", str(conv_path), "--max-tokens", str(int(max_tokens)))
@@ -237,12 +253,12 @@ def start_trace() -> None:
         run_id = paths.routing_run_id(run_name) if run_name.strip() else routing_log.default_run_id(conv_path, text_name)
         output = paths.confine_child(f"run_id={run_id}", routing_log.routing_root(), "Run id")
         if output.exists():
-            st.error(f"Run id: a routing log `{run_id}` exists already: choose another run id.")
+            _refuse("trace", f"Run id: a routing log `{run_id}` exists already: choose another run id.")
             return
         jobs.start_job("trace", argv + ["--run-id", run_id], label=f"trace {run_id}", output=output,
                        total=int(max_tokens))
     except (ValueError, jobs.JobError) as err:
-        st.error(str(err))
+        _refuse("trace", str(err))
         return
     st.toast(f"Started trace {run_id}")
     time.sleep(0.2)
@@ -251,3 +267,4 @@ def start_trace() -> None:
 
 if go:
     start_trace()
+_show_refusal("trace")
