@@ -44,5 +44,11 @@ def format_flops(n: float) -> str:
 
 
 def format_usd(x: float | None) -> str:
-    """Cents from $1 up ($2.00, $1,234.50), three significant figures below ($0.445)."""
-    return "—" if x is None or math.isnan(x) else (f"${x:,.2f}" if x >= 1 else f"${x:.3g}")
+    """Cents from $1 up ($2.00, $999.50), three significant figures below ($0.445) and from $1,000
+    ($14.8k, $2.35M): a card has room for about eight characters."""
+    if x is None or math.isnan(x):
+        return "—"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"${x / scale:.3g}{suffix}"
+    return f"${x:,.2f}" if x >= 1 else f"${x:.3g}"

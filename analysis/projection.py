@@ -101,13 +101,15 @@ class Device:
     price_per_hour: float  # a typical on-demand cloud price in USD; the user edits it
 
 
+# Names short enough for the studio's hardware box (about 24 characters at 1280 px), details in DEVICE_NOTES.
 DEVICE_PRESETS = {d.name: d for d in (
     Device("NVIDIA H100 SXM 80GB", 3350, 989, 80, 2.50),
     Device("NVIDIA H200 141GB", 4800, 989, 141, 3.50),
     Device("NVIDIA A100 SXM 80GB", 2039, 312, 80, 1.50),
     Device("NVIDIA L4 24GB", 300, 121, 24, 0.70),
-    Device("CPU server, one socket, 8-channel DDR5-4800", 307, 4, 512, 1.00),
+    Device("CPU server, DDR5", 307, 4, 512, 1.00),  # one socket, 8 channels of DDR5-4800
 )}
+DEVICE_NOTES = {"CPU server, DDR5": "one socket, 8 channels of DDR5-4800"}
 LAYOUTS = {"indexed": "one copy of the weights; each token gathers its expert's rows",
            "shared": "one copy of the weights; experts index into the union",
            "packed": "each expert's weights stored contiguously: about E x p x the MLP memory"}

@@ -40,7 +40,10 @@ def _render(budget: float, measured_curve: pd.DataFrame, measured_label: str, la
         else:
             shape = projection.MODEL_PRESETS[st.session_state["proj_model"]]
         ui.keep("proj_device", next(iter(projection.DEVICE_PRESETS)))
-        st.selectbox("Hardware", list(projection.DEVICE_PRESETS), key="proj_device")
+        st.selectbox("Hardware", list(projection.DEVICE_PRESETS), key="proj_device",
+                     help="; ".join(f"{name}: {d.bandwidth_gb_s:,.0f} GB/s, {d.tflops:g} TFLOP/s, {d.memory_gb:g} GB"
+                                    + (f" ({projection.DEVICE_NOTES[name]})" if name in projection.DEVICE_NOTES else "")
+                                    for name, d in projection.DEVICE_PRESETS.items()))
         preset = projection.DEVICE_PRESETS[st.session_state["proj_device"]]
         fields = (("bw", "Memory bandwidth (GB/s)", preset.bandwidth_gb_s, 1.0, 100.0),
                   ("tflops", "Peak TFLOP/s (bf16, dense)", preset.tflops, 0.1, 10.0),
@@ -129,11 +132,14 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
     else:
         row[0].metric("$/M tokens, batch 1", usd(one.usd_per_million(price)),
                       **delta(one.usd_per_million(price), one.dense_usd_per_million(price)),
-                      border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6; dense "
+                      border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6 = "
+                                        f"${one.usd_per_million(price) or 0:,.2f}; dense "
                                         f"{usd(one.dense_usd_per_million(price))}")
         row[1].metric(f"$/M tokens, batch {batch}", usd(many.usd_per_million(price)),
                       **delta(many.usd_per_million(price), many.dense_usd_per_million(price)),
-                      border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6; dense {usd(many.dense_usd_per_million(price))}")
+                      border=True, help=f"projection: ${price:.2f}/h / (tokens/s x 3600) x 1e6 = "
+                                        f"${many.usd_per_million(price) or 0:,.2f}; dense "
+                                        f"{usd(many.dense_usd_per_million(price))}")
     row[2].metric("KV cache", f"{many.kv_cache_bytes / 1e9:,.2f} GB", border=True,
                   help=f"projection: 2 x L x KV heads x head dim x {context} tokens x {batch} sequences")
     row[3].metric("FLOPs / token", f"{one.flops_per_token / 1e9:,.1f} G",

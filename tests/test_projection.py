@@ -176,3 +176,19 @@ def test_a_model_that_needs_two_devices_is_projected_on_two():
     assert "fits in 160 GB" in projection.fits(on_pair.dense_weight_bytes, on_pair.kv_cache_bytes, pair)
     assert projection.device_group(h100, 1) is h100
     assert projection.devices_needed(1e9, 0, h100) == 1
+
+
+def test_card_prices_fit_a_card_and_keep_their_exact_value_in_words():
+    from analysis.card_format import format_usd
+
+    assert format_usd(14842.73) == "$14.8k"
+    assert format_usd(2_350_000) == "$2.35M"
+    assert format_usd(999.5) == "$999.50" and format_usd(0.4451) == "$0.445" and format_usd(None) == "—"
+    assert all(len(format_usd(x)) <= 8 for x in (0.001234, 1.5, 999.99, 1234.5, 98765.4, 1.2e7, 3.4e10))
+
+
+def test_hardware_preset_names_fit_the_hardware_box():
+    from analysis import projection
+
+    assert all(len(name) <= 24 for name in projection.DEVICE_PRESETS)
+    assert set(projection.DEVICE_NOTES) <= set(projection.DEVICE_PRESETS)
