@@ -192,3 +192,19 @@ def test_hardware_preset_names_fit_the_hardware_box():
 
     assert all(len(name) <= 24 for name in projection.DEVICE_PRESETS)
     assert set(projection.DEVICE_NOTES) <= set(projection.DEVICE_PRESETS)
+
+
+def test_published_points_have_their_own_axis_not_the_mlp_budget():
+    """The paper reports the share of all parameters active; our p is the share of MLP weights: two axes."""
+    import pandas as pd
+
+    from analysis import projection as P
+
+    fig = P.quality_reference_figure(pd.DataFrame({"budget": [0.5, 0.7], "ratio": [2.4, 1.6]}), "ToMoE on m")
+    by_name = {t.name: t for t in fig.data}
+    published = next(t for name, t in by_name.items() if name.startswith("published"))
+    measured = next(t for name, t in by_name.items() if name.startswith("measured"))
+    assert published.xaxis == "x2" and measured.xaxis in (None, "x")
+    assert "MLP budget p" in fig.layout.xaxis.title.text
+    assert "share of all parameters" in fig.layout.xaxis2.title.text
+    assert fig.layout.xaxis2.overlaying == "x" and list(fig.layout.xaxis.range) == list(fig.layout.xaxis2.range)
