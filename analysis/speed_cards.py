@@ -17,7 +17,7 @@ import pandas as pd
 # every budget measured in one run under one protocol. The cards read one of these, never a mix.
 SPEED_FILES = ("speed_benchmark.json", "speed_benchmark-cuda.json")
 SPEED_COLUMNS = ["model", "machine", "layout", "threads", "batch", "budget", "decode_tokens_per_s",
-                 "decode_speedup_iqr", "prefill_tokens_per_s", "peak_memory_mb", "peak_memory_kind", "source"]
+                 "decode_speedup", "decode_speedup_iqr", "prefill_tokens_per_s", "peak_memory_mb", "peak_memory_kind", "source"]
 
 
 def speed_sources(results: dict[str, dict]) -> list[str]:
@@ -40,7 +40,7 @@ def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFr
         rows.append({"model": str(res.get("model")), "machine": _machine_label(machine, res.get("dtype")),
                      "layout": r.get("layout") or "dense", "threads": threads, "batch": r.get("batch", 1),
                      "budget": r.get("budget"), "decode_tokens_per_s": r.get("decode_tokens_per_s"),
-                     "decode_speedup_iqr": r.get("decode_speedup_iqr"),
+                     "decode_speedup": r.get("decode_speedup"), "decode_speedup_iqr": r.get("decode_speedup_iqr"),
                      "prefill_tokens_per_s": r.get("prefill_tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
                      "peak_memory_kind": r.get("peak_memory_kind"), "source": source})
     return pd.DataFrame(rows, columns=SPEED_COLUMNS)
@@ -50,7 +50,8 @@ def _machine_label(machine: dict, dtype: str | None = None) -> str:
     if machine.get("gpu"):
         label = str(machine["gpu"])
     elif machine.get("cpu_count"):
-        label = f"CPU, {machine['cpu_count']} cores"
+        model = machine.get("cpu_model") or "CPU model not recorded"
+        label = f"{model}, {machine['cpu_count']} cores"
     else:
         label = str(machine.get("platform", "unknown machine"))
     return f"{label}, {dtype}" if dtype else label
@@ -117,6 +118,17 @@ class SpeedAtBudget:
     setting: str  # machine, layout, threads, batch, file
     speedup_iqr: list | None = None  # [q1, q3] of the paired per-repeat speed ratios to dense, where measured
     memory_kind: str | None = None  # what the peak memory is (peak RSS of a fresh process ...)
+    speedup: float | None = None  # median of the paired per-repeat ratios to dense, where measured: THE figure
+    within_noise_of: list | None = None  # measured budgets whose speed-ratio IQR overlaps this one's
+
+    def speed_ratio(self) -> float | None:
+        """The speed ratio to dense the studio quotes everywhere (card delta, tooltip): the paired median
+        where this budget was measured, else tokens/s over dense tokens/s of the curve."""
+        if self.speedup is not None:
+            return self.speedup
+        if self.tokens_per_s.value is None or not self.dense_tokens_per_s:
+            return None
+        return self.tokens_per_s.value / self.dense_tokens_per_s
 
 
 def speed_at_budget(speed: pd.DataFrame, budget: float, layout: str, threads: int | None, batch: int,
@@ -139,12 +151,20 @@ def speed_at_budget(speed: pd.DataFrame, budget: float, layout: str, threads: in
     source = speed["source"].iloc[0] if not speed.empty else "?"
     thread_words = "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
     setting = f"{machine}, {layout} layout{thread_words}, batch {batch}; {source}"
-    iqr = None
+    iqr, speedup, noise = None, None, None
     if tps.status == "measured":
-        at = conv[(conv["budget"] - budget).abs() <= tol]["decode_speedup_iqr"]
-        iqr = at.iloc[0] if not at.empty and isinstance(at.iloc[0], (list, tuple)) else None
+        at = conv[(conv["budget"] - budget).abs() <= tol]
+        iqr = at["decode_speedup_iqr"].iloc[0] if not at.empty and isinstance(at["decode_speedup_iqr"].iloc[0],
+                                                                              (list, tuple)) else None
+        value = at["decode_speedup"].iloc[0] if not at.empty else None
+        speedup = float(value) if value is not None and not pd.isna(value) else None
+        if iqr is not None:
+            noise = [float(b) for b, other in zip(conv["budget"], conv["decode_speedup_iqr"])
+                     if abs(b - budget) > tol and isinstance(other, (list, tuple))
+                     and other[0] <= iqr[1] and iqr[0] <= other[1]]
     kinds = sel["peak_memory_kind"].dropna()
-    return SpeedAtBudget(tps, memory, dense_tps, dense_mb, setting, iqr, str(kinds.iloc[0]) if not kinds.empty else None)
+    return SpeedAtBudget(tps, memory, dense_tps, dense_mb, setting, iqr, str(kinds.iloc[0]) if not kinds.empty else None,
+                         speedup, sorted(noise) if noise else None)
 
 
 def structural_speed_summary(results: dict[str, dict]) -> str | None:

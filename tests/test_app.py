@@ -67,6 +67,23 @@ def test_budget_explorer_slider_moves_every_cost_kpi(cache_env):
     assert 30.0 < float(metrics(at)["Perplexity (interpolated)"]) < 40.0
 
 
+def test_speed_card_quotes_one_statistic_and_says_within_noise(cache_env):
+    """The Tokens/s card's delta and its tooltip quote the same figure, the file's paired median ratio
+    (1.15x here), not the ratio of the two medians (120 / 100 = 1.2x); overlapping IQRs of neighbouring
+    budgets are called within noise; the setting names the CPU model."""
+    at = run_page()
+    card = next(m for m in at.metric if m.label == "Tokens/s")
+    assert at.selectbox(key="layout").value == "indexed"
+    assert card.proto.delta == "+15% vs dense"
+    assert "median 1.15x, IQR 1.10-1.20x" in card.proto.help
+    assert "within noise of p = 0.7" in card.proto.help
+    assert "Fixture CPU 9000" in card.proto.help
+    assert any("within noise of p = 0.7" in c for c in at.caption.values)
+    at.slider(key="budget").set_value(0.6).run()  # interpolated: no paired median exists there
+    card = next(m for m in at.metric if m.label.startswith("Tokens/s"))
+    assert "median" not in card.proto.help and card.proto.delta == "+15% vs dense"  # 115 / 100
+
+
 @pytest.fixture()
 def conditioned_cache(cache_env, tmp_path, monkeypatch) -> Path:
     """A copy of the studio cache whose conversion says it is budget-conditioned (0.3-1.0)."""

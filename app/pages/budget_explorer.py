@@ -126,11 +126,16 @@ with cards:
         st.caption(f"Speed, memory and cost: {missing}.")
     else:
         t, m = at_speed.tokens_per_s, at_speed.memory_mb
-        spread = (f"; paired ratio to dense over repeats: median {tps / dense_tps:.2f}x, IQR "
+        ratio = at_speed.speed_ratio()
+        spread = (f"; paired ratio to dense over repeats: median {at_speed.speedup:.2f}x, IQR "
                   f"{at_speed.speedup_iqr[0]:.2f}-{at_speed.speedup_iqr[1]:.2f}x"
-                  if at_speed.speedup_iqr and tps and dense_tps else "")
+                  if at_speed.speedup is not None and at_speed.speedup_iqr else "")
+        if at_speed.within_noise_of:
+            spread += (f"; within noise of p = {', '.join(f'{b:g}' for b in at_speed.within_noise_of)} "
+                       "(their IQRs overlap: no order between them is measured)")
         row1[2].metric(f"Tokens/s{SUFFIX.get(t.status, '')}", fmt_tps(t.value),
-                       **card_format.metric_delta(t.value, dense_tps, lower_is_better=False), border=True,
+                       **card_format.metric_delta(ratio, 1.0 if ratio is not None else None, lower_is_better=False),
+                       border=True,
                        help=f"greedy decode, new tokens per second over all {st.session_state['batch']} sequence(s); "
                             f"{t.how}; {at_speed.setting}{spread}")
         memory_unit = card_format.memory_unit(m.value, at_speed.dense_memory_mb)  # card and help in one unit
@@ -147,8 +152,11 @@ with cards:
                            **card_format.metric_delta(usd, dense_usd, lower_is_better=True), border=True,
                            help=f"price per hour / (tokens/s x 3600) x 1e6 at ${price:.2f}/h and the tokens/s "
                                 f"beside it ({t.how})")
+        noise = (f" Its speed is within noise of p = {', '.join(f'{b:g}' for b in at_speed.within_noise_of)}: "
+                 "their paired-ratio IQRs overlap, so no order between them is measured."
+                 if at_speed.within_noise_of else "")
         st.caption(f"Speed and memory at p = {budget:g}: tokens/s {t.how}; memory {m.how}. "
-                   f"Measured on {at_speed.setting}.")
+                   f"Measured on {at_speed.setting}.{noise}")
         if price <= 0:
             st.info("The price per hour is 0, so every budget costs $0 per million tokens: enter what this "
                     "machine costs you to compare costs.", icon=":material/payments:")

@@ -12,11 +12,24 @@ import sys
 from ..moe.atomic import _libc
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (speed depends on it: cache size, AMX/AVX-512): /proc/cpuinfo on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine_info(device: str = "cpu") -> dict:
     import torch
 
     info = {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device)}
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
