@@ -17,7 +17,8 @@ import pandas as pd
 # every budget measured in one run under one protocol. The cards read one of these, never a mix.
 SPEED_FILES = ("speed_benchmark.json", "speed_benchmark-cuda.json")
 SPEED_COLUMNS = ["model", "machine", "layout", "threads", "batch", "budget", "decode_tokens_per_s",
-                 "decode_speedup", "decode_speedup_iqr", "prefill_tokens_per_s", "peak_memory_mb", "peak_memory_kind", "source"]
+                 "decode_speedup", "decode_speedup_iqr", "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_iqr",
+                 "peak_memory_mb", "peak_memory_kind", "source"]
 
 
 def speed_sources(results: dict[str, dict]) -> list[str]:
@@ -41,7 +42,8 @@ def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFr
                      "layout": r.get("layout") or "dense", "threads": threads, "batch": r.get("batch", 1),
                      "budget": r.get("budget"), "decode_tokens_per_s": r.get("decode_tokens_per_s"),
                      "decode_speedup": r.get("decode_speedup"), "decode_speedup_iqr": r.get("decode_speedup_iqr"),
-                     "prefill_tokens_per_s": r.get("prefill_tokens_per_s"), "peak_memory_mb": r.get("peak_memory_mb"),
+                     "prefill_tokens_per_s": r.get("prefill_tokens_per_s"), "prefill_speedup": r.get("prefill_speedup"),
+                     "prefill_speedup_iqr": r.get("prefill_speedup_iqr"), "peak_memory_mb": r.get("peak_memory_mb"),
                      "peak_memory_kind": r.get("peak_memory_kind"), "source": source})
     return pd.DataFrame(rows, columns=SPEED_COLUMNS)
 
@@ -151,20 +153,59 @@ def speed_at_budget(speed: pd.DataFrame, budget: float, layout: str, threads: in
     source = speed["source"].iloc[0] if not speed.empty else "?"
     thread_words = "" if threads is None else f", {threads} thread{'s' if threads != 1 else ''}"
     setting = f"{machine}, {layout} layout{thread_words}, batch {batch}; {source}"
-    iqr, speedup, noise = None, None, None
-    if tps.status == "measured":
-        at = conv[(conv["budget"] - budget).abs() <= tol]
-        iqr = at["decode_speedup_iqr"].iloc[0] if not at.empty and isinstance(at["decode_speedup_iqr"].iloc[0],
-                                                                              (list, tuple)) else None
-        value = at["decode_speedup"].iloc[0] if not at.empty else None
-        speedup = float(value) if value is not None and not pd.isna(value) else None
-        if iqr is not None:
-            noise = [float(b) for b, other in zip(conv["budget"], conv["decode_speedup_iqr"])
-                     if abs(b - budget) > tol and isinstance(other, (list, tuple))
-                     and other[0] <= iqr[1] and iqr[0] <= other[1]]
+    speedup, iqr, noise = _paired(conv, budget, tol, "decode") if tps.status == "measured" else (None, None, None)
     kinds = sel["peak_memory_kind"].dropna()
     return SpeedAtBudget(tps, memory, dense_tps, dense_mb, setting, iqr, str(kinds.iloc[0]) if not kinds.empty else None,
-                         speedup, sorted(noise) if noise else None)
+                         speedup, noise)
+
+
+def _paired(rows: pd.DataFrame, budget: float, tol: float, what: str) -> tuple:
+    """(paired median ratio to dense, its IQR, measured budgets whose IQR overlaps it) of `what`
+    ("decode" or "prefill") at a measured budget, from one layout's rows."""
+    at = rows[(rows["budget"] - budget).abs() <= tol]
+    if at.empty:
+        return None, None, None
+    value, iqr = at[f"{what}_speedup"].iloc[0], at[f"{what}_speedup_iqr"].iloc[0]
+    speedup = float(value) if value is not None and not pd.isna(value) else None
+    iqr = list(iqr) if isinstance(iqr, (list, tuple)) else None
+    noise = None
+    if iqr is not None:
+        noise = sorted(float(b) for b, other in zip(rows["budget"], rows[f"{what}_speedup_iqr"])
+                       if abs(b - budget) > tol and isinstance(other, (list, tuple))
+                       and other[0] <= iqr[1] and iqr[0] <= other[1]) or None
+    return speedup, iqr, noise
+
+
+@dataclass
+class PrefillAtBudget:
+    tokens_per_s: CurveValue
+    dense_tokens_per_s: float | None
+    speedup: float | None  # paired median ratio to dense, where measured
+    speedup_iqr: list | None
+
+    def speed_ratio(self) -> float | None:
+        if self.speedup is not None:
+            return self.speedup
+        if self.tokens_per_s.value is None or not self.dense_tokens_per_s:
+            return None
+        return self.tokens_per_s.value / self.dense_tokens_per_s
+
+
+def prefill_at_budget(speed: pd.DataFrame, budget: float, layout: str, threads: int | None,
+                      tol: float = 0.011) -> PrefillAtBudget | None:
+    """Tokens/s over a prompt (the speed file's prefill: batch 1, its prefill_tokens tokens) at any budget,
+    from the same file and rows as `speed_at_budget`; None when the file has no prefill figures."""
+    sel = speed[speed["batch"].fillna(1).astype(int) == 1]
+    sel = sel if threads is None else sel[sel["threads"] == threads]
+    sel = sel.dropna(subset=["prefill_tokens_per_s"])
+    if sel.empty:
+        return None
+    dense = sel[sel["layout"] == "dense"]["prefill_tokens_per_s"]
+    dense_tps = float(dense.iloc[0]) if not dense.empty else None
+    conv = sel[sel["layout"] == layout]
+    tps = curve_value(list(zip(conv["budget"], conv["prefill_tokens_per_s"])), dense_tps, budget, tol)
+    speedup, iqr, _ = _paired(conv, budget, tol, "prefill") if tps.status == "measured" else (None, None, None)
+    return PrefillAtBudget(tps, dense_tps, speedup, iqr)
 
 
 def structural_speed_summary(results: dict[str, dict]) -> str | None:

@@ -69,6 +69,9 @@ def _speed(model: str) -> dict:
                 "decode_speedup": round(tps / 100 - 0.05, 3) if layout else 1.0,
                 "decode_speedup_iqr": [round(tps / 100 - 0.1, 3), round(tps / 100, 3)] if layout else [1.0, 1.0],
                 "prefill_tokens_per_s": tps * 10 if batch == 1 else None,
+                "prefill_speedup": round(tps / 100 - 0.02, 3) if layout and batch == 1 else (1.0 if batch == 1 else None),
+                "prefill_speedup_iqr": ([round(tps / 100 - 0.04, 3), round(tps / 100, 3)] if layout else [1.0, 1.0])
+                if batch == 1 else None,
                 "peak_memory_mb": mem + (100 if batch == 8 else 0), "peak_memory_kind": "peak RSS"}
     rows = [row(b, lay, tps, mem, batch) for batch in (1, 8)
             for b, lay, tps, mem in ((1.0, None, 100.0, 900.0), (0.5, "indexed", 120.0, 950.0),

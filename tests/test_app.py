@@ -79,9 +79,13 @@ def test_speed_card_quotes_one_statistic_and_says_within_noise(cache_env):
     assert "within noise of p = 0.7" in card.proto.help
     assert "Fixture CPU 9000" in card.proto.help
     assert any("within noise of p = 0.7" in c for c in at.caption.values)
+    prefill = next(m for m in at.metric if m.label == "Prefill tokens/s")  # from the same file and layout
+    assert prefill.value == "1,200" and prefill.proto.delta == "+18% vs dense"
+    assert "median 1.18x, IQR 1.16-1.20x" in prefill.proto.help and "batch 1" in prefill.proto.help
     at.slider(key="budget").set_value(0.6).run()  # interpolated: no paired median exists there
     card = next(m for m in at.metric if m.label.startswith("Tokens/s"))
     assert "median" not in card.proto.help and card.proto.delta == "+15% vs dense"  # 115 / 100
+    assert any(m.label == "Prefill tokens/s (interpolated)" for m in at.metric)
 
 
 @pytest.fixture()

@@ -110,6 +110,7 @@ def fmt_tps(x):
 with cards:
     speed_cols, size_cols = st.columns(3), st.columns(3)  # speed with its memory and cost, then what p removes
     row1 = [*size_cols[:2], *speed_cols]
+    prefill_col = size_cols[2]  # under the decode card: both from the same speed file
     row1[0].metric("Active params", card_format.format_params(kpi["active_params"]),
                    f"{kpi['active_ratio']:.1%} of dense", delta_color="off", delta_arrow="off", border=True,
                    help=f"parameters multiplied per token: attention + p x MLP + lm_head + norms/routers; dense: "
@@ -138,6 +139,24 @@ with cards:
                        border=True,
                        help=f"greedy decode, new tokens per second over all {st.session_state['batch']} sequence(s); "
                             f"{t.how}; {at_speed.setting}{spread}")
+        prefill = speed_cards.prefill_at_budget(speed, budget, st.session_state["layout"], st.session_state["threads"])
+        source = speed["source"].iloc[0] if not speed.empty else None
+        prompt_tokens = int(((cat.results.get(source) or {}).get("settings") or {}).get("prefill_tokens") or 512)
+        setting_b1 = at_speed.setting.replace(f", batch {st.session_state['batch']}", ", batch 1")
+        if prefill is None:
+            prefill_col.metric("Prefill tokens/s", "—", border=True,
+                               help="this speed file has no prompt (prefill) measurement")
+        else:
+            p_ratio, pt = prefill.speed_ratio(), prefill.tokens_per_s
+            p_spread = (f"; paired ratio to dense over repeats: median {prefill.speedup:.2f}x, IQR "
+                        f"{prefill.speedup_iqr[0]:.2f}-{prefill.speedup_iqr[1]:.2f}x"
+                        if prefill.speedup is not None and prefill.speedup_iqr else "")
+            prefill_col.metric(f"Prefill tokens/s{SUFFIX.get(pt.status, '')}", fmt_tps(pt.value),
+                               **card_format.metric_delta(p_ratio, 1.0 if p_ratio is not None else None,
+                                                          lower_is_better=False), border=True,
+                               help=f"a {prompt_tokens}-token prompt in one pass, batch 1 (time to first token = "
+                                    f"{prompt_tokens} / this); {pt.how}; dense {fmt_tps(prefill.dense_tokens_per_s)}; "
+                                    f"{setting_b1}{p_spread}")
         memory_unit = card_format.memory_unit(m.value, at_speed.dense_memory_mb)  # card and help in one unit
         row1[3].metric(f"Memory{SUFFIX.get(m.status, '')}", card_format.format_mb(m.value, memory_unit),
                        **card_format.metric_delta(m.value, at_speed.dense_memory_mb, lower_is_better=True),
