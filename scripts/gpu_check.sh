@@ -16,8 +16,8 @@ OUT_DIR=${OUT:-cache/results}
 TESTS=(tests/test_moe_layouts.py tests/test_hf_native.py)
 SPEED_ARGS=(--repeats 3 --output "$OUT_DIR/speed_benchmark-cuda.json")
 [ -d cache/models/smollm2-135m ] || SPEED_ARGS=(--dry-run "${SPEED_ARGS[@]}")
-STEPS=("240 $PY -m pytest -q -p no:cacheprovider -k 'cuda or triton or hf_native' ${TESTS[*]}"
-       "300 $PY -m benchmarks.gpu_speed ${SPEED_ARGS[*]}")
+STEPS=("180 $PY -m pytest -q -p no:cacheprovider -k 'cuda or triton or hf_native' ${TESTS[*]}"
+       "290 $PY -m benchmarks.gpu_speed ${SPEED_ARGS[*]}")
 
 if [ "${1:-}" = "--plan" ]; then
     printf 'step (time limit in s, command):\n'
@@ -31,7 +31,7 @@ torch.cuda.is_available()); sys.exit(0 if torch.cuda.is_available() else 3)" \
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 mkdir -p "$OUT_DIR"
 status=0
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or triton or hf_native" "${TESTS[@]}" || status=1
-timeout 300 "$PY" -m benchmarks.gpu_speed "${SPEED_ARGS[@]}" || status=1
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or triton or hf_native" "${TESTS[@]}" || status=1
+timeout 290 "$PY" -m benchmarks.gpu_speed "${SPEED_ARGS[@]}" || status=1
 echo "gpu_check: exit $status (0: every step passed)"
 exit $status
