@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from tomoe_core.trace.ablation import ablation_dir, read_ablation_meta
+
+from .experts import named_tags
 from tomoe_core.trace.queries import label_column, routing_source
 from tomoe_core.trace.routing_log import list_runs
 
@@ -129,7 +131,7 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
     members = experts[experts.layer.isin(ablated) & experts.expert.isin(meta["experts"])]
     out = []
     for name, group in members.groupby("cluster_name", sort=True):
-        tags = [t for t in str(name).split("+") if t and t != "mixed"]
+        tags = named_tags(str(name))
         if not tags:
             continue
         pairs = ", ".join(f"({int(l)}, {int(e)})" for l, e in zip(group.layer, group.expert))

@@ -310,12 +310,28 @@ def eligible_lifts(centroid: pd.Series, shares: pd.Series | None = None, min_sha
     return centroid.sort_values(ascending=False, kind="stable")
 
 
+LEAN_SHARE = 0.10  # a named tag below this share of the cluster's tokens makes the name "leans TAG"
+
+
 def name_cluster(centroid: pd.Series, shares: pd.Series | None = None, min_lift: float = 1.5,
-                 min_share: float = 0.05, top: int = 2) -> str:
+                 min_share: float = 0.05, top: int = 2, lean_share: float = LEAN_SHARE) -> str:
     """'NOUN+PROPN': the (at most `top`) highest of `eligible_lifts` that reach `min_lift`; 'mixed'
-    when none does. So a name always reads off the first entries of the summary's top_lifts."""
+    when none does. So a name always reads off the first entries of the summary's top_lifts. When
+    none of the named tags makes `lean_share` of the cluster's tokens the name is 'leans AUX': the
+    cluster prefers AUX more than its layers do, but AUX is not what it mostly gets."""
     chosen = [pos for pos, v in eligible_lifts(centroid, shares, min_share).head(top).items() if 2 ** v >= min_lift]
-    return "+".join(chosen) if chosen else "mixed"
+    if not chosen:
+        return "mixed"
+    name = "+".join(chosen)
+    if shares is not None and max(float(shares.get(p, 0.0)) for p in chosen) < lean_share:
+        return f"leans {name}"
+    return name
+
+
+def named_tags(name: str) -> list[str]:
+    """The tags a cluster name claims ('leans AUX #2' -> ['AUX']; 'mixed' -> [])."""
+    base = name.split(" #")[0].removeprefix("leans ")
+    return [] if base == "mixed" else base.split("+")
 
 
 def _resampled(counts_table: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -418,7 +434,7 @@ def name_follows_rows(name: str, top_lifts: str, min_lift: float) -> bool:
     """Whether a summary row's name reads off its top_lifts ('SYM 3.62x, PUNCT 3.56x, ...'): its
     tags are the first entries there, each at least min_lift, and 'mixed' exactly when the first
     entry is below min_lift."""
-    base, tol = name.split(" #")[0], 0.005  # lifts are shown with 2 decimals
+    base, tol = name.split(" #")[0].removeprefix("leans "), 0.005  # lifts are shown with 2 decimals
     entries = [(p, float(v.rstrip("x"))) for p, v in (e.rsplit(" ", 1) for e in top_lifts.split(", ") if e)]
     if base == "mixed":
         return not entries or entries[0][1] < min_lift + tol

@@ -99,7 +99,8 @@ HELP = {  # one sentence per metric: shown behind every "?" of the page
     "k": "Number of clusters. 'auto' takes the best silhouette among the stable k (adjusted Rand >= 0.8).",
     "min_tokens": "Experts with fewer tagged tokens than this are left out of the clustering: their profiles are noise.",
     "names": "A cluster is named after the (at most two) highest lifts in its 'top lifts' column that reach "
-             "1.5x, among tags with at least 5 % of its tokens; 'mixed' when none does.",
+             "1.5x, among tags with at least 5 % of its tokens; 'mixed' when none does; 'leans X' when X is "
+             "preferred but under 10 % of the cluster's tokens (not what it mostly gets: see top shares).",
     "top_tokens": "The expert's most frequent tokens in the chosen layer, with their share of its tokens and the "
                   "share of each token's uses in the layer that went to this expert.",
     "strip": "A document's tokens in reading order, each coloured by the expert that the chosen layer's router "
