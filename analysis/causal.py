@@ -28,6 +28,7 @@ from tomoe_core.trace.routing_log import list_runs
 
 MIN_TOKENS = 10  # a cell's mean rests on at least this many tokens, else it is grey
 BOOTSTRAP = 400  # token resamples per interval
+METRICS = {"delta_loss": ("next-token loss", "nats"), "kl": ("KL to the unablated model", "nats")}
 SCOPES = {"routed": "tokens routed to the expert (its direct effect)",
           "all": "all tokens (direct, and through attention on later tokens)"}
 
@@ -64,18 +65,21 @@ def bootstrap_mean(values: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0
 
 
 def ablation_by_tag(run, layer: int, replacement: str = "second", scope: str = "routed", label: str = "pos",
-                    min_tokens: int = MIN_TOKENS, resamples: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
-    """Per (expert, tag) of one layer: tokens, mean loss increase (nats) with its bootstrap interval.
+                    min_tokens: int = MIN_TOKENS, resamples: int = BOOTSTRAP, seed: int = 0,
+                    metric: str = "delta_loss") -> pd.DataFrame:
+    """Per (expert, tag) of one layer: tokens, mean `metric` (loss increase or KL, nats) with its bootstrap interval.
     mean/low/high are NaN where fewer than `min_tokens` tokens back the cell. Columns: expert, tag,
     tokens, mean, low, high."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     where = "a.layer = ? AND a.replacement = ? AND a.delta_loss IS NOT NULL AND t.tag IS NOT NULL"
     rows = _rows(run, where + (" AND a.routed" if scope == "routed" else ""), [layer, replacement], label)
     out = []
     for (expert, tag), g in rows.groupby(["expert", "tag"], sort=True):
         n = len(g)
-        mean, low, high = (bootstrap_mean(g["delta_loss"].to_numpy(), resamples, seed) if n >= min_tokens
+        mean, low, high = (bootstrap_mean(g[metric].to_numpy(), resamples, seed) if n >= min_tokens
                            else (np.nan, np.nan, np.nan))
         out.append({"expert": int(expert), "tag": tag, "tokens": n, "mean": mean, "low": low, "high": high})
     return pd.DataFrame(out, columns=["expert", "tag", "tokens", "mean", "low", "high"])
@@ -119,16 +123,24 @@ def needed_tokens(run, layer: int, expert: int, replacement: str = "second", lim
     return g.rename(columns={"mean": "mean_increase", "sum": "total_increase"}).reset_index(drop=True)
 
 
+MIN_EXPERTS_TO_RESAMPLE = 5  # from this many member experts the interval resamples experts, not tokens
+
+
 def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", label: str = "pos",
-                     resamples: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+                     metric: str = "delta_loss", resamples: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
     """For each cluster named by tags (experts: layer, expert, cluster_name, as from
-    `analysis.experts.cluster_experts`), over its experts that were ablated: mean loss increase on
-    tokens of the named tags and on the others (all tokens: what removing the expert does to
-    the text), the difference with a bootstrap interval, and a sentence.
-    Columns: cluster_name, experts, named, others, diff, low, high, holds, sentence."""
+    `analysis.experts.cluster_experts`), over its experts that were ablated: the mean `metric`
+    (loss increase, or KL) on tokens of the named tags and on the others (all tokens: what removing
+    the expert does to the text), their difference with a 95 % bootstrap interval, and a sentence.
+    Each member expert gives one paired difference (same tokens); with at least
+    MIN_EXPERTS_TO_RESAMPLE members the interval resamples experts (the same tokens reappear in
+    every member's ablation, so resampling tokens would understate the spread), else tokens.
+    Columns: cluster_name, experts, named, others, diff, low, high, holds, over, sentence."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     meta = read_ablation_meta(run)
-    ablated = set(meta["layers"])
-    members = experts[experts.layer.isin(ablated) & experts.expert.isin(meta["experts"])]
+    members = experts[experts.layer.isin(set(meta["layers"])) & experts.expert.isin(meta["experts"])]
+    rng = np.random.default_rng(seed)
     out = []
     for name, group in members.groupby("cluster_name", sort=True):
         tags = named_tags(str(name))
@@ -139,28 +151,37 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
                           f"AND (a.layer, a.expert) IN ({pairs})", [replacement], label)
         if rows.empty:
             continue
-        named = rows.tag.isin(tags).to_numpy()
-        delta = rows.delta_loss.to_numpy(dtype=np.float64)
-        rng = np.random.default_rng(seed)
-        a, b = delta[named], delta[~named]
-        if len(a) == 0 or len(b) == 0:
+        rows = rows.assign(named=rows.tag.isin(tags))
+        per = rows.groupby(["layer", "expert", "named"])[metric].mean().unstack("named")
+        if True not in per or False not in per:
             continue
-        diffs = (a[rng.integers(len(a), size=(resamples, len(a)))].mean(1)
-                 - b[rng.integers(len(b), size=(resamples, len(b)))].mean(1))
-        low, high = np.quantile(diffs, [0.025, 0.975])
-        holds = bool(low > 0)
+        per = per.dropna()
+        named_mean, other_mean = float(per[True].mean()), float(per[False].mean())
+        if len(per) >= MIN_EXPERTS_TO_RESAMPLE:
+            d = (per[True] - per[False]).to_numpy()
+            diffs, over = d[rng.integers(len(d), size=(resamples, len(d)))].mean(1), "experts"
+        else:
+            a = rows.loc[rows.named, metric].to_numpy(np.float64)
+            b = rows.loc[~rows.named, metric].to_numpy(np.float64)
+            diffs = (a[rng.integers(len(a), size=(resamples, len(a)))].mean(1)
+                     - b[rng.integers(len(b), size=(resamples, len(b)))].mean(1))
+            over = "tokens"
+        low, high = (float(q) for q in np.quantile(diffs, [0.025, 0.975]))
+        holds = low > 0
         layers = sorted(set(group.layer.astype(int)))
         where = f"layer {layers[0]}" if len(layers) == 1 else f"{len(group)} experts in layers {layers[0]}-{layers[-1]}"
         verdict = ("the name holds causally." if holds else "the opposite holds: the other tokens suffer more."
                    if high < 0 else "the name is not borne out causally (the interval includes 0).")
-        sentence = (f"Removing the {name} expert{'s' if len(group) > 1 else ''} ({where}) changes the loss on "
-                    f"{'/'.join(tags)} tokens by {a.mean():+.3f} nats and on the others by {b.mean():+.3f} "
-                    f"(difference {a.mean() - b.mean():+.3f}, 95 % interval {low:+.3f} to {high:+.3f}): {verdict}")
-        out.append({"cluster_name": name, "experts": len(group), "named": float(a.mean()), "others": float(b.mean()),
-                    "diff": float(a.mean() - b.mean()), "low": float(low), "high": float(high), "holds": holds,
+        what, unit = METRICS[metric]
+        sentence = (f"Removing the {name} expert{'s' if len(group) > 1 else ''} ({where}) changes the {what} of "
+                    f"{'/'.join(tags)} tokens by {named_mean:+.3f} {unit} and of the others by {other_mean:+.3f} "
+                    f"(difference {named_mean - other_mean:+.3f}, 95 % interval over {over} {low:+.3f} to "
+                    f"{high:+.3f}): {verdict}")
+        out.append({"cluster_name": name, "experts": len(group), "named": named_mean, "others": other_mean,
+                    "diff": named_mean - other_mean, "low": low, "high": high, "holds": holds, "over": over,
                     "sentence": sentence})
     return pd.DataFrame(out, columns=["cluster_name", "experts", "named", "others", "diff", "low", "high", "holds",
-                                      "sentence"])
+                                      "over", "sentence"])
 
 
 # -- roles across budgets ---------------------------------------------------------------------------

@@ -14,9 +14,10 @@ from .syntax import UPOS
 
 
 def ablation_heatmap(table: pd.DataFrame, layer: int, num_experts: int | None = None, scope: str = "routed",
-                     tag_name: str = "POS", min_tokens: int = MIN_TOKENS) -> go.Figure:
-    """Expert x tag mean loss increase (nats) when the expert is removed, a diverging scale centred
-    on 0; cells backed by fewer than `min_tokens` tokens grey with a dot. table: `ablation_by_tag`."""
+                     tag_name: str = "POS", min_tokens: int = MIN_TOKENS, metric: str = "delta_loss") -> go.Figure:
+    """Expert x tag mean loss increase (a diverging scale centred on 0) or KL to the unablated model
+    (a scale from 0), in nats, when the expert is removed; cells backed by fewer than `min_tokens`
+    tokens grey with a dot. table: `ablation_by_tag` with the same metric."""
     tags = [t for t in UPOS if t in set(table.tag)] + sorted(set(table.tag) - set(UPOS))
     experts = list(range(num_experts)) if num_experts else sorted(set(table.expert))
     grid = table.pivot_table(index="expert", columns="tag", values="mean", aggfunc="first").reindex(
@@ -39,11 +40,13 @@ def ablation_heatmap(table: pd.DataFrame, layer: int, num_experts: int | None = 
                                  colorscale=[(0, NO_DATA_COLOR), (1, NO_DATA_COLOR)], text=np.where(has, "", "·"),
                                  texttemplate="%{text}", customdata=hover, name="too few tokens",
                                  hovertemplate="%{y} %{x}: %{customdata}<extra></extra>"))
-    fig.add_trace(go.Heatmap(z=z, x=tags, y=rows, zmid=0, zmin=-bound, zmax=bound, colorscale="RdBu_r",
-                             customdata=hover, colorbar=dict(title="nats"), name="loss increase",
+    scale = (dict(zmid=0, zmin=-bound, zmax=bound, colorscale="RdBu_r") if metric == "delta_loss"
+             else dict(zmin=0, zmax=bound, colorscale="Reds"))
+    what = "Loss increase" if metric == "delta_loss" else "KL to the unablated model"
+    fig.add_trace(go.Heatmap(z=z, x=tags, y=rows, **scale, customdata=hover, colorbar=dict(title="nats"), name=what,
                              hovertemplate="%{y} %{x}: %{customdata}<extra></extra>"))
     who = "its tokens" if scope == "routed" else "all tokens"
-    fig.update_layout(title=f"Loss increase on {who} when an expert is removed, layer {layer} (grey: too few tokens)",
+    fig.update_layout(title=f"{what} on {who} when an expert is removed, layer {layer} (grey: too few tokens)",
                       xaxis_title=tag_name, yaxis_title="expert removed", yaxis_autorange="reversed",
                       height=max(350, 18 * len(rows) + 150))
     return fig

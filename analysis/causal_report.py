@@ -30,7 +30,8 @@ def build_report(run, min_tokens: int = 50, seed: int = 0, k: int | None = None)
     layers = causal.layer_table(run)
     clusters = _clusters(run, queries.token_labels(run), min_tokens, seed, k, "layer")
     members = clusters.experts[["layer", "expert", "cluster_name"]]
-    verdicts = {r: causal.cluster_verdicts(run, members, replacement=r, seed=seed) for r in meta["replacements"]}
+    verdicts = {f"{r}, {metric}": causal.cluster_verdicts(run, members, replacement=r, metric=metric, seed=seed)
+                for r in meta["replacements"] for metric in causal.METRICS}
     summary = clusters.summary()
     siblings = causal.budget_siblings(run_dir(run))
     agreement = causal.budget_agreement(siblings) if len(siblings) > 1 else None
@@ -64,7 +65,7 @@ def format_report(report: dict) -> str:
            f"Clusters (k = {report['clusters']['k']}: {report['clusters']['rule']}):", "",
            _markdown(pd.DataFrame(report["clusters"]["summary"]).drop(columns=["cluster"], errors="ignore")), ""]
     for replacement, rows in report["verdicts"].items():
-        out += [f"Verdicts, {replacement} replacement (all tokens; named tags against the others):", ""]
+        out += [f"Verdicts, {replacement} (replacement, measure; all tokens; named tags against the others):", ""]
         table = pd.DataFrame(rows)
         out += [_markdown(table.drop(columns=["sentence"])) if len(table) else "(no named cluster)", ""]
         out += [f"- {s}" for s in table.get("sentence", [])] + [""]

@@ -20,10 +20,14 @@ HELP = {
                    "decision costs).",
     "scope": "Its tokens: only the tokens routed to the removed expert (the direct effect). All tokens: every "
              "token of that tag, including those hit only through attention to earlier changed tokens.",
-    "verdicts": "For each cluster named by tags: the mean loss increase on tokens of the named tags against the "
-                "other tokens, when the cluster's experts are removed one at a time (all tokens, second-choice "
-                "replacement), with a 95 % bootstrap interval of the difference. The name holds causally when "
-                "the whole interval is above 0.",
+    "verdicts": "For each cluster named by tags: the mean loss increase (or KL) on tokens of the named tags "
+                "against the other tokens, when the cluster's experts are removed one at a time (all tokens, the "
+                "replacement chosen above), with a 95 % bootstrap interval of the difference (over the member "
+                "experts from 5 of them, else over tokens). The name holds causally when the whole interval is "
+                "above 0; 'the opposite holds' when it is below.",
+    "metric": "Loss increase: the change in the next-token loss (harm, can be negative: a second choice can "
+              "predict better). KL: how far the next-token distribution moves from the unablated model's "
+              "(disruption, never negative, less noisy).",
     "needed": "The tokens routed to this expert whose loss rises most in total when it is removed.",
     "budgets": "The same text traced at several budgets of one budget-conditioned conversion. Routing ARI: "
                "adjusted Rand index between the two budgets' expert choices per layer (1: the same partition "
@@ -33,17 +37,17 @@ HELP = {
 
 
 @st.cache_data(show_spinner="Reading the ablation...", max_entries=16)
-def _by_tag(key: tuple, layer: int, replacement: str, scope: str, label: str) -> pd.DataFrame:
+def _by_tag(key: tuple, layer: int, replacement: str, scope: str, label: str, metric: str) -> pd.DataFrame:
     from analysis.causal import ablation_by_tag
 
-    return ablation_by_tag(key[0], layer, replacement=replacement, scope=scope, label=label)
+    return ablation_by_tag(key[0], layer, replacement=replacement, scope=scope, label=label, metric=metric)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _verdicts(key: tuple, experts: pd.DataFrame, label: str) -> pd.DataFrame:
+def _verdicts(key: tuple, experts: pd.DataFrame, label: str, replacement: str, metric: str) -> pd.DataFrame:
     from analysis.causal import cluster_verdicts
 
-    return cluster_verdicts(key[0], experts, label=label)
+    return cluster_verdicts(key[0], experts, replacement=replacement, label=label, metric=metric)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -124,7 +128,11 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
                f"replacements: {', '.join(meta['replacements'])}; {meta['seconds'] / 60:.1f} min on "
                f"{(meta.get('machine') or {}).get('cpu_count', '?')} CPUs; the model reproduced "
                f"{meta['log_agreement']:.2%} of the log's expert choices. `{meta.get('command', '')}`")
-    c1, c2 = st.columns(2)
+    c1, c2, c3 = st.columns(3)
+    ui.keep("ablate_metric", "delta_loss")
+    c3.radio("Measure", ["delta_loss", "kl"], key="ablate_metric", horizontal=True, help=HELP["metric"],
+             format_func=lambda m: {"delta_loss": "loss increase", "kl": "KL"}[m])
+    metric = st.session_state["ablate_metric"]
     ui.keep("ablate_replacement", meta["replacements"][0])
     if st.session_state["ablate_replacement"] not in meta["replacements"]:
         st.session_state["ablate_replacement"] = meta["replacements"][0]
@@ -138,15 +146,16 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
         st.info(f"Layer {layer} was not ablated (ablated: {', '.join(map(str, meta['layers']))}); pick one with the "
                 "layer slider above.", icon="ℹ️")
     else:
-        table = _by_tag(run_key, layer, replacement, st.session_state["ablate_scope"], label)
+        table = _by_tag(run_key, layer, replacement, st.session_state["ablate_scope"], label, metric)
         left, right = st.columns(2, gap="large")
         left.plotly_chart(lift_figure, key="lift_beside_ablation")
-        right.plotly_chart(ablation_heatmap(table, layer, num_experts, st.session_state["ablate_scope"], tag_name),
-                           key="ablation_heatmap")
-        st.caption("Mean change in next-token loss (nats) of the tokens of each tag when the expert is removed; "
-                   "hover for the 95 % bootstrap interval (token resamples) and the token count.")
+        right.plotly_chart(ablation_heatmap(table, layer, num_experts, st.session_state["ablate_scope"], tag_name,
+                                            metric=metric), key="ablation_heatmap")
+        st.caption(("Mean change in next-token loss" if metric == "delta_loss" else "Mean KL to the unablated model")
+                   + " (nats) of the tokens of each tag when the expert is removed; hover for the 95 % bootstrap "
+                     "interval (token resamples) and the token count.")
     if experts is not None:
-        verdicts = _verdicts(run_key, experts[["layer", "expert", "cluster_name"]], label)
+        verdicts = _verdicts(run_key, experts[["layer", "expert", "cluster_name"]], label, replacement, metric)
         st.markdown("**Do the cluster names hold causally?**", help=HELP["verdicts"])
         if verdicts.empty:
             st.caption("No cluster named by a tag has ablated experts.")

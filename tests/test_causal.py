@@ -62,7 +62,7 @@ def test_cluster_verdict_says_holds_only_when_the_named_tag_suffers_more(ablated
     assert verdicts.loc[worst, "diff"] > 0 > verdicts.loc[best, "diff"]
     assert not verdicts.loc[best, "holds"]
     assert "the name holds causally" not in verdicts.loc[best, "sentence"]
-    assert f"on {best} tokens by" in verdicts.loc[best, "sentence"]
+    assert f"of {best} tokens by" in verdicts.loc[best, "sentence"] and "interval over tokens" in verdicts.loc[best, "sentence"]
     mixed = causal.cluster_verdicts(ablated_run, experts.assign(cluster_name="mixed"))
     assert mixed.empty  # no tag named, no claim to test
 
@@ -191,7 +191,7 @@ def test_causal_report_command_prints_tables_and_writes_json(ablated_run, tmp_pa
     assert "| layer | routed_second |" in printed and "\n| 0 | " in printed  # layers print as integers
     report = json.loads(out.read_text())
     assert [r["layer"] for r in report["layers"]] == [0, 1]
-    assert set(report["verdicts"]) == {"second", "random"}
+    assert set(report["verdicts"]) == {"second, delta_loss", "second, kl", "random, delta_loss", "random, kl"}
 
 
 def test_causal_report_refuses_a_run_without_ablation(annotated_run, tmp_path, capsys):
@@ -200,3 +200,15 @@ def test_causal_report_refuses_a_run_without_ablation(annotated_run, tmp_path, c
     bare = sibling_log(annotated_run, tmp_path, 0.5, "bare")
     assert causal_report.main([str(bare)]) == 2
     assert "has no expert ablation" in capsys.readouterr().err
+
+
+def test_cluster_verdict_resamples_experts_when_it_has_enough_and_reads_kl(ablated_run):
+    pairs = [(l, e) for l in (0, 1) for e in range(4)]
+    experts = pd.DataFrame({"layer": [l for l, _ in pairs], "expert": [e for _, e in pairs], "cluster_name": "NOUN"})
+    loss = causal.cluster_verdicts(ablated_run, experts).iloc[0]
+    kl = causal.cluster_verdicts(ablated_run, experts, metric="kl").iloc[0]
+    assert loss["over"] == "experts" and loss["experts"] == 8
+    assert loss["low"] <= loss["diff"] <= loss["high"]
+    assert kl["named"] >= 0 and kl["others"] >= 0 and "KL to the unablated model" in kl["sentence"]
+    with pytest.raises(ValueError, match="metric"):
+        causal.cluster_verdicts(ablated_run, experts, metric="accuracy")
