@@ -212,3 +212,13 @@ def test_cluster_verdict_resamples_experts_when_it_has_enough_and_reads_kl(ablat
     assert kl["named"] >= 0 and kl["others"] >= 0 and "KL to the unablated model" in kl["sentence"]
     with pytest.raises(ValueError, match="metric"):
         causal.cluster_verdicts(ablated_run, experts, metric="accuracy")
+
+
+def test_retagging_a_log_keeps_its_ablation(ablated_run):
+    from analysis.syntax import annotate_run
+    from tomoe_core.trace.ablation import has_ablation
+
+    before = sorted(p.name for p in (ablated_run / "ablation").iterdir())
+    annotate_run(ablated_run, overwrite=True)  # rebuilds the run folder with fresh tag columns
+    assert has_ablation(ablated_run)
+    assert sorted(p.name for p in (ablated_run / "ablation").iterdir()) == before

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -384,7 +385,8 @@ def run_ablation(model, plan: AblationPlan, progress: Callable[[int, int], None]
             "windows": len(plan.windows), "passes": plan.passes, "prefix": list(plan.prefix),
             "seconds": round(sum(v["seconds"] for v in done_state.values()), 1), "seconds_this_call": round(time.time() - t0, 1),
             "layer_seconds": {k: v["seconds"] for k, v in done_state.items()},
-            "log_agreement": agree / (plan.tokens * len(plan.layers)), **(info or {})}
+            "log_agreement": agree / (plan.tokens * len(plan.layers)),
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()], **(info or {})}
     atomic_write_json(partial / ABLATION_META, meta)
     (partial / "done.json").unlink()
     sig_path.unlink()

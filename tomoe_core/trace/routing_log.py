@@ -201,6 +201,8 @@ def add_token_columns(run, doc_id: np.ndarray, position: np.ndarray, columns: di
             for src in sorted(folder.iterdir()):
                 if src.is_file() and not src.match(PART_GLOB) and src.name != RUN_META_FILE:
                     shutil.copy2(src, tmp / src.name)
+                elif src.is_dir():  # results kept beside the log (an expert ablation) move with it
+                    shutil.copytree(src, tmp / src.name)
             for part in sorted(folder.glob(PART_GLOB)):
                 table = pq.read_table(part)
                 rows = (table["doc_id"].to_numpy().astype(np.int64) << 32) | table["position"].to_numpy()
