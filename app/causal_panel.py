@@ -83,7 +83,8 @@ def _start_form(folder: Path) -> None:
     except (AblationError, ValueError) as err:  # argparse's type errors are ValueErrors too
         st.error(f"Cannot ablate: {err}")
         return
-    st.caption(f"Cost: {plan.cost()}. On 2 CPU cores a pass of 512 tokens takes about 0.5-1.3 s.")
+    st.caption(f"Cost: {plan.cost()}. For scale: 1,024 tokens x 30 layers x 8 experts x 2 of SmolLM2-135M took about "
+               "15 min on a 2-core CPU (docs/RESULTS.md).")
     if st.button("Run expert ablation", type="primary", help=HELP["ablation"]):
         argv = jobs.python_argv("-m", "tomoe_core", "ablate", str(folder), "--max-tokens", str(plan.tokens),
                                 *(["--layers", ",".join(map(str, plan.layers))] if layers is not None else []))

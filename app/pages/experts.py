@@ -23,9 +23,13 @@ if not runs:
     st.stop()
 
 by_id = {r["run_id"]: r for r in runs}
-ui.keep("experts_run", runs[0]["run_id"])
+from tomoe_core.trace.ablation import has_ablation  # noqa: E402
+
+# the page opens on the newest log that has everything (an ablation), else the newest
+default_run = next((r["run_id"] for r in runs if has_ablation(r["path"])), runs[0]["run_id"])
+ui.keep("experts_run", default_run)
 if st.session_state["experts_run"] not in by_id:
-    st.session_state["experts_run"] = runs[0]["run_id"]
+    st.session_state["experts_run"] = default_run
 st.selectbox("Routing log", list(by_id), key="experts_run",
              format_func=lambda r: f"{r}  ({by_id[r].get('tokens', '?'):,} tokens, p = {by_id[r].get('budget')}"
              f"{', shipped with the clone' if by_id[r].get('shipped') else ''})"
