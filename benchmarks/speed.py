@@ -410,6 +410,8 @@ def measure(args, variants, text, dense, device, threads: int, batch: int, loads
             model = v["model"]
             if v["layout"] is not None:
                 model.set_layout(v["layout"])
+            if v.get("install"):  # a baseline: its MLPs into the shared host model
+                v["install"]()
             res = results[v["name"]]
             mlps = layer_mlps(model)
             res["mlp_decode"].append(time_mlps(mlps, decode_steps, device))
@@ -450,15 +452,18 @@ def run(args, log=print) -> dict:
         text = cached_stream(tokenizer, "wiki", "heldout", None, tag)
         model_name = args.model
     variants = build_variants(args, dense, calibration, log)
+    from benchmarks.speed_baselines import PREFILL_MODE, baseline_variants
+
+    variants += baseline_variants(dense, args.budgets, args.baselines, calibration, log)
     dense_mlp_bytes = mlp_bytes(layer_mlps(dense))
     inter = [adapter_for(dense).mlp_weights(x).intermediate_size for x in layer_mlps(dense)]
     rows, loads, clocks, probes = [], [loadavg_1min()], {}, {}
     long_prompt = text[: args.prefill_tokens].view(1, -1).to(device)
     fractions = {}  # routing on the prefill prompt, once per model: the layout does not change the choice
     for v in variants:
-        if id(v["model"]) not in fractions:
+        if id(v["model"]) not in fractions and "active" not in v:
             fractions[id(v["model"])] = active_mlp_fraction(v["model"], long_prompt, inter)
-    active = {v["name"]: fractions[id(v["model"])] for v in variants}
+    active = {v["name"]: v["active"] if "active" in v else fractions[id(v["model"])] for v in variants}
     for threads in args.threads:
         if device.type == "cpu":
             torch.set_num_threads(threads)
@@ -472,6 +477,8 @@ def run(args, log=print) -> dict:
                 name, model = v["name"], v["model"]
                 if v["layout"] is not None:
                     model.set_layout(v["layout"])
+                if v.get("install"):
+                    v["install"]()
                 res = results[name]
                 med = {k: statistics.median(res[k]) if res[k] else None for k in TIMED}
                 dense_med = {k: statistics.median(d[k]) if d[k] else None for k in ("mlp_prefill", "prefill")}
@@ -482,11 +489,13 @@ def run(args, log=print) -> dict:
                 shared_tokens = results.get(f"p={v['budget']:g} shared", {}).get("tokens")
                 bytes_now = mlp_bytes(layer_mlps(model))
                 if (name, batch) not in probes:  # once per variant and batch: with the first thread count
-                    probes[name, batch] = None if args.dry_run or args.no_memory else run_memory_probe(v, args, batch, threads)
+                    probes[name, batch] = (None if args.dry_run or args.no_memory or v.get("method")
+                                           else run_memory_probe(v, args, batch, threads))
                 peak = (probes[name, batch] or {}).get("peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes")
                 rows.append({
                     "name": name, "threads": threads if device.type == "cpu" else None, "batch": batch,
                     "budget": v["budget"], "source": v["source"], "layout": v["layout"],
+                    "method": v.get("method") or ("tomoe" if v["layout"] else "dense"),
                     "gather_backend": gather_backend(moe_mlps[0].up) if v["layout"] == "indexed" else None,
                     "core_fraction": (statistics.mean(x.core_size() / i for x, i in zip(moe_mlps, inter))
                                       if moe_mlps else None),
@@ -510,7 +519,7 @@ def run(args, log=print) -> dict:
                     else res["tokens"] == shared_tokens,
                     "repeats": {k: res[k] for k in TIMED}, "loadavg": res["loadavg"],
                 })
-    dense_peaks = {(r["threads"], r["batch"]): r["peak_memory_mb"] for r in rows if r["layout"] is None}
+    dense_peaks = {(r["threads"], r["batch"]): r["peak_memory_mb"] for r in rows if r["method"] == "dense"}
     for r in rows:
         dense_peak = dense_peaks.get((r["threads"], r["batch"]))
         r["peak_rss_vs_dense"] = r["peak_memory_mb"] / dense_peak if r["peak_memory_mb"] and dense_peak else None
@@ -521,7 +530,8 @@ def run(args, log=print) -> dict:
                      "clock": clocks, "batch_sizes": args.batch_sizes, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                      "mlp_decode_steps": args.mlp_steps, "experts": args.experts, "budgets": args.budgets,
-                     "layouts": args.layouts, "dry_run": args.dry_run},
+                     "layouts": args.layouts, "baselines": args.baselines,
+                     "baseline_prefill": {m: PREFILL_MODE[m] for m in args.baselines}, "dry_run": args.dry_run},
         "rows": rows,
     }
 
@@ -596,6 +606,10 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default: 1 8)")
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                    help="MoE layouts to time (default: all); greedy tokens are compared with shared's when it runs")
+    p.add_argument("--baselines", nargs="*", choices=("teal", "wanda-sp", "flap"), default=["teal", "wanda-sp", "flap"],
+                   help="other methods timed at the same budgets in the same interleaved run: TEAL-style as deployed "
+                        "(sparse decode, dense prompt pass) and static pruning as sliced, smaller MLPs (default: "
+                        "all; none: --baselines)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)

@@ -83,3 +83,28 @@ def test_every_baseline_hits_its_budget(budget):
             assert torch.isfinite(fn(ids)).all(), name
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline_variants(masked, ["random"], budget, stats)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap", "magnitude"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@torch.no_grad()
+def test_sliced_static_baseline_computes_the_masked_model(method, family):
+    """The physically smaller MLPs the speed benchmark times give the masked model's logits."""
+    from tiny_models import tiny_ids, tiny_model
+    from tomoe_core.convert.masked_model import MaskedModel
+    from tomoe_core.eval.baselines import activation_stats, baseline_variants, sliced_mlps
+
+    masked = MaskedModel(tiny_model(family), num_experts=1)
+    calib = tiny_ids(2, 16, seed=5)
+    stats = activation_stats(masked, calib)
+    ids = tiny_ids(2, 12, seed=6)
+    fn, _ratio = baseline_variants(masked, [method], 0.5, stats)[method]
+    expected = fn(ids)
+    mlps = sliced_mlps(masked, method, 0.5, stats)
+    assert all(m.down.in_features == round(0.5 * masked.intermediate_sizes[0]) for m in mlps)
+    from tomoe_core.eval.baselines import dense_copy
+    host = dense_copy(masked)
+    adapter = masked.adapter
+    for layer, mlp in zip(adapter.layers(host), mlps):
+        adapter.set_mlp(layer, mlp)
+    torch.testing.assert_close(host(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)

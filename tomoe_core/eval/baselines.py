@@ -411,3 +411,48 @@ def baseline_variants(masked: MaskedModel, methods, budget: float, stats: list[d
                 return masked.model(input_ids=ids).logits
         out[method] = run, ratio
     return out
+
+
+# -- static pruning as it is served: physically smaller matrices ---------------------------------------
+class SlicedMLP(nn.Module):
+    """A static baseline's pruned MLP as dense matrices of the kept channels only: what a static
+    method saves at serving time, at any batch.  (..., D) -> (..., D)
+
+    Computes what the masked model computes for `keep` (and, with `extra_bias`, FLAP's folded
+    compensation), with k = len(keep) rows instead of I."""
+
+    def __init__(self, weights, keep: torch.Tensor, extra_bias: torch.Tensor | None = None):
+        super().__init__()
+        keep = keep.sort().values
+        self.act = weights.act
+        self.up = nn.Linear(weights.hidden_size, len(keep), bias=weights.up_bias is not None)
+        self.up.weight.data = weights.up[keep].clone()
+        if weights.up_bias is not None:
+            self.up.bias.data = weights.up_bias[keep].clone()
+        self.gate = None
+        if weights.gate is not None:
+            self.gate = nn.Linear(weights.hidden_size, len(keep), bias=weights.gate_bias is not None)
+            self.gate.weight.data = weights.gate[keep].clone()
+            if weights.gate_bias is not None:
+                self.gate.bias.data = weights.gate_bias[keep].clone()
+        bias = weights.down_bias
+        if extra_bias is not None:
+            bias = extra_bias.to(weights.down.dtype) if bias is None else bias + extra_bias.to(bias.dtype)
+        self.down = nn.Linear(len(keep), weights.hidden_size, bias=bias is not None)
+        self.down.weight.data = weights.down[:, keep].clone()
+        if bias is not None:
+            self.down.bias.data = bias.clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.up(x)) if self.gate is None else self.act(self.gate(x)) * self.up(x)
+        return self.down(h)
+
+
+def sliced_mlps(masked: MaskedModel, method: str, budget: float, stats: list[dict] | None) -> list[SlicedMLP]:
+    """Every layer's MLP pruned by a static `method` at `budget` (the channels `baseline_variants`
+    masks), as physically smaller dense matrices; FLAP's compensation in the down bias."""
+    if method not in METHODS:
+        raise ValueError(f"unknown static baseline {method!r}; choose from {', '.join(METHODS)}")
+    masks = static_masks(channel_scores(masked, method, stats), budget)
+    folded = FoldedBias(masked, masks, stats).biases if method == "flap" else [None] * len(masks)
+    return [SlicedMLP(m.weights, masks[l][0].nonzero().squeeze(-1), folded[l]) for l, m in enumerate(masked.mlps)]
