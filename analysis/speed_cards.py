@@ -36,6 +36,8 @@ def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFr
     machine = res.get("machine") or {}
     settings_threads = (res.get("settings") or {}).get("threads")
     for r in res.get("rows") or []:
+        if r.get("method") not in (None, "dense", "tomoe"):  # baselines: `method_speed_rows`
+            continue
         threads = r.get("threads") or (settings_threads if isinstance(settings_threads, int) else None) \
             or machine.get("torch_threads")
         rows.append({"model": str(res.get("model")), "machine": _machine_label(machine, res.get("dtype")),
@@ -46,6 +48,29 @@ def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFr
                      "prefill_speedup_iqr": r.get("prefill_speedup_iqr"), "peak_memory_mb": r.get("peak_memory_mb"),
                      "peak_memory_kind": r.get("peak_memory_kind"), "source": source})
     return pd.DataFrame(rows, columns=SPEED_COLUMNS)
+
+
+METHOD_COLUMNS = ["method", "layout", "threads", "batch", "budget", "decode_tokens_per_s", "decode_speedup",
+                  "decode_speedup_iqr", "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_iqr", "machine",
+                  "source"]
+
+
+def method_speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFrame:
+    """Every method's rows of one speed file (dense, ToMoE by layout, and the baselines the file timed:
+    teal, wanda-sp, flap), for quality at equal speed. Columns: METHOD_COLUMNS."""
+    sources = speed_sources(results)
+    source = source if source in sources else (sources[0] if sources else None)
+    res = results.get(source) or {}
+    machine = _machine_label(res.get("machine") or {}, res.get("dtype"))
+    settings_threads = (res.get("settings") or {}).get("threads")
+    rows = []
+    for r in res.get("rows") or []:
+        method = r.get("method") or ("tomoe" if r.get("layout") else "dense")
+        threads = r.get("threads") or (settings_threads if isinstance(settings_threads, int) else None)
+        rows.append({"method": method, "layout": r.get("layout"), "threads": threads, "batch": r.get("batch", 1),
+                     "budget": r.get("budget"), **{k: r.get(k) for k in METHOD_COLUMNS[5:11]},
+                     "machine": machine, "source": source})
+    return pd.DataFrame(rows, columns=METHOD_COLUMNS)
 
 
 def _machine_label(machine: dict, dtype: str | None = None) -> str:

@@ -50,8 +50,8 @@ def _quality_benchmark(model: str) -> dict:
         rows.append({"budget": budget, "method": "tomoe", "kind": "tomoe", "label": "ToMoE", "conversion": CONVERSION,
                      "active_mlp_ratio": budget, "perplexity": ppl, "kl_to_dense": 0.9 - budget,
                      "top1_agreement": budget, "last_word_accuracy": budget / 2})
-        for method, factor in (("magnitude", 50.0), ("wanda-sp", 1.3), ("flap", 1.2)):
-            rows.append({"budget": budget, "method": method, "kind": "baseline", "label": method, "conversion": None,
+        for method, factor in (("magnitude", 50.0), ("wanda-sp", 1.3), ("flap", 1.2), ("teal", 0.8)):
+            rows.append({"budget": budget, "method": method, "kind": "dynamic, training-free" if method == "teal" else "baseline", "label": method, "conversion": None,
                          "active_mlp_ratio": budget, "perplexity": ppl * factor, "kl_to_dense": 1.0,
                          "top1_agreement": 0.4})
     return {"kind": "quality-benchmark", "schema_version": 1, "model": model, "text": "wiki (held-out split)",
@@ -77,6 +77,19 @@ def _speed(model: str) -> dict:
             for b, lay, tps, mem in ((1.0, None, 100.0, 900.0), (0.5, "indexed", 120.0, 950.0),
                                      (0.7, "indexed", 110.0, 960.0), (0.5, "packed", 130.0, 1200.0),
                                      (0.7, "packed", 115.0, 1300.0))]
+    for r in rows:
+        r["method"] = "tomoe" if r["layout"] else "dense"
+    for method, speeds in (("teal", ((0.3, 125.0), (0.5, 112.0), (0.7, 104.0))),  # TEAL as deployed: prefill dense
+                           ("wanda-sp", ((0.5, 150.0), (0.7, 112.0))), ("flap", ((0.5, 148.0), (0.7, 111.0)))):
+        for batch in (1, 8):
+            for budget, tps in speeds:
+                r = row(budget, None, tps, 800.0, batch)
+                r.update(method=method, name=f"p={budget} {method}", decode_speedup=round(tps / 100 - 0.05, 3),
+                         decode_speedup_iqr=[round(tps / 100 - 0.1, 3), round(tps / 100, 3)], peak_memory_mb=None)
+                if batch == 1:
+                    fast = 1.0 if method == "teal" else tps / 100
+                    r.update(prefill_tokens_per_s=1000.0 * fast, prefill_speedup=fast, prefill_speedup_iqr=[fast, fast])
+                rows.append(r)
     return {"kind": "speed", "model": model, "dtype": "float32", "device": "cpu",
             "machine": {"cpu_model": "Fixture CPU 9000", "cpu_count": 2, "torch_threads": 1, "device": "cpu"},
             "settings": {"threads": [1], "batch_sizes": [1, 8], "budgets": [0.5, 0.7], "layouts": ["indexed", "packed"]},

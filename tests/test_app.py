@@ -55,7 +55,7 @@ def test_budget_explorer_slider_moves_every_cost_kpi(cache_env):
     before = metrics(at)
     assert before["Perplexity"] == "40.00"
     assert before["Last-word accuracy"] == "25.0%"  # the benchmark's last_word_accuracy, where it has one
-    assert len(at.get("plotly_chart")) == 2  # the Pareto chart and the projection's measured-quality chart
+    assert len(at.get("plotly_chart")) == 3  # the Pareto chart, quality at equal speed, the projection's quality chart
     slider.set_value(0.7).run()
     assert not at.exception
     after = metrics(at)

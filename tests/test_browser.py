@@ -272,6 +272,29 @@ def test_projection_panel_projects_a_preset_and_an_uploaded_config(studio, brows
     page.close()
 
 
+def test_quality_at_equal_speed_for_every_serving_scenario(studio, browser):
+    """The executive's question: for each serving scenario the chart and the sentence naming the best
+    method at the speed ToMoE reaches at the slider's budget."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(studio)
+    page.locator('.st-key-equal_speed [data-testid="stPlotlyChart"]').wait_for(timeout=120_000)
+    wait_idle(page)
+    seen = set()
+    for scenario in ("decode, batch 1", "decode, batch 8", "prompt (prefill)"):
+        radio = page.locator('[data-testid="stRadio"]', has_text="Serving scenario")
+        radio.scroll_into_view_if_needed()
+        radio.get_by_text(scenario, exact=True).click()
+        page.get_by_text(f"At {scenario}, ToMoE at p = 0.5", exact=False).wait_for(timeout=60_000)
+        wait_idle(page)
+        assert_no_exception(page, f"Budget explorer, {scenario}")
+        sentence = page.get_by_text(f"At {scenario}, ToMoE at p = 0.5", exact=False).inner_text()
+        assert "dense speed with perplexity" in sentence
+        seen.add(sentence)
+    assert len(seen) == 3
+    shot(page, "08-equal-speed")
+    page.close()
+
+
 def test_expert_ablation_roles_across_budgets_and_steering(studio, browser):
     """A researcher's causal path: start the ablation from the Experts page, see the heatmap and the
     verdicts; a second budget's log brings the cross-budget chart; Compare forces one expert."""

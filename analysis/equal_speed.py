@@ -1,0 +1,186 @@
+"""Quality at equal measured speed: the executive's question once a method's speed depends on how the
+model is served (one user decoding, a batch of users, long prompts).
+
+Speed comes from one speed file (`benchmarks.speed`: dense, ToMoE and the baselines at the same
+budgets in one interleaved run; `speed_cards.method_speed_rows`), quality from the quality points of
+one evaluation set (`tradeoff.quality_points`). Per serving scenario each method is a curve of
+(speed ratio to dense, perplexity) over its budgets; `equal_speed_sentence` names the best method at
+the speed ToMoE reaches at the slider's budget, reading the other curves between their measured
+points (linear in speed, log-linear in perplexity); nothing is extrapolated.
+
+TEAL-style's speed is TEAL as deployed (decode sparse, the prompt pass dense, so its prefill is
+dense's); its perplexity is the quality benchmark's, with every token sparse (the prompt too): a
+pessimistic reading of its quality under the deployed speed.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+SCENARIOS = {  # label -> (what is timed, batch)
+    "decode, batch 1": ("decode", 1),
+    "decode, batch 8": ("decode", 8),
+    "prompt (prefill)": ("prefill", 1),
+}
+METHOD_LABELS = {"tomoe": "ToMoE", "teal": "TEAL-style", "wanda-sp": "Wanda-sp", "flap": "FLAP", "dense": "dense"}
+METHODS = ("tomoe", "teal", "wanda-sp", "flap")
+TABLE_COLUMNS = ["method", "label", "budget", "tokens_per_s", "speedup", "speedup_low", "speedup_high", "perplexity"]
+
+
+def equal_speed_table(speed: pd.DataFrame, quality: pd.DataFrame, scenario: str, threads: int | None,
+                      layout: str = "indexed", dense_perplexity: float | None = None) -> pd.DataFrame:
+    """One row per (method, measured budget) with both a speed and a perplexity, plus dense.
+
+    speed: `speed_cards.method_speed_rows` (method, layout, threads, batch, budget, <what>_tokens_per_s,
+    <what>_speedup, <what>_speedup_iqr); quality: method (as METHODS), budget, perplexity.
+    Columns: TABLE_COLUMNS; speedup is the paired median ratio to dense, low/high its IQR."""
+    what, batch = SCENARIOS[scenario]
+    sel = speed[(speed["batch"].fillna(1).astype(int) == batch)]
+    if threads is not None:
+        sel = sel[sel["threads"] == threads]
+    sel = sel[(sel["method"] != "tomoe") | (sel["layout"] == layout)].dropna(subset=[f"{what}_tokens_per_s"])
+    rows = []
+    for _, r in sel.iterrows():
+        method = r["method"]
+        if method == "dense":
+            ppl = dense_perplexity
+        else:
+            q = quality[(quality["method"] == method) & ((quality["budget"] - r["budget"]).abs() < 0.011)]
+            ppl = float(q["perplexity"].iloc[0]) if len(q) else None
+        if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)):
+            continue
+        iqr = r.get(f"{what}_speedup_iqr")
+        iqr = list(iqr) if isinstance(iqr, (list, tuple, np.ndarray)) else [None, None]
+        rows.append({"method": method, "label": METHOD_LABELS.get(method, method), "budget": float(r["budget"]),
+                     "tokens_per_s": float(r[f"{what}_tokens_per_s"]), "speedup": float(r[f"{what}_speedup"]),
+                     "speedup_low": iqr[0], "speedup_high": iqr[1], "perplexity": ppl})
+    out = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return out.sort_values(["method", "budget"]).reset_index(drop=True)
+
+
+def pareto_front(table: pd.DataFrame) -> pd.Series:
+    """True for the points no other point beats on both speed (higher) and perplexity (lower)."""
+    s, p = table["speedup"].to_numpy(), table["perplexity"].to_numpy()
+    return pd.Series([not np.any((s >= s[i]) & (p <= p[i]) & ((s > s[i]) | (p < p[i]))) for i in range(len(table))],
+                     index=table.index)
+
+
+def perplexity_at_speed(curve: pd.DataFrame, speedup: float) -> tuple[float, float] | None:
+    """A method's (perplexity, budget) at `speedup`, between its two measured points that bracket it
+    (log-linear in perplexity); None outside its measured speeds."""
+    pts = curve.sort_values("speedup")
+    s, p, b = pts["speedup"].to_numpy(), pts["perplexity"].to_numpy(), pts["budget"].to_numpy()
+    for i in range(len(pts) - 1):
+        lo, hi = s[i], s[i + 1]
+        if min(lo, hi) - 1e-9 <= speedup <= max(lo, hi) + 1e-9:
+            t = 0.0 if hi == lo else (speedup - lo) / (hi - lo)
+            return float(np.exp((1 - t) * np.log(p[i]) + t * np.log(p[i + 1]))), float((1 - t) * b[i] + t * b[i + 1])
+    if len(pts) == 1 and abs(s[0] - speedup) < 1e-9:
+        return float(p[0]), float(b[0])
+    return None
+
+
+def equal_speed_sentence(table: pd.DataFrame, budget: float, scenario: str) -> str | None:
+    """'At decode, batch 8, ToMoE at p = 0.5 runs at 1.43x dense with perplexity 61.1; at that speed
+    TEAL-style (p ~ 0.62) reaches 29.0 ...': the best method at ToMoE's measured speed at the measured
+    budget nearest `budget`. None without a ToMoE point."""
+    tomoe = table[table["method"] == "tomoe"]
+    if tomoe.empty:
+        return None
+    at = tomoe.iloc[(tomoe["budget"] - budget).abs().argmin()]
+    speed, ppl = at["speedup"], at["perplexity"]
+    near = "" if abs(at["budget"] - budget) < 0.011 else f" (the measured budget nearest p = {budget:g})"
+    others, outside = [], []
+    for method, curve in table[~table["method"].isin(["tomoe", "dense"])].groupby("method"):
+        hit = perplexity_at_speed(curve, speed)
+        label = METHOD_LABELS.get(method, method)
+        if hit is None:
+            fastest = curve["speedup"].max()
+            outside.append(f"{label} ({'never this fast: at most' if fastest < speed else 'always faster: at least'} "
+                           f"{fastest if fastest < speed else curve['speedup'].min():.2f}x)")
+        else:
+            others.append((hit[0], label, hit[1]))
+    head = (f"At {scenario}, ToMoE at p = {at['budget']:g}{near} runs at {speed:.2f}x dense speed with perplexity "
+            f"{ppl:.1f}.")
+    if not others:
+        return head + (" No other method's measured budgets reach that speed" + (": " + "; ".join(outside) if outside
+                                                                                  else "") + ".")
+    others.sort()
+    best_ppl, best_label, best_budget = others[0]
+    parts = [f"{label} {p:.1f} (p ~ {b:.2f})" for p, label, b in others]
+    verdict = ("ToMoE is the best measured method at this speed" if ppl <= best_ppl
+               else f"{best_label} is better at equal speed")
+    tail = f"; {', '.join(outside)} not comparable" if outside else ""
+    return f"{head} At that speed: {', '.join(parts)}{tail}. {verdict}."
+
+
+def winners(table: pd.DataFrame) -> dict[float, str]:
+    """For each ToMoE budget: the method with the lowest perplexity at ToMoE's speed there (for the README)."""
+    out = {}
+    for _, at in table[table["method"] == "tomoe"].iterrows():
+        best = ("tomoe", at["perplexity"])
+        for method, curve in table[~table["method"].isin(["tomoe", "dense"])].groupby("method"):
+            hit = perplexity_at_speed(curve, at["speedup"])
+            if hit is not None and hit[0] < best[1]:
+                best = (method, hit[0])
+        out[float(at["budget"])] = best[0]
+    return out
+
+
+COLORS = {"tomoe": "#4338ca", "teal": "#d97706", "wanda-sp": "#059669", "flap": "#6b7280", "dense": "#1f2937"}
+
+
+def equal_speed_figure(table: pd.DataFrame, scenario: str, budget: float | None = None):
+    """Perplexity (log) against measured speed (x dense), one line per method over its budgets, dense a
+    star, the Pareto front a dotted line, ToMoE's point nearest `budget` ringed."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    front = table[pareto_front(table)].sort_values("speedup")
+    if len(front) > 1:
+        fig.add_trace(go.Scatter(x=front["speedup"], y=front["perplexity"], mode="lines", name="Pareto front",
+                                 line=dict(color="#9ca3af", dash="dot", width=6), opacity=0.5, hoverinfo="skip"))
+    for method, curve in table.groupby("method", sort=False):
+        curve = curve.sort_values("budget")
+        if method == "dense":
+            fig.add_trace(go.Scatter(x=curve["speedup"], y=curve["perplexity"], mode="markers", name="dense",
+                                     marker=dict(color=COLORS["dense"], symbol="star", size=14),
+                                     hovertemplate="dense: perplexity %{y:.2f}<extra></extra>"))
+            continue
+        err = None
+        if curve["speedup_low"].notna().all():
+            err = dict(type="data", symmetric=False, array=(curve["speedup_high"] - curve["speedup"]).tolist(),
+                       arrayminus=(curve["speedup"] - curve["speedup_low"]).tolist(), thickness=1)
+        fig.add_trace(go.Scatter(
+            x=curve["speedup"], y=curve["perplexity"], mode="lines+markers+text", name=METHOD_LABELS.get(method, method),
+            text=[f"{b:g}" for b in curve["budget"]], textposition="top center", error_x=err,
+            marker=dict(color=COLORS.get(method), size=9), line=dict(color=COLORS.get(method)),
+            customdata=np.stack([curve["budget"], curve["tokens_per_s"]], axis=1),
+            hovertemplate=f"{METHOD_LABELS.get(method, method)}, " + "p = %{customdata[0]:g}<br>%{x:.2f}x dense speed "
+                          "(%{customdata[1]:,.1f} tokens/s)<br>perplexity %{y:.2f}<extra></extra>"))
+    tomoe = table[table["method"] == "tomoe"]
+    if budget is not None and not tomoe.empty:
+        at = tomoe.iloc[(tomoe["budget"] - budget).abs().argmin()]
+        fig.add_trace(go.Scatter(x=[at["speedup"]], y=[at["perplexity"]], mode="markers", name=f"ToMoE at p = {at['budget']:g}",
+                                 marker=dict(size=20, color="rgba(0,0,0,0)", line=dict(color=COLORS["tomoe"], width=3)),
+                                 hoverinfo="skip"))
+    fig.add_vline(x=1.0, line_color="#d1d5db")
+    fig.update_layout(title=f"Quality at equal measured speed: {scenario} (labels: budget p)",
+                      xaxis_title="measured speed, x dense (paired median; bars: IQR)",
+                      yaxis_title="perplexity (log)", yaxis_type="log", height=420, template="plotly_white",
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+    return fig
+
+
+def quality_by_method(points: pd.DataFrame, eval_set: str, tomoe_curve: pd.DataFrame | None = None) -> pd.DataFrame:
+    """method (METHODS), budget, perplexity from the quality points of one evaluation set; ToMoE from
+    `tomoe_curve` (tradeoff.tomoe_curve: the conversion the cards read) when given."""
+    pts = points[points["eval_set"] == eval_set]
+    rows = [pts[pts["variant"] == m][["budget", "perplexity"]].assign(method=m) for m in METHODS if m != "tomoe"]
+    if tomoe_curve is not None and not tomoe_curve.empty:
+        rows.append(tomoe_curve[["budget", "perplexity"]].assign(method="tomoe"))
+    else:
+        rows.append(pts[pts["kind"] == "tomoe"][["budget", "perplexity"]].assign(method="tomoe"))
+    return pd.concat(rows, ignore_index=True)[["method", "budget", "perplexity"]]
