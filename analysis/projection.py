@@ -246,6 +246,24 @@ def project(shape: ModelShape, device: Device, budget: float, batch: int = 1, la
         dense_compute_tokens_per_s=peak / dense_flops if peak > 0 else 0.0)
 
 
+def batch_explanation(pr: "Projection", experts: int, layout: str = "indexed") -> str:
+    """Why a batch decodes as fast as it does against dense, in words (the card says "same as dense"
+    at batch 8 without this: the batch's tokens together read every expert)."""
+    touched = expected_experts_touched(pr.batch, experts)
+    share = pr.budget * touched
+    read = min(1.0, share) if layout in COPY_FREE else share
+    ratio = pr.tokens_per_s / pr.dense_tokens_per_s if pr.dense_tokens_per_s else float("nan")
+    why = (f"at batch {pr.batch} the tokens choose {touched:.1f} of {experts} experts per layer on average, so a "
+           f"decode step reads {read:.0%} of the MLP weights (p x experts touched = {share:.2f}"
+           + (", capped at the one copy" if layout in COPY_FREE and share > 1 else "") + ")")
+    if pr.bound == "compute":
+        return (f"compute-bound: {why}, but at this batch the arithmetic, {pr.flops_per_token / pr.dense_flops_per_token:.0%} "
+                f"of dense's per token, sets the speed ({ratio:.2f}x dense)")
+    if abs(ratio - 1) < 0.005:
+        return f"same as dense because {why}: the same bytes as dense, and bandwidth-bound decode time is bytes read"
+    return f"bandwidth-bound: {why} ({ratio:.2f}x dense)"
+
+
 def projection_table(shape: ModelShape, device: Device, budget: float, batches: tuple[int, ...], layout: str,
                      experts: int, bytes_per_param: float, context: int, price_per_hour: float) -> pd.DataFrame:
     """One row per batch size and model (dense, ToMoE at `budget`): the numbers the panel shows."""

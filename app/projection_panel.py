@@ -122,9 +122,8 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
     row[3].metric(f"Tokens/s, batch {batch}", tps(many.tokens_per_s),
                   **delta(many.tokens_per_s, many.dense_tokens_per_s, False), border=True,
                   help=f"projection: min(bandwidth-bound {tps(many.bandwidth_tokens_per_s)}, compute-bound "
-                       f"{tps(many.compute_tokens_per_s)}): {many.bound}-bound; {batch} tokens touch "
-                       f"{projection.expected_experts_touched(batch, experts):.1f} of {experts} experts per layer on "
-                       f"average; dense {tps(many.dense_tokens_per_s)}")
+                       f"{tps(many.compute_tokens_per_s)}): {projection.batch_explanation(many, experts, layout)}; "
+                       f"dense {tps(many.dense_tokens_per_s)}")
     row = cells[4:8]
     if price <= 0:
         row[0].metric("$/M tokens, batch 1", "—", border=True, help="projection: the price per hour is 0")
@@ -149,6 +148,7 @@ def _cards(shape, device, budget, layout, bytes_per_param, experts, batch, conte
                f"{shape.heads} / {shape.kv_heads} heads, vocabulary {shape.vocab:,}) on {device.name} "
                f"({device.bandwidth_gb_s:,.0f} GB/s, {device.tflops:g} TFLOP/s, ${price:.2f}/h): ceilings of an ideal "
                f"kernel; {projection.fits(many.weight_bytes, many.kv_cache_bytes, device)} at batch {batch}. "
+               f"Batch {batch}: {projection.batch_explanation(many, experts, layout)}. "
                "Formulas under *Projection formulas*.")
     if price <= 0:
         st.info("The price per hour is 0: enter a price to see the cost per million tokens.",

@@ -208,3 +208,15 @@ def test_published_points_have_their_own_axis_not_the_mlp_budget():
     assert "MLP budget p" in fig.layout.xaxis.title.text
     assert "share of all parameters" in fig.layout.xaxis2.title.text
     assert fig.layout.xaxis2.overlaying == "x" and list(fig.layout.xaxis.range) == list(fig.layout.xaxis2.range)
+
+
+def test_batch_card_says_why_it_is_the_same_as_dense():
+    from analysis import projection as P
+
+    shape, device = P.MODEL_PRESETS["Llama-3.1-8B"], P.DEVICE_PRESETS["NVIDIA H100 SXM 80GB"]
+    many = P.project(shape, device, 0.5, batch=8, layout="indexed", experts=8)
+    note = P.batch_explanation(many, 8, "indexed")
+    assert note.startswith("same as dense because at batch 8 the tokens choose 5.3 of 8 experts")
+    assert "reads 100% of the MLP weights" in note and "capped at the one copy" in note
+    one = P.project(shape, device, 0.5, batch=1, layout="indexed", experts=8)
+    assert P.batch_explanation(one, 8, "indexed").startswith("bandwidth-bound: at batch 1 the tokens choose 1.0 of 8")
