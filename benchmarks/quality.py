@@ -180,7 +180,8 @@ def run(args, log=print) -> dict:
     t_start = time.time()
     dense, tokenizer = load_dense(args.model, device=args.device, log=log)
     tag = safe_name(Path(args.model).name)
-    held = text_windows(tokenizer, "wiki", "heldout", tag, args.window, args.windows)
+    held = text_windows(tokenizer, args.text, "heldout", tag, args.window, args.windows)
+    text_label = "wiki (held-out split)" if args.text == "wiki" else f"{Path(args.text).name} (your text)"
     masked = MaskedModel(dense, num_experts=1)
     methods = [m for m in args.methods if m]
     conversions = [] if args.no_conversions else find_conversions(args.model)
@@ -197,7 +198,7 @@ def run(args, log=print) -> dict:
     budgets = sorted({round(b, 4) for b in args.budgets} | set(conv_budgets))
     result = {
         "kind": "quality-benchmark", "schema_version": SCHEMA_VERSION, "model": args.model,
-        "text": "wiki (held-out split)", "window": args.window, "windows": int(held.shape[0]),
+        "text": text_label, "window": args.window, "windows": int(held.shape[0]),
         "tokens": int(held.shape[0] * (held.shape[1] - 1)), "machine": machine_info(args.device),
         "command": "python -m benchmarks.quality " + " ".join(shlex.quote(a) for a in args.argv),
         "settings": {"budgets": budgets, "methods": methods, "calibration_text": "wiki (calibration split)",
@@ -206,9 +207,13 @@ def run(args, log=print) -> dict:
     }
     last_word = None  # the last-word items as token ids, the same for every variant
     if args.last_word_items:
-        last_word = encode_items(tokenizer, load_items("wiki", "heldout", args.last_word_items))
-        result["settings"]["last_word"] = {"items": len(last_word), "text": "wiki (held-out split)", **last_word_rule()}
-        log(f"[quality] last-word accuracy on {len(last_word)} items of the held-out split")
+        items = load_items(args.text, "heldout", args.last_word_items)
+        last_word = encode_items(tokenizer, items) if items else None
+        if last_word:
+            result["settings"]["last_word"] = {"items": len(last_word), "text": text_label, **last_word_rule()}
+            log(f"[quality] last-word accuracy on {len(last_word)} items of {text_label}")
+        else:
+            log(f"[quality] {text_label} has no sentence ending in a long enough word: no last-word accuracy")
     reuse = reusable_rows(args.output, result) if args.reuse else {}
     if reuse:
         old = json.loads(args.output.read_text())
@@ -450,14 +455,16 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS))
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help="comma-separated baselines (default: %(default)s); 'none' for conversions only")
+    p.add_argument("--text", default="wiki",
+                   help="evaluation text: 'wiki' (its held-out split) or your .txt file or folder of .txt files "
+                        "(all of it; calibration stays on the wiki calibration split) (default: %(default)s)")
     p.add_argument("--windows", type=int, default=8, help="held-out windows (default: %(default)s)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--calibration-tokens", type=int, default=16384)
@@ -480,6 +487,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", type=Path, default=cache_dir() / "results" / "quality_benchmark.json")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = build_parser()
     args = p.parse_args(argv)
     args.argv = argv
     args.methods = [] if args.methods == "none" else [m.strip() for m in args.methods.split(",")]

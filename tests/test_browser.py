@@ -295,6 +295,44 @@ def test_quality_at_equal_speed_for_every_serving_scenario(studio, browser):
     page.close()
 
 
+def test_quality_on_an_uploaded_text_runs_and_the_cards_switch_to_it(studio, browser, tmp_path):
+    """An executive's "and on our documents?": a bad file is refused by name before any job; a small
+    text runs the quality benchmark as a job, and the evaluation-set box then offers it to the cards."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(studio)
+    page.get_by_text("Quality on your own text").wait_for(timeout=120_000)
+    wait_idle(page)
+    page.get_by_text("Quality on your own text").click()
+    binary = tmp_path / "scan.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00")
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(binary))
+    page.get_by_role("button", name="Measure quality on this text").click()
+    page.get_by_text("scan.txt is a binary file", exact=False).wait_for(timeout=60_000)
+    before = kpi(page, "Perplexity")
+    ours = tmp_path / "our-docs.txt"
+    ours.write_text(" ".join(["The committee met on Tuesday and approved the budget for the new library."] * 120))
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(ours))
+    page.get_by_role("button", name="Measure quality on this text").click()
+    page.get_by_text("Measuring quality: quality on our-docs.txt", exact=False).wait_for(timeout=60_000)
+    box = page.locator('[data-testid="stSelectbox"]', has_text="Evaluation set")
+    box.wait_for(timeout=300_000)  # the job ended: a second set exists
+    wait_idle(page)
+    choose(page, page.locator('[data-testid="stMain"]'), "Evaluation set",
+           next(o for o in _options(page, box) if "our-docs.txt (your text)" in o))
+    assert_no_exception(page, "Budget explorer on the uploaded text")
+    after = kpi(page, "Perplexity")
+    assert after and after != before, (before, after)
+    shot(page, "09-own-text")
+    page.close()
+
+
+def _options(page, box) -> list[str]:
+    box.locator("input").click()
+    options = [o.inner_text() for o in page.get_by_role("option").all()]
+    page.keyboard.press("Escape")
+    return options
+
+
 def test_expert_ablation_roles_across_budgets_and_steering(studio, browser):
     """A researcher's causal path: start the ablation from the Experts page, see the heatmap and the
     verdicts; a second budget's log brings the cross-budget chart; Compare forces one expert."""

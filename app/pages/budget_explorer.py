@@ -263,6 +263,9 @@ if conditioned:
 st.subheader("Quality against active parameters")
 if len(sets) > 1:
     st.selectbox("Evaluation set (perplexities are comparable only within one)", sets, key="eval_set")
+from app import own_text_panel  # noqa: E402
+
+own_text_panel.render(st.session_state["model"])
 ui.keep("show_catastrophic", False)
 shown_points = points[points["eval_set"] == st.session_state["eval_set"]] if sets else points
 catastrophic = tradeoff_figure.catastrophic_methods(shown_points, quality.dense_perplexity if quality else None)
