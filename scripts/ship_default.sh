@@ -29,13 +29,25 @@ $PY -m tomoe_core evaluate "$AT07" --window 512 --max-windows 60 --baselines wan
 rm -rf "$(dirname "$AT07")"
 # 4. precomputed continuations per budget for the Budget explorer
 $PY -m benchmarks.continuations --conversion "$CONV" --output "$RESULTS/continuations.json"
-# 5. a small tagged routing log for the Experts page
+# 5. a small tagged routing log for the Experts page, its expert ablation (about 15 min), and the same text
+#    at p = 0.3 and 0.7 (roles across budgets)
 $PY -m tomoe_core trace "$CONV" --max-tokens 3000 --run-id "shipped-$NAME" --overwrite --quiet
 $PY -m analysis.routing_report "shipped-$NAME"
-rm -rf "cache/shipped/routing/run_id=shipped-$NAME"
+$PY -m tomoe_core ablate "shipped-$NAME" --quiet
+for P in 0.3 0.7; do
+    $PY -m tomoe_core rebudget "$CONV" --budget "$P" --output "cache/conversions/$NAME-at-p$P"
+    $PY -m tomoe_core trace "cache/conversions/$NAME-at-p$P" --max-tokens 3000 --run-id "shipped-$NAME-p$P" \
+        --overwrite --quiet
+    $PY -m analysis.routing_report "shipped-$NAME-p$P"
+done
+$PY -m analysis.causal_report "shipped-$NAME"
 mkdir -p cache/shipped/routing
-cp -r "cache/routing/run_id=shipped-$NAME" cache/shipped/routing/
-# 6. speed and memory of dense and every budget (trained, materialised from the conditioned conversion)
+for RUN in "shipped-$NAME" "shipped-$NAME-p0.3" "shipped-$NAME-p0.7"; do
+    rm -rf "cache/shipped/routing/run_id=$RUN"
+    cp -r "cache/routing/run_id=$RUN" cache/shipped/routing/
+done
+# 6. speed and memory of dense and every budget (trained, materialised from the conditioned conversion), with
+#    TEAL-style, Wanda-sp and FLAP at the same budgets in the same run (the Budget explorer's equal-speed chart)
 $PY -m benchmarks.speed --conversions "$NAME" --budgets 0.3 0.5 0.7 0.9 --layouts indexed packed --threads 1 2 \
     --batch-sizes 1 8 --repeats 5 --output "$RESULTS/speed_benchmark.json"
 #    and the speed-at-dense-memory check at p = 0.5 (1 thread, batch 1, 9 interleaved repeats; with the
