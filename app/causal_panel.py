@@ -97,18 +97,6 @@ def _start_form(folder: Path) -> None:
         st.rerun()
 
 
-@st.fragment(run_every=3)
-def _progress(job_id: str) -> None:
-    from tomoe_core.infra import jobs
-
-    job = jobs.get_job(job_id)
-    if jobs.status(job) != "running":
-        st.rerun(scope="app")
-    done, total, _ = jobs.progress(job)
-    st.progress(done / total if done and total else 0.0,
-                text=f"Expert ablation: {done or 0}/{total or '?'} forward passes (details on the Runs page)")
-
-
 def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, label: str, tag_name: str,
                     lift_figure, experts: pd.DataFrame | None) -> None:
     from analysis.causal_figures import ablation_heatmap
@@ -117,7 +105,7 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
     st.subheader("Which tokens need each expert (ablation)", help=HELP["ablation"])
     job = _running_job(folder)
     if job is not None:
-        _progress(job.id)
+        ui.job_progress(job.id, "Expert ablation", "forward passes")
         return
     if not has_ablation(folder):
         st.info("No ablation of this log yet: it reruns the text once per (layer, expert) with that expert removed.",

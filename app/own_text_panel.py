@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import catalog
+from app import ui
 
 BUDGETS = ("0.3", "0.5", "0.7", "0.9")  # the budgets the speed file measures: quality at equal speed reads them
 METHODS = "teal,wanda-sp,flap"
@@ -43,7 +44,7 @@ def render(model: str) -> None:
     running = _jobs(jobs)
     with st.expander("Quality on your own text", expanded=bool(running)):
         if running:
-            _progress(running[0].id)
+            ui.job_progress(running[0].id, f"Measuring quality: {running[0].label}")
             return
         st.caption(f"Upload a .txt: the quality benchmark runs on it in the background (dense, ToMoE at p = "
                    f"{', '.join(BUDGETS)}, TEAL-style, Wanda-sp and FLAP; up to {MAX_WINDOWS} windows of {WINDOW} "
@@ -70,17 +71,3 @@ def render(model: str) -> None:
             st.error(str(err))
             return
         st.rerun()
-
-
-@st.fragment(run_every=3)
-def _progress(job_id: str) -> None:
-    from tomoe_core.infra import jobs
-
-    job = jobs.get_job(job_id)
-    if jobs.status(job) != "running":
-        st.rerun(scope="app")  # finished: the evaluation-set box lists the new set
-    st.progress(0.0 if jobs.status(job) == "running" else 1.0,
-                text=f"Measuring quality: {job.label} (the end of its output is on the Runs page)")
-    tail = jobs.log_tail(job, 400).strip().splitlines()
-    if tail:
-        st.caption(tail[-1][-200:])

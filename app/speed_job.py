@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis import catalog
+from app import ui
 
 OUTPUT = "speed_benchmark.json"  # the local file wins over the shipped one of the same name
 
@@ -38,17 +39,4 @@ def render(conversions: list[catalog.Conversion], model: str) -> None:
                 st.error(str(err))
             st.rerun()
         return
-    _progress(running[0].id)
-
-
-@st.fragment(run_every=3)
-def _progress(job_id: str) -> None:
-    from tomoe_core.infra import jobs
-
-    job = jobs.get_job(job_id)
-    if jobs.status(job) != "running":
-        st.rerun(scope="app")  # finished: the cards read the new file
-    done, total, _ = jobs.progress(job)
-    frac = done / total if done is not None and total else 0.0
-    st.progress(frac, text=f"Measuring this machine: {done or 0}/{total or '?'} repeats "
-                           "(details on the Runs page)")
+    ui.job_progress(running[0].id, "Measuring this machine", "repeats")

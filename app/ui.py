@@ -128,3 +128,17 @@ def fair_threads():
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a user can cause (bad input, missing or corrupt files): shown as messages."""
     return (ValueError, FileNotFoundError, OSError, KeyError)
+
+
+@st.fragment(run_every=3)
+def job_progress(job_id: str, what: str, unit: str = "") -> None:
+    """A running background job's progress bar (`done / total` from its output); reruns the whole page
+    when the job ends, so that what it wrote shows."""
+    from tomoe_core.infra import jobs
+
+    job = jobs.get_job(job_id)
+    if jobs.status(job) != "running":
+        st.rerun(scope="app")
+    done, total, _ = jobs.progress(job)
+    st.progress(min(1.0, done / total) if done and total else 0.0,
+                text=f"{what}: {done or 0}/{total or '?'}{' ' + unit if unit else ''} (details on the Runs page)")

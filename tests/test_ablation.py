@@ -35,6 +35,17 @@ def _decoder_layers(moe):
     return adapter_for(moe.model).layers(moe.model)
 
 
+def _base_and_router_logits(moe, mlp, ids):
+    """The model's logits on `ids` and the router logits of `mlp` on the way."""
+    seen = {}
+    hook = mlp.router.register_forward_hook(lambda m, a, out: seen.__setitem__("logits", out.detach().clone()))
+    try:
+        logits = moe(input_ids=ids, use_cache=False).logits
+    finally:
+        hook.remove()
+    return logits, seen["logits"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.inference_mode()
 def test_replayed_layers_give_the_full_forward(family):
@@ -67,11 +78,7 @@ def test_second_choice_equals_an_explicit_forced_routing():
     moe = _tiny_moe("llama")
     ids = tiny_ids(1, 16, seed=3)
     mlp = moe.moe_mlps[0]
-    seen = {}
-    hook = mlp.router.register_forward_hook(lambda m, a, out: seen.__setitem__("logits", out.detach().clone()))
-    base = moe(input_ids=ids, use_cache=False).logits
-    hook.remove()
-    logits = seen["logits"]  # (N, E)
+    base, logits = _base_and_router_logits(moe, mlp, ids)  # (1, T, V), (N, E)
     chosen = logits.argmax(-1)
     expert = int(chosen.mode().values)
     explicit = torch.where(chosen == expert, logits.topk(2, dim=-1).indices[:, 1], chosen)
@@ -101,11 +108,8 @@ def test_ablating_an_expert_no_token_uses_changes_nothing():
     moe = _tiny_moe("llama")
     ids = tiny_ids(1, 16, seed=1)
     mlp = moe.moe_mlps[1]
-    seen = {}
-    hook = mlp.router.register_forward_hook(lambda m, a, out: seen.__setitem__("logits", out.detach().clone()))
-    base = moe(input_ids=ids, use_cache=False).logits
-    hook.remove()
-    used = set(seen["logits"].argmax(-1).tolist())
+    base, logits = _base_and_router_logits(moe, mlp, ids)
+    used = set(logits.argmax(-1).tolist())
     unused = next(e for e in range(4) if e not in used) if len(used) < 4 else None
     if unused is None:  # make one unused: a very negative router bias
         mlp.router.bias = torch.nn.Parameter(torch.zeros(4)) if mlp.router.bias is None else mlp.router.bias

@@ -127,6 +127,18 @@ def choose(page, scope, label: str, option: str) -> None:
     wait_idle(page)
 
 
+def open_tagged_experts(page, studio: str) -> None:
+    """The Experts page, its log tagged (the button is there until a first test tags it)."""
+    page.goto(studio + "/experts")
+    page.get_by_role("heading", name="Expert load").wait_for(timeout=120_000)
+    wait_idle(page)
+    tag = page.get_by_role("button", name="Tag the text (spaCy)")
+    if tag.count():
+        tag.click()
+        page.get_by_role("heading", name="Top tokens of an expert").wait_for(timeout=180_000)
+        wait_idle(page)
+
+
 def shot(page, name: str) -> None:
     """Screenshot once every widget has replaced its loading skeleton."""
     ARTIFACTS.mkdir(exist_ok=True)
@@ -339,14 +351,7 @@ def test_expert_ablation_roles_across_budgets_and_steering(studio, browser):
     from routing_fixtures import sibling_log
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(studio + "/experts")
-    page.get_by_role("heading", name="Expert load").wait_for(timeout=120_000)
-    wait_idle(page)
-    tag = page.get_by_role("button", name="Tag the text (spaCy)")
-    if tag.count():
-        tag.click()
-        page.get_by_role("heading", name="Top tokens of an expert").wait_for(timeout=180_000)
-        wait_idle(page)
+    open_tagged_experts(page, studio)
     start = page.get_by_role("button", name="Run expert ablation")
     start.wait_for(timeout=180_000)  # below the NMI tests and the clustering
     wait_idle(page)
