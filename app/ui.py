@@ -16,11 +16,16 @@ from analysis import catalog
 # -- choices that survive page switches ----------------------------------------------------------
 def keep(key: str, default):
     """Make a widget key persist across pages: Streamlit drops the state of widgets that a run does
-    not render, but not a value assigned by the script itself."""
+    not render, so the value is shadowed under another key and restored when the widget's is gone.
+
+    The widget's own key is written only then: writing it on every run (the old way) sends the run's
+    value back to the browser, and a slider moved by arrow keys while the page reran jumped back,
+    losing or doubling presses."""
+    shadow = f"kept::{key}"
     if key in st.session_state:
-        st.session_state[key] = st.session_state[key]
+        st.session_state[shadow] = st.session_state[key]
     else:
-        st.session_state[key] = default
+        st.session_state[key] = st.session_state.get(shadow, default)
     return st.session_state[key]
 
 

@@ -284,6 +284,32 @@ def test_projection_panel_projects_a_preset_and_an_uploaded_config(studio, brows
     page.close()
 
 
+def test_budget_slider_keeps_every_arrow_key_press_while_the_page_reruns(studio, browser):
+    """Arrow keys on the budget slider, pressed faster than the page reruns: every press counts."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(studio)
+    thumb = page.get_by_role("slider", name="Active MLP budget p")
+    thumb.wait_for(timeout=120_000)
+    wait_idle(page)
+    start = float(thumb.get_attribute("aria-valuenow"))
+    thumb.focus()
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+        time.sleep(0.15)
+    time.sleep(1.0)
+    wait_idle(page)
+    assert float(thumb.get_attribute("aria-valuenow")) == pytest.approx(start + 0.2), "a press was lost or doubled"
+    thumb.focus()
+    for _ in range(6):
+        page.keyboard.press("ArrowLeft")
+        time.sleep(0.1)
+    time.sleep(1.0)
+    wait_idle(page)
+    assert float(thumb.get_attribute("aria-valuenow")) == pytest.approx(start - 0.1)
+    assert_no_exception(page, "Budget explorer after arrow keys")
+    page.close()
+
+
 def test_quality_at_equal_speed_for_every_serving_scenario(studio, browser):
     """The executive's question: for each serving scenario the chart and the sentence naming the best
     method at the speed ToMoE reaches at the slider's budget."""
