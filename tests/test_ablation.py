@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import duckdb
-import numpy as np
 import pytest
 import torch
 
