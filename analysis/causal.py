@@ -160,9 +160,10 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
         if len(per) >= MIN_EXPERTS_TO_RESAMPLE:
             d = (per[True] - per[False]).to_numpy()
             diffs, over = d[rng.integers(len(d), size=(resamples, len(d)))].mean(1), "experts"
-        else:
+        else:  # few experts: pooled tokens, and the point estimate from the same pool as its interval
             a = rows.loc[rows.named, metric].to_numpy(np.float64)
             b = rows.loc[~rows.named, metric].to_numpy(np.float64)
+            named_mean, other_mean = float(a.mean()), float(b.mean())
             diffs = (a[rng.integers(len(a), size=(resamples, len(a)))].mean(1)
                      - b[rng.integers(len(b), size=(resamples, len(b)))].mean(1))
             over = "tokens"
@@ -228,13 +229,14 @@ def budget_agreement(runs: dict[float, str], reference: float | None = None, lab
         raise ValueError("need logs at two budgets or more")
     reference = budgets[len(budgets) // 2] if reference is None else reference
     con = duckdb.connect()
-    tag = label_column(runs[reference], label)
+    tag = label_column(runs[reference], label)  # tags are read from the reference only: the same tokens
 
-    def read(path):
-        return con.execute(f"SELECT doc_id, position, layer, expert, {tag} AS tag FROM {routing_source(path)} "
+    def read(path, with_tag: bool = False):
+        column = f"{tag} AS tag" if with_tag else "NULL AS tag"
+        return con.execute(f"SELECT doc_id, position, layer, expert, {column} FROM {routing_source(path)} "
                            "ORDER BY doc_id, position, layer").df()
 
-    ref = read(runs[reference])
+    ref = read(runs[reference], with_tag=True)
     out = []
     for b in budgets:
         if b == reference:

@@ -19,11 +19,20 @@ import math
 import numpy as np
 import pandas as pd
 
-SCENARIOS = {  # label -> (what is timed, batch)
+SCENARIOS = {  # label -> (what is timed, batch): the CPU file's; `scenarios` reads a file's own batch sizes
     "decode, batch 1": ("decode", 1),
     "decode, batch 8": ("decode", 8),
     "prompt (prefill)": ("prefill", 1),
 }
+
+
+def scenarios(speed: pd.DataFrame) -> dict[str, tuple[str, int]]:
+    """The serving scenarios a speed file measured: decode at each of its batch sizes, and the prompt pass."""
+    batches = sorted({int(b) for b in speed["batch"].dropna()}) or [1]
+    out = {f"decode, batch {b}": ("decode", b) for b in batches}
+    if speed["prefill_tokens_per_s"].notna().any():
+        out["prompt (prefill)"] = ("prefill", 1)
+    return out
 METHOD_LABELS = {"tomoe": "ToMoE", "teal": "TEAL-style", "wanda-sp": "Wanda-sp", "flap": "FLAP", "dense": "dense"}
 METHODS = ("tomoe", "teal", "wanda-sp", "flap")
 TABLE_COLUMNS = ["method", "label", "budget", "tokens_per_s", "speedup", "speedup_low", "speedup_high", "perplexity"]
@@ -36,7 +45,7 @@ def equal_speed_table(speed: pd.DataFrame, quality: pd.DataFrame, scenario: str,
     speed: `speed_cards.method_speed_rows` (method, layout, threads, batch, budget, <what>_tokens_per_s,
     <what>_speedup, <what>_speedup_iqr); quality: method (as METHODS), budget, perplexity.
     Columns: TABLE_COLUMNS; speedup is the paired median ratio to dense, low/high its IQR."""
-    what, batch = SCENARIOS[scenario]
+    what, batch = SCENARIOS.get(scenario) or scenarios(speed)[scenario]
     sel = speed[(speed["batch"].fillna(1).astype(int) == batch)]
     if threads is not None:
         sel = sel[sel["threads"] == threads]
@@ -44,6 +53,8 @@ def equal_speed_table(speed: pd.DataFrame, quality: pd.DataFrame, scenario: str,
     rows = []
     for _, r in sel.iterrows():
         method = r["method"]
+        if r[f"{what}_speedup"] is None or pd.isna(r[f"{what}_speedup"]):
+            continue
         if method == "dense":
             ppl = dense_perplexity
         else:

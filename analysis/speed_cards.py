@@ -52,7 +52,7 @@ def speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFr
 
 METHOD_COLUMNS = ["method", "layout", "threads", "batch", "budget", "decode_tokens_per_s", "decode_speedup",
                   "decode_speedup_iqr", "prefill_tokens_per_s", "prefill_speedup", "prefill_speedup_iqr", "machine",
-                  "source"]
+                  "source", "model"]
 
 
 def method_speed_rows(results: dict[str, dict], source: str | None = None) -> pd.DataFrame:
@@ -61,15 +61,17 @@ def method_speed_rows(results: dict[str, dict], source: str | None = None) -> pd
     sources = speed_sources(results)
     source = source if source in sources else (sources[0] if sources else None)
     res = results.get(source) or {}
-    machine = _machine_label(res.get("machine") or {}, res.get("dtype"))
+    machine_info = res.get("machine") or {}
+    machine = _machine_label(machine_info, res.get("dtype"))
     settings_threads = (res.get("settings") or {}).get("threads")
     rows = []
     for r in res.get("rows") or []:
         method = r.get("method") or ("tomoe" if r.get("layout") else "dense")
-        threads = r.get("threads") or (settings_threads if isinstance(settings_threads, int) else None)
+        threads = r.get("threads") or (settings_threads if isinstance(settings_threads, int) else None) \
+            or machine_info.get("torch_threads")  # as `speed_rows`: the cards' thread choice matches
         rows.append({"method": method, "layout": r.get("layout"), "threads": threads, "batch": r.get("batch", 1),
                      "budget": r.get("budget"), **{k: r.get(k) for k in METHOD_COLUMNS[5:11]},
-                     "machine": machine, "source": source})
+                     "machine": machine, "source": source, "model": str(res.get("model"))})
     return pd.DataFrame(rows, columns=METHOD_COLUMNS)
 
 

@@ -57,6 +57,15 @@ def _needed(key: tuple, layer: int, expert: int, replacement: str) -> pd.DataFra
     return needed_tokens(key[0], layer, expert, replacement=replacement)
 
 
+@st.cache_data(show_spinner=False, max_entries=8)
+def _plan(key: tuple, layers: tuple | None, max_tokens: int):
+    """The ablation plan's cost line, tokens, layers and passes (reading the log once per change)."""
+    from tomoe_core.trace.ablation import plan_ablation
+
+    plan = plan_ablation(key[0], layers=list(layers) if layers else None, max_tokens=max_tokens)
+    return plan.cost(), plan.tokens, plan.layers, plan.passes
+
+
 def _running_job(folder: Path):
     from tomoe_core.infra import jobs
     from tomoe_core.trace.ablation import ABLATION_DIR
@@ -66,9 +75,9 @@ def _running_job(folder: Path):
                  and j.output and Path(j.output).resolve() == target), None)
 
 
-def _start_form(folder: Path) -> None:
+def _start_form(folder: Path, run_key: tuple) -> None:
     from tomoe_core.infra import jobs
-    from tomoe_core.trace.ablation import ABLATION_DIR, DEFAULT_MAX_TOKENS, AblationError, parse_indices, plan_ablation
+    from tomoe_core.trace.ablation import ABLATION_DIR, DEFAULT_MAX_TOKENS, AblationError, parse_indices
 
     c1, c2 = st.columns(2)
     ui.keep("ablate_tokens", DEFAULT_MAX_TOKENS)
@@ -79,18 +88,19 @@ def _start_form(folder: Path) -> None:
     text = st.session_state["ablate_layers"].strip()
     try:
         layers = None if text in ("", "all") else parse_indices(text)
-        plan = plan_ablation(folder, layers=layers, max_tokens=int(st.session_state["ablate_tokens"]))
+        cost, tokens, plan_layers, passes = _plan(run_key, tuple(layers) if layers else None,
+                                                  int(st.session_state["ablate_tokens"]))
     except (AblationError, ValueError) as err:  # argparse's type errors are ValueErrors too
         st.error(f"Cannot ablate: {err}")
         return
-    st.caption(f"Cost: {plan.cost()}. For scale: 1,024 tokens x 30 layers x 8 experts x 2 of SmolLM2-135M took about "
+    st.caption(f"Cost: {cost}. For scale: 1,024 tokens x 30 layers x 8 experts x 2 of SmolLM2-135M took about "
                "15 min on a 2-core CPU (docs/RESULTS.md).")
     if st.button("Run expert ablation", type="primary", help=HELP["ablation"]):
-        argv = jobs.python_argv("-m", "tomoe_core", "ablate", str(folder), "--max-tokens", str(plan.tokens),
-                                *(["--layers", ",".join(map(str, plan.layers))] if layers is not None else []))
+        argv = jobs.python_argv("-m", "tomoe_core", "ablate", str(folder), "--max-tokens", str(tokens),
+                                *(["--layers", ",".join(map(str, plan_layers))] if layers is not None else []))
         try:
             jobs.start_job("ablate", argv, label=f"ablate {folder.name.removeprefix('run_id=')}",
-                           output=folder / ABLATION_DIR, total=plan.passes)
+                           output=folder / ABLATION_DIR, total=passes)
         except jobs.JobError as err:
             st.error(str(err))
             return
@@ -110,7 +120,7 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
     if not has_ablation(folder):
         st.info("No ablation of this log yet: it reruns the text once per (layer, expert) with that expert removed.",
                 icon="ℹ️")
-        _start_form(folder)
+        _start_form(folder, run_key)
         return
     meta = read_ablation_meta(folder)
     st.caption(f"{meta['tokens']:,} tokens x {len(meta['layers'])} layers x {len(meta['experts'])} experts, "

@@ -16,9 +16,10 @@ HELP = ("Which method gives the best quality at a given measured speed depends o
 
 
 def render(results: dict, points: pd.DataFrame, eval_set: str | None, budget: float, threads: int | None,
-           layout: str | None, speed_source: str | None, conversion: str | None) -> None:
+           layout: str | None, speed_source: str | None, conversion: str | None, model: str) -> None:
     st.subheader("Quality at equal speed", help=HELP)
     speed = speed_cards.method_speed_rows(results, speed_source)
+    speed = speed[speed["model"] == model]  # never one model's speed beside another's quality
     if speed.empty or eval_set is None:
         st.caption("Needs a speed file and quality results: run `python -m benchmarks.speed` and "
                    "`python -m benchmarks.quality`.")
@@ -27,8 +28,11 @@ def render(results: dict, points: pd.DataFrame, eval_set: str | None, budget: fl
         st.info("This speed file times dense and ToMoE only. **Measure speed** (above) times TEAL-style, Wanda-sp "
                 "and FLAP beside them in the same run, which this comparison needs.", icon="ℹ️")
         return
-    ui.keep("equal_speed_scenario", next(iter(equal_speed.SCENARIOS)))
-    st.radio("Serving scenario", list(equal_speed.SCENARIOS), key="equal_speed_scenario", horizontal=True,
+    options = equal_speed.scenarios(speed)
+    ui.keep("equal_speed_scenario", next(iter(options)))
+    if st.session_state["equal_speed_scenario"] not in options:
+        st.session_state["equal_speed_scenario"] = next(iter(options))
+    st.radio("Serving scenario", list(options), key="equal_speed_scenario", horizontal=True,
              help="decode: new tokens/s with a KV cache; prompt: tokens/s of the prompt pass (time to first token)")
     scenario = st.session_state["equal_speed_scenario"]
     pts = points[points["eval_set"] == eval_set]

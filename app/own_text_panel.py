@@ -58,7 +58,12 @@ def render(model: str) -> None:
         except ValueError as err:
             st.error(f"Your text: {err}")
             return
-        name = safe_name(upload.name.rsplit(".", 1)[0]) or "text"
+        import hashlib
+
+        # the content's hash in the name: token and item caches are keyed on the path, so a new text
+        # under an old name must not be read from them
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+        name = f"{safe_name(upload.name.rsplit('.', 1)[0]) or 'text'}-{digest}"
         path = cache_dir() / "data" / "uploads" / f"{name}.txt"
         atomic_write_bytes(path, text.encode("utf-8"))
         output = catalog.cache_root() / "results" / f"quality_benchmark-{name}.json"

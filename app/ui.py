@@ -147,3 +147,12 @@ def job_progress(job_id: str, what: str, unit: str = "") -> None:
     done, total, _ = jobs.progress(job)
     st.progress(min(1.0, done / total) if done and total else 0.0,
                 text=f"{what}: {done or 0}/{total or '?'}{' ' + unit if unit else ''} (details on the Runs page)")
+
+
+@st.cache_resource(show_spinner=False)
+def generation_lock():
+    """One lock for every session's generation: the cached models are shared between sessions, and
+    steering (Compare's forced expert) changes a model's routing while it generates."""
+    import threading
+
+    return threading.Lock()

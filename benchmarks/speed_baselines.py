@@ -32,8 +32,6 @@ class TealDeployedMLP(nn.Module):
     def __init__(self, sparse: nn.Module, dense: nn.Module):
         super().__init__()
         self.sparse, self.dense = sparse, dense
-        for name in ("gate_up_t", "down_t"):  # counted as the variant's MLP bytes
-            self.register_buffer(name, getattr(sparse, name), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x) if x.dim() == 3 and x.shape[-2] > 1 else self.sparse(x)
@@ -59,7 +57,7 @@ def baseline_variants(dense, budgets, methods, calibration_ids: torch.Tensor, lo
     host = copy.deepcopy(dense)
     adapter = adapter_for(host)
     dense_mlps = [adapter.mlp(layer) for layer in adapter.layers(host)]
-    dtype = next(dense.parameters()).dtype
+    dtype, device = next(dense.parameters()).dtype, next(dense.parameters()).device
     out = []
     for budget in budgets:
         for method in methods:
@@ -70,9 +68,10 @@ def baseline_variants(dense, budgets, methods, calibration_ids: torch.Tensor, lo
                 sparsity = DynamicSparsity(masked, "teal", budget)
                 seq = calibration_ids.shape[1]
                 active = float(sparsity.calibrate(calibration_ids[:max(1, DYNAMIC_CALIBRATION_TOKENS // seq)]))
-                mlps = [TealDeployedMLP(TealGatherMLP(m.weights, m.thresholds), d) for m, d in zip(sparsity.mlps, dense_mlps)]
+                mlps = [TealDeployedMLP(TealGatherMLP(m.weights, m.thresholds).to(device=device, dtype=dtype), d)
+                        for m, d in zip(sparsity.mlps, dense_mlps)]
             else:
-                mlps = [m.to(dtype) for m in sliced_mlps(masked, method, budget, stats)]
+                mlps = [m.to(device=device, dtype=dtype) for m in sliced_mlps(masked, method, budget, stats)]
                 active = budget
             log(f"[speed] budget {budget}: {method} built (active MLP fraction {active:.3f})")
             out.append({"name": f"p={budget:g} {method}", "budget": budget, "source": PREFILL_MODE[method],

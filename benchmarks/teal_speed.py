@@ -55,15 +55,16 @@ class TealGatherMLP(nn.Module):
         if weights.gate is None or any(b is not None for b in (weights.gate_bias, weights.up_bias, weights.down_bias)):
             raise ValueError("the gather kernel here covers gated MLPs without biases (llama family)")
         self.act, self.I = weights.act, weights.intermediate_size
-        self.gate_up_t = torch.cat([weights.gate.t(), weights.up.t()], dim=1).contiguous()  # (D, 2I)
-        self.down_t = weights.down.t().contiguous()  # (I, D)
+        # buffers, so that .to(device, dtype) moves them with the module
+        self.register_buffer("gate_up_t", torch.cat([weights.gate.t(), weights.up.t()], dim=1).contiguous())  # (D, 2I)
+        self.register_buffer("down_t", weights.down.t().contiguous())  # (I, D)
         self.tx, self.th = float(thresholds["x"]), float(thresholds["h"])
 
     @staticmethod
     def _gather_gemv(values: torch.Tensor, table: torch.Tensor, threshold: float) -> torch.Tensor:
         """sum over the entries of each row of `values` with |v| > threshold of v * table[index].  (N, K) -> (N, M)"""
         rows, cols = (values.abs() > threshold).nonzero(as_tuple=True)
-        offsets = torch.zeros(values.shape[0], dtype=torch.long)
+        offsets = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
         counts = torch.bincount(rows, minlength=values.shape[0])
         offsets[1:] = counts.cumsum(0)[:-1]
         return F.embedding_bag(cols, table, offsets, mode="sum", per_sample_weights=values[rows, cols])

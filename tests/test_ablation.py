@@ -226,3 +226,18 @@ def test_forced_expert_steers_one_layer_and_restores_it():
     with pytest.raises(AblationError, match=r"expert 4 does not exist: the model has 4 experts per layer \(0-3\)"):
         with forced_expert(moe, 0, 4):
             pass
+
+
+@torch.inference_mode()
+def test_replay_restores_a_forward_the_instance_already_had():
+    moe = _tiny_moe("llama")
+    layers = _decoder_layers(moe)
+    own = layers[0].forward  # e.g. a device-placement hook sets an instance forward
+    layers[0].forward = lambda *a, **k: own(*a, **k)
+    marker = layers[0].forward
+    replay = _Replay(layers)
+    with replay.recording():
+        moe(input_ids=tiny_ids(1, 8), use_cache=False)
+    with replay.skipping(1):
+        assert layers[0].forward is not marker
+    assert layers[0].forward is marker and "forward" not in layers[1].__dict__

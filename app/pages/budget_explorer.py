@@ -290,7 +290,7 @@ from app import equal_speed_panel  # noqa: E402
 
 equal_speed_panel.render(cat.results, points, st.session_state["eval_set"] if sets else None, budget,
                          st.session_state.get("threads"), st.session_state.get("layout"),
-                         st.session_state.get("speed_source"), chosen)
+                         st.session_state.get("speed_source"), chosen, st.session_state["model"])
 
 with st.expander("Measured points and how the numbers are computed"):
     st.markdown(tradeoff.__doc__.split("\n", 2)[2])

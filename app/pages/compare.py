@@ -123,7 +123,7 @@ def _generate_with(moe, dense, tokenizer, status) -> dict:
 if submitted and not st.session_state["prompt"].strip():  # checked before any model loads
     st.error("Prompt: the prompt is empty: type some text to continue (the last result stays below)")
 elif submitted:
-    with ui.fair_threads():  # a background job keeps its core: spinning against it costs 2.4x here
+    with ui.fair_threads(), ui.generation_lock():  # a background job keeps its core; sessions share models
         generated = generate(conv)
     if generated is not None:  # a failed run leaves the last result on the page
         st.session_state["compare_result"] = generated

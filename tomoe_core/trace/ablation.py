@@ -221,13 +221,17 @@ class _Replay:
             if l == start - 1:  # the first computed layer receives it: a fresh copy, in case it writes in place
                 out = out.clone() if torch.is_tensor(out) else tuple(o.clone() if torch.is_tensor(o) else o for o in out)
             return lambda *args, **kwargs: out
-        for l in range(start):
-            self.layers[l].forward = replay(l)
+        saved = [layer.__dict__.get("forward") for layer in self.layers[:start]]  # e.g. accelerate's hook
         try:
+            for l in range(start):
+                self.layers[l].forward = replay(l)
             yield
         finally:
-            for l in range(start):
-                del self.layers[l].forward
+            for layer, own in zip(self.layers[:start], saved):
+                if own is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.forward = own
 
 
 def _window_inputs(plan: AblationPlan, window: AblationWindow, device) -> torch.Tensor:
