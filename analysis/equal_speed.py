@@ -185,13 +185,74 @@ def equal_speed_figure(table: pd.DataFrame, scenario: str, budget: float | None 
     return fig
 
 
-def quality_by_method(points: pd.DataFrame, eval_set: str, tomoe_curve: pd.DataFrame | None = None) -> pd.DataFrame:
+TEAL_QUALITY = {"teal": "every token sparse", "teal-half-dense": "first half of each window dense (TEAL's protocol)"}
+
+
+def quality_by_method(points: pd.DataFrame, eval_set: str, tomoe_curve: pd.DataFrame | None = None,
+                      teal_variant: str = "teal") -> pd.DataFrame:
     """method (METHODS), budget, perplexity from the quality points of one evaluation set; ToMoE from
-    `tomoe_curve` (tradeoff.tomoe_curve: the conversion the cards read) when given."""
+    `tomoe_curve` (tradeoff.tomoe_curve: the conversion the cards read) when given; TEAL-style's from
+    `teal_variant` (a key of TEAL_QUALITY)."""
     pts = points[points["eval_set"] == eval_set]
-    rows = [pts[pts["variant"] == m][["budget", "perplexity"]].assign(method=m) for m in METHODS if m != "tomoe"]
+    source = {m: m for m in METHODS} | {"teal": teal_variant}
+    rows = [pts[pts["variant"] == source[m]][["budget", "perplexity"]].assign(method=m) for m in METHODS if m != "tomoe"]
     if tomoe_curve is not None and not tomoe_curve.empty:
         rows.append(tomoe_curve[["budget", "perplexity"]].assign(method="tomoe"))
     else:
         rows.append(pts[pts["kind"] == "tomoe"][["budget", "perplexity"]].assign(method="tomoe"))
     return pd.concat(rows, ignore_index=True)[["method", "budget", "perplexity"]]
+
+
+def report(results: dict, points: pd.DataFrame, eval_set: str, model: str, layout: str = "indexed",
+           speed_source: str | None = None) -> str:
+    """Every scenario and thread count of one speed file, in words: the table behind the README's results."""
+    from . import speed_cards, tradeoff
+
+    speed = speed_cards.method_speed_rows(results, speed_source)
+    speed = speed[speed["model"] == model]
+    pts = points[points["eval_set"] == eval_set]
+    dense = pts[pts["kind"] == "dense"]["perplexity"]
+    quality = quality_by_method(points, eval_set, tradeoff.tomoe_curve(points, eval_set))
+    lines = [f"speed: {speed['source'].iloc[0] if len(speed) else '-'} ({speed['machine'].iloc[0] if len(speed) else '-'}); "
+             f"quality: {eval_set}; ToMoE layout {layout}"]
+    for threads in sorted(speed["threads"].dropna().unique()):
+        for scenario in scenarios(speed):
+            table = equal_speed_table(speed, quality, scenario, int(threads), layout,
+                                      float(dense.iloc[0]) if len(dense) else None)
+            if table[table["method"] == "tomoe"].empty:
+                continue
+            lines.append(f"\n{scenario}, {int(threads)} thread(s): best method at ToMoE's speed, per ToMoE budget: "
+                         + ", ".join(f"p = {b:g}: {METHOD_LABELS[m]}" for b, m in winners(table).items()))
+            lines.append("  " + " | ".join(f"{r.label} p={r.budget:g} {r.speedup:.2f}x ppl {r.perplexity:.1f}"
+                                           for r in table.itertuples()))
+            for b in sorted(table.loc[table["method"] == "tomoe", "budget"]):
+                lines.append("  " + (equal_speed_sentence(table, b, scenario) or ""))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from . import catalog, tradeoff
+
+    p = argparse.ArgumentParser(prog="python -m analysis.equal_speed",
+                                description="Quality at equal measured speed, per serving scenario, from the "
+                                            "speed and quality files the studio reads.")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--eval-set", default=None, help="default: the 8 x 512 held-out set (the quality benchmark's)")
+    p.add_argument("--layout", default="indexed")
+    args = p.parse_args(argv)
+    cat = catalog.read_catalog()
+    points = tradeoff.quality_points(cat.results, tradeoff.cost_models(cat.conversions, cat.results))
+    points = points[points["model"] == args.model]
+    sets = tradeoff.eval_sets(points)
+    eval_set = args.eval_set or next((s for s in sets if "8 x 512" in s), sets[0] if sets else None)
+    if eval_set is None:
+        print("error: no quality results for this model", file=__import__("sys").stderr)
+        return 2
+    print(report(cat.results, points, eval_set, args.model, args.layout))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -104,7 +104,8 @@ def variant_kind(variant: str) -> str:
 
 
 # per-token baselines of `evaluate --baselines` (benchmarks.quality rows carry their kind themselves)
-DYNAMIC_KINDS = {"teal": "dynamic, training-free", "cats": "dynamic, training-free", "oracle": "ceiling"}
+DYNAMIC_KINDS = {"teal": "dynamic, training-free", "teal-half-dense": "dynamic, training-free",
+                 "cats": "dynamic, training-free", "oracle": "ceiling"}
 
 
 def eval_set_label(result: dict) -> str:

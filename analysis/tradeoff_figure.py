@@ -21,6 +21,7 @@ KIND_STYLE = {
     "ceiling": dict(color="#6b7280", symbol="line-ew-open", size=12),
 }
 DYNAMIC_STYLES = {"teal": dict(color="#0e7490", symbol="hexagon", size=10),
+                  "teal-half-dense": dict(color="#0e7490", symbol="hexagon-open", size=10),
                   "cats": dict(color="#be185d", symbol="pentagon", size=10)}
 BASELINE_STYLES = {"wanda-sp": dict(color="#d97706", symbol="square", size=10),
                    "flap": dict(color="#059669", symbol="diamond", size=11),
@@ -32,6 +33,7 @@ BASELINE_SYMBOLS = ["cross", "pentagon", "triangle-down", "hourglass"]
 METHOD_NAMES = {"wanda-sp": "Wanda-sp (static pruning)", "flap": "FLAP (static pruning)",
                 "magnitude": "Magnitude (static pruning)", "torch-pruning": "Torch-Pruning (static pruning)",
                 "teal": "TEAL-style (training-free, per token)", "cats": "CATS-style (training-free, per token)",
+                "teal-half-dense": "TEAL-style, first half dense (TEAL's protocol)",
                 "oracle": "Oracle per-token top-k (ceiling)"}
 CATASTROPHIC_RATIO = 10.0  # a method worse than this multiple of dense perplexity at every budget it was measured
 CLIP_RATIO = 100.0  # with catastrophic methods shown, the axis stops here and worse points sit on its edge

@@ -37,7 +37,18 @@ def render(results: dict, points: pd.DataFrame, eval_set: str | None, budget: fl
     scenario = st.session_state["equal_speed_scenario"]
     pts = points[points["eval_set"] == eval_set]
     dense = pts[pts["kind"] == "dense"]["perplexity"]
-    quality = equal_speed.quality_by_method(points, eval_set, tradeoff.tomoe_curve(points, eval_set, conversion))
+    teal_options = [v for v in equal_speed.TEAL_QUALITY if (pts["variant"] == v).any()]
+    teal_variant = "teal"
+    if len(teal_options) > 1:
+        ui.keep("equal_speed_teal", "teal")
+        st.radio("TEAL-style's perplexity", teal_options, key="equal_speed_teal", horizontal=True,
+                 format_func=lambda v: equal_speed.TEAL_QUALITY[v],
+                 help="Every token sparse (prompt too): how the quality benchmark scores every method. First "
+                      "half dense: how TEAL's own code scores it, and how it is deployed (dense prompt pass); "
+                      "the other methods keep every token at their budget.")
+        teal_variant = st.session_state["equal_speed_teal"]
+    quality = equal_speed.quality_by_method(points, eval_set, tradeoff.tomoe_curve(points, eval_set, conversion),
+                                            teal_variant)
     table = equal_speed.equal_speed_table(speed, quality, scenario, threads, layout or "indexed",
                                           float(dense.iloc[0]) if len(dense) else None)
     if table[table["method"] != "dense"].empty:
@@ -49,6 +60,6 @@ def render(results: dict, points: pd.DataFrame, eval_set: str | None, budget: fl
         st.markdown(sentence)
     machine = speed["machine"].iloc[0]
     st.caption(f"Speed: {machine}, {threads} thread(s), ToMoE's {layout or 'indexed'} layout; "
-               f"{speed['source'].iloc[0]}. Quality: {eval_set}; TEAL-style's perplexity has every token sparse "
-               "(its prompt too), so under its deployed speed it is a pessimistic reading. Points on the dotted "
-               "Pareto front are beaten by no other on both speed and perplexity.")
+               f"{speed['source'].iloc[0]}. Quality: {eval_set}; TEAL-style's perplexity: "
+               f"{equal_speed.TEAL_QUALITY[teal_variant]}. Points on the dotted Pareto front are beaten by no other "
+               "on both speed and perplexity.")

@@ -100,8 +100,9 @@ from tomoe_core.convert.folder import conversions_dir
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # kind of each baseline row; the studio groups its chart by kind
 BASELINE_KINDS = {**{m: "external-baseline" for m in EXTERNAL_METHODS}, "teal": "dynamic, training-free",
-                  "cats": "dynamic, training-free", "oracle": "ceiling"}
+                  "teal-half-dense": "dynamic, training-free", "cats": "dynamic, training-free", "oracle": "ceiling"}
 BASELINE_LABELS = {"teal": "TEAL-style (per-token input thresholds)", "cats": "CATS-style (per-token gate thresholds)",
+                   "teal-half-dense": "TEAL-style, first half of each window dense (TEAL's protocol)",
                    "oracle": "oracle per-token top-k channels (ceiling)"}
 SCHEMA_VERSION = 1
 
@@ -255,7 +256,7 @@ def run(args, log=print) -> dict:
 
     def baselines(methods: list[str], budget: float) -> dict:
         stats = activation_statistics() if any(m in ("wanda-sp", "flap") for m in methods) else None
-        dynamic = dynamic_calibration() if any(m in ("teal", "cats") for m in methods) else None
+        dynamic = dynamic_calibration() if any(m in ("teal", "cats", "teal-half-dense") for m in methods) else None
         return baseline_variants(masked, methods, budget, stats, held[:1, :64], calibration_ids=dynamic)
 
     def add_last_word(rows: list[dict], budget: float) -> None:

@@ -141,3 +141,25 @@ def test_evaluate_command_runs_the_per_token_baselines(tmp_path, monkeypatch):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"dense", "oracle", "teal", "cats"}
     assert all(results[m]["kl_to_dense"] > 0 for m in ("oracle", "teal", "cats"))
+
+
+@torch.no_grad()
+def test_teal_half_dense_runs_the_first_half_of_each_window_dense():
+    """TEAL's own protocol: the first half of every sequence dense, the rest TEAL-style."""
+    from tomoe_core.eval.baselines import DynamicSparsity
+
+    masked = MaskedModel(tiny_model("llama"), num_experts=1)
+    calib = tiny_ids(2, 16, seed=1)
+    ids = tiny_ids(2, 16, seed=2)
+    dense = masked.model(input_ids=ids).logits
+    half = DynamicSparsity(masked, "teal-half-dense", 0.5)
+    full = DynamicSparsity(masked, "teal", 0.5)
+    half.calibrate(calib)
+    full.calibrate(calib)
+    with half.installed():
+        h = masked.model(input_ids=ids).logits
+    with full.installed():
+        f = masked.model(input_ids=ids).logits
+    torch.testing.assert_close(h[:, :8], dense[:, :8])  # causal: the dense half sees only dense positions
+    assert not torch.allclose(h[:, 8:], dense[:, 8:]) and not torch.allclose(f[:, :8], dense[:, :8])
+    assert [m.thresholds for m in half.mlps] == [m.thresholds for m in full.mlps]  # the same calibration

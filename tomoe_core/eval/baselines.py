@@ -185,7 +185,10 @@ def torch_pruning_copy(masked: MaskedModel, budget: float, example_ids: torch.Te
 # from the activations it receives (upstream layers already sparsified), so the kept fraction on the
 # calibration text is the target. Active weights are counted per token: the MLP weights (and biases)
 # the token's kept entries need.
-DYNAMIC_METHODS = ("oracle", "teal", "cats")
+DYNAMIC_METHODS = ("oracle", "teal", "cats", "teal-half-dense")
+# TEAL's own perplexity protocol (and its deployment: the prompt pass dense): the first half of every
+# sequence runs dense, the rest TEAL-style, perplexity over all tokens
+DENSE_PREFIX = {"teal-half-dense": 0.5}
 # Thresholds are set in one batched pass; this many calibration tokens pin a layer's kept fraction
 # far more finely than the text-to-text variation of the kept fraction on held-out windows.
 DYNAMIC_CALIBRATION_TOKENS = 4096
@@ -237,9 +240,10 @@ class DynamicMLP(nn.Module):
     sets them from its own input. `active` / `tokens` count the weights the call's tokens used.
     """
 
-    def __init__(self, method: str, weights, budget: float, cost: int):
+    def __init__(self, method: str, weights, budget: float, cost: int, dense_prefix: float = 0.0):
         super().__init__()
         self.method, self.weights, self.budget, self.cost = method, weights, budget, cost
+        self.dense_prefix = dense_prefix  # this fraction of each sequence's first positions runs dense
         w = weights
         self.bias_per_channel = _bias_per_channel(w)
         if method == "teal":
@@ -276,10 +280,15 @@ class DynamicMLP(nn.Module):
             if self.calibrating:
                 self.thresholds = {"x": _threshold(x, self.keep)}
             kept_x = x.abs() > self.thresholds["x"]  # (B, T, D)
+            cut = int(x.shape[-2] * self.dense_prefix) if self.dense_prefix and not self.calibrating and x.dim() == 3 else 0
+            if cut:
+                kept_x[:, :cut] = True
             h = mlp_intermediate(w, torch.where(kept_x, x, torch.zeros_like(x)))
             if self.calibrating:
                 self.thresholds["h"] = _threshold(h, self.keep)
             kept_h = h.abs() > self.thresholds["h"]  # (B, T, I)
+            if cut:
+                kept_h[:, :cut] = True
             h = torch.where(kept_h, h, torch.zeros_like(h))
             # gate/up read I x (kept x) weights each, down D x (kept h); their biases are always computed
             self._count(kept_x.sum(-1) * _input_projections(w) * I + kept_h.sum(-1) * D + self.bias_per_channel * I)
@@ -307,7 +316,9 @@ class DynamicSparsity:
         if method not in DYNAMIC_METHODS:
             raise ValueError(f"unknown per-token baseline {method!r}; choose from {', '.join(DYNAMIC_METHODS)}")
         self.model, self.adapter, self.method, self.budget = masked.model, masked.adapter, method, budget
-        self.mlps = [DynamicMLP(method, m.weights, budget, c) for m, c in zip(masked.mlps, masked.channel_costs)]
+        base = "teal" if method in DENSE_PREFIX else method
+        self.mlps = [DynamicMLP(base, m.weights, budget, c, DENSE_PREFIX.get(method, 0.0))
+                     for m, c in zip(masked.mlps, masked.channel_costs)]
         self.calibration_ratio: float | None = None
 
     @contextlib.contextmanager
