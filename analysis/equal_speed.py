@@ -93,6 +93,31 @@ def perplexity_at_speed(curve: pd.DataFrame, speedup: float) -> tuple[float, flo
     return None
 
 
+def _no_faster_than_dense(point: pd.Series) -> bool:
+    low = point.get("speedup_low")
+    return low is not None and not pd.isna(low) and low <= 1.0
+
+
+def _within_noise(curve: pd.DataFrame, speedup: float) -> pd.Series | None:
+    """The method's measured point nearest `speedup` when `speedup` lies outside its measured speeds but
+    inside that point's IQR (the two are not told apart by the measurement); else None."""
+    pts = curve.dropna(subset=["speedup_low", "speedup_high"])
+    near = pts[(pts["speedup_low"] <= speedup) & (speedup <= pts["speedup_high"])]
+    if near.empty:
+        return None
+    return near.iloc[(near["speedup"] - speedup).abs().argmin()]
+
+
+def _compare(curve: pd.DataFrame, speedup: float) -> tuple[float, float, bool] | None:
+    """(perplexity, budget, within noise) of a method at `speedup`: interpolated between its measured
+    points, or its nearest point when the speed is only within that point's IQR; None otherwise."""
+    hit = perplexity_at_speed(curve, speedup)
+    if hit is not None:
+        return hit[0], hit[1], False
+    point = _within_noise(curve, speedup)
+    return None if point is None else (float(point["perplexity"]), float(point["budget"]), True)
+
+
 def equal_speed_sentence(table: pd.DataFrame, budget: float, scenario: str) -> str | None:
     """'At decode, batch 8, ToMoE at p = 0.5 runs at 1.43x dense with perplexity 61.1; at that speed
     TEAL-style (p ~ 0.62) reaches 29.0 ...': the best method at ToMoE's measured speed at the measured
@@ -105,22 +130,28 @@ def equal_speed_sentence(table: pd.DataFrame, budget: float, scenario: str) -> s
     near = "" if abs(at["budget"] - budget) < 0.011 else f" (the measured budget nearest p = {budget:g})"
     others, outside = [], []
     for method, curve in table[~table["method"].isin(["tomoe", "dense"])].groupby("method"):
-        hit = perplexity_at_speed(curve, speed)
+        hit = _compare(curve, speed)
         label = METHOD_LABELS.get(method, method)
         if hit is None:
             fastest = curve["speedup"].max()
             outside.append(f"{label} ({'never this fast: at most' if fastest < speed else 'always faster: at least'} "
                            f"{fastest if fastest < speed else curve['speedup'].min():.2f}x)")
         else:
-            others.append((hit[0], label, hit[1]))
+            others.append(hit + (label,))
     head = (f"At {scenario}, ToMoE at p = {at['budget']:g}{near} runs at {speed:.2f}x dense speed with perplexity "
             f"{ppl:.1f}.")
+    if _no_faster_than_dense(at):
+        where = ("lies below 1.0: slower than" if at["speedup_high"] < 1.0
+                 else "includes 1.0: not measurably faster than")
+        return head + (f" Its IQR ({at['speedup_low']:.2f}-{at['speedup_high']:.2f}x) {where} the dense model, "
+                       "which is better.")
     if not others:
         return head + (" No other method's measured budgets reach that speed" + (": " + "; ".join(outside) if outside
                                                                                   else "") + ".")
     others.sort()
-    best_ppl, best_label, best_budget = others[0]
-    parts = [f"{label} {p:.1f} (p ~ {b:.2f})" for p, label, b in others]
+    best_ppl, best_budget, _, best_label = others[0]
+    parts = [f"{label} {p:.1f} ({'p = %g, within noise of this speed' % b if noisy else 'p ~ %.2f' % b})"
+             for p, b, noisy, label in others]
     verdict = ("ToMoE is the best measured method at this speed" if ppl <= best_ppl
                else f"{best_label} is better at equal speed")
     tail = f"; {', '.join(outside)} not comparable" if outside else ""
@@ -128,15 +159,22 @@ def equal_speed_sentence(table: pd.DataFrame, budget: float, scenario: str) -> s
 
 
 def winners(table: pd.DataFrame) -> dict[float, str]:
-    """For each ToMoE budget: the method with the lowest perplexity at ToMoE's speed there (for the README)."""
+    """For each ToMoE budget: the method with the lowest perplexity at ToMoE's speed there, "dense" when
+    ToMoE's speed IQR includes 1.0, or "none comparable" when no other method's measurements reach
+    that speed (for the README)."""
     out = {}
     for _, at in table[table["method"] == "tomoe"].iterrows():
-        best = ("tomoe", at["perplexity"])
+        if _no_faster_than_dense(at):
+            out[float(at["budget"])] = "dense"
+            continue
+        best, compared = ("tomoe", at["perplexity"]), False
         for method, curve in table[~table["method"].isin(["tomoe", "dense"])].groupby("method"):
-            hit = perplexity_at_speed(curve, at["speedup"])
-            if hit is not None and hit[0] < best[1]:
-                best = (method, hit[0])
-        out[float(at["budget"])] = best[0]
+            hit = _compare(curve, at["speedup"])
+            if hit is not None:
+                compared = True
+                if hit[0] < best[1]:
+                    best = (method, hit[0])
+        out[float(at["budget"])] = best[0] if compared else "none comparable"
     return out
 
 
@@ -222,7 +260,7 @@ def report(results: dict, points: pd.DataFrame, eval_set: str, model: str, layou
             if table[table["method"] == "tomoe"].empty:
                 continue
             lines.append(f"\n{scenario}, {int(threads)} thread(s): best method at ToMoE's speed, per ToMoE budget: "
-                         + ", ".join(f"p = {b:g}: {METHOD_LABELS[m]}" for b, m in winners(table).items()))
+                         + ", ".join(f"p = {b:g}: {METHOD_LABELS.get(m, m)}" for b, m in winners(table).items()))
             lines.append("  " + " | ".join(f"{r.label} p={r.budget:g} {r.speedup:.2f}x ppl {r.perplexity:.1f}"
                                            for r in table.itertuples()))
             for b in sorted(table.loc[table["method"] == "tomoe", "budget"]):

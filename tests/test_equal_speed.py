@@ -86,3 +86,13 @@ def test_budget_explorer_shows_the_equal_speed_chart_and_sentence_for_every_scen
     assert "Quality at equal speed" in at.subheader.values
     assert any("Quality at equal measured speed" in c.proto.spec for c in at.get("plotly_chart"))
     assert any(m.startswith(f"At {scenario}, ToMoE at p = 0.5") for m in at.markdown.values)
+
+
+def test_a_tomoe_point_whose_iqr_includes_dense_speed_is_called_no_faster_than_dense():
+    rows = _speed_rows()
+    rows.loc[(rows["method"] == "tomoe") & (rows["budget"] == 0.7), "decode_speedup_iqr"] = pd.Series(
+        [[0.97, 1.2]] * int(((rows["method"] == "tomoe") & (rows["budget"] == 0.7)).sum()),
+        index=rows.index[(rows["method"] == "tomoe") & (rows["budget"] == 0.7)])
+    table = es.equal_speed_table(rows, QUALITY, "decode, batch 1", 1, "indexed", 25.0)
+    assert "not measurably faster than the dense model" in es.equal_speed_sentence(table, 0.7, "decode, batch 1")
+    assert es.winners(table)[0.7] == "dense"
