@@ -18,7 +18,13 @@ def test_speed_dry_run_measures_dense_and_every_layout(tmp_path, capsys):
     assert result["settings"]["batch_sizes"] == [1, 8] and result["settings"]["threads"] == [1, 2]
     for threads in (1, 2):
         for batch in (1, 8):
-            rows = [r for r in result["rows"] if r["threads"] == threads and r["batch"] == batch]
+            every = [r for r in result["rows"] if r["threads"] == threads and r["batch"] == batch]
+            baselines = {r["method"]: r for r in every if r["method"] not in ("dense", "tomoe")}
+            assert set(baselines) == {"teal", "wanda-sp", "flap"}  # timed in the same run, at the same budget
+            assert baselines["wanda-sp"]["mlp_bytes_vs_dense"] == pytest.approx(0.5, abs=0.02)  # sliced: smaller
+            assert "dense prompt pass" in baselines["teal"]["source"]
+            assert all(r["decode_tokens_per_s"] > 0 and r["budget"] == 0.5 for r in baselines.values())
+            rows = [r for r in every if r["method"] in ("dense", "tomoe")]
             assert [r["layout"] for r in rows] == [None, *LAYOUTS]
             dense = rows[0]
             assert dense["decode_speedup"] == 1.0 and dense["mlp_decode_vs_dense"] == 1.0

@@ -55,6 +55,8 @@ def test_kept_fraction_on_calibration_text_gives_the_budget(family, budget):
                                                    calibration_ids=calib).items():
             expected = budget_of_oracle(masked, budget) if name == "oracle" else budget
             assert ratio == pytest.approx(expected, abs=2e-3), name  # calibration pass, measured
+            if name == "teal-half-dense":  # evaluated: the first half of each sequence dense
+                expected = 0.5 + budget / 2
             fn.reset_counts()
             for row in calib:  # the same text again, one sequence at a time: the same kept fraction
                 fn(row.unsqueeze(0))
@@ -62,7 +64,7 @@ def test_kept_fraction_on_calibration_text_gives_the_budget(family, budget):
             fn.reset_counts()
             out = fn(held)
             assert 0 < kl_to(dense, out), name  # something was removed
-            assert abs(fn.active_ratio - budget) < 0.15, name  # unseen text: near the budget, not on it
+            assert abs(fn.active_ratio - expected) < 0.15, name  # unseen text: near the budget, not on it
 
 
 def test_per_token_counts_are_the_weights_each_token_uses():

@@ -16,7 +16,7 @@ def test_quality_benchmark_and_evaluations_are_separate_evaluation_sets(cache_en
     sets = tradeoff.eval_sets(points)
     assert len(sets) == 2 and "4 x 256" in sets[0]  # the benchmark has the most points
     bench = points[points["eval_set"] == sets[0]]
-    assert set(bench["variant"]) == {"dense", "tomoe", "magnitude", "wanda-sp", "flap"}
+    assert set(bench["variant"]) == {"dense", "tomoe", "magnitude", "wanda-sp", "flap", "teal"}
     assert tradeoff.quality_at_budget(points, sets[0], 0.3).perplexity == 60.0
 
 
