@@ -167,6 +167,12 @@ def reusable_rows(path: Path, result: dict) -> dict[tuple, dict]:
     return {(r["budget"], r["method"], r.get("conversion_digest")): r for r in rows}
 
 
+def other_baseline_rows(reuse: dict[tuple, dict], budget: float, methods: list[str]) -> list[dict]:
+    """Reused baseline rows at `budget` of methods this run does not evaluate: `--reuse --methods X`
+    adds X to an earlier file and keeps what it already held."""
+    return [r for (b, m, digest), r in reuse.items() if b == budget and digest is None and m not in methods]
+
+
 def routed(moe, method: str) -> LogitsFn:
     """A conversion as ids -> logits: its learned routing, or (the ablation) a random expert per token,
     reseeded on every call so a variant sees the same draws however often it runs."""
@@ -325,6 +331,7 @@ def run(args, log=print) -> dict:
         todo = [m for m in methods if (budget, m, None) not in reuse
                 or reuse[(budget, m, None)].get("calibration_tokens", dynamic_tokens) != dynamic_tokens]
         result["rows"] += [reuse[(budget, m, None)] for m in methods if m not in todo]
+        result["rows"] += other_baseline_rows(reuse, budget, methods)  # --reuse adds to a file, never drops
         for m in [m for m in todo if min_budget(masked, m) >= budget]:
             log(f"[quality] {m} cannot reach p = {budget:g} (it always computes {min_budget(masked, m):.3f} of the "
                 f"MLP weights): no row")

@@ -194,3 +194,12 @@ def test_teal_gather_kernel_computes_the_reference_teal_mlp():
         with torch.no_grad():
             assert torch.allclose(kernel(x), ref(x), atol=1e-5, rtol=1e-4)
             assert torch.allclose(kernel(x[:1, :1]), ref(x[:1, :1]), atol=1e-5, rtol=1e-4)  # one decode token
+
+
+def test_quality_reuse_with_other_methods_keeps_the_earlier_baselines(tmp_path):
+    old = fake_quality_result()
+    reuse = {(r["budget"], r["method"], r.get("conversion_digest")): r for r in old["rows"]}
+    kept = quality.other_baseline_rows(reuse, 0.5, ["teal-half-dense"])
+    earlier = {r["method"] for r in old["rows"] if r["budget"] == 0.5 and r.get("conversion_digest") is None}
+    assert earlier and {r["method"] for r in kept} == earlier  # nothing the file held is dropped
+    assert quality.other_baseline_rows(reuse, 0.5, sorted(earlier)) == []  # requested ones are handled apart
