@@ -110,9 +110,10 @@ def _experts_page(root: Path, monkeypatch):
     from tomoe_core.trace import routing_log
 
     monkeypatch.setattr(routing_log, "routing_root", lambda: root)
-    at = AppTest.from_file(str(Path(__file__).parents[1] / "app" / "main.py"), default_timeout=180).run()
+    at = AppTest.from_file(str(Path(__file__).parents[1] / "app" / "main.py"), default_timeout=400).run()
     at.switch_page("pages/experts.py").run()
     assert not at.exception, [e.message for e in at.exception]
+    assert at.selectbox(key="experts_run").value == "tiny-prompts"
     return at
 
 
