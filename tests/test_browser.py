@@ -371,8 +371,10 @@ def _uploaded_text_flow(studio, browser, tmp_path):
     page.get_by_role("button", name="Measure quality on this text").click()
     box = page.locator('[data-testid="stSelectbox"]', has_text="Evaluation set")
     ours, deadline = [], time.time() + 600  # a few minutes alone; more beside the rest of the suite
-    while not ours and time.time() < deadline:  # the job's end reruns the page: the box gains the new set
-        time.sleep(3)
+    while not ours and time.time() < deadline:  # once the job has written its file, a fresh page offers it
+        time.sleep(5)
+        page.goto(studio)
+        box.wait_for(timeout=120_000)
         wait_idle(page)
         options = _options(page, box)
         ours = [o for o in options if "our-docs-" in o and "(your text)" in o]

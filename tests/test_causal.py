@@ -117,15 +117,22 @@ def _experts_page(root: Path, monkeypatch):
     return at
 
 
-def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(cache_env, tmp_path, monkeypatch):
+def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(tmp_path, monkeypatch):
+    import studio_fixture
     from analysis.syntax import annotate_run
     from tomoe_core.infra import jobs
 
+    own = tmp_path / "cache"  # its own cache and job registry: nothing another test left there
+    studio_fixture.build(own)
+    studio_fixture.use_studio_cache(own, monkeypatch, tmp_path)
     root = tmp_path / "routing"
-    shutil.copytree(cache_env / "routing" / "run_id=tiny-prompts", root / "run_id=tiny-prompts")
+    shutil.copytree(own / "routing" / "run_id=tiny-prompts", root / "run_id=tiny-prompts")
     annotate_run(root / "run_id=tiny-prompts")
     at = _experts_page(root, monkeypatch)
     assert "Which tokens need each expert (ablation)" in at.subheader.values
+    assert any(w.key == "ablate_layers" for w in at.text_input), (
+        [i.value for i in at.info], [e.value for e in at.error], [c for c in at.caption.values][-6:],
+        [w.key for w in at.text_input], [p.proto.text for p in at.get("progress")])
     at.text_input(key="ablate_layers").set_value("7").run()
     assert any("Cannot ablate: layer 7 does not exist" in e.value for e in at.error)
     at.text_input(key="ablate_layers").set_value("1").run()
