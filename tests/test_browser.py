@@ -409,7 +409,7 @@ def _causal_flow(studio, browser):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     open_tagged_experts(page, studio)
     start = page.get_by_role("button", name="Run expert ablation")
-    start.wait_for(timeout=180_000)  # below the NMI tests and the clustering
+    start.wait_for(timeout=600_000)  # below the NMI tests and the clustering
     wait_idle(page)
     start.scroll_into_view_if_needed()
     tokens = page.get_by_label("Tokens", exact=True)
@@ -420,7 +420,7 @@ def _causal_flow(studio, browser):
     cost = page.locator('[data-testid="stCaptionContainer"]', has_text="Cost:").first.inner_text()
     assert "128 tokens x 3 layers x 4 experts" in cost, cost
     start.click()
-    page.locator('.st-key-ablation_heatmap [data-testid="stPlotlyChart"]').wait_for(timeout=300_000)
+    page.locator('.st-key-ablation_heatmap [data-testid="stPlotlyChart"]').wait_for(timeout=600_000)
     wait_idle(page)
     assert_no_exception(page, "Experts after the ablation")
     main = page.locator('[data-testid="stMain"]').inner_text()
@@ -432,18 +432,18 @@ def _causal_flow(studio, browser):
     run = cache / "routing" / "run_id=tiny-prompts"
     sibling_log(run, cache / "routing", 0.3, "tiny-prompts-p0.3", shuffle=0.3)
     page.goto(studio + "/experts")
-    page.locator('.st-key-budget_agreement [data-testid="stPlotlyChart"]').wait_for(timeout=180_000)
+    page.locator('.st-key-budget_agreement [data-testid="stPlotlyChart"]').wait_for(timeout=600_000)
     wait_idle(page)
     assert_no_exception(page, "Experts with two budgets")
     assert "Against p = 0.5" in page.locator('[data-testid="stMain"]').inner_text()
 
     page.goto(studio + "/compare")
-    page.get_by_role("button", name="Generate side by side").wait_for(timeout=120_000)
+    page.get_by_role("button", name="Generate side by side").wait_for(timeout=300_000)
     wait_idle(page)
     page.get_by_text("Steering (advanced)").click()
     page.get_by_text("Also generate with one expert forced").click()
     page.get_by_role("button", name="Generate side by side").click()
-    page.get_by_text("ToMoE with expert 0 forced in layer", exact=False).first.wait_for(timeout=180_000)
+    page.get_by_text("ToMoE with expert 0 forced in layer", exact=False).first.wait_for(timeout=600_000)
     wait_idle(page)
     assert_no_exception(page, "Compare with steering")
     assert page.locator("span.tok").count() > 0
