@@ -152,9 +152,14 @@ def test_plan_rebuilds_the_logs_windows(traced_run):
     meta = read_run_meta(traced_run)
     assert plan.tokens == meta["tokens"]
     assert all(len(w.ids) <= meta["seq_len"] for w in plan.windows)
-    assert plan.passes == len(plan.windows) * 2 * (1 + 4 * 2)
+    assert plan.passes == len(plan.windows) * 2 * 4 * 2  # layers x experts x replacements, per window
     short = plan_ablation(traced_run, max_tokens=20, layers=[1], experts=[0, 2], replacements=["second"])
-    assert short.tokens == 20 and short.passes == len(short.windows) * (1 + 2)
+    assert short.tokens == 20 and short.passes == len(short.windows) * 2
+    direct = plan_ablation(traced_run, effect="direct")
+    assert direct.passes == len(plan.windows) * 2 * 2  # one pass per layer and replacement: all experts at once
+    assert "direct effect" in direct.cost() and "experts x" not in direct.cost()
+    with pytest.raises(AblationError, match="unknown effect 'both'"):
+        plan_ablation(traced_run, effect="both")
     for w in plan.windows:  # targets: the next token of the document, -1 at its end
         assert (w.targets[:-1] == w.ids[1:]).all() or w.targets[-1] == -1
 
@@ -165,11 +170,11 @@ def test_run_ablation_writes_rows_and_resumes(traced_run, converted, monkeypatch
     real = ablation.ablate_layer
     calls = []
 
-    def crash_on_second_layer(model, plan, layer, progress=None):
+    def crash_on_second_layer(model, plan, layer, *args):
         calls.append(layer)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(model, plan, layer, progress)
+        return real(model, plan, layer, *args)
 
     monkeypatch.setattr(ablation, "ablate_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
@@ -200,6 +205,40 @@ def test_run_ablation_writes_rows_and_resumes(traced_run, converted, monkeypatch
     second = routed[routed["replacement"] == "second"].set_index(["doc_id", "position", "layer", "expert"])
     rand = routed[routed["replacement"] == "random"].set_index(["doc_id", "position", "layer", "expert"])
     assert (second["replaced_by"] != rand.loc[second.index, "replaced_by"]).any()
+
+
+def test_direct_effect_is_the_total_effect_at_the_last_layer_and_covers_each_routed_token_once(traced_run, converted):
+    """At the last layer a removed expert reaches no other token, so the fast direct effect (every token
+    loses its expert at once, attention frozen) must equal the exact rerun there, token for token."""
+    model, _, _ = load_converted(converted, layout="prefill", load_tokenizer=False)
+    last = len(model.moe_mlps) - 1
+    total = run_ablation(model, plan_ablation(traced_run, layers=[last], replacements=["second"]))
+    direct_plan = plan_ablation(traced_run, replacements=["second", "random"], effect="direct")
+    direct = run_ablation(model, direct_plan)
+    assert direct.name == "ablation-direct" and total.name == "ablation"
+    assert json.loads((direct / ablation.ABLATION_META).read_text())["effect"] == "direct"
+    t = duckdb.sql(f"SELECT * FROM read_parquet('{total}/part-*.parquet') WHERE routed").df()
+    d = duckdb.sql(f"SELECT * FROM read_parquet('{direct}/part-*.parquet')").df()
+    assert d["routed"].all()  # only routed tokens: the others are unchanged by construction
+    per = d.groupby(["layer", "replacement"]).size()
+    assert (per == direct_plan.tokens).all()  # each token once per layer and replacement, under its own expert
+    assert (d["replaced_by"] != d["expert"]).all()
+    key = ["doc_id", "position", "expert"]
+    both = t.merge(d[(d["layer"] == last) & (d["replacement"] == "second")], on=key, suffixes=("_t", "_d"))
+    assert len(both) == len(t) > 0
+    assert (both["replaced_by_t"] == both["replaced_by_d"]).all()
+    assert both["delta_loss_t"].fillna(0).sub(both["delta_loss_d"].fillna(0)).abs().max() < 1e-4
+    assert both["kl_t"].sub(both["kl_d"]).abs().max() < 1e-4
+    early = d[(d["layer"] == 0) & (d["replacement"] == "second")]
+    assert early["kl"].max() > 0  # an earlier layer's swap does change the prediction
+
+
+def test_cli_ablate_direct_effect(traced_run, converted, capsys):
+    from tomoe_core import cli
+
+    assert cli.main(["ablate", str(traced_run), "--conversion", str(converted), "--effect", "direct", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "direct effect" in out and (traced_run / "ablation-direct" / ablation.ABLATION_META).is_file()
 
 
 @torch.inference_mode()

@@ -286,7 +286,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def _add_ablate(sub):
-    from .trace.ablation import DEFAULT_MAX_TOKENS, REPLACEMENTS
+    from .trace.ablation import DEFAULT_MAX_TOKENS, EFFECTS, REPLACEMENTS, default_max_tokens
 
     p = sub.add_parser(
         "ablate", help="remove each expert in turn and record which tokens' loss rises (beside a routing log)",
@@ -294,6 +294,9 @@ def _add_ablate(sub):
                     "removed (its tokens go to their second-choice expert, and as a control to a random other "
                     "expert) and record, per token, the change in next-token loss and the KL to the unablated "
                     "model. Rows go to <run folder>/ablation/ (Parquet, one file per layer; query with DuckDB). "
+                    "--effect direct is the fast estimate: every token loses its own expert at once with attention "
+                    "frozen at the unablated pass (each token's direct effect; E times fewer passes), rows in "
+                    "<run folder>/ablation-direct/. "
                     "The cost is printed before the model loads; finished layers survive an interruption and a "
                     "rerun of the same command resumes after them.")
     p.add_argument("run", help="routing run id or folder (made by `python -m tomoe_core trace`)")
@@ -305,8 +308,12 @@ def _add_ablate(sub):
     p.add_argument("--replacements", nargs="+", choices=REPLACEMENTS, default=list(REPLACEMENTS),
                    help="what takes a removed expert's tokens: their second choice, and a random other expert "
                         "as the control (default: both)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help="ablate on the log's first N tokens (default: %(default)s)")
+    p.add_argument("--effect", choices=EFFECTS, default="total",
+                   help="total: exact rerun per removed expert, direct and through attention (default); direct: "
+                        "the fast estimate along each token's own residual stream, attention frozen")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"ablate on the log's first N tokens (default: {DEFAULT_MAX_TOKENS} for the total effect, "
+                        f"{default_max_tokens('direct')} for the direct one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random replacement (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -319,10 +326,11 @@ def _ablate(args, argv) -> int:
     with progress_bar("ablate", "pass", enabled=not args.quiet) as progress:
         folder = ablate(args.run, conversion=args.conversion, layers=args.layers, experts=args.experts,
                         replacements=args.replacements, max_tokens=args.max_tokens, seed=args.seed,
-                        device=args.device, progress=progress, command=_command_line(argv) if argv else None)
-    meta = read_ablation_meta(args.run)
+                        device=args.device, progress=progress, command=_command_line(argv) if argv else None,
+                        effect=args.effect)
+    meta = read_ablation_meta(args.run, args.effect)
     print(f"{folder}\n{meta['tokens']} tokens x {len(meta['layers'])} layers x {len(meta['experts'])} experts x "
-          f"{len(meta['replacements'])} replacement(s) in {meta['seconds']:.0f} s; the model reproduced "
+          f"{len(meta['replacements'])} replacement(s), {args.effect} effect, in {meta['seconds']:.0f} s; the model reproduced "
           f"{100 * meta['log_agreement']:.2f} % of the log's expert choices")
     return 0
 

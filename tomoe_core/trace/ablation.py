@@ -19,11 +19,20 @@ Results go beside the log, one row per (token, layer, expert ablated, replacemen
 Layers finished survive a crash: they are written to `run_id=<id>/.ablation.partial/` first and a
 rerun of the same plan resumes after them; the folder is renamed to `ablation/` when all are done.
 
-Cost: every window is run once unablated per layer (to cache the layer outputs) and once per
-(expert, replacement), each from layer l on (layers before l replay their cached outputs), so
-a plan costs windows x layers x (1 + experts x replacements) forward passes of up to seq_len
-tokens (`AblationPlan.passes`); a pass where no token of the window uses e is skipped (its rows
-are exact zeros).
+Two effects (`effect=`):
+
+  total    (default, exact) the model reruns with e removed for all its tokens at once: each row
+           holds the full effect, direct and through attention on later tokens. One pass per
+           (window, layer, expert, replacement), each from layer l on (layers before l replay their
+           unablated outputs); a pass where no token of the window uses e is skipped (exact zeros).
+  direct   (fast) every token of the window loses its own expert of layer l at once, while every
+           attention output stays as in the unablated pass: tokens then cannot see each other's
+           change, so one pass per (window, layer, replacement) gives each token the effect of
+           removing its expert along its own residual stream (path patching's direct effect; at the
+           last layer it equals the total effect). Rows only for routed tokens (the others are
+           unchanged by construction); E times fewer passes. Written to `ablation-direct/`.
+
+Every window's unablated pass runs once and is kept for all layers (`AblationPlan.passes`).
 
 Legend: L = MoE layers, E = experts per layer, T = tokens in a window, V = vocabulary.
 """
@@ -50,10 +59,19 @@ from .routing_log import RoutingLogError, read_run_meta, run_dir
 logger = logging.getLogger(__name__)
 
 REPLACEMENTS = ("second", "random")  # the intervention, and its control
+EFFECTS = ("total", "direct")  # see the module docstring
 ABLATION_DIR = "ablation"
 ABLATION_META = "ablation.json"
 PARTIAL_DIR = ".ablation.partial"
 DEFAULT_MAX_TOKENS = 1024  # 30 layers x 8 experts x 2 replacements on it: ~15 min on 2 CPU cores (docs/RESULTS.md)
+DIRECT_MAX_TOKENS = 4096  # the direct effect is E times cheaper: the shipped log's 3,000 tokens fit
+
+
+def default_max_tokens(effect: str) -> int:
+    return DIRECT_MAX_TOKENS if effect == "direct" else DEFAULT_MAX_TOKENS
+
+
+CACHED_WINDOWS = 8  # unablated passes kept across layers (~170 MB per 512-token window of a 49k vocabulary)
 
 
 class AblationError(ValueError):
@@ -81,25 +99,33 @@ class AblationPlan:
     prefix: tuple[int, ...]
     seed: int
     windows: list[AblationWindow] = field(repr=False)
+    effect: str = "total"
 
     @property
     def tokens(self) -> int:
         return sum(len(w.ids) for w in self.windows)
 
     @property
+    def passes_per_layer(self) -> int:
+        """Ablated passes of one layer (total: those where a window never uses the expert are skipped)."""
+        per_window = len(self.replacements) * (len(self.experts) if self.effect == "total" else 1)
+        return len(self.windows) * per_window
+
+    @property
     def passes(self) -> int:
-        """Forward passes at most (passes where a window never uses the expert are skipped)."""
-        return len(self.windows) * len(self.layers) * (1 + len(self.experts) * len(self.replacements))
+        """Ablated forward passes at most, besides one unablated pass per window."""
+        return self.passes_per_layer * len(self.layers)
 
     def cost(self) -> str:
-        return (f"{self.tokens} tokens x {len(self.layers)} layers x {len(self.experts)} experts x "
-                f"{len(self.replacements)} replacement(s) ({', '.join(self.replacements)}): at most {self.passes} "
+        experts = f"{len(self.experts)} experts x " if self.effect == "total" else ""
+        return (f"{self.tokens} tokens x {len(self.layers)} layers x {experts}{len(self.replacements)} "
+                f"replacement(s) ({', '.join(self.replacements)}), {self.effect} effect: at most {self.passes} "
                 f"forward passes of up to {self.seq_len} tokens in {len(self.windows)} window(s)")
 
     def signature(self) -> dict:
         """What makes two plans produce the same rows (a partial run resumes only under the same one)."""
         return {"run": Path(self.run).name.removeprefix("run_id="), "layers": self.layers, "experts": self.experts, "replacements": list(self.replacements),
-                "tokens": self.tokens, "seq_len": self.seq_len, "seed": self.seed}
+                "tokens": self.tokens, "seq_len": self.seq_len, "seed": self.seed, "effect": self.effect}
 
 
 def _indices(values: Sequence[int] | None, size: int, what: str, unit: str) -> list[int]:
@@ -128,12 +154,13 @@ def parse_indices(text: str) -> list[int]:
 
 def plan_ablation(run, layers: Sequence[int] | None = None, experts: Sequence[int] | None = None,
                   replacements: Sequence[str] = REPLACEMENTS, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-                  seed: int = 0) -> AblationPlan:
+                  seed: int = 0, effect: str = "total") -> AblationPlan:
     """The windows, layers and experts of an ablation of `run` (checked before any model loads)."""
     import duckdb
 
     from .queries import routing_source
 
+    _check_effect(effect)
     meta = read_run_meta(run)
     num_layers, num_experts = int(meta["num_layers"]), int(meta["num_experts"])
     layers = _indices(layers, num_layers, "layer", "MoE layers")
@@ -172,7 +199,12 @@ def plan_ablation(run, layers: Sequence[int] | None = None, experts: Sequence[in
     if not windows:
         raise AblationError(f"run {run} has no tokens")
     return AblationPlan(str(run_dir(run)), num_layers, num_experts, layers, experts,
-                        replacements, width + len(prefix), prefix, seed, windows)
+                        replacements, width + len(prefix), prefix, seed, windows, effect)
+
+
+def _check_effect(effect: str) -> None:
+    if effect not in EFFECTS:
+        raise AblationError(f"unknown effect {effect!r}; choose from {', '.join(EFFECTS)}")
 
 
 def replace_expert(expert: int, replacement: str, generator: torch.Generator | None = None) -> Callable:
@@ -189,6 +221,21 @@ def replace_expert(expert: int, replacement: str, generator: torch.Generator | N
             other = torch.randint(logits.shape[-1] - 1, chosen.shape, generator=generator).to(chosen.device)
             other = other + (other >= expert).long()
         return torch.where(chosen == expert, other, chosen)
+
+    return route
+
+
+def replace_every_expert(replacement: str, generator: torch.Generator | None = None) -> Callable:
+    """A routing override: every token goes to its replacement for its argmax expert (the direct effect)."""
+    if replacement not in REPLACEMENTS:
+        raise AblationError(f"unknown replacement {replacement!r}; choose from {', '.join(REPLACEMENTS)}")
+
+    def route(logits: torch.Tensor) -> torch.Tensor:  # (N, E) -> (N,)
+        if replacement == "second":
+            return logits.topk(2, dim=-1).indices[..., 1]
+        chosen = logits.argmax(dim=-1)
+        other = torch.randint(logits.shape[-1] - 1, chosen.shape, generator=generator).to(chosen.device)
+        return other + (other >= chosen).long()
 
     return route
 
@@ -215,10 +262,10 @@ class _Replay:
                 h.remove()
 
     @contextlib.contextmanager
-    def skipping(self, start: int):
+    def skipping(self, start: int, clone_all: bool = False):
         def replay(l):
             out = self.outputs[l]
-            if l == start - 1:  # the first computed layer receives it: a fresh copy, in case it writes in place
+            if clone_all or l == start - 1:  # a computed layer receives it: a fresh copy, in case it writes in place
                 out = out.clone() if torch.is_tensor(out) else tuple(o.clone() if torch.is_tensor(o) else o for o in out)
             return lambda *args, **kwargs: out
         saved = [layer.__dict__.get("forward") for layer in self.layers[:start]]  # e.g. accelerate's hook
@@ -254,65 +301,106 @@ def _kl(base: torch.Tensor, base_p: torch.Tensor, other: torch.Tensor) -> np.nda
     return (base_p * (base - other)).sum(-1).clamp_min(0).cpu().numpy().astype(np.float32)
 
 
+@dataclass
+class _Base:
+    """One window's unablated pass, kept for every layer: its layer (and, for the direct effect,
+    attention) outputs to replay, next-token log-probs and losses, and the experts it chose."""
+    replay: _Replay
+    attention: _Replay | None
+    logp: torch.Tensor  # (T, V)
+    loss: np.ndarray  # (T,)
+    chosen: np.ndarray  # (L, T)
+
+
+def _base_pass(model, plan: AblationPlan, window: AblationWindow, decoder, attentions) -> _Base:
+    ids = _window_inputs(plan, window, next(model.parameters()).device)
+    replay = _Replay(decoder)
+    attention = _Replay(attentions) if attentions is not None else None
+    model.set_routing(None)
+    with replay.recording(), attention.recording() if attention else contextlib.nullcontext(), \
+            capture_routing(model) as records:
+        logp = _log_probs(model, ids, len(plan.prefix))
+    return _Base(replay, attention, logp, _loss(logp, window.targets), records.stacked()[0][:, len(plan.prefix):])
+
+
+def _ablated_pass(model, plan: AblationPlan, window: AblationWindow, base: _Base, layer: int, route: Callable):
+    """log-probs (T, V) with layer `layer` routed by `route` (layers before it replayed; for the direct
+    effect every attention output replayed too), and the experts that layer then used (T,)."""
+    mlp = model.moe_mlps[layer]
+    mlp.routing_override = route
+    seen = []
+    hook = mlp.routing_point.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    frozen = base.attention.skipping(len(base.attention.layers), clone_all=True) if base.attention else contextlib.nullcontext()
+    try:
+        with base.replay.skipping(layer), frozen:
+            logp = _log_probs(model, _window_inputs(plan, window, base.logp.device), len(plan.prefix))
+    finally:
+        hook.remove()
+        mlp.routing_override = None
+    return logp, seen[0].reshape(-1)[len(plan.prefix):].cpu().numpy()
+
+
+COLUMNS = ("doc_id", "position", "expert", "replacement", "routed", "replaced_by", "base_loss", "delta_loss", "kl")
+
+
 @torch.inference_mode()
-def ablate_layer(model, plan: AblationPlan, layer: int, progress: Callable[[int], None] | None = None) -> dict:
+def ablate_layer(model, plan: AblationPlan, layer: int, progress: Callable[[int], None] | None = None,
+                 bases: dict | None = None) -> dict:
     """Rows (columns of equal length) of every (window, expert, replacement) of one layer, and the
-    number of the log's expert choices at this layer the unablated pass reproduced."""
+    number of the log's expert choices at this layer the unablated pass reproduced. `bases` keeps
+    the windows' unablated passes between calls (layers)."""
     from ..moe.families import adapter_for
 
-    decoder = adapter_for(model.model).layers(model.model)
-    mlp = model.moe_mlps[layer]
-    device = next(model.parameters()).device
-    k = len(plan.prefix)
-    cols: dict[str, list] = {c: [] for c in ("doc_id", "position", "expert", "replacement", "routed", "replaced_by",
-                                             "base_loss", "delta_loss", "kl")}
+    adapter = adapter_for(model.model)
+    decoder = adapter.layers(model.model)
+    attentions = [adapter.attention(x) for x in decoder] if plan.effect == "direct" else None
+    cols: dict[str, list] = {c: [] for c in COLUMNS}
+
+    def add(window, keep, expert, replacement, routed, replaced_by, base_loss, delta, kl):
+        n = int(keep.sum())
+        values = (np.full(n, window.doc_id, np.int32), np.arange(window.start, window.start + len(window.ids),
+                                                                 dtype=np.int32)[keep],
+                  np.full(n, expert, np.int16), np.full(n, replacement, object), routed[keep], replaced_by[keep],
+                  base_loss[keep], delta[keep], kl[keep])
+        for c, v in zip(COLUMNS, values):
+            cols[c].append(v)
+
     agree = 0
     for w_index, window in enumerate(plan.windows):
-        ids = _window_inputs(plan, window, device)
-        replay = _Replay(decoder)
-        model.set_routing(None)
-        with replay.recording(), capture_routing(model) as records:
-            base = _log_probs(model, ids, k)
-        chosen = records.stacked()[0][layer][k:]  # (T,) this layer's experts
+        base = (bases or {}).get(w_index) or _base_pass(model, plan, window, decoder, attentions)
+        if bases is not None and w_index < CACHED_WINDOWS:
+            bases[w_index] = base
+        chosen = base.chosen[layer]  # (T,) this layer's experts
         agree += int((chosen == window.experts[layer]).sum())
-        base_loss = _loss(base, window.targets)
-        base_p = base.exp()
+        base_p = base.logp.exp()
         n = len(window.ids)
-        if progress:
-            progress(1)
-        for expert in plan.experts:
+        everyone = np.ones(n, bool)
+        for replacement in plan.replacements if plan.effect == "direct" else ():
+            gen = torch.Generator().manual_seed(((plan.seed * 1009 + layer) * 1009) * 1009 + w_index)
+            logp, new = _ablated_pass(model, plan, window, base, layer, replace_every_expert(replacement, gen))
+            delta, kl = _loss(logp, window.targets) - base.loss, _kl(base.logp, base_p, logp)
+            del logp
+            for expert in plan.experts:
+                routed = chosen == expert
+                add(window, routed, expert, replacement, routed, new.astype(np.int16), base.loss, delta, kl)
+            if progress:
+                progress(1)
+        for expert in plan.experts if plan.effect == "total" else ():
             routed = chosen == expert
             for replacement in plan.replacements:
                 replaced_by = np.full(n, -1, np.int16)
                 if not routed.any():  # nothing changes: exact zeros, no pass
-                    delta, kl = np.where(np.isnan(base_loss), np.nan, 0).astype(np.float32), np.zeros(n, np.float32)
+                    delta, kl = np.where(np.isnan(base.loss), np.nan, 0).astype(np.float32), np.zeros(n, np.float32)
                 else:
                     gen = torch.Generator().manual_seed(((plan.seed * 1009 + layer) * 1009 + expert) * 1009 + w_index)
-                    mlp.routing_override = replace_expert(expert, replacement, gen)
-                    seen = []
-                    hook = mlp.routing_point.register_forward_hook(lambda m, a, out: seen.append(out[0]))
-                    try:
-                        with replay.skipping(layer):
-                            logp = _log_probs(model, ids, k)
-                    finally:
-                        hook.remove()
-                        mlp.routing_override = None
-                    new = seen[0].reshape(-1)[k:].cpu().numpy()
+                    logp, new = _ablated_pass(model, plan, window, base, layer, replace_expert(expert, replacement, gen))
                     replaced_by[routed] = new[routed]
-                    delta, kl = _loss(logp, window.targets) - base_loss, _kl(base, base_p, logp)
+                    delta, kl = _loss(logp, window.targets) - base.loss, _kl(base.logp, base_p, logp)
                     del logp
                 if progress:
                     progress(1)
-                cols["doc_id"].append(np.full(n, window.doc_id, np.int32))
-                cols["position"].append(np.arange(window.start, window.start + n, dtype=np.int32))
-                cols["expert"].append(np.full(n, expert, np.int16))
-                cols["replacement"].append(np.full(n, replacement, object))
-                cols["routed"].append(routed)
-                cols["replaced_by"].append(replaced_by)
-                cols["base_loss"].append(base_loss)
-                cols["delta_loss"].append(delta)
-                cols["kl"].append(kl)
-    out = {c: np.concatenate(v) for c, v in cols.items()}
+                add(window, everyone, expert, replacement, routed, replaced_by, base.loss, delta, kl)
+    out = {c: np.concatenate(v) if v else np.array([]) for c, v in cols.items()}
     out["layer"] = np.full(len(out["doc_id"]), layer, np.int16)
     return {"columns": out, "agree": agree}
 
@@ -331,21 +419,28 @@ def _table(columns: dict):
     })
 
 
-def ablation_dir(run) -> Path:
-    return run_dir(run) / ABLATION_DIR
+def _suffix(effect: str) -> str:
+    _check_effect(effect)
+    return "" if effect == "total" else f"-{effect}"
 
 
-def has_ablation(run) -> bool:
+def ablation_dir(run, effect: str = "total") -> Path:
+    return run_dir(run) / (ABLATION_DIR + _suffix(effect))
+
+
+def has_ablation(run, effect: str = "total") -> bool:
     try:
-        return (ablation_dir(run) / ABLATION_META).is_file()
+        return (ablation_dir(run, effect) / ABLATION_META).is_file()
     except RoutingLogError:
         return False
 
 
-def read_ablation_meta(run) -> dict:
-    path = ablation_dir(run) / ABLATION_META
+def read_ablation_meta(run, effect: str = "total") -> dict:
+    path = ablation_dir(run, effect) / ABLATION_META
     if not path.is_file():
-        raise RoutingLogError(f"run {run} has no expert ablation; run `python -m tomoe_core ablate {run}`")
+        flag = "" if effect == "total" else f" --effect {effect}"
+        raise RoutingLogError(f"run {run} has no expert ablation ({effect} effect); run "
+                              f"`python -m tomoe_core ablate {run}{flag}`")
     return json.loads(path.read_text())
 
 
@@ -361,7 +456,7 @@ def run_ablation(model, plan: AblationPlan, progress: Callable[[int, int], None]
         raise AblationError(f"the model has {len(model.moe_mlps)} MoE layers x {model.moe_mlps[0].num_experts} experts, "
                             f"the log {plan.num_layers} x {plan.num_experts}: pass the conversion that wrote the log")
     folder = run_dir(plan.run)
-    partial = folder / PARTIAL_DIR
+    partial = folder / (PARTIAL_DIR + _suffix(plan.effect))
     sig_path = partial / "plan.json"
     if partial.exists() and (not sig_path.is_file() or json.loads(sig_path.read_text()) != plan.signature()):
         shutil.rmtree(partial)  # another plan's leftovers
@@ -369,15 +464,15 @@ def run_ablation(model, plan: AblationPlan, progress: Callable[[int, int], None]
     atomic_write_json(sig_path, plan.signature())
     done_state = json.loads((partial / "done.json").read_text()) if (partial / "done.json").is_file() else {}
     total = plan.passes
-    per_layer = plan.passes // len(plan.layers)
-    count = [per_layer * sum(1 for l in plan.layers if str(l) in done_state)]
+    count = [plan.passes_per_layer * sum(1 for l in plan.layers if str(l) in done_state)]
     step = (lambda n: (count.__setitem__(0, count[0] + n), progress(count[0], total))) if progress else None
     t0 = time.time()
+    bases: dict = {}
     for layer in plan.layers:
         if str(layer) in done_state:
             continue
         t_layer = time.time()
-        result = ablate_layer(model, plan, layer, step)
+        result = ablate_layer(model, plan, layer, step, bases)
         path = partial / f"part-{layer:03d}.parquet"
         pq.write_table(_table(result["columns"]), path.with_suffix(".tmp"), compression="zstd")
         path.with_suffix(".tmp").replace(path)
@@ -394,7 +489,7 @@ def run_ablation(model, plan: AblationPlan, progress: Callable[[int, int], None]
     atomic_write_json(partial / ABLATION_META, meta)
     (partial / "done.json").unlink()
     sig_path.unlink()
-    final = folder / ABLATION_DIR
+    final = ablation_dir(plan.run, plan.effect)
     with file_lock(folder):
         if final.exists():
             shutil.rmtree(final)

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from ..convert.folder import Conversion, conversions_dir
 from ..infra.locations import shipped_dir
 from ..infra.machine import machine_info
-from ..trace.ablation import REPLACEMENTS, AblationError, plan_ablation, run_ablation
+from ..trace.ablation import REPLACEMENTS, AblationError, default_max_tokens, plan_ablation, run_ablation
 from ..trace.routing_log import read_run_meta
 
 logger = logging.getLogger(__name__)  # diagnostics; the CLI shows them on stderr
@@ -55,10 +55,12 @@ def load_run_model(run, conversion: str | Path | None = None, device: str = "cpu
 def ablate(run, conversion: str | Path | None = None, layers: Sequence[int] | None = None,
            experts: Sequence[int] | None = None, replacements: Sequence[str] = REPLACEMENTS,
            max_tokens: int | None = None, seed: int = 0, device: str = "cpu",
-           progress: Callable[[int, int], None] | None = None, log=logger.info, command: str | None = None) -> Path:
-    """Plan (refusing bad layers or experts before any loading), state the cost, load, ablate."""
-    kwargs = {} if max_tokens is None else {"max_tokens": max_tokens}
-    plan = plan_ablation(run, layers, experts, replacements, seed=seed, **kwargs)
+           progress: Callable[[int, int], None] | None = None, log=logger.info, command: str | None = None,
+           effect: str = "total") -> Path:
+    """Plan (refusing bad layers or experts before any loading), state the cost, load, ablate.
+    `max_tokens` None: the effect's default (`default_max_tokens`)."""
+    max_tokens = default_max_tokens(effect) if max_tokens is None else max_tokens
+    plan = plan_ablation(run, layers, experts, replacements, seed=seed, max_tokens=max_tokens, effect=effect)
     conversion_for_run(run, conversion)  # a missing conversion fails before the cost is paid
     log(f"[ablate] {plan.cost()}")
     t0 = time.time()
