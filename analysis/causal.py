@@ -37,16 +37,16 @@ def _quote(path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def ablation_source(run) -> str:
-    return f"read_parquet({_quote(ablation_dir(run) / 'part-*.parquet')})"
+def ablation_source(run, effect: str = "total") -> str:
+    return f"read_parquet({_quote(ablation_dir(run, effect) / 'part-*.parquet')})"
 
 
-def _rows(run, where: str, params: list, label: str = "pos", extra: str = "") -> pd.DataFrame:
+def _rows(run, where: str, params: list, label: str = "pos", extra: str = "", effect: str = "total") -> pd.DataFrame:
     """Ablation rows joined with the token's tag (and `extra` log columns) from layer 0 of the log."""
     column = label_column(run, label)
     return duckdb.connect().execute(f"""
         SELECT a.*, t.tag {extra}
-        FROM {ablation_source(run)} a
+        FROM {ablation_source(run, effect)} a
         JOIN (SELECT doc_id, position, {column} AS tag, token FROM {routing_source(run)} WHERE layer = 0) t
           USING (doc_id, position)
         WHERE {where}""", params).df()
@@ -66,16 +66,17 @@ def bootstrap_mean(values: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0
 
 def ablation_by_tag(run, layer: int, replacement: str = "second", scope: str = "routed", label: str = "pos",
                     min_tokens: int = MIN_TOKENS, resamples: int = BOOTSTRAP, seed: int = 0,
-                    metric: str = "delta_loss") -> pd.DataFrame:
+                    metric: str = "delta_loss", effect: str = "total") -> pd.DataFrame:
     """Per (expert, tag) of one layer: tokens, mean `metric` (loss increase or KL, nats) with its bootstrap interval.
     mean/low/high are NaN where fewer than `min_tokens` tokens back the cell. Columns: expert, tag,
-    tokens, mean, low, high."""
+    tokens, mean, low, high. The direct effect has rows for routed tokens only (scope "all" = "routed")."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     where = "a.layer = ? AND a.replacement = ? AND a.delta_loss IS NOT NULL AND t.tag IS NOT NULL"
-    rows = _rows(run, where + (" AND a.routed" if scope == "routed" else ""), [layer, replacement], label)
+    rows = _rows(run, where + (" AND a.routed" if scope == "routed" else ""), [layer, replacement], label,
+                 effect=effect)
     out = []
     for (expert, tag), g in rows.groupby(["expert", "tag"], sort=True):
         n = len(g)
@@ -85,16 +86,16 @@ def ablation_by_tag(run, layer: int, replacement: str = "second", scope: str = "
     return pd.DataFrame(out, columns=["expert", "tag", "tokens", "mean", "low", "high"])
 
 
-def layer_table(run) -> pd.DataFrame:
+def layer_table(run, effect: str = "total") -> pd.DataFrame:
     """Per layer: mean loss increase and KL on the routed tokens with the second-choice and the random
     replacement, on the other tokens (second choice), and the expert whose removal costs most."""
     con = duckdb.connect()
     per = con.execute(f"""
         SELECT layer, replacement, routed, avg(delta_loss) AS delta, avg(kl) AS kl, count(*) AS n
-        FROM {ablation_source(run)} GROUP BY ALL""").df()
+        FROM {ablation_source(run, effect)} GROUP BY ALL""").df()
     worst = con.execute(f"""
         SELECT layer, expert, sum(delta_loss) / count(DISTINCT (doc_id, position)) AS per_token
-        FROM {ablation_source(run)} WHERE replacement = 'second' GROUP BY layer, expert""").df()
+        FROM {ablation_source(run, effect)} WHERE replacement = 'second' GROUP BY layer, expert""").df()
     out = []
     for layer, g in per.groupby("layer"):
         def pick(replacement, routed, col):
@@ -111,11 +112,11 @@ def layer_table(run) -> pd.DataFrame:
 
 
 def needed_tokens(run, layer: int, expert: int, replacement: str = "second", limit: int = 15,
-                  min_count: int = 1) -> pd.DataFrame:
+                  min_count: int = 1, effect: str = "total") -> pd.DataFrame:
     """The tokens (strings) whose loss rises most in total when `expert` of `layer` is removed, over
     the tokens routed to it. Columns: token, count, mean_increase, total_increase."""
     rows = _rows(run, "a.layer = ? AND a.expert = ? AND a.replacement = ? AND a.routed AND a.delta_loss IS NOT NULL",
-                 [layer, expert, replacement], extra=", t.token")
+                 [layer, expert, replacement], extra=", t.token", effect=effect)
     if rows.empty:
         return pd.DataFrame(columns=["token", "count", "mean_increase", "total_increase"])
     g = rows.groupby("token", observed=True)["delta_loss"].agg(["count", "mean", "sum"]).reset_index()
@@ -127,7 +128,8 @@ MIN_EXPERTS_TO_RESAMPLE = 5  # from this many member experts the interval resamp
 
 
 def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", label: str = "pos",
-                     metric: str = "delta_loss", resamples: int = BOOTSTRAP, seed: int = 0) -> pd.DataFrame:
+                     metric: str = "delta_loss", resamples: int = BOOTSTRAP, seed: int = 0,
+                     effect: str = "total") -> pd.DataFrame:
     """For each cluster named by tags (experts: layer, expert, cluster_name, as from
     `analysis.experts.cluster_experts`), over its experts that were ablated: the mean `metric`
     (loss increase, or KL) on tokens of the named tags and on the others (all tokens: what removing
@@ -138,7 +140,7 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
     Columns: cluster_name, experts, named, others, diff, low, high, holds, over, sentence."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    meta = read_ablation_meta(run)
+    meta = read_ablation_meta(run, effect)
     members = experts[experts.layer.isin(set(meta["layers"])) & experts.expert.isin(meta["experts"])]
     rng = np.random.default_rng(seed)
     out = []
@@ -148,7 +150,7 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
             continue
         pairs = ", ".join(f"({int(l)}, {int(e)})" for l, e in zip(group.layer, group.expert))
         rows = _rows(run, f"a.replacement = ? AND a.delta_loss IS NOT NULL AND t.tag IS NOT NULL "
-                          f"AND (a.layer, a.expert) IN ({pairs})", [replacement], label)
+                          f"AND (a.layer, a.expert) IN ({pairs})", [replacement], label, effect=effect)
         if rows.empty:
             continue
         rows = rows.assign(named=rows.tag.isin(tags))
@@ -183,6 +185,27 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
                     "sentence": sentence})
     return pd.DataFrame(out, columns=["cluster_name", "experts", "named", "others", "diff", "low", "high", "holds",
                                       "over", "sentence"])
+
+
+def effect_agreement(run, replacement: str = "second") -> dict:
+    """How well the fast direct effect tracks the exact total effect on the same tokens (routed tokens
+    of both ablations): Pearson r of the loss change and of KL over tokens, of the (layer, expert)
+    means, per layer, and the share of (layer, expert) pairs whose mean has the same sign."""
+    rows = duckdb.connect().execute(f"""
+        SELECT t.layer, t.expert, t.delta_loss AS total, d.delta_loss AS direct, t.kl AS total_kl, d.kl AS direct_kl
+        FROM {ablation_source(run, "total")} t JOIN {ablation_source(run, "direct")} d
+          USING (doc_id, position, layer, expert, replacement)
+        WHERE t.routed AND t.replacement = ? AND t.delta_loss IS NOT NULL AND d.delta_loss IS NOT NULL""",
+                                    [replacement]).df()
+    if len(rows) < 3:
+        raise ValueError(f"run {run}: the direct and total ablations share {len(rows)} tokens: too few to compare")
+    means = rows.groupby(["layer", "expert"])[["total", "direct"]].mean()
+    per_layer = {int(l): float(g.total.corr(g.direct)) for l, g in rows.groupby("layer") if len(g) > 2}
+    return {"tokens": int(len(rows)), "replacement": replacement,
+            "r_tokens": float(rows.total.corr(rows.direct)), "r_kl_tokens": float(rows.total_kl.corr(rows.direct_kl)),
+            "r_expert_means": float(means.total.corr(means.direct)),
+            "same_sign_expert_means": float((np.sign(means.total) == np.sign(means.direct)).mean()),
+            "r_by_layer": per_layer}
 
 
 # -- roles across budgets ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pandas as pd
 
 def build_report(run, min_tokens: int = 50, seed: int = 0, k: int | None = None) -> dict:
     from tomoe_core.trace import queries
-    from tomoe_core.trace.ablation import read_ablation_meta
+    from tomoe_core.trace.ablation import has_ablation, read_ablation_meta
     from tomoe_core.trace.routing_log import read_run_meta, run_dir
 
     from . import causal
@@ -35,6 +35,15 @@ def build_report(run, min_tokens: int = 50, seed: int = 0, k: int | None = None)
     summary = clusters.summary()
     siblings = causal.budget_siblings(run_dir(run))
     agreement = causal.budget_agreement(siblings) if len(siblings) > 1 else None
+    direct = None
+    if has_ablation(run, "direct"):  # the fast estimate beside the exact one, and how well it tracks it
+        d_meta = read_ablation_meta(run, "direct")
+        direct = {"ablation": d_meta, "layers": causal.layer_table(run, "direct").to_dict("records"),
+                  "verdicts": {f"{r}, {metric}": causal.cluster_verdicts(run, members, replacement=r, metric=metric,
+                                                                         seed=seed, effect="direct").to_dict("records")
+                               for r in d_meta["replacements"] for metric in causal.METRICS},
+                  "agreement": {r: causal.effect_agreement(run, r) for r in d_meta["replacements"]
+                                if r in meta["replacements"]}}
     return {
         "run": read_run_meta(run)["run_id"], "run_folder": str(run_dir(run)), "ablation": meta,
         "layers": layers.to_dict("records"),
@@ -43,6 +52,7 @@ def build_report(run, min_tokens: int = 50, seed: int = 0, k: int | None = None)
         "budgets": None if agreement is None else {
             "logs": {str(b): Path(p).name for b, p in siblings.items()},
             "per_layer": agreement.to_dict("records")},
+        "direct": direct,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -69,6 +79,19 @@ def format_report(report: dict) -> str:
         table = pd.DataFrame(rows)
         out += [_markdown(table.drop(columns=["sentence"])) if len(table) else "(no named cluster)", ""]
         out += [f"- {s}" for s in table.get("sentence", [])] + [""]
+    direct = report.get("direct")
+    if direct:
+        d = direct["ablation"]
+        out += [f"Direct effect (fast estimate: each token loses its own expert, attention frozen): {d['tokens']} tokens "
+                f"x {len(d['layers'])} layers, {d['seconds'] / 60:.1f} min; per layer on the routed tokens:", "",
+                _markdown(pd.DataFrame(direct["layers"]).drop(columns=["others_second"], errors="ignore")), ""]
+        for r, a in direct["agreement"].items():
+            out += [f"Direct against total ({r}, {a['tokens']:,} shared tokens): Pearson r {a['r_tokens']:.3f} over "
+                    f"tokens (KL {a['r_kl_tokens']:.3f}), {a['r_expert_means']:.3f} over (layer, expert) means, same sign "
+                    f"for {a['same_sign_expert_means']:.0%} of them; by layer " + ", ".join(
+                        f"{l}: {v:.2f}" for l, v in sorted(a["r_by_layer"].items(), key=lambda kv: int(kv[0]))), ""]
+        for key, rows in direct["verdicts"].items():
+            out += [f"Direct-effect verdicts, {key}:", ""] + [f"- {r['sentence']}" for r in rows] + [""]
     if report["budgets"]:
         per = pd.DataFrame(report["budgets"]["per_layer"])
         out += [f"Across budgets (logs {report['budgets']['logs']}), medians over layers (min-max):", ""]

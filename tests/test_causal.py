@@ -136,7 +136,7 @@ def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(tmp_path, monk
     at.text_input(key="ablate_layers").set_value("7").run()
     assert any("Cannot ablate: layer 7 does not exist" in e.value for e in at.error)
     at.text_input(key="ablate_layers").set_value("1").run()
-    at.number_input(key="ablate_tokens").set_value(128).run()
+    at.number_input(key="ablate_tokens_total").set_value(128).run()
     assert any("Cost: 128 tokens x 1 layers x 4 experts" in c for c in at.caption.values)
     [b for b in at.button if b.label == "Run expert ablation"][0].click().run()
     assert not at.exception
@@ -156,6 +156,25 @@ def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(tmp_path, monk
     assert not at.exception and keys
     at.slider(key="experts_layer").set_value(0).run()  # a layer that was not ablated
     assert any("Layer 0 was not ablated" in i.value for i in at.info)
+
+    # the fast direct effect, from the form under "Run another ablation"
+    assert at.radio(key="ablate_effect").value == "direct"
+    at.text_input(key="ablate_layers").set_value("1").run()
+    at.number_input(key="ablate_tokens_direct").set_value(128).run()
+    assert any("Cost: 128 tokens x 1 layers x 2 replacement(s)" in c and "direct effect" in c for c in at.caption.values)
+    [b for b in at.button if b.label == "Run expert ablation"][0].click().run()
+    job = next(j for j in jobs.list_jobs() if j.kind == "ablate" and "direct" in j.label)
+    deadline = time.time() + 240
+    while jobs.status(job) == "running" and time.time() < deadline:
+        time.sleep(1)
+    assert jobs.status(job) == "finished", jobs.log_tail(job)
+    at = _experts_page(root, monkeypatch)
+    at.slider(key="experts_layer").set_value(1).run()
+    at.radio(key="ablate_view_effect").set_value("direct").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert at.radio(key="ablate_scope").options == ["its tokens"]  # the direct effect touches routed tokens only
+    assert any("Against the exact total effect" in c for c in at.caption.values)
+    assert len(at.get("plotly_chart")) == 9
 
 
 def test_experts_page_compares_routing_across_budgets(cache_env, tmp_path, monkeypatch):
@@ -200,6 +219,32 @@ def test_causal_report_command_prints_tables_and_writes_json(ablated_run, tmp_pa
     report = json.loads(out.read_text())
     assert [r["layer"] for r in report["layers"]] == [0, 1]
     assert set(report["verdicts"]) == {"second, delta_loss", "second, kl", "random, delta_loss", "random, kl"}
+
+
+def test_direct_effect_reads_like_the_total_one_and_the_report_compares_them(ablated_run, converted, tmp_path, capsys):
+    from analysis import causal_report
+    from tomoe_core.convert.materialise import load_converted
+    from tomoe_core.trace.ablation import plan_ablation, run_ablation
+
+    model, _, _ = load_converted(converted, layout="prefill", load_tokenizer=False)
+    run_ablation(model, plan_ablation(ablated_run, effect="direct"))
+    direct = causal.ablation_by_tag(ablated_run, 1, effect="direct", min_tokens=1)
+    total = causal.ablation_by_tag(ablated_run, 1, min_tokens=1)
+    # the last layer: the same tokens, the same values (nothing later carries a change to other tokens)
+    assert direct[["expert", "tag", "tokens"]].equals(total[["expert", "tag", "tokens"]])
+    assert (direct["mean"] - total["mean"]).abs().max() < 1e-4
+    assert causal.ablation_by_tag(ablated_run, 1, effect="direct", scope="all", min_tokens=1).tokens.sum() == \
+        direct.tokens.sum()  # only routed tokens are written for the direct effect
+    agreement = causal.effect_agreement(ablated_run)
+    assert agreement["r_by_layer"][1] > 0.999 and agreement["tokens"] > 0
+    assert -1 <= agreement["r_tokens"] <= 1 and 0 <= agreement["same_sign_expert_means"] <= 1
+    out = tmp_path / "report.json"
+    assert causal_report.main([str(ablated_run), "--min-tokens", "1", "--output", str(out)]) == 0
+    assert "Direct against total (second" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["direct"]["ablation"]["effect"] == "direct" and "second" in report["direct"]["agreement"]
+    with pytest.raises(ValueError, match="unknown effect"):
+        causal.ablation_by_tag(ablated_run, 1, effect="partial")
 
 
 def test_causal_report_refuses_a_run_without_ablation(annotated_run, tmp_path, capsys):
