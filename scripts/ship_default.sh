@@ -29,11 +29,12 @@ $PY -m tomoe_core evaluate "$AT07" --window 512 --max-windows 60 --baselines wan
 rm -rf "$(dirname "$AT07")"
 # 4. precomputed continuations per budget for the Budget explorer
 $PY -m benchmarks.continuations --conversion "$CONV" --output "$RESULTS/continuations.json"
-# 5. a small tagged routing log for the Experts page, its expert ablation (about 15 min), and the same text
+# 5. a small tagged routing log for the Experts page, its expert ablations (total: about 15 min; direct), and the same text
 #    at p = 0.3 and 0.7 (roles across budgets)
 $PY -m tomoe_core trace "$CONV" --max-tokens 3000 --run-id "shipped-$NAME" --overwrite --quiet
 $PY -m analysis.routing_report "shipped-$NAME"
 $PY -m tomoe_core ablate "shipped-$NAME" --quiet
+$PY -m tomoe_core ablate "shipped-$NAME" --effect direct --quiet   # the fast estimate, all 3,000 tokens
 for P in 0.3 0.7; do
     $PY -m tomoe_core rebudget "$CONV" --budget "$P" --output "cache/conversions/$NAME-at-p$P"
     $PY -m tomoe_core trace "cache/conversions/$NAME-at-p$P" --max-tokens 3000 --run-id "shipped-$NAME-p$P" \
