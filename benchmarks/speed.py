@@ -55,6 +55,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -326,6 +327,12 @@ def _vm_kib(field: str) -> int | None:
         return None
 
 
+def calibration_ids(tokenizer, model: str, device) -> torch.Tensor:
+    """The baselines' calibration text: 4 x 512 tokens of the calibration split.  -> (4, 512)"""
+    tag = safe_name(Path(model).name)
+    return cached_stream(tokenizer, "wiki", "calibration", None, tag)[: 4 * 512].view(4, 512).to(device)
+
+
 def memory_probe(spec: dict) -> dict:
     """Load one variant in this (fresh) process, reset the peak RSS, run prefill + decode, report peaks.
 
@@ -343,13 +350,28 @@ def memory_probe(spec: dict) -> dict:
     elif spec["folder"]:
         model, _, _ = load_converted(spec["folder"], device=device, layout=spec["layout"], load_tokenizer=False)
         model = model.to(dtype=dtype)
+    elif spec.get("method"):  # a baseline, built here as the timed run builds it, its dense MLPs dropped
+        from benchmarks.speed_baselines import baseline_variants
+        from tomoe_core.convert.dense import load_dense
+
+        dense, tokenizer = load_dense(spec["model"], device=device, dtype=dtype, log=lambda *a: None)
+        (variant,) = baseline_variants(dense, [spec["budget"]], [spec["method"]],
+                                       calibration_ids(tokenizer, spec["model"], device), log=lambda *a: None)
+        variant["install"]()
+        model = variant["model"]
+        del dense, variant
     else:
         from tomoe_core.convert.dense import load_dense
 
         model, _ = load_dense(spec["model"], device=device, dtype=dtype, log=lambda *a: None)
+    import ctypes
     import gc
 
     gc.collect()
+    try:  # hand freed heap pages (weights dropped while building) back, so the reset below starts from what is used
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     reset = True
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -372,7 +394,7 @@ def memory_probe(spec: dict) -> dict:
 
 def run_memory_probe(v: dict, args, batch: int, threads: int) -> dict | None:
     spec = {"folder": str(v["folder"]) if v["folder"] else None, "materialise": v.get("materialise", False),
-            "budget": v["budget"], "model": args.model, "layout": v["layout"] or "shared",
+            "budget": v["budget"], "model": args.model, "layout": v["layout"] or "shared", "method": v.get("method"),
             "device": args.device, "dtype": args.dtype, "threads": threads, "batch": batch,
             "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--memory-probe", json.dumps(spec)],
@@ -382,6 +404,65 @@ def run_memory_probe(v: dict, args, batch: int, threads: int) -> dict | None:
         print(f"[speed] memory probe of {v['name']} failed: {proc.stderr[-500:]}", file=sys.stderr)
         return None
     return json.loads(lines[-1])
+
+
+def peak_fields(probe: dict | None, device: torch.device) -> dict:
+    peak = (probe or {}).get("peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes")
+    return {"peak_memory_mb": peak / 2**20 if peak else None,
+            "peak_memory_kind": None if not peak else ("CUDA max allocated, fresh process" if device.type == "cuda"
+                                                      else "peak RSS of a fresh process during prefill + decode")}
+
+
+def relative_peaks(rows: list[dict]) -> None:
+    """Each row's peak_rss_vs_dense: its peak over dense's at the same threads and batch."""
+    dense_peaks = {(r["threads"], r["batch"]): r["peak_memory_mb"] for r in rows if r["method"] == "dense"}
+    for r in rows:
+        dense_peak = dense_peaks.get((r["threads"], r["batch"]))
+        r["peak_rss_vs_dense"] = r["peak_memory_mb"] / dense_peak if r["peak_memory_mb"] and dense_peak else None
+
+
+def memory_only(args, log=print) -> dict:
+    """Probe the peak memory of every row of an existing speed file again (same variants, rebuilt from its
+    settings) and replace its memory figures; the timings are kept. For a file measured before a
+    method's memory was probed, without repeating an hour of timing."""
+    from benchmarks.speed_baselines import baseline_variants
+    from tomoe_core.convert.dense import load_dense
+
+    path = args.output or cache_dir() / "results" / "speed_benchmark.json"
+    result = json.loads(Path(path).read_text())
+    settings = result["settings"]
+    if result.get("device", "cpu") != args.device or settings.get("dry_run"):
+        raise ValueError(f"{path} was measured on {result.get('device')}: probe it with --device {result.get('device')}")
+    args.budgets, args.layouts, args.baselines = settings["budgets"], settings["layouts"], settings["baselines"]
+    args.experts, args.model = settings["experts"], result["model"]
+    named = sorted({m.group(1) for r in result["rows"] if r["method"] == "tomoe"
+                    for m in [re.search(r"\(([^()]+)\)$", r["source"] or "")] if m})
+    args.conversions = settings.get("conversions") or named or None
+    for key in ("prompt_tokens", "new_tokens", "prefill_tokens"):
+        setattr(args, key, settings[key])
+    device = torch.device(args.device)
+    dense, tokenizer = load_dense(args.model, device=device, dtype=args.torch_dtype, log=log)
+    calibration = calibration_ids(tokenizer, args.model, device)
+    variants = {v["name"]: v for v in build_variants(args, dense, calibration, log)
+                + baseline_variants(dense, args.budgets, args.baselines, calibration, log)}
+    firsts: dict = {}
+    for r in result["rows"]:  # once per variant and batch, at the first thread count (as the timed run)
+        firsts.setdefault((r["name"], r["batch"]), r["threads"] or 1)
+    probes = {}
+    for i, ((name, batch), threads) in enumerate(firsts.items()):
+        if name not in variants:
+            raise ValueError(f"{path} has a row {name!r} that its settings do not rebuild")
+        probes[name, batch] = run_memory_probe(variants[name], args, batch, threads)
+        log(f"[speed] memory {i + 1}/{len(firsts)}: {name}, batch {batch}: "
+            f"{peak_fields(probes[name, batch], device)['peak_memory_mb'] or float('nan'):.0f} MiB")
+    for r in result["rows"]:
+        r.update(peak_fields(probes[r["name"], r["batch"]], device))
+    relative_peaks(result["rows"])
+    settings["memory_probed"] = {"command": "python -m benchmarks.speed --memory-only" + (f" --output {path}" if args.output else ""),
+                                 "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                 "machine": machine_info(str(device))}
+    atomic_write_json(path, result)
+    return result
 
 
 def choose_clock(args, threads: int) -> str:
@@ -447,9 +528,8 @@ def run(args, log=print) -> dict:
         from tomoe_core.convert.dense import load_dense
 
         dense, tokenizer = load_dense(args.model, device=device, dtype=args.torch_dtype, log=log)
-        tag = safe_name(Path(args.model).name)
-        calibration = cached_stream(tokenizer, "wiki", "calibration", None, tag)[: 4 * 512].view(4, 512).to(device)
-        text = cached_stream(tokenizer, "wiki", "heldout", None, tag)
+        calibration = calibration_ids(tokenizer, args.model, device)
+        text = cached_stream(tokenizer, "wiki", "heldout", None, safe_name(Path(args.model).name))
         model_name = args.model
     variants = build_variants(args, dense, calibration, log)
     from benchmarks.speed_baselines import PREFILL_MODE, baseline_variants
@@ -489,9 +569,8 @@ def run(args, log=print) -> dict:
                 shared_tokens = results.get(f"p={v['budget']:g} shared", {}).get("tokens")
                 bytes_now = mlp_bytes(layer_mlps(model))
                 if (name, batch) not in probes:  # once per variant and batch: with the first thread count
-                    probes[name, batch] = (None if args.dry_run or args.no_memory or v.get("method")
+                    probes[name, batch] = (None if args.dry_run or args.no_memory
                                            else run_memory_probe(v, args, batch, threads))
-                peak = (probes[name, batch] or {}).get("peak_cuda_bytes" if device.type == "cuda" else "peak_rss_bytes")
                 rows.append({
                     "name": name, "threads": threads if device.type == "cpu" else None, "batch": batch,
                     "budget": v["budget"], "source": v["source"], "layout": v["layout"],
@@ -512,17 +591,12 @@ def run(args, log=print) -> dict:
                     "active_mlp_fraction": active[name],
                     "mlp_share_of_dense_prefill": mlp_share,
                     "prefill_bound": prefill_bound(mlp_share, active[name]),
-                    "peak_memory_mb": peak / 2**20 if peak else None,
-                    "peak_memory_kind": None if not peak else ("CUDA max allocated, fresh process" if device.type == "cuda"
-                                                              else "peak RSS of a fresh process during prefill + decode"),
+                    **peak_fields(probes[name, batch], device),
                     "same_tokens_as_shared": None if v["layout"] is None or shared_tokens is None
                     else res["tokens"] == shared_tokens,
                     "repeats": {k: res[k] for k in TIMED}, "loadavg": res["loadavg"],
                 })
-    dense_peaks = {(r["threads"], r["batch"]): r["peak_memory_mb"] for r in rows if r["method"] == "dense"}
-    for r in rows:
-        dense_peak = dense_peaks.get((r["threads"], r["batch"]))
-        r["peak_rss_vs_dense"] = r["peak_memory_mb"] / dense_peak if r["peak_memory_mb"] and dense_peak else None
+    relative_peaks(rows)
     return {
         "kind": "speed", "machine": machine_info(str(device)), "contention": contention(loads), "model": model_name,
         "dtype": str(args.torch_dtype).replace("torch.", ""), "device": str(device),
@@ -530,6 +604,7 @@ def run(args, log=print) -> dict:
                      "clock": clocks, "batch_sizes": args.batch_sizes, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
                      "mlp_decode_steps": args.mlp_steps, "experts": args.experts, "budgets": args.budgets,
+                     "conversions": args.conversions,
                      "layouts": args.layouts, "baselines": args.baselines,
                      "baseline_prefill": {m: PREFILL_MODE[m] for m in args.baselines}, "dry_run": args.dry_run},
         "rows": rows,
@@ -617,6 +692,9 @@ def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
     p.add_argument("--mlp-steps", type=int, default=16, help="decode steps of the MLP-only timing")
     p.add_argument("--dry-run", action="store_true", help="tiny random model, a few seconds: checks the code runs")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes (one fresh process each)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="probe the peak memory of every row of the --output file again and write it there; "
+                        "its timings are kept (minutes, not the hour of a full run)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: JSON spec of one variant
     p.add_argument("--output", type=Path, default=None)
     return p
@@ -631,6 +709,9 @@ def main(argv=None, description: str = __doc__, defaults: dict | None = None) ->
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
     args.torch_dtype = getattr(torch, args.dtype)
+    if args.memory_only:
+        print(format_table(memory_only(args)))
+        return 0
     if args.conversions and (args.dry_run or args.untrained_only):
         parser.error("--conversions times trained conversions; it cannot be combined with --dry-run or --untrained-only")
     if args.budgets is None:

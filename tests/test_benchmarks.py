@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import plotly.graph_objects as go
 
@@ -203,3 +204,22 @@ def test_quality_reuse_with_other_methods_keeps_the_earlier_baselines(tmp_path):
     earlier = {r["method"] for r in old["rows"] if r["budget"] == 0.5 and r.get("conversion_digest") is None}
     assert earlier and {r["method"] for r in kept} == earlier  # nothing the file held is dropped
     assert quality.other_baseline_rows(reuse, 0.5, sorted(earlier)) == []  # requested ones are handled apart
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "teal"])
+def test_memory_probe_builds_a_baseline_and_reports_its_peak(tmp_path, method):
+    """The speed file's peak memory covers the baselines too: a probe builds the method as the timed run
+    does (dense MLPs dropped for a sliced one) and runs prefill + decode on it."""
+    import studio_fixture
+    from tomoe_core.convert.dense import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    folder = tmp_path / "tiny-dense"
+    studio_fixture._tiny_dense(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    spec = {"folder": None, "budget": 0.5, "model": str(folder), "layout": "shared", "method": method,
+            "device": "cpu", "dtype": "float32", "threads": 1, "batch": 2, "prefill_tokens": 32,
+            "prompt_tokens": 8, "new_tokens": 4}
+    out = speed.memory_probe(spec)
+    assert out["peak_rss_bytes"] >= out["rss_before_bytes"] > 0
+    assert speed.peak_fields(out, torch.device("cpu"))["peak_memory_mb"] == out["peak_rss_bytes"] / 2**20
