@@ -35,7 +35,8 @@ def scenarios(speed: pd.DataFrame) -> dict[str, tuple[str, int]]:
     return out
 METHOD_LABELS = {"tomoe": "ToMoE", "teal": "TEAL-style", "wanda-sp": "Wanda-sp", "flap": "FLAP", "dense": "dense"}
 METHODS = ("tomoe", "teal", "wanda-sp", "flap")
-TABLE_COLUMNS = ["method", "label", "budget", "tokens_per_s", "speedup", "speedup_low", "speedup_high", "perplexity"]
+TABLE_COLUMNS = ["method", "label", "budget", "tokens_per_s", "speedup", "speedup_low", "speedup_high", "perplexity",
+                 "peak_memory_mb"]
 
 
 def equal_speed_table(speed: pd.DataFrame, quality: pd.DataFrame, scenario: str, threads: int | None,
@@ -66,9 +67,14 @@ def equal_speed_table(speed: pd.DataFrame, quality: pd.DataFrame, scenario: str,
         iqr = list(iqr) if isinstance(iqr, (list, tuple, np.ndarray)) else [None, None]
         rows.append({"method": method, "label": METHOD_LABELS.get(method, method), "budget": float(r["budget"]),
                      "tokens_per_s": float(r[f"{what}_tokens_per_s"]), "speedup": float(r[f"{what}_speedup"]),
-                     "speedup_low": iqr[0], "speedup_high": iqr[1], "perplexity": ppl})
+                     "speedup_low": iqr[0], "speedup_high": iqr[1], "perplexity": ppl,
+                     "peak_memory_mb": _number(r.get("peak_memory_mb"))})
     out = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return out.sort_values(["method", "budget"]).reset_index(drop=True)
+
+
+def _number(value) -> float:
+    return float(value) if value is not None and not pd.isna(value) else float("nan")
 
 
 def pareto_front(table: pd.DataFrame) -> pd.Series:
@@ -206,9 +212,10 @@ def equal_speed_figure(table: pd.DataFrame, scenario: str, budget: float | None 
             x=curve["speedup"], y=curve["perplexity"], mode="lines+markers+text", name=METHOD_LABELS.get(method, method),
             text=[f"{b:g}" for b in curve["budget"]], textposition="top center", error_x=err,
             marker=dict(color=COLORS.get(method), size=9), line=dict(color=COLORS.get(method)),
-            customdata=np.stack([curve["budget"], curve["tokens_per_s"]], axis=1),
+            customdata=np.stack([curve["budget"], curve["tokens_per_s"], curve["peak_memory_mb"]], axis=1),
             hovertemplate=f"{METHOD_LABELS.get(method, method)}, " + "p = %{customdata[0]:g}<br>%{x:.2f}x dense speed "
-                          "(%{customdata[1]:,.1f} tokens/s)<br>perplexity %{y:.2f}<extra></extra>"))
+                          "(%{customdata[1]:,.1f} tokens/s)<br>perplexity %{y:.2f}<br>peak memory "
+                          "%{customdata[2]:,.0f} MiB<extra></extra>"))
     tomoe = table[table["method"] == "tomoe"]
     if budget is not None and not tomoe.empty:
         at = tomoe.iloc[(tomoe["budget"] - budget).abs().argmin()]
@@ -262,6 +269,7 @@ def report(results: dict, points: pd.DataFrame, eval_set: str, model: str, layou
             lines.append(f"\n{scenario}, {int(threads)} thread(s): best method at ToMoE's speed, per ToMoE budget: "
                          + ", ".join(f"p = {b:g}: {METHOD_LABELS.get(m, m)}" for b, m in winners(table).items()))
             lines.append("  " + " | ".join(f"{r.label} p={r.budget:g} {r.speedup:.2f}x ppl {r.perplexity:.1f}"
+                                           + ("" if pd.isna(r.peak_memory_mb) else f" {r.peak_memory_mb:,.0f} MiB")
                                            for r in table.itertuples()))
             for b in sorted(table.loc[table["method"] == "tomoe", "budget"]):
                 lines.append("  " + (equal_speed_sentence(table, b, scenario) or ""))

@@ -26,7 +26,8 @@ def _speed_rows() -> pd.DataFrame:
                         "decode_speedup_iqr": [r["ratio"] - 0.02, r["ratio"] + 0.02],
                         "prefill_tokens_per_s": 500 * r["pre"] if batch == 1 else None,
                         "prefill_speedup": r["pre"] if batch == 1 else None,
-                        "prefill_speedup_iqr": [r["pre"], r["pre"]] if batch == 1 else None})
+                        "prefill_speedup_iqr": [r["pre"], r["pre"]] if batch == 1 else None,
+                        "peak_memory_mb": 1000.0 * (r["budget"] if r["method"] == "wanda-sp" else 1.0)})
     return pd.DataFrame(out)
 
 
@@ -41,6 +42,10 @@ def test_table_joins_speed_and_quality_per_scenario_and_layout():
     assert set(table["method"]) == {"dense", "tomoe", "teal", "wanda-sp"}
     tomoe = table[table["method"] == "tomoe"].set_index("budget")
     assert tomoe.loc[0.5, "speedup"] == pytest.approx(1.4) and tomoe.loc[0.5, "perplexity"] == 60.0  # indexed, not packed
+    wanda = table[table["method"] == "wanda-sp"].set_index("budget")
+    assert wanda.loc[0.5, "peak_memory_mb"] == 500.0  # every method's peak memory rides along (the chart's hover)
+    hover = [t.hovertemplate for t in es.equal_speed_figure(table, "decode, batch 1").data if t.hovertemplate]
+    assert any("peak memory" in h for h in hover)
     prefill = es.equal_speed_table(_speed_rows(), QUALITY, "prompt (prefill)", 1, "indexed", 25.0)
     assert (prefill.loc[prefill["method"] == "teal", "speedup"] == 1.0).all()  # TEAL's prompt pass is dense
 
