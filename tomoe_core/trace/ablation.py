@@ -64,7 +64,7 @@ ABLATION_DIR = "ablation"
 ABLATION_META = "ablation.json"
 PARTIAL_DIR = ".ablation.partial"
 DEFAULT_MAX_TOKENS = 1024  # 30 layers x 8 experts x 2 replacements on it: ~15 min on 2 CPU cores (docs/RESULTS.md)
-DIRECT_MAX_TOKENS = 4096  # the direct effect is E times cheaper: the shipped log's 3,000 tokens fit
+DIRECT_MAX_TOKENS = 4096  # E times cheaper: the shipped log's 3,000 tokens took 4 min on 2 CPU cores (docs/RESULTS.md)
 
 
 def default_max_tokens(effect: str) -> int:
