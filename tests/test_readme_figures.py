@@ -25,3 +25,11 @@ def test_readme_speed_figures_are_the_card_statistic_of_the_shipped_file():
         row = _row(data["rows"], threads, 0.5)
         assert f"{row['decode_speedup']:.2f}" == median
         assert [f"{x:.2f}" for x in row["decode_speedup_iqr"]] == [q1, q3]
+    m = re.search(r"peak memory\s+([\d,]+) against dense's ([\d,]+) MiB \(Wanda-sp ([\d,]+), FLAP ([\d,]+), "
+                  r"TEAL-style as deployed ([\d,]+)", readme)
+    assert m, "the README's p = 0.5 peak-memory figures moved: keep them in this form"
+    peaks = {(r["method"], r["budget"]): r["peak_memory_mb"] for r in data["rows"]
+             if r["threads"] == 1 and r["batch"] == 1 and r.get("layout") in ("indexed", None)}
+    quoted = [int(x.replace(",", "")) for x in m.groups()]
+    assert quoted == [round(peaks[k]) for k in (("tomoe", 0.5), ("dense", 1.0), ("wanda-sp", 0.5), ("flap", 0.5),
+                                                 ("teal", 0.5))]
