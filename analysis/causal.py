@@ -29,7 +29,7 @@ from tomoe_core.trace.routing_log import list_runs
 MIN_TOKENS = 10  # a cell's mean rests on at least this many tokens, else it is grey
 BOOTSTRAP = 400  # token resamples per interval
 METRICS = {"delta_loss": ("next-token loss", "nats"), "kl": ("KL to the unablated model", "nats")}
-SCOPES = {"routed": "tokens routed to the expert (its direct effect)",
+SCOPES = {"routed": "tokens routed to the expert (hit directly, and through earlier routed tokens)",
           "all": "all tokens (direct, and through attention on later tokens)"}
 
 
@@ -93,9 +93,10 @@ def layer_table(run, effect: str = "total") -> pd.DataFrame:
     per = con.execute(f"""
         SELECT layer, replacement, routed, avg(delta_loss) AS delta, avg(kl) AS kl, count(*) AS n
         FROM {ablation_source(run, effect)} GROUP BY ALL""").df()
+    tokens = read_ablation_meta(run, effect)["tokens"]  # per token of the text (the direct rows hold routed ones only)
     worst = con.execute(f"""
-        SELECT layer, expert, sum(delta_loss) / count(DISTINCT (doc_id, position)) AS per_token
-        FROM {ablation_source(run, effect)} WHERE replacement = 'second' GROUP BY layer, expert""").df()
+        SELECT layer, expert, sum(delta_loss) / ? AS per_token
+        FROM {ablation_source(run, effect)} WHERE replacement = 'second' GROUP BY layer, expert""", [tokens]).df()
     out = []
     for layer, g in per.groupby("layer"):
         def pick(replacement, routed, col):
@@ -132,8 +133,9 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
                      effect: str = "total") -> pd.DataFrame:
     """For each cluster named by tags (experts: layer, expert, cluster_name, as from
     `analysis.experts.cluster_experts`), over its experts that were ablated: the mean `metric`
-    (loss increase, or KL) on tokens of the named tags and on the others (all tokens: what removing
-    the expert does to the text), their difference with a 95 % bootstrap interval, and a sentence.
+    (loss increase, or KL) on tokens of the named tags and on the others (total effect: all tokens,
+    what removing the expert does to the text; direct effect: the experts' own tokens only), their
+    difference with a 95 % bootstrap interval, and a sentence.
     Each member expert gives one paired difference (same tokens); with at least
     MIN_EXPERTS_TO_RESAMPLE members the interval resamples experts (the same tokens reappear in
     every member's ablation, so resampling tokens would understate the spread), else tokens.
@@ -176,8 +178,9 @@ def cluster_verdicts(run, experts: pd.DataFrame, replacement: str = "second", la
         verdict = ("the name holds causally." if holds else "the opposite holds: the other tokens suffer more."
                    if high < 0 else "the name is not borne out causally (the interval includes 0).")
         what, unit = METRICS[metric]
+        others = "the others" if effect == "total" else "their other tokens"  # direct rows: routed tokens only
         sentence = (f"Removing the {name} expert{'s' if len(group) > 1 else ''} ({where}) changes the {what} of "
-                    f"{'/'.join(tags)} tokens by {named_mean:+.3f} {unit} and of the others by {other_mean:+.3f} "
+                    f"{'/'.join(tags)} tokens by {named_mean:+.3f} {unit} and of {others} by {other_mean:+.3f} "
                     f"(difference {named_mean - other_mean:+.3f}, 95 % interval over {over} {low:+.3f} to "
                     f"{high:+.3f}): {verdict}")
         out.append({"cluster_name": name, "experts": len(group), "named": named_mean, "others": other_mean,

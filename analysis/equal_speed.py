@@ -212,10 +212,10 @@ def equal_speed_figure(table: pd.DataFrame, scenario: str, budget: float | None 
             x=curve["speedup"], y=curve["perplexity"], mode="lines+markers+text", name=METHOD_LABELS.get(method, method),
             text=[f"{b:g}" for b in curve["budget"]], textposition="top center", error_x=err,
             marker=dict(color=COLORS.get(method), size=9), line=dict(color=COLORS.get(method)),
-            customdata=np.stack([curve["budget"], curve["tokens_per_s"], curve["peak_memory_mb"]], axis=1),
+            customdata=[[b, t, "" if pd.isna(m) else f"<br>peak memory {m:,.0f} MiB"]  # no "NaN MiB" when unprobed
+                        for b, t, m in zip(curve["budget"], curve["tokens_per_s"], curve["peak_memory_mb"])],
             hovertemplate=f"{METHOD_LABELS.get(method, method)}, " + "p = %{customdata[0]:g}<br>%{x:.2f}x dense speed "
-                          "(%{customdata[1]:,.1f} tokens/s)<br>perplexity %{y:.2f}<br>peak memory "
-                          "%{customdata[2]:,.0f} MiB<extra></extra>"))
+                          "(%{customdata[1]:,.1f} tokens/s)<br>perplexity %{y:.2f}%{customdata[2]}<extra></extra>"))
     tomoe = table[table["method"] == "tomoe"]
     if budget is not None and not tomoe.empty:
         at = tomoe.iloc[(tomoe["budget"] - budget).abs().argmin()]

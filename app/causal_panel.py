@@ -18,11 +18,12 @@ HELP = {
     "replacement": "Second choice: the router's next-best expert takes the tokens (the smallest change routing "
                    "allows). Random: a uniformly random other expert (the control: what losing the routing "
                    "decision costs).",
-    "scope": "Its tokens: only the tokens routed to the removed expert (the direct effect). All tokens: every "
-             "token of that tag, including those hit only through attention to earlier changed tokens.",
+    "scope": "Its tokens: only the tokens routed to the removed expert. All tokens: every token of that tag, "
+             "including those hit only through attention to earlier changed tokens (total effect only: the direct "
+             "effect touches nothing else).",
     "verdicts": "For each cluster named by tags: the mean loss increase (or KL) on tokens of the named tags "
-                "against the other tokens, when the cluster's experts are removed one at a time (all tokens, the "
-                "replacement chosen above), with a 95 % bootstrap interval of the difference (over the member "
+                "against the other tokens, when the cluster's experts are removed one at a time (total effect: all "
+                "tokens; direct effect: the experts' own tokens; the replacement chosen above), with a 95 % bootstrap interval of the difference (over the member "
                 "experts from 5 of them, else over tokens). The name holds causally when the whole interval is "
                 "above 0; 'the opposite holds' when it is below.",
     "effect": "Total (exact): the model reruns with the expert removed for all its tokens at once; every token's "
@@ -97,6 +98,8 @@ def _start_form(folder: Path, run_key: tuple, default_effect: str = "total") -> 
     from tomoe_core.infra import jobs
     from tomoe_core.trace.ablation import EFFECTS, AblationError, ablation_dir, default_max_tokens, parse_indices
 
+    if st.session_state.get("ablate_effect_offered") != default_effect:  # a finished ablation changes the offer
+        st.session_state["ablate_effect"] = st.session_state["ablate_effect_offered"] = default_effect
     ui.keep("ablate_effect", default_effect)
     st.radio("Effect", EFFECTS, key="ablate_effect", horizontal=True, format_func=EFFECT_NAMES.get, help=HELP["effect"])
     effect = st.session_state["ablate_effect"]
@@ -162,10 +165,13 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
     if effect == "direct" and "total" in done:
         try:
             a = _agreement_of_effects(run_key, "second")
+            by_layer = sorted(a["r_by_layer"].items(), key=lambda kv: kv[1])
+            span = (f"; per layer from {by_layer[0][1]:.2f} (layer {by_layer[0][0]}) to {by_layer[-1][1]:.2f} "
+                    f"(layer {by_layer[-1][0]})" if by_layer else "")
             st.caption(f"Against the exact total effect on the {a['tokens']:,} routed tokens both cover (second choice): "
                        f"Pearson r {a['r_tokens']:.2f} per token, {a['r_expert_means']:.2f} over (layer, expert) means, "
-                       f"same sign for {a['same_sign_expert_means']:.0%} of them; lowest in the first layers, where "
-                       "attention carries most of an expert's effect.")
+                       f"same sign for {a['same_sign_expert_means']:.0%} of them{span}. Where it is low, attention "
+                       "carries much of what removing an expert does.")
         except ValueError:
             pass
     c1, c2, c3 = st.columns(3)

@@ -212,7 +212,7 @@ def test_direct_effect_is_the_total_effect_at_the_last_layer_and_covers_each_rou
     loses its expert at once, attention frozen) must equal the exact rerun there, token for token."""
     model, _, _ = load_converted(converted, layout="prefill", load_tokenizer=False)
     last = len(model.moe_mlps) - 1
-    total = run_ablation(model, plan_ablation(traced_run, layers=[last], replacements=["second"]))
+    total = run_ablation(model, plan_ablation(traced_run, layers=[last], replacements=["second", "random"]))
     direct_plan = plan_ablation(traced_run, replacements=["second", "random"], effect="direct")
     direct = run_ablation(model, direct_plan)
     assert direct.name == "ablation-direct" and total.name == "ablation"
@@ -223,9 +223,9 @@ def test_direct_effect_is_the_total_effect_at_the_last_layer_and_covers_each_rou
     per = d.groupby(["layer", "replacement"]).size()
     assert (per == direct_plan.tokens).all()  # each token once per layer and replacement, under its own expert
     assert (d["replaced_by"] != d["expert"]).all()
-    key = ["doc_id", "position", "expert"]
-    both = t.merge(d[(d["layer"] == last) & (d["replacement"] == "second")], on=key, suffixes=("_t", "_d"))
-    assert len(both) == len(t) > 0
+    key = ["doc_id", "position", "expert", "replacement"]  # the random control draws the same replacements too
+    both = t.merge(d[d["layer"] == last], on=key, suffixes=("_t", "_d"))
+    assert len(both) == len(t) > 0 and set(both["replacement"]) == {"second", "random"}
     assert (both["replaced_by_t"] == both["replaced_by_d"]).all()
     assert both["delta_loss_t"].fillna(0).sub(both["delta_loss_d"].fillna(0)).abs().max() < 1e-4
     assert both["kl_t"].sub(both["kl_d"]).abs().max() < 1e-4
@@ -280,3 +280,17 @@ def test_replay_restores_a_forward_the_instance_already_had():
     with replay.skipping(1):
         assert layers[0].forward is not marker
     assert layers[0].forward is marker and "forward" not in layers[1].__dict__
+
+
+def test_windows_past_the_cache_rerun_their_unablated_pass_with_the_same_rows(traced_run, converted, monkeypatch):
+    model, _, _ = load_converted(converted, layout="prefill", load_tokenizer=False)
+    plan = plan_ablation(traced_run, replacements=["random"], effect="direct")
+    assert len(plan.windows) > 1
+
+    def rows():
+        folder = run_ablation(model, plan)
+        return duckdb.sql(f"SELECT * FROM read_parquet('{folder}/part-*.parquet') ORDER BY ALL").df()
+
+    cached = rows()
+    monkeypatch.setattr(ablation, "CACHED_WINDOWS", 1)  # every window but the first recomputed per layer
+    assert rows().equals(cached)

@@ -117,8 +117,9 @@ def _experts_page(root: Path, monkeypatch):
     return at
 
 
-def _run_ablation_job(at, root, monkeypatch, effect: str):
-    """Click the form's button, wait for the job (its label names the effect), reopen the page."""
+def _run_ablation_job(at, effect: str):
+    """Click the form's button, wait for the job (its label names the effect), rerun the same session (its
+    widget state carries over, as in a browser)."""
     from tomoe_core.infra import jobs
 
     [b for b in at.button if b.label == "Run expert ablation"][0].click().run()
@@ -128,7 +129,7 @@ def _run_ablation_job(at, root, monkeypatch, effect: str):
     while jobs.status(job) == "running" and time.time() < deadline:
         time.sleep(1)
     assert jobs.status(job) == "finished", jobs.log_tail(job)
-    return _experts_page(root, monkeypatch)
+    return at.run()
 
 
 def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(tmp_path, monkeypatch):
@@ -151,7 +152,7 @@ def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(tmp_path, monk
     at.text_input(key="ablate_layers").set_value("1").run()
     at.number_input(key="ablate_tokens_total").set_value(128).run()
     assert any("Cost: 128 tokens x 1 layers x 4 experts" in c for c in at.caption.values)
-    at = _run_ablation_job(at, root, monkeypatch, "total effect")
+    at = _run_ablation_job(at, "total effect")
     at.slider(key="experts_layer").set_value(1).run()
     assert not at.exception
     keys = {c.proto.id for c in at.get("plotly_chart")}
@@ -168,7 +169,7 @@ def test_experts_page_runs_an_ablation_job_then_shows_the_heatmap(tmp_path, monk
     at.text_input(key="ablate_layers").set_value("1").run()
     at.number_input(key="ablate_tokens_direct").set_value(128).run()
     assert any("Cost: 128 tokens x 1 layers x 2 replacement(s)" in c and "direct effect" in c for c in at.caption.values)
-    at = _run_ablation_job(at, root, monkeypatch, "direct effect")
+    at = _run_ablation_job(at, "direct effect")
     at.slider(key="experts_layer").set_value(1).run()
     at.radio(key="ablate_view_effect").set_value("direct").run()
     assert not at.exception, [e.message for e in at.exception]

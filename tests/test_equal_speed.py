@@ -44,8 +44,9 @@ def test_table_joins_speed_and_quality_per_scenario_and_layout():
     assert tomoe.loc[0.5, "speedup"] == pytest.approx(1.4) and tomoe.loc[0.5, "perplexity"] == 60.0  # indexed, not packed
     wanda = table[table["method"] == "wanda-sp"].set_index("budget")
     assert wanda.loc[0.5, "peak_memory_mb"] == 500.0  # every method's peak memory rides along (the chart's hover)
-    hover = [t.hovertemplate for t in es.equal_speed_figure(table, "decode, batch 1").data if t.hovertemplate]
-    assert any("peak memory" in h for h in hover)
+    fig = es.equal_speed_figure(table, "decode, batch 1")
+    shown = {row[2] for t in fig.data if t.customdata is not None for row in t.customdata}
+    assert "<br>peak memory 500 MiB" in shown and "<br>peak memory 1,000 MiB" in shown
     prefill = es.equal_speed_table(_speed_rows(), QUALITY, "prompt (prefill)", 1, "indexed", 25.0)
     assert (prefill.loc[prefill["method"] == "teal", "speedup"] == 1.0).all()  # TEAL's prompt pass is dense
 

@@ -32,7 +32,8 @@ Two effects (`effect=`):
            last layer it equals the total effect). Rows only for routed tokens (the others are
            unchanged by construction); E times fewer passes. Written to `ablation-direct/`.
 
-Every window's unablated pass runs once and is kept for all layers (`AblationPlan.passes`).
+Every window's unablated pass runs once and is kept for all layers (the first CACHED_WINDOWS windows;
+later ones rerun theirs per layer); `AblationPlan.passes` counts the ablated passes.
 
 Legend: L = MoE layers, E = experts per layer, T = tokens in a window, V = vocabulary.
 """
@@ -64,14 +65,15 @@ ABLATION_DIR = "ablation"
 ABLATION_META = "ablation.json"
 PARTIAL_DIR = ".ablation.partial"
 DEFAULT_MAX_TOKENS = 1024  # 30 layers x 8 experts x 2 replacements on it: ~15 min on 2 CPU cores (docs/RESULTS.md)
-DIRECT_MAX_TOKENS = 4096  # E times cheaper: the shipped log's 3,000 tokens took 4 min on 2 CPU cores (docs/RESULTS.md)
+DIRECT_MAX_TOKENS = 3072  # E times cheaper: the shipped log's 3,000 tokens took 4 min on 2 CPU cores (docs/RESULTS.md)
 
 
 def default_max_tokens(effect: str) -> int:
     return DIRECT_MAX_TOKENS if effect == "direct" else DEFAULT_MAX_TOKENS
 
 
-CACHED_WINDOWS = 8  # unablated passes kept across layers (~170 MB per 512-token window of a 49k vocabulary)
+CACHED_WINDOWS = 8  # unablated passes kept across layers (~170 MB per 512-token window of a 49k vocabulary);
+# DIRECT_MAX_TOKENS fits in them
 
 
 class AblationError(ValueError):
@@ -225,8 +227,10 @@ def replace_expert(expert: int, replacement: str, generator: torch.Generator | N
     return route
 
 
-def replace_every_expert(replacement: str, generator: torch.Generator | None = None) -> Callable:
-    """A routing override: every token goes to its replacement for its argmax expert (the direct effect)."""
+def replace_every_expert(replacement: str, generators: Sequence[torch.Generator] | None = None) -> Callable:
+    """A routing override: every token goes to its replacement for its argmax expert (the direct effect).
+    "random" draws the tokens of expert e from `generators[e]` exactly as `replace_expert(e, "random",
+    generators[e])` would, so both effects give a token the same random replacement."""
     if replacement not in REPLACEMENTS:
         raise AblationError(f"unknown replacement {replacement!r}; choose from {', '.join(REPLACEMENTS)}")
 
@@ -234,8 +238,12 @@ def replace_every_expert(replacement: str, generator: torch.Generator | None = N
         if replacement == "second":
             return logits.topk(2, dim=-1).indices[..., 1]
         chosen = logits.argmax(dim=-1)
-        other = torch.randint(logits.shape[-1] - 1, chosen.shape, generator=generator).to(chosen.device)
-        return other + (other >= chosen).long()
+        out = chosen.clone()
+        for e in range(logits.shape[-1]):
+            gen = generators[e] if generators is not None else None
+            other = torch.randint(logits.shape[-1] - 1, chosen.shape, generator=gen).to(chosen.device)
+            out = torch.where(chosen == e, other + (other >= e).long(), out)
+        return out
 
     return route
 
@@ -327,17 +335,23 @@ def _ablated_pass(model, plan: AblationPlan, window: AblationWindow, base: _Base
     """log-probs (T, V) with layer `layer` routed by `route` (layers before it replayed; for the direct
     effect every attention output replayed too), and the experts that layer then used (T,)."""
     mlp = model.moe_mlps[layer]
-    mlp.routing_override = route
-    seen = []
-    hook = mlp.routing_point.register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    seen, hook = [], None
     frozen = base.attention.skipping(len(base.attention.layers), clone_all=True) if base.attention else contextlib.nullcontext()
     try:
+        mlp.routing_override = route
+        hook = mlp.routing_point.register_forward_hook(lambda m, a, out: seen.append(out[0]))
         with base.replay.skipping(layer), frozen:
             logp = _log_probs(model, _window_inputs(plan, window, base.logp.device), len(plan.prefix))
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         mlp.routing_override = None
     return logp, seen[0].reshape(-1)[len(plan.prefix):].cpu().numpy()
+
+
+def _generator(plan: AblationPlan, layer: int, expert: int, window: int) -> torch.Generator:
+    """The random replacement's draws for one (layer, expert, window): the same in both effects."""
+    return torch.Generator().manual_seed(((plan.seed * 1009 + layer) * 1009 + expert) * 1009 + window)
 
 
 COLUMNS = ("doc_id", "position", "expert", "replacement", "routed", "replaced_by", "base_loss", "delta_loss", "kl")
@@ -346,9 +360,10 @@ COLUMNS = ("doc_id", "position", "expert", "replacement", "routed", "replaced_by
 @torch.inference_mode()
 def ablate_layer(model, plan: AblationPlan, layer: int, progress: Callable[[int], None] | None = None,
                  bases: dict | None = None) -> dict:
-    """Rows (columns of equal length) of every (window, expert, replacement) of one layer, and the
-    number of the log's expert choices at this layer the unablated pass reproduced. `bases` keeps
-    the windows' unablated passes between calls (layers)."""
+    """Rows (columns of equal length) of one layer: total effect, every token of every (window, expert,
+    replacement); direct effect, the tokens routed to each expert. Also the number of the log's expert
+    choices at this layer the unablated pass reproduced. `bases` keeps the first CACHED_WINDOWS
+    windows' unablated passes between calls (layers); later windows rerun theirs per layer."""
     from ..moe.families import adapter_for
 
     adapter = adapter_for(model.model)
@@ -376,8 +391,8 @@ def ablate_layer(model, plan: AblationPlan, layer: int, progress: Callable[[int]
         n = len(window.ids)
         everyone = np.ones(n, bool)
         for replacement in plan.replacements if plan.effect == "direct" else ():
-            gen = torch.Generator().manual_seed(((plan.seed * 1009 + layer) * 1009) * 1009 + w_index)
-            logp, new = _ablated_pass(model, plan, window, base, layer, replace_every_expert(replacement, gen))
+            gens = [_generator(plan, layer, e, w_index) for e in range(plan.num_experts)]
+            logp, new = _ablated_pass(model, plan, window, base, layer, replace_every_expert(replacement, gens))
             delta, kl = _loss(logp, window.targets) - base.loss, _kl(base.logp, base_p, logp)
             del logp
             for expert in plan.experts:
@@ -392,8 +407,8 @@ def ablate_layer(model, plan: AblationPlan, layer: int, progress: Callable[[int]
                 if not routed.any():  # nothing changes: exact zeros, no pass
                     delta, kl = np.where(np.isnan(base.loss), np.nan, 0).astype(np.float32), np.zeros(n, np.float32)
                 else:
-                    gen = torch.Generator().manual_seed(((plan.seed * 1009 + layer) * 1009 + expert) * 1009 + w_index)
-                    logp, new = _ablated_pass(model, plan, window, base, layer, replace_expert(expert, replacement, gen))
+                    logp, new = _ablated_pass(model, plan, window, base, layer,
+                                              replace_expert(expert, replacement, _generator(plan, layer, expert, w_index)))
                     replaced_by[routed] = new[routed]
                     delta, kl = _loss(logp, window.targets) - base.loss, _kl(base.logp, base_p, logp)
                     del logp
