@@ -101,7 +101,7 @@ def _start_form(folder: Path, run_key: tuple, default_effect: str = "total") -> 
     if st.session_state.get("ablate_effect_offered") != default_effect:  # a finished ablation changes the offer
         st.session_state["ablate_effect"] = st.session_state["ablate_effect_offered"] = default_effect
     ui.keep("ablate_effect", default_effect)
-    st.radio("Effect", EFFECTS, key="ablate_effect", horizontal=True, format_func=EFFECT_NAMES.get, help=HELP["effect"])
+    st.radio("Effect", EFFECTS, key="ablate_effect", horizontal=True, format_func=EFFECT_NAMES.__getitem__, help=HELP["effect"])
     effect = st.session_state["ablate_effect"]
     c1, c2 = st.columns(2)
     ui.keep(f"ablate_tokens_{effect}", default_max_tokens(effect))
@@ -154,7 +154,7 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
     if st.session_state["ablate_view_effect"] not in done:
         st.session_state["ablate_view_effect"] = done[0]
     if len(done) > 1:
-        st.radio("Effect shown", done, key="ablate_view_effect", horizontal=True, format_func=EFFECT_NAMES.get,
+        st.radio("Effect shown", done, key="ablate_view_effect", horizontal=True, format_func=EFFECT_NAMES.__getitem__,
                  help=HELP["effect"])
     effect = st.session_state["ablate_view_effect"]
     meta = read_ablation_meta(folder, effect)
