@@ -141,10 +141,11 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
 
     st.subheader("Which tokens need each expert (ablation)", help=HELP["ablation"])
     job = _running_job(folder)
-    if job is not None:
-        ui.job_progress(job.id, "Expert ablation", "forward passes")
-        return
     done = [e for e in EFFECTS if has_ablation(folder, e)]
+    if job is not None:  # its progress; a finished ablation of the other effect stays readable under it
+        ui.job_progress(job.id, "Expert ablation", "forward passes")
+        if not done:
+            return
     if not done:
         st.info("No ablation of this log yet: it reruns the text once per (layer, expert) with that expert removed "
                 "(or, for the fast direct estimate, once per layer).", icon="ℹ️")
@@ -222,8 +223,9 @@ def render_ablation(folder: Path, run_key: tuple, layer: int, num_experts: int, 
                 "mean_increase": st.column_config.NumberColumn("mean loss increase (nats)", format="%.3f"),
                 "total_increase": st.column_config.NumberColumn("total (nats)", format="%.2f")})
     missing = [e for e in EFFECTS if e not in done]
-    with st.expander("Run another ablation" + (f": the {EFFECT_NAMES[missing[0]]} effect" if missing else "")):
-        _start_form(folder, run_key, default_effect=missing[0] if missing else effect)
+    if job is None:  # one ablation job per log at a time
+        with st.expander("Run another ablation" + (f": the {EFFECT_NAMES[missing[0]]} effect" if missing else "")):
+            _start_form(folder, run_key, default_effect=missing[0] if missing else effect)
 
 
 def render_budgets(folder: Path, label: str) -> None:

@@ -125,6 +125,10 @@ def _run_ablation_job(at, effect: str):
     [b for b in at.button if b.label == "Run expert ablation"][0].click().run()
     assert not at.exception, [e.message for e in at.exception]
     job = next(j for j in jobs.list_jobs() if j.kind == "ablate" and effect in j.label)
+    if jobs.status(job) == "running" and effect == "direct effect":  # it ran while the page was drawn
+        assert "Expert ablation" in " ".join(p.proto.text for p in at.get("progress"))
+        assert any(c.startswith("Total (exact) effect:") for c in at.caption.values)  # the finished one stays
+        assert not any(b.label == "Run expert ablation" for b in at.button)  # one ablation job per log at a time
     deadline = time.time() + 240
     while jobs.status(job) == "running" and time.time() < deadline:
         time.sleep(1)
