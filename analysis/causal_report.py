@@ -30,8 +30,12 @@ def build_report(run, min_tokens: int = 50, seed: int = 0, k: int | None = None)
     layers = causal.layer_table(run)
     clusters = _clusters(run, queries.token_labels(run), min_tokens, seed, k, "layer")
     members = clusters.experts[["layer", "expert", "cluster_name"]]
-    verdicts = {f"{r}, {metric}": causal.cluster_verdicts(run, members, replacement=r, metric=metric, seed=seed)
-                for r in meta["replacements"] for metric in causal.METRICS}
+    def verdicts_of(effect: str, replacements) -> dict:  # "replacement, metric" -> records
+        return {f"{r}, {metric}": causal.cluster_verdicts(run, members, replacement=r, metric=metric, seed=seed,
+                                                          effect=effect).to_dict("records")
+                for r in replacements for metric in causal.METRICS}
+
+    verdicts = verdicts_of("total", meta["replacements"])
     summary = clusters.summary()
     siblings = causal.budget_siblings(run_dir(run))
     agreement = causal.budget_agreement(siblings) if len(siblings) > 1 else None
@@ -39,16 +43,14 @@ def build_report(run, min_tokens: int = 50, seed: int = 0, k: int | None = None)
     if has_ablation(run, "direct"):  # the fast estimate beside the exact one, and how well it tracks it
         d_meta = read_ablation_meta(run, "direct")
         direct = {"ablation": d_meta, "layers": causal.layer_table(run, "direct").to_dict("records"),
-                  "verdicts": {f"{r}, {metric}": causal.cluster_verdicts(run, members, replacement=r, metric=metric,
-                                                                         seed=seed, effect="direct").to_dict("records")
-                               for r in d_meta["replacements"] for metric in causal.METRICS},
+                  "verdicts": verdicts_of("direct", d_meta["replacements"]),
                   "agreement": {r: causal.effect_agreement(run, r) for r in d_meta["replacements"]
                                 if r in meta["replacements"]}}
     return {
         "run": read_run_meta(run)["run_id"], "run_folder": str(run_dir(run)), "ablation": meta,
         "layers": layers.to_dict("records"),
         "clusters": {"k": clusters.k, "rule": clusters.k_rule, "summary": summary.to_dict("records")},
-        "verdicts": {r: v.to_dict("records") for r, v in verdicts.items()},
+        "verdicts": verdicts,
         "budgets": None if agreement is None else {
             "logs": {str(b): Path(p).name for b, p in siblings.items()},
             "per_layer": agreement.to_dict("records")},

@@ -228,23 +228,19 @@ def replace_expert(expert: int, replacement: str, generator: torch.Generator | N
 
 
 def replace_every_expert(replacement: str, generators: Sequence[torch.Generator] | None = None) -> Callable:
-    """A routing override: every token goes to its replacement for its argmax expert (the direct effect).
-    "random" draws the tokens of expert e from `generators[e]` exactly as `replace_expert(e, "random",
-    generators[e])` would, so both effects give a token the same random replacement."""
-    if replacement not in REPLACEMENTS:
-        raise AblationError(f"unknown replacement {replacement!r}; choose from {', '.join(REPLACEMENTS)}")
-
+    """A routing override: every token goes to its replacement for its argmax expert (the direct effect):
+    the tokens of expert e get what `replace_expert(e, replacement, generators[e])` gives them, so both
+    effects give a token the same replacement (the same random draw too)."""
     def route(logits: torch.Tensor) -> torch.Tensor:  # (N, E) -> (N,)
-        if replacement == "second":
-            return logits.topk(2, dim=-1).indices[..., 1]
         chosen = logits.argmax(dim=-1)
-        out = chosen.clone()
+        out = chosen
         for e in range(logits.shape[-1]):
-            gen = generators[e] if generators is not None else None
-            other = torch.randint(logits.shape[-1] - 1, chosen.shape, generator=gen).to(chosen.device)
-            out = torch.where(chosen == e, other + (other >= e).long(), out)
+            one = replace_expert(e, replacement, generators[e] if generators is not None else None)
+            out = torch.where(chosen == e, one(logits), out)
         return out
 
+    if replacement not in REPLACEMENTS:
+        raise AblationError(f"unknown replacement {replacement!r}; choose from {', '.join(REPLACEMENTS)}")
     return route
 
 
